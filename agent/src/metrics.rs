@@ -1,0 +1,77 @@
+//! Prometheus metrics of the agent.
+
+use cplink_proto::pump::ByteCounters;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of an outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `ok` or the failure kind.
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+/// Every metric the agent exports.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    /// Links currently up.
+    pub links_up: Gauge,
+    /// Servers the agent should be linked to.
+    pub servers_known: Gauge,
+    /// Link attempts by result.
+    pub link_attempts: Family<ResultLabels, Counter>,
+    /// Tunneled connections currently open.
+    pub streams_active: Gauge,
+    /// Dials by result.
+    pub dials: Family<ResultLabels, Counter>,
+    /// Time to connect to destinations.
+    pub dial_duration: Histogram,
+    /// Tunneled bytes: `socket_to_stream` is destination → server, `stream_to_socket` the
+    /// reverse.
+    pub bytes: ByteCounters,
+}
+
+impl Metrics {
+    /// Creates the metrics and registers them under the `cplink_agent` prefix.
+    pub fn new(registry: &mut Registry) -> Self {
+        let bytes_family = Family::<DirectionLabels, Counter>::default();
+        let metrics = Metrics {
+            links_up: Gauge::default(),
+            servers_known: Gauge::default(),
+            link_attempts: Family::default(),
+            streams_active: Gauge::default(),
+            dials: Family::default(),
+            dial_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            bytes: ByteCounters {
+                socket_to_stream: bytes_family
+                    .get_or_create(&DirectionLabels { direction: "from_destination" })
+                    .clone(),
+                stream_to_socket: bytes_family
+                    .get_or_create(&DirectionLabels { direction: "to_destination" })
+                    .clone(),
+            },
+        };
+        let r = registry.sub_registry_with_prefix("cplink_agent");
+        r.register("links_up", "Links to servers currently up", metrics.links_up.clone());
+        r.register("servers_known", "Servers the agent should be linked to", metrics.servers_known.clone());
+        r.register("link_attempts", "Attempts to link to a server by result", metrics.link_attempts.clone());
+        r.register("streams_active", "Tunneled connections currently open", metrics.streams_active.clone());
+        r.register("dials", "Dials to destinations by result", metrics.dials.clone());
+        r.register(
+            "dial_duration_seconds",
+            "Time to connect to a destination",
+            metrics.dial_duration.clone(),
+        );
+        r.register("tunnel_bytes", "Bytes carried through the tunnel", bytes_family);
+        metrics
+    }
+}

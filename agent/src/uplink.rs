@@ -1,0 +1,277 @@
+//! Links to servers: dial, TLS, hello, then HTTP/2 with the agent as the server; redial with
+//! backoff when a link fails.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cplink_proto::hello::{self, AgentHello, HelloError, HelloOutcome, ServerHello};
+use cplink_proto::keepalive::{self, KeepaliveError};
+use rand::Rng;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::BackoffConfig;
+use crate::metrics::ResultLabels;
+use crate::{LinkInfo, Shared, dial};
+
+/// Why a link could not be established or ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// TCP connect failed.
+    #[error("cannot connect: {0}")]
+    Connect(#[source] std::io::Error),
+    /// TLS handshake failed (for example an untrusted server certificate).
+    #[error("TLS handshake failed: {0}")]
+    Tls(#[source] std::io::Error),
+    /// The server did not negotiate the cplink protocol.
+    #[error("server did not negotiate ALPN cplink/1")]
+    Alpn,
+    /// A step did not complete in time.
+    #[error("{step} did not complete within {}", humantime::format_duration(*.budget))]
+    Timeout {
+        /// The step that timed out.
+        step: &'static str,
+        /// Its budget.
+        budget: Duration,
+    },
+    /// The hello exchange failed.
+    #[error("hello failed: {0}")]
+    Hello(#[from] HelloError),
+    /// The server refused the agent.
+    #[error("server refused the link: {0}")]
+    Rejected(String),
+    /// HTTP/2 failed.
+    #[error("HTTP/2 error: {0}")]
+    H2(#[from] h2::Error),
+    /// The keepalive declared the link dead.
+    #[error("{0}")]
+    Keepalive(#[from] KeepaliveError),
+}
+
+impl LinkError {
+    fn kind(&self) -> &'static str {
+        match self {
+            LinkError::Connect(_) => "connect",
+            LinkError::Tls(_) => "tls",
+            LinkError::Alpn => "alpn",
+            LinkError::Timeout { .. } => "timeout",
+            LinkError::Hello(_) => "hello",
+            LinkError::Rejected(_) => "rejected",
+            LinkError::H2(_) => "h2",
+            LinkError::Keepalive(_) => "keepalive",
+        }
+    }
+}
+
+/// Exponential backoff with jitter between link attempts.
+#[derive(Debug)]
+pub(crate) struct Backoff {
+    config: BackoffConfig,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub(crate) fn new(config: BackoffConfig) -> Self {
+        Backoff { config, attempt: 0 }
+    }
+
+    /// The pause before the next attempt: doubling from the initial pause up to the cap, each
+    /// drawn uniformly from its upper half so that agents do not redial in lockstep.
+    pub(crate) fn next_delay(&mut self) -> Duration {
+        let ceiling = self
+            .config
+            .initial
+            .saturating_mul(2u32.saturating_pow(self.attempt))
+            .min(self.config.max);
+        self.attempt = self.attempt.saturating_add(1);
+        ceiling.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+
+    /// Starts over after a link came up.
+    pub(crate) fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Keeps the link to server `index` up until shutdown.
+pub(crate) async fn maintain(
+    shared: Arc<Shared>,
+    index: usize,
+    streams: TaskTracker,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+) {
+    let endpoint = &shared.config.servers[index];
+    let span = tracing::info_span!("link", server = %endpoint.address, server_id = tracing::field::Empty);
+    let mut backoff = Backoff::new(shared.config.backoff);
+    loop {
+        let result = link_once(&shared, index, &streams, &shutdown, &force, &mut backoff)
+            .instrument(span.clone())
+            .await;
+        shared.set_link(index, None);
+        let _enter = span.enter();
+        match result {
+            Ok(()) if shutdown.is_cancelled() => {
+                tracing::info!("link closed");
+                return;
+            }
+            Ok(()) => tracing::info!("link closed by the server"),
+            Err(err) => {
+                shared
+                    .metrics
+                    .link_attempts
+                    .get_or_create(&ResultLabels { result: err.kind() })
+                    .inc();
+                tracing::warn!(%err, "link failed");
+            }
+        }
+        let delay = backoff.next_delay();
+        tracing::info!(delay = %humantime::format_duration(delay), "relinking after a pause");
+        drop(_enter);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn connect(
+    shared: &Shared,
+    index: usize,
+) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, ServerHello), LinkError> {
+    let config = &shared.config;
+    let endpoint = &config.servers[index];
+    let budget = config.link_timeout;
+    let tcp = tokio::time::timeout(budget, TcpStream::connect(endpoint.address.as_str()))
+        .await
+        .map_err(|_| LinkError::Timeout { step: "TCP connect", budget })?
+        .map_err(LinkError::Connect)?;
+    cplink_proto::net::tune_link(&tcp);
+    let connector = TlsConnector::from(config.tls.clone());
+    let handshake = async {
+        let mut tls = connector
+            .connect(endpoint.server_name.clone(), tcp)
+            .await
+            .map_err(LinkError::Tls)?;
+        if tls.get_ref().1.alpn_protocol() != Some(cplink_proto::ALPN_LINK) {
+            return Err(LinkError::Alpn);
+        }
+        let ours = AgentHello {
+            agent_id: config.agent_id.clone(),
+            node_name: config.node_name.clone(),
+            identifiers: config.identifiers.clone(),
+            software_version: cplink_proto::SOFTWARE_VERSION.to_owned(),
+        };
+        hello::write(&mut tls, &ours).await?;
+        let theirs: ServerHello = hello::read(&mut tls).await?;
+        Ok((tls, theirs))
+    };
+    tokio::time::timeout(budget, handshake)
+        .await
+        .map_err(|_| LinkError::Timeout { step: "TLS handshake and hello", budget })?
+}
+
+async fn link_once(
+    shared: &Arc<Shared>,
+    index: usize,
+    streams: &TaskTracker,
+    shutdown: &CancellationToken,
+    force: &CancellationToken,
+    backoff: &mut Backoff,
+) -> Result<(), LinkError> {
+    let (tls, server) = connect(shared, index).await?;
+    if let HelloOutcome::Rejected { reason } = server.outcome {
+        return Err(LinkError::Rejected(reason));
+    }
+    let mut connection = h2::server::Builder::new()
+        .initial_window_size(cplink_proto::STREAM_WINDOW)
+        .initial_connection_window_size(cplink_proto::CONNECTION_WINDOW)
+        .max_concurrent_streams(cplink_proto::MAX_STREAMS_PER_LINK)
+        .max_send_buffer_size(cplink_proto::STREAM_WINDOW as usize / 2)
+        .handshake::<_, Bytes>(tls)
+        .await?;
+
+    tracing::Span::current().record("server_id", server.server_id.as_str());
+    shared
+        .metrics
+        .link_attempts
+        .get_or_create(&ResultLabels { result: "ok" })
+        .inc();
+    shared.set_link(
+        index,
+        Some(LinkInfo {
+            server_id: server.server_id.clone(),
+            server_count: server.server_count,
+        }),
+    );
+    backoff.reset();
+    tracing::info!(server_count = server.server_count, "linked");
+
+    let ping_pong = connection.ping_pong();
+    let keepalive = async {
+        match ping_pong {
+            Some(ping_pong) => keepalive::run(ping_pong, shared.config.keepalive).await,
+            // Only one PingPong exists per connection and it was just created.
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(keepalive);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            accepted = connection.accept() => match accepted {
+                Some(Ok((request, respond))) => {
+                    let shared = shared.clone();
+                    streams.spawn(async move { dial::serve(&shared, request, respond).await });
+                }
+                Some(Err(err)) => return Err(err.into()),
+                None => return Ok(()),
+            },
+            err = &mut keepalive => return Err(err.into()),
+            () = shutdown.cancelled(), if !draining => {
+                // GOAWAY: the server routes new dials elsewhere; streams in flight finish.
+                draining = true;
+                connection.graceful_shutdown();
+                tracing::info!("draining: no new streams accepted");
+            }
+            () = force.cancelled() => return Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let config = BackoffConfig {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+        };
+        let mut backoff = Backoff::new(config);
+        let ceilings = [100, 200, 400, 800, 1600, 2000, 2000, 2000];
+        for ceiling in ceilings {
+            let ceiling = Duration::from_millis(ceiling);
+            let delay = backoff.next_delay();
+            assert!(delay <= ceiling && delay >= ceiling / 2, "{delay:?} outside [{:?}, {ceiling:?}]", ceiling / 2);
+        }
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn backoff_never_overflows() {
+        let mut backoff = Backoff::new(BackoffConfig {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(30),
+        });
+        for _ in 0..200 {
+            assert!(backoff.next_delay() <= Duration::from_secs(30));
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Outcomes of a dial through the tunnel and how they travel.
+//!
+//! The agent answers a tunnel `CONNECT` with `200` or with one of these failures: an HTTP status,
+//! the [`ERROR_KIND_HEADER`] naming the kind, and a one-line text reason as the body. The server
+//! passes the same status and reason on to its frontend client.
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+/// Response header carrying the [`DialFailure::kind`] of a failed dial.
+pub const ERROR_KIND_HEADER: &str = "cplink-error";
+
+/// Longest reason text accepted from a peer; longer reasons are cut.
+pub const MAX_REASON_LEN: usize = 1024;
+
+/// Why a dial failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DialFailure {
+    /// The destination is not a valid `host:port`.
+    #[error("bad destination: {0}")]
+    BadTarget(String),
+    /// The destination policy denies it.
+    #[error("destination not allowed: {0}")]
+    Forbidden(String),
+    /// No linked agent can take the dial.
+    #[error("no agent available: {0}")]
+    NoAgent(String),
+    /// The destination actively refused the connection.
+    #[error("connection refused: {0}")]
+    Refused(String),
+    /// The destination could not be reached (no route, name not resolved, ...).
+    #[error("destination unreachable: {0}")]
+    Unreachable(String),
+    /// The dial did not complete in time.
+    #[error("dial timed out after {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    /// The link to the agent failed while the dial was in progress.
+    #[error("tunnel link failed: {0}")]
+    Link(String),
+}
+
+impl DialFailure {
+    /// HTTP status reported for this failure.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            DialFailure::BadTarget(_) => StatusCode::BAD_REQUEST,
+            DialFailure::Forbidden(_) => StatusCode::FORBIDDEN,
+            DialFailure::NoAgent(_) => StatusCode::SERVICE_UNAVAILABLE,
+            DialFailure::Refused(_) | DialFailure::Unreachable(_) | DialFailure::Link(_) => {
+                StatusCode::BAD_GATEWAY
+            }
+            DialFailure::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Stable, low-cardinality name of the failure, used in metrics and headers.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DialFailure::BadTarget(_) => "bad_target",
+            DialFailure::Forbidden(_) => "forbidden",
+            DialFailure::NoAgent(_) => "no_agent",
+            DialFailure::Refused(_) => "refused",
+            DialFailure::Unreachable(_) => "unreachable",
+            DialFailure::Timeout(_) => "timeout",
+            DialFailure::Link(_) => "link_error",
+        }
+    }
+
+    /// Rebuilds a failure reported by a peer from its status, kind header and reason.
+    pub fn from_response(status: StatusCode, kind: Option<&str>, reason: String) -> Self {
+        match kind {
+            Some("bad_target") => DialFailure::BadTarget(reason),
+            Some("forbidden") => DialFailure::Forbidden(reason),
+            Some("no_agent") => DialFailure::NoAgent(reason),
+            Some("refused") => DialFailure::Refused(reason),
+            Some("unreachable") => DialFailure::Unreachable(reason),
+            Some("link_error") => DialFailure::Link(reason),
+            Some("timeout") => timeout_from_reason(&reason),
+            _ => match status {
+                StatusCode::BAD_REQUEST => DialFailure::BadTarget(reason),
+                StatusCode::FORBIDDEN => DialFailure::Forbidden(reason),
+                StatusCode::SERVICE_UNAVAILABLE => DialFailure::NoAgent(reason),
+                StatusCode::GATEWAY_TIMEOUT => timeout_from_reason(&reason),
+                _ => DialFailure::Link(format!("agent answered {status}: {reason}")),
+            },
+        }
+    }
+
+    /// The reason text sent to a peer or a frontend client: one line, bounded.
+    pub fn reason_line(&self) -> String {
+        let mut line: String = self
+            .to_string()
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        if line.len() > MAX_REASON_LEN {
+            let mut cut = MAX_REASON_LEN;
+            while !line.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            line.truncate(cut);
+        }
+        line
+    }
+}
+
+/// Rebuilds a timeout from a peer's reason text ("... after 5s"); the duration is informational.
+fn timeout_from_reason(reason: &str) -> DialFailure {
+    let duration = reason
+        .rsplit_once("after ")
+        .and_then(|(_, d)| humantime::parse_duration(d.trim()).ok())
+        .unwrap_or_default();
+    DialFailure::Timeout(duration)
+}
+
+/// Maps an I/O error from connecting to `target` to a [`DialFailure`]; `timeout` is the dial
+/// budget, reported when the kernel itself gave up.
+pub fn classify_connect_error(err: &std::io::Error, target: &str, timeout: Duration) -> DialFailure {
+    use std::io::ErrorKind;
+    match err.kind() {
+        ErrorKind::ConnectionRefused => DialFailure::Refused(target.to_owned()),
+        ErrorKind::TimedOut => DialFailure::Timeout(timeout),
+        _ => DialFailure::Unreachable(format!("{target}: {err}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_match_the_frontend_contract() {
+        let cases = [
+            (DialFailure::BadTarget("x".into()), 400),
+            (DialFailure::Forbidden("x".into()), 403),
+            (DialFailure::NoAgent("x".into()), 503),
+            (DialFailure::Refused("x".into()), 502),
+            (DialFailure::Unreachable("x".into()), 502),
+            (DialFailure::Link("x".into()), 502),
+            (DialFailure::Timeout(Duration::from_secs(5)), 504),
+        ];
+        for (failure, status) in cases {
+            assert_eq!(failure.status().as_u16(), status, "{failure:?}");
+        }
+    }
+
+    #[test]
+    fn failures_survive_the_trip_through_a_response() {
+        let failures = [
+            DialFailure::BadTarget("a".into()),
+            DialFailure::Forbidden("b".into()),
+            DialFailure::Refused("c".into()),
+            DialFailure::Unreachable("d".into()),
+            DialFailure::Timeout(Duration::from_secs(5)),
+        ];
+        for failure in failures {
+            let back = DialFailure::from_response(
+                failure.status(),
+                Some(failure.kind()),
+                failure.reason_line(),
+            );
+            assert_eq!(back.kind(), failure.kind());
+            assert_eq!(back.status(), failure.status());
+        }
+        assert_eq!(
+            DialFailure::from_response(StatusCode::GATEWAY_TIMEOUT, Some("timeout"), "dial timed out after 5s".into()),
+            DialFailure::Timeout(Duration::from_secs(5))
+        );
+    }
+
+    #[test]
+    fn reason_lines_are_single_line_and_bounded() {
+        let failure = DialFailure::Unreachable(format!("a\nb{}", "é".repeat(2000)));
+        let line = failure.reason_line();
+        assert!(!line.contains('\n'));
+        assert!(line.len() <= MAX_REASON_LEN);
+    }
+}

@@ -1,0 +1,40 @@
+//! What both ends of a cplink link agree on, and the runtime pieces the server and the agent share.
+//!
+//! - [`hello`]: the versioned, length-prefixed preface and hello exchanged right after TLS.
+//! - [`target`]: `host:port` destinations as they travel in CONNECT requests and `:authority`.
+//! - [`dial`]: the outcomes of a dial and the HTTP status each one maps to.
+//! - [`tls`]: loading PEM files and building the rustls configurations of the link and frontends.
+//! - [`pump`]: moves bytes between a socket and an HTTP/2 stream with per-stream flow control.
+//! - [`keepalive`]: HTTP/2 PING liveness for links.
+//! - [`net`]: socket tuning and abortive close.
+//! - [`admin`]: the `/healthz`, `/readyz`, `/metrics` HTTP endpoint.
+//! - [`telemetry`]: log setup (text or JSON).
+//! - [`shutdown`]: SIGTERM/SIGINT handling.
+
+pub mod admin;
+pub mod dial;
+pub mod hello;
+pub mod keepalive;
+pub mod net;
+pub mod pump;
+pub mod shutdown;
+pub mod target;
+pub mod telemetry;
+pub mod tls;
+
+/// ALPN protocol id of the native cplink link.
+pub const ALPN_LINK: &[u8] = b"cplink/1";
+
+/// Version of the cplink software, reported in hellos and logs.
+pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Per-stream HTTP/2 receive window of a link: how much one tunneled connection may have in
+/// flight in each direction.
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
+
+/// Per-link HTTP/2 receive window, shared by all streams of the link. Large against
+/// [`STREAM_WINDOW`] so that one stalled reader, or a few, cannot block the link.
+pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+
+/// Most tunneled connections one link carries at once.
+pub const MAX_STREAMS_PER_LINK: u32 = 16 * 1024;

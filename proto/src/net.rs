@@ -1,0 +1,54 @@
+//! Socket tuning and abortive close.
+
+use std::time::Duration;
+
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+/// Unsent bytes a link socket may hold before it stops reporting writable.
+///
+/// Keeping the kernel's unsent queue short leaves queued frames in HTTP/2's scheduler, which
+/// interleaves streams; a small request then waits behind at most this much bulk data instead of
+/// the whole socket buffer.
+pub const LINK_NOTSENT_LOWAT: u32 = 128 * 1024;
+
+/// Tunes a socket carrying one tunneled connection (frontend client or destination).
+pub fn tune_stream(stream: &TcpStream) {
+    if let Err(err) = stream.set_nodelay(true) {
+        tracing::debug!(%err, "cannot set TCP_NODELAY");
+    }
+}
+
+/// Tunes a link socket: no Nagle delay, short unsent queue, TCP keepalive as a backstop for the
+/// HTTP/2 PING liveness check.
+pub fn tune_link(stream: &TcpStream) {
+    tune_stream(stream);
+    let sock = SockRef::from(stream);
+    if let Err(err) = sock.set_tcp_notsent_lowat(LINK_NOTSENT_LOWAT) {
+        tracing::debug!(%err, "cannot set TCP_NOTSENT_LOWAT");
+    }
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10));
+    if let Err(err) = sock.set_tcp_keepalive(&keepalive) {
+        tracing::debug!(%err, "cannot enable TCP keepalive");
+    }
+}
+
+/// Closes a TCP connection with a reset, so that the peer sees an error instead of a clean end.
+pub fn abort_tcp(stream: TcpStream) {
+    if let Err(err) = SockRef::from(&stream).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(%err, "cannot set SO_LINGER for an abortive close");
+    }
+    drop(stream);
+}
+
+/// [`abort_tcp`] for a stream that was split into owned halves.
+pub fn abort_tcp_halves(read: OwnedReadHalf, write: OwnedWriteHalf) {
+    match read.reunite(write) {
+        Ok(stream) => abort_tcp(stream),
+        // Halves of different streams cannot come from one split; dropping both still closes.
+        Err(err) => drop(err),
+    }
+}

@@ -1,0 +1,242 @@
+//! Moves the bytes of one tunneled connection between a socket and an HTTP/2 stream.
+//!
+//! Each direction is flow-controlled on its own: bytes are read from the socket only when the
+//! stream has send capacity, and stream capacity is released to the peer only after the bytes were
+//! written to the socket. A reader that stops reading therefore stalls its own stream and nothing
+//! else. An idle connection holds no buffer: sockets are read only once they are readable.
+//!
+//! Half-close maps to END_STREAM and back; any failure resets the stream (RST_STREAM CANCEL) and
+//! is returned so that the caller closes its socket abortively. A stream either delivers every byte
+//! or fails visibly.
+
+use std::future::{Future, poll_fn};
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use h2::{Reason, RecvStream, SendStream};
+use prometheus_client::metrics::counter::Counter;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Smallest read issued on a socket.
+const MIN_READ: usize = 4 * 1024;
+/// Largest read issued on a socket.
+const MAX_READ: usize = 64 * 1024;
+
+/// A socket half that yields whole chunks of bytes; an empty chunk means end of stream.
+pub trait ReadChunk: Send {
+    /// Reads at most `max` bytes, waiting until at least one is available or the peer closed.
+    fn read_chunk(&mut self, max: usize) -> impl Future<Output = io::Result<Bytes>> + Send;
+}
+
+macro_rules! readiness_read_chunk {
+    ($ty:ty) => {
+        impl ReadChunk for $ty {
+            async fn read_chunk(&mut self, max: usize) -> io::Result<Bytes> {
+                loop {
+                    // Wait for readiness first so that an idle connection holds no buffer.
+                    self.readable().await?;
+                    let mut buf = BytesMut::with_capacity(max);
+                    match self.try_read_buf(&mut buf) {
+                        Ok(_) => return Ok(buf.freeze()),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+    };
+}
+
+readiness_read_chunk!(tokio::net::tcp::OwnedReadHalf);
+readiness_read_chunk!(tokio::net::unix::OwnedReadHalf);
+
+/// Adapts any [`AsyncRead`] (a TLS stream, for instance) to [`ReadChunk`].
+///
+/// Unlike the readiness-based socket halves it holds a buffer while waiting.
+#[derive(Debug)]
+pub struct Buffered<R>(pub R);
+
+impl<R: AsyncRead + Unpin + Send> ReadChunk for Buffered<R> {
+    async fn read_chunk(&mut self, max: usize) -> io::Result<Bytes> {
+        let mut buf = BytesMut::with_capacity(max);
+        self.0.read_buf(&mut buf).await?;
+        Ok(buf.freeze())
+    }
+}
+
+/// Counters of the bytes a pump moves, by direction.
+#[derive(Debug, Clone, Default)]
+pub struct ByteCounters {
+    /// Bytes read from the socket and sent on the stream.
+    pub socket_to_stream: Counter,
+    /// Bytes received on the stream and written to the socket.
+    pub stream_to_socket: Counter,
+}
+
+/// Bytes moved by a pump that finished cleanly.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PumpStats {
+    /// Bytes read from the socket and sent on the stream.
+    pub socket_to_stream: u64,
+    /// Bytes received on the stream and written to the socket.
+    pub stream_to_socket: u64,
+}
+
+/// Why a tunneled connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum PumpError {
+    /// Reading from the socket failed.
+    #[error("socket read failed: {0}")]
+    SocketRead(#[source] io::Error),
+    /// Writing to the socket failed.
+    #[error("socket write failed: {0}")]
+    SocketWrite(#[source] io::Error),
+    /// The HTTP/2 stream failed or was reset by the peer.
+    #[error("tunnel stream failed: {0}")]
+    Stream(#[source] h2::Error),
+    /// The peer reset the HTTP/2 stream.
+    #[error("tunnel stream reset by peer ({0:?})")]
+    Reset(Reason),
+}
+
+/// Pumps bytes both ways until both directions ended cleanly or one failed.
+///
+/// `initial` holds bytes already read from the socket (for example right behind a CONNECT
+/// request); they are sent first. On failure the stream is reset before returning; the caller
+/// closes the socket abortively.
+pub async fn pump<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+    initial: Bytes,
+    counters: &ByteCounters,
+) -> Result<PumpStats, PumpError>
+where
+    R: ReadChunk,
+    W: AsyncWrite + Unpin + Send,
+{
+    let result = tokio::try_join!(
+        socket_to_stream(reader, &mut send, initial, &counters.socket_to_stream),
+        stream_to_socket(&mut recv, writer, &counters.stream_to_socket),
+    );
+    match result {
+        Ok((socket_to_stream, stream_to_socket)) => Ok(PumpStats {
+            socket_to_stream,
+            stream_to_socket,
+        }),
+        Err(err) => {
+            send.send_reset(Reason::CANCEL);
+            Err(err)
+        }
+    }
+}
+
+async fn socket_to_stream<R: ReadChunk>(
+    reader: &mut R,
+    send: &mut SendStream<Bytes>,
+    initial: Bytes,
+    counter: &Counter,
+) -> Result<u64, PumpError> {
+    let mut total = initial.len() as u64;
+    counter.inc_by(total);
+    send_all(send, initial).await?;
+    let mut read_size = MIN_READ;
+    loop {
+        let chunk = tokio::select! {
+            chunk = reader.read_chunk(read_size) => chunk.map_err(PumpError::SocketRead)?,
+            // Notice a reset while the socket is idle instead of at its next byte.
+            reset = poll_fn(|cx| send.poll_reset(cx)) => {
+                return Err(match reset {
+                    Ok(reason) => PumpError::Reset(reason),
+                    Err(err) => PumpError::Stream(err),
+                });
+            }
+        };
+        if chunk.is_empty() {
+            send.send_data(Bytes::new(), true)
+                .map_err(PumpError::Stream)?;
+            return Ok(total);
+        }
+        // Grow reads for bulk transfers, shrink them again for chatty ones.
+        if chunk.len() == read_size {
+            read_size = (read_size * 2).min(MAX_READ);
+        } else if chunk.len() < read_size / 4 {
+            read_size = (read_size / 2).max(MIN_READ);
+        }
+        total += chunk.len() as u64;
+        counter.inc_by(chunk.len() as u64);
+        send_all(send, chunk).await?;
+    }
+}
+
+/// Sends `data` on the stream, never buffering more than the capacity the peer granted.
+async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), PumpError> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(0)) => continue,
+            Some(Ok(granted)) => {
+                let part = data.split_to(granted.min(data.len()));
+                send.send_data(part, false).map_err(PumpError::Stream)?;
+            }
+            Some(Err(err)) => return Err(PumpError::Stream(err)),
+            // The stream is gone; find out why.
+            None => {
+                return Err(match poll_fn(|cx| send.poll_reset(cx)).await {
+                    Ok(reason) => PumpError::Reset(reason),
+                    Err(err) => PumpError::Stream(err),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn stream_to_socket<W: AsyncWrite + Unpin>(
+    recv: &mut RecvStream,
+    writer: &mut W,
+    counter: &Counter,
+) -> Result<u64, PumpError> {
+    let mut total = 0u64;
+    while let Some(data) = recv.data().await {
+        let data = data.map_err(|err| match err.reason() {
+            Some(reason) if err.is_reset() => PumpError::Reset(reason),
+            _ => PumpError::Stream(err),
+        })?;
+        let len = data.len();
+        writer
+            .write_all(&data)
+            .await
+            .map_err(PumpError::SocketWrite)?;
+        writer.flush().await.map_err(PumpError::SocketWrite)?;
+        // Capacity goes back to the peer only once the socket took the bytes: a slow reader
+        // throttles its own stream and no other.
+        recv.flow_control()
+            .release_capacity(len)
+            .map_err(PumpError::Stream)?;
+        total += len as u64;
+        counter.inc_by(len as u64);
+    }
+    writer.shutdown().await.map_err(PumpError::SocketWrite)?;
+    Ok(total)
+}
+
+/// Counts an open tunneled connection in a gauge for as long as it lives, also when the task
+/// carrying it is cancelled.
+#[derive(Debug)]
+pub struct ActiveStream<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> ActiveStream<'a> {
+    /// Increments `gauge` until the guard is dropped.
+    pub fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        ActiveStream(gauge)
+    }
+}
+
+impl Drop for ActiveStream<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

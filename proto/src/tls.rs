@@ -1,0 +1,293 @@
+//! TLS material loading and the rustls configurations of the link and the frontends.
+//!
+//! - The link (agent ↔ server) is TLS 1.3 only, ALPN [`ALPN_LINK`](crate::ALPN_LINK), and mutual:
+//!   the server demands a client certificate signed by the agent CA.
+//! - The CONNECT frontend (kube-apiserver → server) accepts TLS 1.2 and 1.3 and also demands a
+//!   client certificate.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Why TLS material could not be loaded or a configuration built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or parsed.
+    #[error("cannot read {what} from {path}: {source}")]
+    Pem {
+        /// What the file should hold ("certificate", "private key", "CA bundle").
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    /// A PEM file holds no certificate.
+    #[error("{path} contains no PEM certificate")]
+    NoCertificate {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A CA certificate was rejected.
+    #[error("invalid CA certificate in {path}: {source}")]
+    InvalidCa {
+        /// The file.
+        path: PathBuf,
+        /// Why rustls rejected it.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The certificate verifier could not be built.
+    #[error("cannot build certificate verifier: {0}")]
+    Verifier(String),
+    /// rustls rejected the configuration (for example a key that does not match the certificate).
+    #[error("invalid TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// A certificate chain and its private key.
+pub struct Identity {
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("certs", &self.certs.len())
+            .field("key", &"***")
+            .finish()
+    }
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Identity {
+            certs: self.certs.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl Identity {
+    /// Loads a PEM certificate chain and a PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub fn from_pem_files(cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let certs = load_certs(cert)?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::Pem {
+            what: "private key",
+            path: key.to_owned(),
+            source,
+        })?;
+        Ok(Identity { certs, key })
+    }
+
+    /// Builds an identity from PEM text held in memory.
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, TlsError> {
+        let memory = || PathBuf::from("<memory>");
+        let certs = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| TlsError::Pem {
+                what: "certificate",
+                path: memory(),
+                source,
+            })?;
+        if certs.is_empty() {
+            return Err(TlsError::NoCertificate { path: memory() });
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|source| TlsError::Pem {
+            what: "private key",
+            path: memory(),
+            source,
+        })?;
+        Ok(Identity { certs, key })
+    }
+}
+
+/// Reads every certificate of a PEM file; at least one must be present.
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem_err = |source| TlsError::Pem {
+        what: "certificate",
+        path: path.to_owned(),
+        source,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(pem_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem_err)?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certs)
+}
+
+/// A set of trusted CA certificates.
+#[derive(Debug, Clone)]
+pub struct TrustAnchors(Arc<RootCertStore>);
+
+impl TrustAnchors {
+    /// Loads a PEM CA bundle.
+    pub fn from_pem_file(path: &Path) -> Result<Self, TlsError> {
+        Self::from_certs(load_certs(path)?, path)
+    }
+
+    /// Builds trust anchors from PEM text held in memory.
+    pub fn from_pem(pem: &[u8]) -> Result<Self, TlsError> {
+        let path = Path::new("<memory>");
+        let certs = CertificateDer::pem_slice_iter(pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| TlsError::Pem {
+                what: "CA bundle",
+                path: path.to_owned(),
+                source,
+            })?;
+        if certs.is_empty() {
+            return Err(TlsError::NoCertificate {
+                path: path.to_owned(),
+            });
+        }
+        Self::from_certs(certs, path)
+    }
+
+    fn from_certs(certs: Vec<CertificateDer<'static>>, path: &Path) -> Result<Self, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for cert in certs {
+            roots.add(cert).map_err(|source| TlsError::InvalidCa {
+                path: path.to_owned(),
+                source,
+            })?;
+        }
+        Ok(TrustAnchors(Arc::new(roots)))
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn client_verifier(
+    client_ca: &TrustAnchors,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    WebPkiClientVerifier::builder_with_provider(client_ca.0.clone(), provider())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))
+}
+
+/// Server side of the link: TLS 1.3, client certificate signed by `agent_ca` required.
+pub fn link_server_config(
+    identity: &Identity,
+    agent_ca: &TrustAnchors,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(client_verifier(agent_ca)?)
+        .with_single_cert(identity.certs.clone(), identity.key.clone_key())?;
+    config.alpn_protocols = vec![crate::ALPN_LINK.to_vec()];
+    // Tickets would let a resumed session skip client authentication bookkeeping; links are
+    // long-lived, so resumption buys nothing.
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// Agent side of the link: TLS 1.3, verifies the server against `server_ca`, presents `identity`.
+pub fn link_client_config(
+    identity: &Identity,
+    server_ca: &TrustAnchors,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let verifier = WebPkiServerVerifier::builder_with_provider(server_ca.0.clone(), provider())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_webpki_verifier(verifier)
+        .with_client_auth_cert(identity.certs.clone(), identity.key.clone_key())?;
+    config.alpn_protocols = vec![crate::ALPN_LINK.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The TCP CONNECT frontend: TLS 1.2 or 1.3, client certificate signed by `client_ca` required.
+pub fn frontend_server_config(
+    identity: &Identity,
+    client_ca: &TrustAnchors,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(client_verifier(client_ca)?)
+        .with_single_cert(identity.certs.clone(), identity.key.clone_key())?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A client configuration for CONNECT frontends, used by tests, benchmarks and tools.
+pub fn frontend_client_config(
+    identity: &Identity,
+    server_ca: &TrustAnchors,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(server_ca.0.clone())
+        .with_client_auth_cert(identity.certs.clone(), identity.key.clone_key())?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_files_are_named_in_the_error() {
+        let err = Identity::from_pem_files(Path::new("/nonexistent/tls.crt"), Path::new("/x"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/tls.crt"), "{err}");
+        let err = TrustAnchors::from_pem_file(Path::new("/nonexistent/ca.crt"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/ca.crt"), "{err}");
+    }
+
+    #[test]
+    fn a_file_without_certificates_is_rejected() {
+        let dir = std::env::temp_dir().join(format!("cplink-tls-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("empty.pem");
+        std::fs::write(&path, b"not a pem file\n").unwrap();
+        let err = TrustAnchors::from_pem_file(&path).unwrap_err();
+        assert!(matches!(err, TlsError::NoCertificate { .. }), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn mismatched_key_is_rejected() {
+        let ca = rcgen::generate_simple_self_signed(vec!["ca".into()]).unwrap();
+        let other = rcgen::generate_simple_self_signed(vec!["other".into()]).unwrap();
+        let identity = Identity::from_pem(
+            ca.cert.pem().as_bytes(),
+            other.signing_key.serialize_pem().as_bytes(),
+        )
+        .unwrap();
+        let anchors = TrustAnchors::from_pem(ca.cert.pem().as_bytes()).unwrap();
+        assert!(link_server_config(&identity, &anchors).is_err());
+    }
+
+    #[test]
+    fn debug_output_hides_the_key() {
+        let ca = rcgen::generate_simple_self_signed(vec!["ca".into()]).unwrap();
+        let identity = Identity::from_pem(
+            ca.cert.pem().as_bytes(),
+            ca.signing_key.serialize_pem().as_bytes(),
+        )
+        .unwrap();
+        let debug = format!("{identity:?}");
+        assert!(debug.contains("***") && !debug.contains("PRIVATE"));
+    }
+}

@@ -1,0 +1,289 @@
+//! Command line and validated configuration of `cplink-server`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use cplink_proto::keepalive::KeepaliveConfig;
+use cplink_proto::telemetry::LogFormat;
+use cplink_proto::tls::{self, Identity, TlsError, TrustAnchors};
+
+use crate::registry::{Strategy, parse_strategies};
+
+/// Command line of `cplink-server`. Every flag can also be set through its `CPLINK_*` variable.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "cplink-server",
+    version,
+    about = "cplink tunnel server: accepts agent links and carries kube-apiserver's egress \
+             connections (HTTP CONNECT) to nodes, pods and services through them"
+)]
+pub struct Args {
+    /// Id of this server replica, told to agents. Defaults to $POD_NAME, else the host name.
+    #[arg(long, env = "CPLINK_SERVER_ID")]
+    pub server_id: Option<String>,
+
+    /// Number of server replicas; agents keep dialing until they are linked to this many.
+    #[arg(long, env = "CPLINK_SERVER_COUNT", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub server_count: u32,
+
+    /// Address of the TLS listener agents link to.
+    #[arg(long, env = "CPLINK_AGENT_ADDRESS", default_value = "0.0.0.0:8091")]
+    pub agent_address: SocketAddr,
+
+    /// Address of the HTTP CONNECT frontend over TCP with mutual TLS (for kube-apiserver's
+    /// egress selector). Disabled when unset.
+    #[arg(long, env = "CPLINK_FRONTEND_ADDRESS")]
+    pub frontend_address: Option<SocketAddr>,
+
+    /// Path of the HTTP CONNECT frontend Unix socket (mode 0660; a stale socket is replaced).
+    /// Disabled when unset.
+    #[arg(long, env = "CPLINK_FRONTEND_UDS")]
+    pub frontend_uds: Option<PathBuf>,
+
+    /// Address of the admin HTTP endpoint (/healthz, /readyz, /metrics).
+    #[arg(long, env = "CPLINK_ADMIN_ADDRESS", default_value = "127.0.0.1:8095")]
+    pub admin_address: SocketAddr,
+
+    /// Server certificate chain (PEM), shown to agents and to frontend clients.
+    #[arg(long, env = "CPLINK_TLS_CERT")]
+    pub tls_cert: PathBuf,
+
+    /// Private key (PEM) of the server certificate.
+    #[arg(long, env = "CPLINK_TLS_KEY")]
+    pub tls_key: PathBuf,
+
+    /// CA bundle (PEM) that signs agent client certificates.
+    #[arg(long, env = "CPLINK_AGENT_CA")]
+    pub agent_ca: PathBuf,
+
+    /// CA bundle (PEM) that signs frontend client certificates; required with
+    /// --frontend-address.
+    #[arg(long, env = "CPLINK_FRONTEND_CA")]
+    pub frontend_ca: Option<PathBuf>,
+
+    /// How long to wait for an agent to answer a dial.
+    #[arg(long, env = "CPLINK_DIAL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub dial_timeout: Duration,
+
+    /// On SIGTERM, how long in-flight tunneled connections may take to finish.
+    #[arg(long, env = "CPLINK_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// How long a frontend client may take to send its CONNECT request.
+    #[arg(long, env = "CPLINK_HEADER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_timeout: Duration,
+
+    /// Interval between HTTP/2 PINGs on each agent link.
+    #[arg(long, env = "CPLINK_KEEPALIVE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Duration,
+
+    /// How long a PING may go unanswered before the link is declared dead.
+    #[arg(long, env = "CPLINK_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Duration,
+
+    /// Ordered routing strategies: node (destination is an agent's node name or host IP),
+    /// cidr (destination is in an agent's pod CIDR), any (least-loaded agent).
+    #[arg(long, env = "CPLINK_STRATEGIES", default_value = "node,cidr,any")]
+    pub strategies: String,
+
+    /// Log output format.
+    #[arg(long, env = "CPLINK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter, e.g. `info` or `cplink_server=debug,info`.
+    #[arg(long, env = "CPLINK_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// A configuration error, naming the flag at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("--{flag}: {message}")]
+pub struct ConfigError {
+    /// The flag, without dashes.
+    pub flag: &'static str,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(flag: &'static str, message: impl std::fmt::Display) -> Self {
+        ConfigError {
+            flag,
+            message: message.to_string(),
+        }
+    }
+}
+
+/// Validated configuration: TLS material loaded, values checked.
+#[derive(Clone)]
+pub struct Config {
+    /// Id told to agents.
+    pub server_id: String,
+    /// Replicas told to agents.
+    pub server_count: u32,
+    /// TLS for agent links.
+    pub link_tls: Arc<rustls::ServerConfig>,
+    /// TLS for the TCP frontend, when enabled.
+    pub frontend_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Dial budget.
+    pub dial_timeout: Duration,
+    /// Drain budget on shutdown.
+    pub drain_timeout: Duration,
+    /// CONNECT head budget.
+    pub header_timeout: Duration,
+    /// Budget for the TLS handshake and hello of an agent link.
+    pub handshake_timeout: Duration,
+    /// Link liveness.
+    pub keepalive: KeepaliveConfig,
+    /// Routing chain.
+    pub strategies: Vec<Strategy>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("server_id", &self.server_id)
+            .field("server_count", &self.server_count)
+            .field("frontend_tls", &self.frontend_tls.is_some())
+            .field("dial_timeout", &self.dial_timeout)
+            .field("drain_timeout", &self.drain_timeout)
+            .field("keepalive", &self.keepalive)
+            .field("strategies", &self.strategies)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Args {
+    /// Checks every flag and loads the TLS material, before anything listens.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let identity = Identity::from_pem_files(&self.tls_cert, &self.tls_key)
+            .map_err(|e| ConfigError::new(tls_flag(&e, "tls-cert", "tls-key"), e))?;
+        let agent_ca =
+            TrustAnchors::from_pem_file(&self.agent_ca).map_err(|e| ConfigError::new("agent-ca", e))?;
+        let link_tls =
+            tls::link_server_config(&identity, &agent_ca).map_err(|e| ConfigError::new("tls-key", e))?;
+        let frontend_tls = match (&self.frontend_address, &self.frontend_ca) {
+            (Some(_), Some(ca)) => {
+                let ca = TrustAnchors::from_pem_file(ca).map_err(|e| ConfigError::new("frontend-ca", e))?;
+                Some(
+                    tls::frontend_server_config(&identity, &ca)
+                        .map_err(|e| ConfigError::new("frontend-ca", e))?,
+                )
+            }
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "frontend-ca",
+                    "required with --frontend-address: the TCP frontend only accepts clients with a certificate",
+                ));
+            }
+            (None, _) => None,
+        };
+        if self.frontend_address.is_none() && self.frontend_uds.is_none() {
+            tracing::warn!("no frontend configured (--frontend-address, --frontend-uds): nothing can dial through this server");
+        }
+        let strategies =
+            parse_strategies(&self.strategies).map_err(|e| ConfigError::new("strategies", e))?;
+        for (flag, value) in [
+            ("dial-timeout", self.dial_timeout),
+            ("header-timeout", self.header_timeout),
+            ("keepalive-interval", self.keepalive_interval),
+            ("keepalive-timeout", self.keepalive_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::new(flag, "must be greater than zero"));
+            }
+        }
+        let server_id = match self.server_id {
+            Some(id) if id.trim().is_empty() => {
+                return Err(ConfigError::new("server-id", "must not be empty"));
+            }
+            Some(id) => id,
+            None => default_server_id(),
+        };
+        Ok(Config {
+            server_id,
+            server_count: self.server_count,
+            link_tls,
+            frontend_tls,
+            dial_timeout: self.dial_timeout,
+            drain_timeout: self.drain_timeout,
+            header_timeout: self.header_timeout,
+            handshake_timeout: Duration::from_secs(10),
+            keepalive: KeepaliveConfig {
+                interval: self.keepalive_interval,
+                timeout: self.keepalive_timeout,
+            },
+            strategies,
+        })
+    }
+}
+
+/// Attributes a TLS loading error to the certificate or the key flag.
+pub(crate) fn tls_flag(err: &TlsError, cert_flag: &'static str, key_flag: &'static str) -> &'static str {
+    match err {
+        TlsError::Pem { what: "private key", .. } => key_flag,
+        TlsError::Config(_) => key_flag,
+        _ => cert_flag,
+    }
+}
+
+fn default_server_id() -> String {
+    std::env::var("POD_NAME")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+        })
+        .unwrap_or_else(|| "cplink-server".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Result<Args, clap::Error> {
+        let mut argv = vec![
+            "cplink-server",
+            "--tls-cert",
+            "/nonexistent/tls.crt",
+            "--tls-key",
+            "/nonexistent/tls.key",
+            "--agent-ca",
+            "/nonexistent/ca.crt",
+        ];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv)
+    }
+
+    #[test]
+    fn defaults_match_the_documented_ports_and_timeouts() {
+        let args = args(&[]).unwrap();
+        assert_eq!(args.agent_address.port(), 8091);
+        assert_eq!(args.admin_address.to_string(), "127.0.0.1:8095");
+        assert_eq!(args.keepalive_interval, Duration::from_secs(10));
+        assert_eq!(args.keepalive_timeout, Duration::from_secs(20));
+        assert_eq!(args.server_count, 1);
+    }
+
+    #[test]
+    fn a_missing_certificate_is_reported_against_its_flag() {
+        let err = args(&[]).unwrap().into_config().unwrap_err();
+        assert_eq!(err.flag, "tls-cert");
+        assert!(err.to_string().contains("/nonexistent/tls.crt"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_rejected_by_the_parser() {
+        assert!(args(&["--server-count", "0"]).is_err());
+        assert!(args(&["--dial-timeout", "soon"]).is_err());
+        assert!(args(&["--agent-address", "nowhere"]).is_err());
+        assert!(args(&["--log-format", "xml"]).is_err());
+    }
+}

@@ -1,0 +1,253 @@
+//! CONNECT frontends for kube-apiserver's egress selector: TCP with mutual TLS, and a Unix socket.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use cplink_proto::net::abort_tcp;
+use cplink_proto::pump::{self, Buffered, ReadChunk};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::Shared;
+use crate::connect::{self, ConnectError};
+use crate::metrics::{DialLabels, FrontendLabels, RequestErrorLabels, StrategyLabels};
+use crate::tunnel;
+
+/// A frontend connection, once its transport handshake is done.
+pub(crate) trait FrontendStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Read side, after the CONNECT head.
+    type Reader: ReadChunk + 'static;
+    /// Write side, after the CONNECT head.
+    type Writer: AsyncWrite + Unpin + Send + 'static;
+    /// Splits for the bidirectional pump.
+    fn split(self) -> (Self::Reader, Self::Writer);
+    /// Closes the connection so that the client sees an error rather than a clean end.
+    fn abort(reader: Self::Reader, writer: Self::Writer);
+}
+
+impl FrontendStream for UnixStream {
+    type Reader = tokio::net::unix::OwnedReadHalf;
+    type Writer = tokio::net::unix::OwnedWriteHalf;
+
+    fn split(self) -> (Self::Reader, Self::Writer) {
+        self.into_split()
+    }
+
+    fn abort(reader: Self::Reader, writer: Self::Writer) {
+        // A Unix socket has no reset; closing without the pending half-close is the closest.
+        writer.forget();
+        drop(reader);
+    }
+}
+
+impl FrontendStream for TlsStream<TcpStream> {
+    type Reader = Buffered<ReadHalf<TlsStream<TcpStream>>>;
+    type Writer = WriteHalf<TlsStream<TcpStream>>;
+
+    fn split(self) -> (Self::Reader, Self::Writer) {
+        let (reader, writer) = tokio::io::split(self);
+        (Buffered(reader), writer)
+    }
+
+    fn abort(reader: Self::Reader, writer: Self::Writer) {
+        // Reset the TCP connection without close_notify: the client sees a failed stream.
+        let tls = reader.0.unsplit(writer);
+        abort_tcp(tls.into_inner().0);
+    }
+}
+
+/// Accepts TLS frontend connections until `stop` is cancelled.
+pub(crate) async fn accept_tls(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    connections: TaskTracker,
+    stop: CancellationToken,
+    force: CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(%err, "frontend accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        cplink_proto::net::tune_stream(&tcp);
+        let shared = shared.clone();
+        let acceptor = acceptor.clone();
+        let force = force.clone();
+        connections.spawn(
+            async move {
+                let budget = shared.config.header_timeout;
+                let tls = match tokio::time::timeout(budget, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(err)) => {
+                        count_request_error(&shared, "tls");
+                        tracing::info!(%err, "frontend TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        count_request_error(&shared, "tls_timeout");
+                        tracing::info!("frontend TLS handshake timed out");
+                        return;
+                    }
+                };
+                tokio::select! {
+                    () = serve(&shared, tls, "tls") => {}
+                    () = force.cancelled() => tracing::info!("drain deadline reached: connection cut"),
+                }
+            }
+            .instrument(tracing::info_span!("frontend", %peer)),
+        );
+    }
+}
+
+/// Accepts Unix socket frontend connections until `stop` is cancelled.
+pub(crate) async fn accept_uds(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    connections: TaskTracker,
+    stop: CancellationToken,
+    force: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    tracing::warn!(%err, "frontend accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let shared = shared.clone();
+        let force = force.clone();
+        connections.spawn(
+            async move {
+                tokio::select! {
+                    () = serve(&shared, stream, "uds") => {}
+                    () = force.cancelled() => tracing::info!("drain deadline reached: connection cut"),
+                }
+            }
+            .instrument(tracing::info_span!("frontend", peer = "uds")),
+        );
+    }
+}
+
+fn count_request_error(shared: &Shared, reason: &'static str) {
+    shared
+        .metrics
+        .request_errors
+        .get_or_create(&RequestErrorLabels { reason })
+        .inc();
+}
+
+/// Serves one frontend connection: CONNECT head, dial, answer, then pump until done.
+async fn serve<S: FrontendStream>(shared: &Shared, mut stream: S, frontend: &'static str) {
+    let metrics = &shared.metrics;
+    metrics
+        .frontend_connections
+        .get_or_create(&FrontendLabels { frontend })
+        .inc();
+
+    let head = tokio::time::timeout(shared.config.header_timeout, connect::read_request(&mut stream))
+        .await
+        .unwrap_or(Err(ConnectError::Timeout));
+    let request = match head {
+        Ok(request) => request,
+        Err(err) => {
+            count_request_error(shared, err.kind());
+            tracing::info!(%err, "frontend request refused");
+            if let Some(status) = err.status() {
+                reply_and_close(&mut stream, &connect::error_response(status, &err.to_string())).await;
+            }
+            return;
+        }
+    };
+
+    let target = request.target;
+    let span = tracing::info_span!("dial", dest = %target, agent_id = tracing::field::Empty);
+    async move {
+        let started = Instant::now();
+        let tunnel = tunnel::open(shared, &target).await;
+        metrics.dial_duration.observe(started.elapsed().as_secs_f64());
+        let tunnel = match tunnel {
+            Ok(tunnel) => tunnel,
+            Err(failure) => {
+                metrics.dials.get_or_create(&DialLabels { result: failure.kind() }).inc();
+                tracing::info!(%failure, "dial failed");
+                let response = connect::error_response(failure.status(), &failure.reason_line());
+                reply_and_close(&mut stream, &response).await;
+                return;
+            }
+        };
+        let link = tunnel.route.guard.link().clone();
+        tracing::Span::current().record("agent_id", link.id.as_str());
+        metrics.dials.get_or_create(&DialLabels { result: "ok" }).inc();
+        metrics
+            .routed
+            .get_or_create(&StrategyLabels { strategy: tunnel.route.strategy.as_str() })
+            .inc();
+        tracing::debug!(strategy = %tunnel.route.strategy, "dial established");
+
+        // Written only now that the destination is connected; nothing else is sent until the
+        // client speaks.
+        if let Err(err) = write_all_flush(&mut stream, connect::ESTABLISHED).await {
+            tracing::info!(%err, "frontend left before the tunnel was established");
+            return;
+        }
+        let _active = pump::ActiveStream::new(&metrics.streams_active);
+        let (mut reader, mut writer) = stream.split();
+        let result = pump::pump(
+            &mut reader,
+            &mut writer,
+            tunnel.send,
+            tunnel.recv,
+            request.leftover,
+            &metrics.bytes,
+        )
+        .await;
+        match result {
+            Ok(stats) => tracing::debug!(
+                to_agent = stats.socket_to_stream,
+                from_agent = stats.stream_to_socket,
+                "tunnel closed"
+            ),
+            Err(err) => {
+                tracing::info!(%err, "tunnel aborted");
+                S::abort(reader, writer);
+            }
+        }
+        drop(tunnel.route);
+    }
+    .instrument(span)
+    .await;
+}
+
+async fn write_all_flush<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+async fn reply_and_close<S: AsyncWrite + Unpin>(stream: &mut S, response: &[u8]) {
+    let write = async {
+        write_all_flush(stream, response).await?;
+        stream.shutdown().await
+    };
+    // A client that does not read its error answer must not hold the connection open.
+    if let Ok(Err(err)) = tokio::time::timeout(std::time::Duration::from_secs(5), write).await {
+        tracing::debug!(%err, "could not deliver the error answer");
+    }
+}

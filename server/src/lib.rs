@@ -1,0 +1,291 @@
+//! cplink-server: takes kube-apiserver's egress connections and carries them over agent links.
+//!
+//! - [`config`]: command line and validated configuration.
+//! - `connect`: the HTTP CONNECT request head (parsing, answers).
+//! - `frontend`: the CONNECT frontends (TCP with mutual TLS, Unix socket).
+//! - `link`: agent links (TLS, hello, HTTP/2 as the client, keepalive).
+//! - [`registry`]: linked agents and routing strategies.
+//! - `tunnel`: opening a tunneled connection through an agent.
+//! - [`metrics`]: Prometheus metrics.
+//!
+//! [`Server::run`] takes already-bound [`Listeners`] and a shutdown token, so tests run servers
+//! in-process on ephemeral ports.
+
+pub mod config;
+pub mod connect;
+mod frontend;
+mod link;
+pub mod metrics;
+pub mod registry;
+mod tunnel;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use cplink_proto::admin;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Args, Config, ConfigError};
+
+use metrics::Metrics;
+use registry::Registry;
+
+/// State shared by every task of a server.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) registry: Registry,
+    pub(crate) metrics: Metrics,
+    draining: AtomicBool,
+}
+
+/// The sockets a server serves, bound before it starts.
+#[derive(Debug)]
+pub struct Listeners {
+    /// Agent links.
+    pub agent: TcpListener,
+    /// CONNECT over TCP with TLS.
+    pub frontend_tls: Option<TcpListener>,
+    /// CONNECT over a Unix socket, and its path (removed on shutdown).
+    pub frontend_uds: Option<(UnixListener, PathBuf)>,
+    /// Admin endpoint.
+    pub admin: Option<TcpListener>,
+}
+
+/// Why a listener could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("--{flag} {address}: {source}")]
+pub struct BindError {
+    /// The flag naming the address.
+    pub flag: &'static str,
+    /// The address.
+    pub address: String,
+    /// Why binding failed.
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl Listeners {
+    /// Binds every listener the command line asks for.
+    pub async fn bind(args: &Args) -> Result<Self, BindError> {
+        let tcp = |flag: &'static str, addr: std::net::SocketAddr| async move {
+            TcpListener::bind(addr).await.map_err(|source| BindError {
+                flag,
+                address: addr.to_string(),
+                source,
+            })
+        };
+        let agent = tcp("agent-address", args.agent_address).await?;
+        let frontend_tls = match args.frontend_address {
+            Some(addr) => Some(tcp("frontend-address", addr).await?),
+            None => None,
+        };
+        let frontend_uds = match &args.frontend_uds {
+            Some(path) => Some((bind_uds(path)?, path.clone())),
+            None => None,
+        };
+        let admin = Some(tcp("admin-address", args.admin_address).await?);
+        Ok(Listeners {
+            agent,
+            frontend_tls,
+            frontend_uds,
+            admin,
+        })
+    }
+}
+
+/// Binds a Unix socket with mode 0660, replacing a stale socket left by a previous run.
+pub fn bind_uds(path: &Path) -> Result<UnixListener, BindError> {
+    let err = |source| BindError {
+        flag: "frontend-uds",
+        address: path.display().to_string(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+            // Nothing answers on a socket file whose server is gone; a live one would.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another process is serving this socket",
+                )));
+            }
+            std::fs::remove_file(path).map_err(err)?;
+        }
+        Ok(_) => {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "path exists and is not a socket",
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(err)?;
+    Ok(listener)
+}
+
+/// A cplink server.
+pub struct Server {
+    shared: Arc<Shared>,
+    prometheus: Arc<prometheus_client::registry::Registry>,
+}
+
+/// A cheap handle to observe a running server.
+#[derive(Clone)]
+pub struct ServerHandle {
+    shared: Arc<Shared>,
+    prometheus: Arc<prometheus_client::registry::Registry>,
+}
+
+impl ServerHandle {
+    /// Agents currently linked.
+    pub fn linked_agents(&self) -> usize {
+        self.shared.registry.len()
+    }
+
+    /// Ids of the agents currently linked.
+    pub fn agent_ids(&self) -> Vec<String> {
+        let mut ids: Vec<_> = self.shared.registry.agents().iter().map(|a| a.id.clone()).collect();
+        ids.sort();
+        ids
+    }
+
+    /// Tunneled connections currently open through this server's frontends.
+    pub fn active_streams(&self) -> i64 {
+        self.shared.metrics.streams_active.get()
+    }
+
+    /// Metrics in the OpenMetrics text format.
+    pub fn metrics_text(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.prometheus);
+        text
+    }
+
+    /// Whether the server is ready to take frontend connections.
+    pub fn readiness(&self) -> Result<(), String> {
+        readiness(&self.shared)
+    }
+}
+
+fn readiness(shared: &Shared) -> Result<(), String> {
+    if shared.draining.load(Ordering::Relaxed) {
+        Err("shutting down".into())
+    } else if shared.registry.is_empty() {
+        Err("no agent linked".into())
+    } else {
+        Ok(())
+    }
+}
+
+impl Server {
+    /// Creates a server from a validated configuration.
+    pub fn new(config: Config) -> Self {
+        let mut prometheus = prometheus_client::registry::Registry::default();
+        let metrics = Metrics::new(&mut prometheus);
+        Server {
+            shared: Arc::new(Shared {
+                config,
+                registry: Registry::default(),
+                metrics,
+                draining: AtomicBool::new(false),
+            }),
+            prometheus: Arc::new(prometheus),
+        }
+    }
+
+    /// A handle to observe the server while it runs.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            shared: self.shared.clone(),
+            prometheus: self.prometheus.clone(),
+        }
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains: stops accepting, lets in-flight
+    /// tunneled connections finish up to the drain timeout, closes the agent links.
+    pub async fn run(self, listeners: Listeners, shutdown: CancellationToken) {
+        let shared = self.shared;
+        let accepting = TaskTracker::new();
+        let frontends = TaskTracker::new();
+        let links = TaskTracker::new();
+        let force = CancellationToken::new();
+        let admin_stop = CancellationToken::new();
+
+        tracing::info!(
+            server_id = %shared.config.server_id,
+            agents = %listeners.agent.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            "cplink-server started"
+        );
+        accepting.spawn(link::accept(
+            listeners.agent,
+            shared.clone(),
+            links.clone(),
+            shutdown.clone(),
+        ));
+        if let (Some(listener), Some(tls)) = (listeners.frontend_tls, &shared.config.frontend_tls) {
+            accepting.spawn(frontend::accept_tls(
+                listener,
+                TlsAcceptor::from(tls.clone()),
+                shared.clone(),
+                frontends.clone(),
+                shutdown.clone(),
+                force.clone(),
+            ));
+        }
+        let uds_path = listeners.frontend_uds.as_ref().map(|(_, p)| p.clone());
+        if let Some((listener, _)) = listeners.frontend_uds {
+            accepting.spawn(frontend::accept_uds(
+                listener,
+                shared.clone(),
+                frontends.clone(),
+                shutdown.clone(),
+                force.clone(),
+            ));
+        }
+        let admin_task = listeners.admin.map(|listener| {
+            let probe = shared.clone();
+            tokio::spawn(admin::serve(
+                listener,
+                self.prometheus.clone(),
+                Arc::new(move || readiness(&probe)),
+                admin_stop.clone(),
+            ))
+        });
+
+        shutdown.cancelled().await;
+        shared.draining.store(true, Ordering::Relaxed);
+        accepting.close();
+        accepting.wait().await;
+        if let Some(path) = uds_path {
+            let _ = std::fs::remove_file(path);
+        }
+
+        frontends.close();
+        let drain = shared.config.drain_timeout;
+        if tokio::time::timeout(drain, frontends.wait()).await.is_err() {
+            tracing::warn!(
+                remaining = frontends.len(),
+                "drain timeout reached: cutting remaining tunneled connections"
+            );
+            force.cancel();
+            frontends.wait().await;
+        }
+
+        shared.registry.close_all();
+        links.close();
+        links.wait().await;
+        admin_stop.cancel();
+        if let Some(task) = admin_task {
+            let _ = task.await;
+        }
+        tracing::info!("cplink-server stopped");
+    }
+}

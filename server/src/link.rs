@@ -1,0 +1,197 @@
+//! Agent links: TLS, hello, then HTTP/2 with this server as the client.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cplink_proto::hello::{self, AgentHello, HelloError, HelloOutcome, ServerHello};
+use cplink_proto::keepalive::{self, KeepaliveError};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::Shared;
+use crate::metrics::LinkErrorLabels;
+use crate::registry::AgentLink;
+
+/// Longest agent id accepted.
+const MAX_AGENT_ID_LEN: usize = 253;
+
+/// Why an agent link could not be established or ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// TLS handshake failed (for example an untrusted client certificate).
+    #[error("TLS handshake failed: {0}")]
+    Tls(#[source] std::io::Error),
+    /// The agent did not negotiate the cplink protocol.
+    #[error("agent did not negotiate ALPN cplink/1")]
+    Alpn,
+    /// The hello exchange failed.
+    #[error("hello failed: {0}")]
+    Hello(#[from] HelloError),
+    /// The agent's hello was refused.
+    #[error("agent refused: {0}")]
+    Refused(String),
+    /// TLS and hello did not complete in time.
+    #[error("handshake not completed within {}", humantime::format_duration(*.0))]
+    HandshakeTimeout(std::time::Duration),
+    /// HTTP/2 failed.
+    #[error("HTTP/2 error: {0}")]
+    H2(#[from] h2::Error),
+    /// The keepalive declared the link dead.
+    #[error("{0}")]
+    Keepalive(#[from] KeepaliveError),
+}
+
+impl LinkError {
+    fn kind(&self) -> &'static str {
+        match self {
+            LinkError::Tls(_) => "tls",
+            LinkError::Alpn => "alpn",
+            LinkError::Hello(_) => "hello",
+            LinkError::Refused(_) => "refused",
+            LinkError::HandshakeTimeout(_) => "handshake_timeout",
+            LinkError::H2(_) => "h2",
+            LinkError::Keepalive(_) => "keepalive",
+        }
+    }
+}
+
+/// Accepts agent links until `stop` is cancelled.
+pub(crate) async fn accept(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    links: TaskTracker,
+    stop: CancellationToken,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(%err, "agent listener accept failed");
+                    // Typically EMFILE: back off instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let shared = shared.clone();
+        links.spawn(
+            async move {
+                if let Err(err) = serve(shared.clone(), tcp, peer).await {
+                    shared
+                        .metrics
+                        .link_errors
+                        .get_or_create(&LinkErrorLabels { reason: err.kind() })
+                        .inc();
+                    tracing::warn!(%err, "agent link failed");
+                }
+            }
+            .instrument(tracing::info_span!("link", %peer, agent_id = tracing::field::Empty)),
+        );
+    }
+}
+
+async fn handshake(
+    shared: &Shared,
+    tcp: TcpStream,
+) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, AgentHello), LinkError> {
+    let acceptor = TlsAcceptor::from(shared.config.link_tls.clone());
+    let mut tls = acceptor.accept(tcp).await.map_err(LinkError::Tls)?;
+    if tls.get_ref().1.alpn_protocol() != Some(cplink_proto::ALPN_LINK) {
+        return Err(LinkError::Alpn);
+    }
+    let hello: AgentHello = hello::read(&mut tls).await?;
+    Ok((tls, hello))
+}
+
+fn validate(hello: &AgentHello) -> Result<(), String> {
+    let id = &hello.agent_id;
+    if id.is_empty() || id.len() > MAX_AGENT_ID_LEN {
+        return Err(format!("agent id must be 1 to {MAX_AGENT_ID_LEN} characters"));
+    }
+    if !id.chars().all(|c| c.is_ascii_graphic()) {
+        return Err("agent id must be printable ASCII without spaces".into());
+    }
+    Ok(())
+}
+
+async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<(), LinkError> {
+    cplink_proto::net::tune_link(&tcp);
+    let budget = shared.config.handshake_timeout;
+    let (mut tls, agent) = tokio::time::timeout(budget, handshake(&shared, tcp))
+        .await
+        .map_err(|_| LinkError::HandshakeTimeout(budget))??;
+    let span = tracing::Span::current();
+    span.record("agent_id", agent.agent_id.as_str());
+
+    if let Err(reason) = validate(&agent) {
+        let answer = server_hello(&shared, HelloOutcome::Rejected { reason: reason.clone() });
+        // Best effort: the agent learns why before the connection closes.
+        let _ = hello::write(&mut tls, &answer).await;
+        return Err(LinkError::Refused(reason));
+    }
+    hello::write(&mut tls, &server_hello(&shared, HelloOutcome::Accepted)).await?;
+
+    let (sender, mut connection) = h2::client::Builder::new()
+        .initial_window_size(cplink_proto::STREAM_WINDOW)
+        .initial_connection_window_size(cplink_proto::CONNECTION_WINDOW)
+        .max_send_buffer_size(cplink_proto::STREAM_WINDOW as usize / 2)
+        .enable_push(false)
+        .handshake::<_, Bytes>(tls)
+        .await?;
+    let ping_pong = connection.ping_pong();
+
+    let link = Arc::new(AgentLink::new(
+        agent.agent_id.clone(),
+        shared.registry.next_link_id(),
+        agent.node_name.clone(),
+        agent.identifiers.clone(),
+        sender,
+    ));
+    if let Some(previous) = shared.registry.insert(link.clone()) {
+        tracing::info!(agent_id = %link.id, "agent linked again; closing its previous link");
+        previous.closer.cancel();
+    }
+    shared.metrics.agents_linked.set(shared.registry.len() as i64);
+    tracing::info!(
+        agent_id = %link.id,
+        node = agent.node_name.as_deref().unwrap_or(""),
+        version = %agent.software_version,
+        %peer,
+        "agent linked"
+    );
+
+    let keepalive = async {
+        match ping_pong {
+            Some(ping_pong) => keepalive::run(ping_pong, shared.config.keepalive).await,
+            // Only one PingPong exists per connection and it was just created.
+            None => std::future::pending().await,
+        }
+    };
+    let outcome = tokio::select! {
+        result = &mut connection => result.map_err(LinkError::from),
+        err = keepalive => Err(LinkError::from(err)),
+        () = link.closer.cancelled() => Ok(()),
+    };
+
+    shared.registry.remove(&link.id, link.link_id);
+    shared.metrics.agents_linked.set(shared.registry.len() as i64);
+    match &outcome {
+        Ok(()) => tracing::info!(agent_id = %link.id, "agent unlinked"),
+        Err(err) => tracing::info!(agent_id = %link.id, %err, "agent link lost"),
+    }
+    outcome
+}
+
+fn server_hello(shared: &Shared, outcome: HelloOutcome) -> ServerHello {
+    ServerHello {
+        server_id: shared.config.server_id.clone(),
+        server_count: shared.config.server_count,
+        outcome,
+    }
+}

@@ -1,0 +1,282 @@
+//! Linked agents and the routing strategies that pick one for a destination.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use cplink_proto::dial::DialFailure;
+use cplink_proto::hello::Identifiers;
+use cplink_proto::target::{Host, Target};
+use tokio_util::sync::CancellationToken;
+
+/// One step of the routing chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Strategy {
+    /// The destination host is an agent's node name or one of its host IPs.
+    Node,
+    /// The destination IP lies in one of an agent's pod CIDRs.
+    Cidr,
+    /// Any healthy agent, the least loaded first.
+    Any,
+}
+
+impl Strategy {
+    /// Name used in flags and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Node => "node",
+            Strategy::Cidr => "cidr",
+            Strategy::Any => "any",
+        }
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Strategy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "node" => Ok(Strategy::Node),
+            "cidr" => Ok(Strategy::Cidr),
+            "any" => Ok(Strategy::Any),
+            other => Err(format!(
+                "unknown strategy {other:?} (expected node, cidr or any)"
+            )),
+        }
+    }
+}
+
+/// Parses a comma-separated, non-empty strategy chain without repetitions.
+pub fn parse_strategies(s: &str) -> Result<Vec<Strategy>, String> {
+    let mut chain = Vec::new();
+    for part in s.split(',').filter(|p| !p.trim().is_empty()) {
+        let strategy: Strategy = part.parse()?;
+        if chain.contains(&strategy) {
+            return Err(format!("strategy {strategy} is listed twice"));
+        }
+        chain.push(strategy);
+    }
+    if chain.is_empty() {
+        return Err("at least one strategy is required".into());
+    }
+    Ok(chain)
+}
+
+/// A linked agent.
+pub struct AgentLink {
+    /// The agent's id.
+    pub id: String,
+    /// Distinguishes successive links of the same agent.
+    pub link_id: u64,
+    /// The agent's node.
+    pub node_name: Option<String>,
+    /// What the agent can reach.
+    pub identifiers: Identifiers,
+    /// Opens streams to the agent.
+    pub(crate) sender: h2::client::SendRequest<Bytes>,
+    /// Tunneled connections currently on this link.
+    active: AtomicUsize,
+    /// The agent announced it is going away; take no new dials.
+    draining: AtomicBool,
+    /// Closes the link.
+    pub(crate) closer: CancellationToken,
+}
+
+impl fmt::Debug for AgentLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentLink")
+            .field("id", &self.id)
+            .field("link_id", &self.link_id)
+            .field("node_name", &self.node_name)
+            .field("active", &self.active_streams())
+            .field("draining", &self.is_draining())
+            .finish()
+    }
+}
+
+impl AgentLink {
+    pub(crate) fn new(
+        id: String,
+        link_id: u64,
+        node_name: Option<String>,
+        identifiers: Identifiers,
+        sender: h2::client::SendRequest<Bytes>,
+    ) -> Self {
+        AgentLink {
+            id,
+            link_id,
+            node_name,
+            identifiers,
+            sender,
+            active: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            closer: CancellationToken::new(),
+        }
+    }
+
+    /// Tunneled connections currently on this link.
+    pub fn active_streams(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Whether the agent is going away.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Stops routing new dials to this agent.
+    pub fn mark_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    fn serves_node(&self, host: &Host) -> bool {
+        match host {
+            Host::Name(name) => self
+                .node_name
+                .as_deref()
+                .is_some_and(|n| n.eq_ignore_ascii_case(name)),
+            Host::Ip(ip) => self.identifiers.host_ips.contains(ip),
+        }
+    }
+
+    fn serves_cidr(&self, target: &Target) -> bool {
+        target
+            .ip()
+            .is_some_and(|ip| self.identifiers.pod_cidrs.iter().any(|c| c.contains(&ip)))
+    }
+}
+
+/// Counts a tunneled connection against its link for as long as it lives.
+#[derive(Debug)]
+pub struct StreamGuard(Arc<AgentLink>);
+
+impl StreamGuard {
+    fn new(link: Arc<AgentLink>) -> Self {
+        link.active.fetch_add(1, Ordering::Relaxed);
+        StreamGuard(link)
+    }
+
+    /// The link carrying the connection.
+    pub fn link(&self) -> &Arc<AgentLink> {
+        &self.0
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// All agents linked to this server.
+#[derive(Debug, Default)]
+pub struct Registry {
+    agents: RwLock<HashMap<String, Arc<AgentLink>>>,
+    next_link_id: AtomicU64,
+}
+
+/// The agent chosen for a dial and the strategy that chose it.
+#[derive(Debug)]
+pub struct Route {
+    /// Holds the chosen link's stream count.
+    pub guard: StreamGuard,
+    /// Which strategy matched.
+    pub strategy: Strategy,
+}
+
+impl Registry {
+    /// A fresh id for a new link.
+    pub fn next_link_id(&self) -> u64 {
+        self.next_link_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Adds a link; a previous link of the same agent is returned so the caller can close it.
+    pub fn insert(&self, link: Arc<AgentLink>) -> Option<Arc<AgentLink>> {
+        self.write().insert(link.id.clone(), link)
+    }
+
+    /// Removes the link `link_id` of agent `id`, unless a newer link replaced it.
+    pub fn remove(&self, id: &str, link_id: u64) -> bool {
+        let mut agents = self.write();
+        if agents.get(id).is_some_and(|l| l.link_id == link_id) {
+            agents.remove(id);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Number of linked agents.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    /// Whether no agent is linked.
+    pub fn is_empty(&self) -> bool {
+        self.read().is_empty()
+    }
+
+    /// Snapshot of the linked agents.
+    pub fn agents(&self) -> Vec<Arc<AgentLink>> {
+        self.read().values().cloned().collect()
+    }
+
+    /// Closes every link.
+    pub fn close_all(&self) {
+        for link in self.read().values() {
+            link.closer.cancel();
+        }
+    }
+
+    /// Picks the agent for `target` by walking the strategy chain.
+    pub fn route(&self, target: &Target, chain: &[Strategy]) -> Result<Route, DialFailure> {
+        let agents = self.read();
+        let candidates = || agents.values().filter(|l| !l.is_draining());
+        for &strategy in chain {
+            let chosen = match strategy {
+                Strategy::Node => least_loaded(candidates().filter(|l| l.serves_node(&target.host))),
+                Strategy::Cidr => least_loaded(candidates().filter(|l| l.serves_cidr(target))),
+                Strategy::Any => least_loaded(candidates()),
+            };
+            if let Some(link) = chosen {
+                return Ok(Route {
+                    guard: StreamGuard::new(link.clone()),
+                    strategy,
+                });
+            }
+        }
+        Err(DialFailure::NoAgent(if agents.is_empty() {
+            "no agent is linked to this server".to_owned()
+        } else {
+            let chain: Vec<_> = chain.iter().map(|s| s.as_str()).collect();
+            format!(
+                "no linked agent serves {} (strategies: {})",
+                target.host,
+                chain.join(",")
+            )
+        }))
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<AgentLink>>> {
+        // A panic while holding the lock cannot leave the map inconsistent: every critical
+        // section is a single map operation.
+        self.agents.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<AgentLink>>> {
+        self.agents.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn least_loaded<'a>(links: impl Iterator<Item = &'a Arc<AgentLink>>) -> Option<&'a Arc<AgentLink>> {
+    links.min_by_key(|l| (l.active_streams(), l.link_id))
+}

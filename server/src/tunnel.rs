@@ -1,0 +1,105 @@
+//! Opens a tunneled connection: routes the destination to an agent and asks it to dial.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use cplink_proto::dial::{DialFailure, ERROR_KIND_HEADER, MAX_REASON_LEN};
+use cplink_proto::target::Target;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, StatusCode};
+
+use crate::Shared;
+use crate::registry::{AgentLink, Route};
+
+/// An established tunneled connection.
+#[derive(Debug)]
+pub(crate) struct Tunnel {
+    /// Bytes towards the destination.
+    pub send: SendStream<Bytes>,
+    /// Bytes from the destination.
+    pub recv: RecvStream,
+    /// The route, holding the link's stream count.
+    pub route: Route,
+}
+
+/// How one attempt on one agent failed.
+enum Attempt {
+    /// The agent answered: the dial failed for good.
+    Answered(DialFailure),
+    /// The link could not take the request (going away, broken); another agent may.
+    LinkUnavailable(String),
+}
+
+/// Routes `target` and dials it through the chosen agent, within the dial timeout.
+pub(crate) async fn open(shared: &Shared, target: &Target) -> Result<Tunnel, DialFailure> {
+    let budget = shared.config.dial_timeout;
+    let deadline = tokio::time::Instant::now() + budget;
+    let mut last_error = None;
+    // A link that is going away refuses new streams; try the next best agent a few times.
+    for _ in 0..3 {
+        let route = shared.registry.route(target, &shared.config.strategies)?;
+        let link = route.guard.link().clone();
+        match tokio::time::timeout_at(deadline, attempt(&link, target)).await {
+            Err(_elapsed) => return Err(DialFailure::Timeout(budget)),
+            Ok(Ok((send, recv))) => return Ok(Tunnel { send, recv, route }),
+            Ok(Err(Attempt::Answered(failure))) => return Err(failure),
+            Ok(Err(Attempt::LinkUnavailable(reason))) => {
+                tracing::debug!(agent_id = %link.id, %reason, "link unavailable, rerouting");
+                link.mark_draining();
+                last_error = Some(reason);
+            }
+        }
+    }
+    Err(DialFailure::Link(last_error.unwrap_or_default()))
+}
+
+async fn attempt(link: &AgentLink, target: &Target) -> Result<(SendStream<Bytes>, RecvStream), Attempt> {
+    let unavailable = |e: h2::Error| Attempt::LinkUnavailable(e.to_string());
+    let mut sender = link.sender.clone().ready().await.map_err(unavailable)?;
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string())
+        .body(())
+        .map_err(|e| Attempt::Answered(DialFailure::BadTarget(e.to_string())))?;
+    let (response, send) = sender.send_request(request, false).map_err(unavailable)?;
+    let response = response.await.map_err(|e| {
+        // Streams the agent never processed (above its GOAWAY) are safe to retry elsewhere.
+        if e.is_go_away() && e.is_remote() || e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+            Attempt::LinkUnavailable(e.to_string())
+        } else {
+            Attempt::Answered(DialFailure::Link(e.to_string()))
+        }
+    })?;
+    let (parts, mut body) = response.into_parts();
+    if parts.status == StatusCode::OK {
+        return Ok((send, body));
+    }
+    let kind = parts
+        .headers
+        .get(ERROR_KIND_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let reason = read_reason(&mut body).await;
+    Err(Attempt::Answered(DialFailure::from_response(
+        parts.status,
+        kind.as_deref(),
+        reason,
+    )))
+}
+
+/// Reads the agent's one-line reason, bounded in size and time.
+async fn read_reason(body: &mut RecvStream) -> String {
+    let mut reason = Vec::new();
+    let read = async {
+        while let Some(Ok(chunk)) = body.data().await {
+            let _ = body.flow_control().release_capacity(chunk.len());
+            let room = MAX_REASON_LEN.saturating_sub(reason.len());
+            reason.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            if room <= chunk.len() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), read).await;
+    String::from_utf8_lossy(&reason).trim().to_owned()
+}
