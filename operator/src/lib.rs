@@ -1,1 +1,22 @@
-//! placeholder
+//! cplink-operator: runs ControlPlaneLinks — tunnel servers, per-node agents, their
+//! certificates and kube-apiserver's egress configuration.
+//!
+//! Map of the crate:
+//! - [`crd`]: the `ControlPlaneLink` resource (spec, defaults, status) and [`crd::crd_yaml`]
+//! - [`validate`]: what the schema cannot check; parses the spec into typed values
+//! - [`certs`]: CA generation, leaf issuance, reuse-or-renew decisions (pure)
+//! - [`resources`]: pure builders of every child object
+//! - [`status`]: conditions and the Events changes of state deserve (pure)
+//! - [`reconciler`]: `Context`, `reconcile` (finalizer → apply/cleanup), `error_policy`, `run`
+//! - [`metrics`], [`admin`]: Prometheus metrics and the `/healthz` `/readyz` `/metrics` server
+//! - [`app`]: command-line configuration and the operator's `run`
+
+pub mod admin;
+pub mod app;
+pub mod certs;
+pub mod crd;
+pub mod metrics;
+pub mod reconciler;
+pub mod resources;
+pub mod status;
+pub mod validate;

@@ -1,0 +1,471 @@
+//! Certificates of a link: the CA, leaf issuance, and the reuse-or-renew decision.
+//!
+//! Everything here is pure (the caller passes `now`), so renewal is testable without clocks.
+//! Reuse matters: a freshly issued certificate changes the Secret, which changes the pod
+//! template checksum and rolls every server and agent.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use time::OffsetDateTime;
+use x509_parser::extensions::GeneralName;
+use x509_parser::pem::parse_x509_pem;
+
+/// Certificates start this long before issuance, to tolerate clock skew between nodes.
+const BACKDATE: Duration = Duration::from_secs(5 * 60);
+
+/// A generated CA lives this many times the leaf validity, so leaves rarely outlive it.
+const CA_VALIDITY_FACTOR: u32 = 10;
+
+/// Why a certificate could not be produced or read.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// rcgen refused to generate a key or sign a certificate.
+    #[error("generating certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// PEM text did not hold a parsable X.509 certificate.
+    #[error("invalid certificate PEM: {0}")]
+    InvalidCertificate(String),
+    /// PEM text did not hold a usable private key.
+    #[error("invalid private key: {0}")]
+    InvalidKey(String),
+    /// The private key does not belong to the certificate.
+    #[error("private key does not match the certificate")]
+    KeyMismatch,
+    /// A date computation left the representable range.
+    #[error("certificate validity out of range")]
+    ValidityOutOfRange,
+}
+
+/// A PEM certificate and its PEM (PKCS#8) private key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CertPair {
+    /// Certificate, PEM.
+    pub cert_pem: String,
+    /// Private key, PEM.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for CertPair {
+    /// Keeps private keys out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertPair")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"***")
+            .finish()
+    }
+}
+
+/// What the operator needs to know about an existing certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// Expiry.
+    pub not_after: OffsetDateTime,
+    /// DNS subject alternative names.
+    pub dns_names: BTreeSet<String>,
+    /// IP subject alternative names.
+    pub ips: BTreeSet<IpAddr>,
+    /// Whether basicConstraints says CA.
+    pub is_ca: bool,
+}
+
+impl CertInfo {
+    /// When the certificate should be replaced.
+    pub fn renew_at(&self, renew_before: Duration) -> OffsetDateTime {
+        self.not_after - renew_before
+    }
+
+    /// Whether the certificate is still good at `now`, renewal margin included.
+    pub fn is_fresh(&self, renew_before: Duration, now: OffsetDateTime) -> bool {
+        now < self.renew_at(renew_before)
+    }
+}
+
+/// What a leaf certificate is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Profile {
+    /// A TLS server certificate with these subject alternative names.
+    Server {
+        /// Subject common name.
+        common_name: String,
+        /// DNS SANs.
+        dns_names: BTreeSet<String>,
+        /// IP SANs.
+        ips: BTreeSet<IpAddr>,
+    },
+    /// A TLS client certificate.
+    Client {
+        /// Subject common name, the identity the server sees.
+        common_name: String,
+    },
+}
+
+/// Reads expiry, SANs and CA flag of the first certificate in `pem`.
+pub fn inspect(pem: &str) -> Result<CertInfo, CertError> {
+    let (_, pem) =
+        parse_x509_pem(pem.as_bytes()).map_err(|e| CertError::InvalidCertificate(e.to_string()))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| CertError::InvalidCertificate(e.to_string()))?;
+    let mut dns_names = BTreeSet::new();
+    let mut ips = BTreeSet::new();
+    let sans = cert
+        .subject_alternative_name()
+        .map_err(|e| CertError::InvalidCertificate(e.to_string()))?;
+    for name in sans.iter().flat_map(|ext| &ext.value.general_names) {
+        match name {
+            GeneralName::DNSName(dns) => {
+                dns_names.insert((*dns).to_owned());
+            }
+            GeneralName::IPAddress(bytes) => {
+                if let Ok(octets) = <[u8; 4]>::try_from(*bytes) {
+                    ips.insert(IpAddr::from(octets));
+                } else if let Ok(octets) = <[u8; 16]>::try_from(*bytes) {
+                    ips.insert(IpAddr::from(octets));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(CertInfo {
+        not_after: cert.validity().not_after.to_datetime(),
+        dns_names,
+        ips,
+        is_ca: cert.is_ca(),
+    })
+}
+
+/// Checks that `pair` is a certificate with its own private key; returns its details.
+pub fn inspect_pair(pair: &CertPair) -> Result<CertInfo, CertError> {
+    let info = inspect(&pair.cert_pem)?;
+    let key = KeyPair::from_pem(&pair.key_pem).map_err(|e| CertError::InvalidKey(e.to_string()))?;
+    let (_, pem) = parse_x509_pem(pair.cert_pem.as_bytes())
+        .map_err(|e| CertError::InvalidCertificate(e.to_string()))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| CertError::InvalidCertificate(e.to_string()))?;
+    if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
+        return Err(CertError::KeyMismatch);
+    }
+    Ok(info)
+}
+
+fn validity_window(
+    now: OffsetDateTime,
+    validity: Duration,
+    cap: Option<OffsetDateTime>,
+) -> Result<(OffsetDateTime, OffsetDateTime), CertError> {
+    let not_before = now
+        .checked_sub(time::Duration::try_from(BACKDATE).map_err(|_| CertError::ValidityOutOfRange)?)
+        .ok_or(CertError::ValidityOutOfRange)?;
+    let not_after = now
+        .checked_add(time::Duration::try_from(validity).map_err(|_| CertError::ValidityOutOfRange)?)
+        .ok_or(CertError::ValidityOutOfRange)?;
+    // A leaf must not outlive its CA: clients would reject it from that moment on anyway.
+    let not_after = cap.map_or(not_after, |cap| not_after.min(cap));
+    Ok((not_before, not_after))
+}
+
+fn name(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "cplink");
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+/// Generates a self-signed CA valid for ten times the leaf `validity`.
+pub fn generate_ca(
+    common_name: &str,
+    validity: Duration,
+    now: OffsetDateTime,
+) -> Result<CertPair, CertError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(common_name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    (params.not_before, params.not_after) =
+        validity_window(now, validity.saturating_mul(CA_VALIDITY_FACTOR), None)?;
+    let cert = params.self_signed(&key)?;
+    Ok(CertPair {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// Issues a leaf certificate for `profile`, signed by `ca`, expiring no later than the CA.
+pub fn issue(
+    ca: &CertPair,
+    profile: &Profile,
+    validity: Duration,
+    now: OffsetDateTime,
+) -> Result<CertPair, CertError> {
+    let ca_key =
+        KeyPair::from_pem(&ca.key_pem).map_err(|e| CertError::InvalidKey(e.to_string()))?;
+    let ca_info = inspect(&ca.cert_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key)
+        .map_err(|e| CertError::InvalidCertificate(e.to_string()))?;
+
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    (params.not_before, params.not_after) =
+        validity_window(now, validity, Some(ca_info.not_after))?;
+    match profile {
+        Profile::Server {
+            common_name,
+            dns_names,
+            ips,
+        } => {
+            params.distinguished_name = name(common_name);
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            for dns in dns_names {
+                params
+                    .subject_alt_names
+                    .push(SanType::DnsName(dns.clone().try_into()?));
+            }
+            params
+                .subject_alt_names
+                .extend(ips.iter().copied().map(SanType::IpAddress));
+        }
+        Profile::Client { common_name } => {
+            params.distinguished_name = name(common_name);
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        }
+    }
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(CertPair {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// Whether an existing CA (generated or provided) can keep signing: parsable, a CA, its key
+/// matching, and not within `renew_before` of expiry.
+pub fn ca_is_reusable(
+    ca: &CertPair,
+    renew_before: Duration,
+    now: OffsetDateTime,
+) -> Result<CertInfo, String> {
+    let info = inspect_pair(ca).map_err(|e| e.to_string())?;
+    if !info.is_ca {
+        return Err("certificate is not a CA (basicConstraints CA:false)".into());
+    }
+    if !info.is_fresh(renew_before, now) {
+        return Err(format!("CA expires at {}", info.not_after));
+    }
+    Ok(info)
+}
+
+/// A leaf certificate as stored in a Secret, with the CA bundle stored next to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredLeaf {
+    /// The certificate and its key.
+    pub pair: CertPair,
+    /// The `ca.crt` stored with it.
+    pub ca_pem: String,
+}
+
+/// Returns the stored leaf's details when it can be kept: it parses, its key matches, it was
+/// stored with the current CA, it still covers the profile's SANs exactly, and it is not due
+/// for renewal. `None` means: issue a new one.
+pub fn reusable_leaf(
+    stored: Option<&StoredLeaf>,
+    ca: &CertPair,
+    profile: &Profile,
+    renew_before: Duration,
+    now: OffsetDateTime,
+) -> Option<CertInfo> {
+    let stored = stored?;
+    if stored.ca_pem != ca.cert_pem {
+        return None;
+    }
+    let info = inspect_pair(&stored.pair).ok()?;
+    if !info.is_fresh(renew_before, now) {
+        return None;
+    }
+    if let Profile::Server { dns_names, ips, .. } = profile
+        && (&info.dns_names != dns_names || &info.ips != ips)
+    {
+        return None;
+    }
+    Some(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const YEAR: Duration = Duration::from_secs(8760 * 3600);
+    const MONTH: Duration = Duration::from_secs(720 * 3600);
+
+    fn now() -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1_800_000_000).expect("valid timestamp")
+    }
+
+    fn server_profile() -> Profile {
+        Profile::Server {
+            common_name: "link-server".into(),
+            dns_names: [
+                "link-frontend".to_owned(),
+                "link-frontend.ns.svc".to_owned(),
+            ]
+            .into(),
+            ips: ["10.0.0.5".parse().expect("ip")].into(),
+        }
+    }
+
+    #[test]
+    fn a_generated_ca_is_a_ca_and_outlives_its_leaves() {
+        let ca = generate_ca("cplink ca", YEAR, now()).expect("ca");
+        let info = ca_is_reusable(&ca, MONTH, now()).expect("fresh CA");
+        assert!(info.is_ca);
+        assert_eq!(info.not_after, now() + YEAR * 10);
+
+        let leaf = issue(&ca, &server_profile(), YEAR, now()).expect("leaf");
+        let leaf_info = inspect_pair(&leaf).expect("leaf parses");
+        assert!(!leaf_info.is_ca);
+        assert_eq!(leaf_info.not_after, now() + YEAR);
+    }
+
+    #[test]
+    fn a_server_certificate_carries_the_requested_sans() {
+        let ca = generate_ca("cplink ca", YEAR, now()).expect("ca");
+        let leaf = issue(&ca, &server_profile(), YEAR, now()).expect("leaf");
+        let info = inspect(&leaf.cert_pem).expect("parses");
+        let Profile::Server { dns_names, ips, .. } = server_profile() else {
+            unreachable!()
+        };
+        assert_eq!(info.dns_names, dns_names);
+        assert_eq!(info.ips, ips);
+    }
+
+    #[test]
+    fn a_leaf_never_outlives_its_ca() {
+        let ca = generate_ca("cplink ca", Duration::from_secs(3600), now()).expect("ca");
+        let leaf = issue(
+            &ca,
+            &Profile::Client {
+                common_name: "a".into(),
+            },
+            YEAR,
+            now(),
+        )
+        .expect("leaf");
+        let ca_info = inspect(&ca.cert_pem).expect("ca parses");
+        assert_eq!(
+            inspect(&leaf.cert_pem).expect("leaf").not_after,
+            ca_info.not_after
+        );
+    }
+
+    #[test]
+    fn a_stored_leaf_is_reused_until_renewal_is_due() {
+        let ca = generate_ca("cplink ca", YEAR, now()).expect("ca");
+        let profile = server_profile();
+        let stored = StoredLeaf {
+            pair: issue(&ca, &profile, YEAR, now()).expect("leaf"),
+            ca_pem: ca.cert_pem.clone(),
+        };
+        let before_renewal = now() + (YEAR - MONTH) - Duration::from_secs(1);
+        let at_renewal = now() + (YEAR - MONTH);
+        assert!(reusable_leaf(Some(&stored), &ca, &profile, MONTH, now()).is_some());
+        assert!(reusable_leaf(Some(&stored), &ca, &profile, MONTH, before_renewal).is_some());
+        assert!(reusable_leaf(Some(&stored), &ca, &profile, MONTH, at_renewal).is_none());
+    }
+
+    #[test]
+    fn a_stored_leaf_is_replaced_when_missing_foreign_mismatched_or_garbled() {
+        let ca = generate_ca("cplink ca", YEAR, now()).expect("ca");
+        let other_ca = generate_ca("other ca", YEAR, now()).expect("ca");
+        let profile = server_profile();
+        let good = StoredLeaf {
+            pair: issue(&ca, &profile, YEAR, now()).expect("leaf"),
+            ca_pem: ca.cert_pem.clone(),
+        };
+        assert!(
+            reusable_leaf(None, &ca, &profile, MONTH, now()).is_none(),
+            "missing"
+        );
+
+        let foreign = StoredLeaf {
+            ca_pem: other_ca.cert_pem.clone(),
+            ..good.clone()
+        };
+        assert!(
+            reusable_leaf(Some(&foreign), &ca, &profile, MONTH, now()).is_none(),
+            "other CA"
+        );
+
+        let Profile::Server {
+            common_name,
+            mut dns_names,
+            ips,
+        } = profile.clone()
+        else {
+            unreachable!()
+        };
+        dns_names.insert("new.example.com".into());
+        let wider = Profile::Server {
+            common_name,
+            dns_names,
+            ips,
+        };
+        assert!(
+            reusable_leaf(Some(&good), &ca, &wider, MONTH, now()).is_none(),
+            "SANs changed"
+        );
+
+        let mut wrong_key = good.clone();
+        wrong_key.pair.key_pem = KeyPair::generate().expect("key").serialize_pem();
+        assert!(
+            reusable_leaf(Some(&wrong_key), &ca, &profile, MONTH, now()).is_none(),
+            "key"
+        );
+
+        let mut garbled = good.clone();
+        garbled.pair.cert_pem =
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into();
+        assert!(
+            reusable_leaf(Some(&garbled), &ca, &profile, MONTH, now()).is_none(),
+            "garbled"
+        );
+    }
+
+    #[test]
+    fn a_ca_near_expiry_or_not_a_ca_is_refused() {
+        let ca = generate_ca("cplink ca", YEAR, now()).expect("ca");
+        let late = now() + YEAR * 10 - MONTH;
+        assert!(ca_is_reusable(&ca, MONTH, late).is_err());
+
+        let leaf = issue(
+            &ca,
+            &Profile::Client {
+                common_name: "a".into(),
+            },
+            YEAR,
+            now(),
+        )
+        .expect("leaf");
+        let err = ca_is_reusable(&leaf, MONTH, now()).expect_err("leaf is no CA");
+        assert!(err.contains("not a CA"), "{err}");
+    }
+
+    #[test]
+    fn private_keys_stay_out_of_debug_output() {
+        let ca = generate_ca("cplink ca", YEAR, now()).expect("ca");
+        let debug = format!("{ca:?}");
+        assert!(!debug.contains("PRIVATE KEY"), "{debug}");
+        assert!(debug.contains("***"));
+    }
+}

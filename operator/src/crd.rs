@@ -1,0 +1,546 @@
+//! The `ControlPlaneLink` custom resource: types, defaults and the schema the apiserver enforces.
+//!
+//! Defaults live in serde `default` functions, so the same values land in the generated schema
+//! (the apiserver fills them in) and in this crate when it reads an object that was stored
+//! without them. What a structural schema without CEL cannot express is checked by
+//! [`crate::validate`].
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of the custom resource.
+pub const GROUP: &str = "cplink.dev";
+/// API version of the custom resource.
+pub const VERSION: &str = "v1alpha1";
+
+/// Desired state of a reverse-tunnel link between a control plane and the nodes of this cluster.
+///
+/// The operator runs `server.replicas` tunnel servers (a Deployment) and one agent per node
+/// (a DaemonSet), issues their certificates and writes an `EgressSelectorConfiguration` that
+/// kube-apiserver can use to reach nodes through the tunnel.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "cplink.dev",
+    version = "v1alpha1",
+    kind = "ControlPlaneLink",
+    plural = "controlplanelinks",
+    namespaced,
+    shortname = "cpl",
+    status = "ControlPlaneLinkStatus",
+    derive = "PartialEq",
+    doc = "A reverse-tunnel link between a control plane and the nodes of this cluster.",
+    printcolumn = r#"{"name":"Ready","type":"string","description":"Whether the link carries traffic","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Servers","type":"string","description":"Ready/desired server replicas","jsonPath":".status.server.summary"}"#,
+    printcolumn = r#"{"name":"Agents","type":"string","description":"Ready/desired agents","jsonPath":".status.agents.summary"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ControlPlaneLinkSpec {
+    /// The tunnel servers kube-apiserver connects to and agents dial.
+    #[serde(default)]
+    pub server: ServerSpec,
+    /// The per-node agents.
+    #[serde(default)]
+    pub agent: AgentSpec,
+    /// Certificate authority and certificate lifetimes.
+    #[serde(default)]
+    pub tls: TlsSpec,
+    /// How servers pick an agent for a destination.
+    #[serde(default)]
+    pub routing: RoutingSpec,
+    /// Cluster address ranges agents may reach when `agent.allowedDestinations` is empty.
+    #[serde(default)]
+    pub network: NetworkSpec,
+    /// Log filter for servers and agents (tracing `EnvFilter` syntax, e.g. `info` or `cplink=debug`).
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+}
+
+impl Default for ControlPlaneLinkSpec {
+    fn default() -> Self {
+        Self {
+            server: ServerSpec::default(),
+            agent: AgentSpec::default(),
+            tls: TlsSpec::default(),
+            routing: RoutingSpec::default(),
+            network: NetworkSpec::default(),
+            log_level: default_log_level(),
+        }
+    }
+}
+
+/// The tunnel server Deployment and its Services.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerSpec {
+    /// Number of server replicas; every agent links to every replica.
+    #[serde(default = "default_server_replicas")]
+    #[schemars(range(min = 1))]
+    pub replicas: i32,
+    /// Container image holding `cplink-server`; defaults to the operator's own image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Compute resources of the server container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Where kube-apiserver reaches the servers (HTTP CONNECT over mutual TLS).
+    #[serde(default)]
+    pub frontend: FrontendSpec,
+    /// Where agents reach the servers.
+    #[serde(default)]
+    pub agent_endpoint: AgentEndpointSpec,
+    /// Node selector of server pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Tolerations of server pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Affinity of server pods; replaces the default preferred anti-affinity across nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+}
+
+impl Default for ServerSpec {
+    fn default() -> Self {
+        Self {
+            replicas: default_server_replicas(),
+            image: None,
+            resources: None,
+            frontend: FrontendSpec::default(),
+            agent_endpoint: AgentEndpointSpec::default(),
+            node_selector: None,
+            tolerations: None,
+            affinity: None,
+        }
+    }
+}
+
+/// The frontend Service kube-apiserver dials.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FrontendSpec {
+    /// Port of the frontend, on the Service and on the server pods.
+    #[serde(default = "default_frontend_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Type of the frontend Service.
+    #[serde(default)]
+    pub service_type: ServiceType,
+    /// Host (DNS name or IP), optionally `host:port`, at which kube-apiserver reaches the
+    /// frontend when it is not the Service DNS name. Added to the server certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_address: Option<String>,
+}
+
+impl Default for FrontendSpec {
+    fn default() -> Self {
+        Self {
+            port: default_frontend_port(),
+            service_type: ServiceType::default(),
+            external_address: None,
+        }
+    }
+}
+
+/// The Service agents dial.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentEndpointSpec {
+    /// Port of the agent endpoint, on the Service and on the server pods.
+    #[serde(default = "default_agent_endpoint_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Type of the agent Service; `ClusterIP` makes it headless so agents find every server.
+    #[serde(default)]
+    pub service_type: ServiceType,
+    /// Host (DNS name or IP), optionally `host:port`, at which agents reach the servers when it
+    /// is not the Service DNS name. Added to the server certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_address: Option<String>,
+}
+
+impl Default for AgentEndpointSpec {
+    fn default() -> Self {
+        Self {
+            port: default_agent_endpoint_port(),
+            service_type: ServiceType::default(),
+            external_address: None,
+        }
+    }
+}
+
+/// Kubernetes Service type.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ServiceType {
+    /// Reachable inside the cluster only.
+    #[default]
+    ClusterIP,
+    /// Also exposed on a port of every node.
+    NodePort,
+    /// Also exposed through a cloud load balancer.
+    LoadBalancer,
+}
+
+impl ServiceType {
+    /// The name the Service API uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// The agent DaemonSet.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSpec {
+    /// Container image holding `cplink-agent`; defaults to the operator's own image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Compute resources of the agent container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Node selector of agent pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Tolerations of agent pods; by default every taint is tolerated.
+    #[serde(default = "default_agent_tolerations")]
+    pub tolerations: Vec<Toleration>,
+    /// Priority class of agent pods.
+    #[serde(default = "default_agent_priority_class")]
+    pub priority_class_name: String,
+    /// Destinations agents may dial. When empty: the node's own kubelet (host IP, port 10250)
+    /// plus `network.podCIDRs` and `network.serviceCIDRs`. Link-local ranges are never allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_destinations: Vec<AllowedDestination>,
+}
+
+impl Default for AgentSpec {
+    fn default() -> Self {
+        Self {
+            image: None,
+            resources: None,
+            node_selector: None,
+            tolerations: default_agent_tolerations(),
+            priority_class_name: default_agent_priority_class(),
+            allowed_destinations: Vec::new(),
+        }
+    }
+}
+
+/// A destination range agents may dial.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AllowedDestination {
+    /// Address range, e.g. `10.96.0.0/12` or `fd00::/8`.
+    #[schemars(regex(pattern = r"^[0-9a-fA-F:.]+/[0-9]{1,3}$"))]
+    pub cidr: String,
+    /// Ports or port ranges (`"443"`, `"30000-32767"`); all ports when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = r"^[0-9]{1,5}(-[0-9]{1,5})?$")))]
+    pub ports: Vec<String>,
+}
+
+/// Certificates of the link.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// A Secret in the link's namespace with `tls.crt` and `tls.key` (PKCS#8) of a CA to sign
+    /// with. When unset the operator generates a CA in `<link>-ca`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretRef>,
+    /// Lifetime of issued certificates (e.g. `8760h`).
+    #[serde(default = "default_validity")]
+    pub validity: String,
+    /// Certificates are reissued this long before they expire (e.g. `720h`).
+    #[serde(default = "default_renew_before")]
+    pub renew_before: String,
+}
+
+impl Default for TlsSpec {
+    fn default() -> Self {
+        Self {
+            ca_secret_ref: None,
+            validity: default_validity(),
+            renew_before: default_renew_before(),
+        }
+    }
+}
+
+/// A reference to a Secret in the link's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct SecretRef {
+    /// Name of the Secret.
+    #[schemars(length(min = 1))]
+    pub name: String,
+}
+
+/// Routing of tunneled connections to agents.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutingSpec {
+    /// Strategies tried in order for each destination.
+    #[serde(default = "default_strategies")]
+    pub strategies: Vec<RoutingStrategy>,
+}
+
+impl Default for RoutingSpec {
+    fn default() -> Self {
+        Self {
+            strategies: default_strategies(),
+        }
+    }
+}
+
+/// One routing strategy of the server.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutingStrategy {
+    /// The destination is a node name or host IP of an agent.
+    Node,
+    /// The destination lies in an agent's pod CIDR.
+    Cidr,
+    /// Any healthy agent, least loaded first.
+    Any,
+}
+
+impl RoutingStrategy {
+    /// The name the server's `--strategies` flag uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoutingStrategy::Node => "node",
+            RoutingStrategy::Cidr => "cidr",
+            RoutingStrategy::Any => "any",
+        }
+    }
+}
+
+/// Cluster address ranges, used for the agents' default destination policy.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct NetworkSpec {
+    /// Pod address ranges of the cluster (all ports allowed).
+    #[serde(rename = "podCIDRs", default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = r"^[0-9a-fA-F:.]+/[0-9]{1,3}$")))]
+    pub pod_cidrs: Vec<String>,
+    /// Service address ranges of the cluster (all ports allowed).
+    #[serde(
+        rename = "serviceCIDRs",
+        default,
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    #[schemars(inner(regex(pattern = r"^[0-9a-fA-F:.]+/[0-9]{1,3}$")))]
+    pub service_cidrs: Vec<String>,
+}
+
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+fn default_server_replicas() -> i32 {
+    2
+}
+fn default_frontend_port() -> i32 {
+    8090
+}
+fn default_agent_endpoint_port() -> i32 {
+    8091
+}
+fn default_agent_tolerations() -> Vec<Toleration> {
+    vec![Toleration {
+        operator: Some("Exists".to_owned()),
+        ..Toleration::default()
+    }]
+}
+fn default_agent_priority_class() -> String {
+    "system-node-critical".to_owned()
+}
+fn default_validity() -> String {
+    "8760h".to_owned()
+}
+fn default_renew_before() -> String {
+    "720h".to_owned()
+}
+fn default_strategies() -> Vec<RoutingStrategy> {
+    vec![
+        RoutingStrategy::Node,
+        RoutingStrategy::Cidr,
+        RoutingStrategy::Any,
+    ]
+}
+
+/// Observed state of a `ControlPlaneLink`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ControlPlaneLinkStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `ServerAvailable`, `AgentsAvailable` and `CertificatesReady`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Server replicas, from the Deployment status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<ServerStatus>,
+    /// Agents, from the DaemonSet status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agents: Option<AgentsStatus>,
+    /// How kube-apiserver reaches the link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frontend: Option<FrontendStatus>,
+    /// Issued certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificates: Option<CertificatesStatus>,
+}
+
+/// Server replicas.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerStatus {
+    /// Desired replicas.
+    pub replicas: i32,
+    /// Replicas passing their readiness probe.
+    pub ready_replicas: i32,
+    /// `ready/desired`, for `kubectl get`.
+    pub summary: String,
+}
+
+/// Agents.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentsStatus {
+    /// Nodes that should run an agent.
+    pub desired: i32,
+    /// Agents linked to every server.
+    pub ready: i32,
+    /// `ready/desired`, for `kubectl get`.
+    pub summary: String,
+}
+
+/// How kube-apiserver reaches the link.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FrontendStatus {
+    /// `host:port` of the frontend.
+    pub address: String,
+    /// Secret holding the `EgressSelectorConfiguration` and kube-apiserver's client certificate.
+    pub egress_secret: String,
+}
+
+/// Issued certificates.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificatesStatus {
+    /// Earliest expiry among the CA and the issued certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<Time>,
+}
+
+/// The CustomResourceDefinition as YAML, as checked in at `crds/controlplanelinks.cplink.dev.yaml`.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&ControlPlaneLink::crd())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CRD_PATH: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../crds/controlplanelinks.cplink.dev.yaml"
+    );
+
+    #[test]
+    fn the_checked_in_crd_matches_the_code() {
+        let generated = crd_yaml().expect("CRD serializes");
+        let checked_in = std::fs::read_to_string(CRD_PATH).unwrap_or_default();
+        assert!(
+            generated == checked_in,
+            "crds/controlplanelinks.cplink.dev.yaml is out of date; regenerate it with \
+             `cargo run -p cplink-operator --bin crdgen > crds/controlplanelinks.cplink.dev.yaml`"
+        );
+    }
+
+    /// Every non-empty key of `example` is also in `typed`: catches misspelled example fields,
+    /// which serde would otherwise drop silently.
+    fn assert_keys_known(path: &str, example: &serde_json::Value, typed: &serde_json::Value) {
+        if let Some(map) = example.as_object() {
+            for (key, value) in map {
+                let empty = value.as_array().is_some_and(Vec::is_empty);
+                let child = format!("{path}.{key}");
+                assert!(empty || typed.get(key).is_some(), "unknown field {child}");
+                if let Some(typed_value) = typed.get(key) {
+                    assert_keys_known(&child, value, typed_value);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_example_uses_only_known_fields_and_is_valid() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../crds/examples/controlplanelink.yaml"
+        ))
+        .expect("example exists");
+        let raw: serde_json::Value = serde_yaml::from_str(&text).expect("example is YAML");
+        let link: ControlPlaneLink = serde_yaml::from_str(&text).expect("example parses");
+        let typed = serde_json::to_value(&link.spec).expect("spec serializes");
+        assert_keys_known("spec", &raw["spec"], &typed);
+        crate::validate::validate(&link.metadata.name.unwrap_or_default(), &link.spec)
+            .expect("example spec is valid");
+    }
+
+    #[test]
+    fn an_empty_spec_gets_every_documented_default() {
+        let spec: ControlPlaneLinkSpec = serde_json::from_str("{}").expect("empty spec parses");
+        assert_eq!(spec, ControlPlaneLinkSpec::default());
+        assert_eq!(spec.server.replicas, 2);
+        assert_eq!(spec.server.frontend.port, 8090);
+        assert_eq!(spec.server.agent_endpoint.port, 8091);
+        assert_eq!(spec.server.frontend.service_type, ServiceType::ClusterIP);
+        assert_eq!(spec.agent.priority_class_name, "system-node-critical");
+        assert_eq!(spec.agent.tolerations.len(), 1);
+        assert_eq!(
+            spec.agent.tolerations[0].operator.as_deref(),
+            Some("Exists")
+        );
+        assert_eq!(spec.tls.validity, "8760h");
+        assert_eq!(spec.tls.renew_before, "720h");
+        assert_eq!(
+            spec.routing.strategies,
+            vec![
+                RoutingStrategy::Node,
+                RoutingStrategy::Cidr,
+                RoutingStrategy::Any
+            ]
+        );
+        assert_eq!(spec.log_level, "info");
+    }
+
+    #[test]
+    fn nested_defaults_apply_inside_a_partial_section() {
+        let spec: ControlPlaneLinkSpec =
+            serde_json::from_str(r#"{"server": {"frontend": {"serviceType": "NodePort"}}}"#)
+                .expect("partial spec parses");
+        assert_eq!(spec.server.replicas, 2);
+        assert_eq!(spec.server.frontend.port, 8090);
+        assert_eq!(spec.server.frontend.service_type, ServiceType::NodePort);
+    }
+
+    #[test]
+    fn network_ranges_use_kubernetes_spelling() {
+        let spec: ControlPlaneLinkSpec = serde_json::from_str(
+            r#"{"network": {"podCIDRs": ["10.244.0.0/16"], "serviceCIDRs": ["10.96.0.0/12"]}}"#,
+        )
+        .expect("network parses");
+        assert_eq!(spec.network.pod_cidrs, vec!["10.244.0.0/16"]);
+        assert_eq!(spec.network.service_cidrs, vec!["10.96.0.0/12"]);
+    }
+}

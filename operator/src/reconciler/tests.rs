@@ -1,0 +1,719 @@
+//! The reconciler against a mocked apiserver (scenario style, as in kube-rs/controller-rs).
+//!
+//! A [`Scenario`] lists the calls one reconcile must make, in order; the verifier asserts
+//! method, path, query (field manager, force) and body of each, and answers with a plausible
+//! object. After the scenario the client is dropped and the verifier asserts that no further
+//! request arrived, so "nothing else was written" is checked, not assumed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::{Client, ResourceExt};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+
+use super::*;
+use crate::crd::{ControlPlaneLink, SecretRef};
+use crate::metrics::Metrics;
+use crate::resources::fixtures::DEFAULT_IMAGE;
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+type Responder = tower_test::mock::SendResponse<Response<Body>>;
+
+const NS: &str = "tunnels";
+const CORE: &str = "/api/v1/namespaces/tunnels";
+const RBAC: &str = "/apis/rbac.authorization.k8s.io/v1";
+const APPS: &str = "/apis/apps/v1/namespaces/tunnels";
+const LINK_PATH: &str = "/apis/cplink.dev/v1alpha1/namespaces/tunnels/controlplanelinks/link";
+const EVENTS_PATH: &str = "/apis/events.k8s.io/v1/namespaces/tunnels/events";
+
+/// The Secrets a reconcile reads, in order.
+const SECRETS: [&str; 4] = [
+    "link-ca",
+    "link-server-tls",
+    "link-agent-tls",
+    "link-apiserver-egress",
+];
+
+/// Every child a reconcile applies, in order: (path, kind).
+fn children() -> Vec<(String, &'static str)> {
+    vec![
+        (
+            format!("{CORE}/serviceaccounts/link-server"),
+            "ServiceAccount",
+        ),
+        (
+            format!("{CORE}/serviceaccounts/link-agent"),
+            "ServiceAccount",
+        ),
+        (format!("{RBAC}/namespaces/{NS}/roles/link-agent"), "Role"),
+        (
+            format!("{RBAC}/namespaces/{NS}/rolebindings/link-agent"),
+            "RoleBinding",
+        ),
+        (
+            format!("{RBAC}/clusterroles/cplink:tunnels:link:agent"),
+            "ClusterRole",
+        ),
+        (
+            format!("{RBAC}/clusterrolebindings/cplink:tunnels:link:agent"),
+            "ClusterRoleBinding",
+        ),
+        (format!("{CORE}/secrets/link-ca"), "Secret"),
+        (format!("{CORE}/secrets/link-server-tls"), "Secret"),
+        (format!("{CORE}/secrets/link-agent-tls"), "Secret"),
+        (format!("{CORE}/secrets/link-apiserver-egress"), "Secret"),
+        (format!("{CORE}/services/link-frontend"), "Service"),
+        (format!("{CORE}/services/link-agent-endpoint"), "Service"),
+        (format!("{APPS}/deployments/link-server"), "Deployment"),
+        (format!("{APPS}/daemonsets/link-agent"), "DaemonSet"),
+    ]
+}
+
+/// What the apiserver saw during one reconcile.
+#[derive(Debug, Clone, Default)]
+struct Recorded {
+    /// Bodies of the server-side applies of children, by path.
+    applied: BTreeMap<String, Value>,
+    /// Order of the applies.
+    order: Vec<String>,
+    /// The `status` of the status apply.
+    status: Value,
+    /// Reasons of the published Events.
+    events: Vec<String>,
+}
+
+impl Recorded {
+    /// The link as the next reconcile sees it: with the status this one wrote.
+    fn link_after(&self, link: ControlPlaneLink) -> ControlPlaneLink {
+        let mut link = link;
+        link.status = Some(serde_json::from_value(self.status.clone()).expect("status parses"));
+        link
+    }
+
+    fn secret(&self, name: &str) -> Option<Value> {
+        self.applied.get(&format!("{CORE}/secrets/{name}")).cloned()
+    }
+}
+
+/// The calls one reconcile is expected to make.
+enum Scenario {
+    /// No finalizer yet: a JSON patch adding it, nothing else.
+    FinalizerCreation,
+    /// Reads the Secrets (`stored` answers them; missing ones are 404), applies every child,
+    /// writes status, publishes Events with these reasons.
+    Apply {
+        stored: Recorded,
+        events: Vec<&'static str>,
+    },
+    /// Writes a `Ready=False`/`InvalidSpec` status naming `field`, publishes one Warning.
+    InvalidSpec { field: &'static str },
+    /// `spec.tls.caSecretRef` names a Secret that does not exist.
+    MissingCaSecret { name: &'static str },
+    /// The first read fails with a 500.
+    ServerError,
+    /// The link is being deleted: cluster RBAC removed (one already gone), finalizer removed.
+    Cleanup,
+}
+
+struct ApiServerVerifier(Handle);
+
+impl ApiServerVerifier {
+    fn run(self, link: ControlPlaneLink, scenario: Scenario) -> JoinHandle<Recorded> {
+        tokio::spawn(async move {
+            let mut verifier = self;
+            let mut recorded = Recorded::default();
+            match scenario {
+                Scenario::FinalizerCreation => verifier.finalizer_added(&link).await,
+                Scenario::Apply { stored, events } => {
+                    for name in SECRETS {
+                        verifier.get_secret(name, stored.secret(name)).await;
+                    }
+                    for (path, kind) in children() {
+                        let body = verifier.apply(&path, kind).await;
+                        recorded.order.push(path.clone());
+                        recorded.applied.insert(path, body);
+                    }
+                    recorded.status = verifier.status(&link).await;
+                    for reason in events {
+                        recorded.events.push(verifier.event(reason).await);
+                    }
+                }
+                Scenario::InvalidSpec { field } => {
+                    recorded.status = verifier.status(&link).await;
+                    let ready = &recorded.status["conditions"][0];
+                    assert_eq!(ready["type"], "Ready");
+                    assert_eq!(ready["status"], "False");
+                    assert_eq!(ready["reason"], "InvalidSpec");
+                    let message = ready["message"].as_str().expect("message");
+                    assert!(message.starts_with(&format!("{field}: ")), "{message}");
+                    recorded.events.push(verifier.event("InvalidSpec").await);
+                }
+                Scenario::MissingCaSecret { name } => {
+                    verifier.get_secret(name, None).await;
+                    recorded.status = verifier.status(&link).await;
+                    recorded.events.push(verifier.event("Created").await);
+                }
+                Scenario::ServerError => {
+                    let (request, send) = verifier.next().await;
+                    assert_eq!(request.method(), Method::GET);
+                    send.send_response(status_response(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "InternalError",
+                    ));
+                }
+                Scenario::Cleanup => {
+                    let name = "cplink:tunnels:link:agent";
+                    verifier
+                        .delete(
+                            &format!("{RBAC}/clusterrolebindings/{name}"),
+                            StatusCode::NOT_FOUND,
+                        )
+                        .await;
+                    verifier
+                        .delete(&format!("{RBAC}/clusterroles/{name}"), StatusCode::OK)
+                        .await;
+                    verifier.finalizer_removed(&link).await;
+                }
+            }
+            verifier.no_more_requests().await;
+            recorded
+        })
+    }
+
+    async fn next(&mut self) -> (Request<Body>, Responder) {
+        self.0
+            .next_request()
+            .await
+            .expect("the reconciler made the expected call")
+    }
+
+    async fn no_more_requests(mut self) {
+        if let Some((request, _)) = self.0.next_request().await {
+            panic!("unexpected request {} {}", request.method(), request.uri());
+        }
+    }
+
+    async fn get_secret(&mut self, name: &str, stored: Option<Value>) {
+        let (request, send) = self.next().await;
+        assert_eq!(request.method(), Method::GET);
+        assert_eq!(request.uri().path(), format!("{CORE}/secrets/{name}"));
+        send.send_response(match stored {
+            Some(secret) => json_response(&secret),
+            None => status_response(StatusCode::NOT_FOUND, "NotFound"),
+        });
+    }
+
+    /// Expects a forced server-side apply by our field manager; answers with the object.
+    async fn apply(&mut self, path: &str, kind: &str) -> Value {
+        let (request, send) = self.next().await;
+        assert_eq!(request.method(), Method::PATCH, "{path}");
+        assert_eq!(request.uri().path(), path);
+        assert_ssa_query(&request);
+        assert_eq!(
+            request.headers()[http::header::CONTENT_TYPE],
+            "application/apply-patch+yaml"
+        );
+        let body = body_json(request).await;
+        assert_eq!(body["kind"], kind, "{path}");
+        let name = path.rsplit('/').next().expect("name");
+        assert_eq!(body["metadata"]["name"], name);
+        assert_eq!(
+            body["metadata"]["labels"]["app.kubernetes.io/instance"],
+            "link"
+        );
+        assert_eq!(
+            body["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+            "cplink-operator"
+        );
+        if kind.starts_with("Cluster") {
+            assert_eq!(body["metadata"].get("ownerReferences"), None, "{path}");
+        } else {
+            let owner = &body["metadata"]["ownerReferences"][0];
+            assert_eq!(owner["kind"], "ControlPlaneLink", "{path}");
+            assert_eq!(owner["uid"], "6f1c3b1e-0000-4000-8000-000000000001");
+            assert_eq!(owner["controller"], true);
+        }
+        let mut stored = body.clone();
+        stored["metadata"]["uid"] = json!(format!("uid-{name}"));
+        send.send_response(json_response(&stored));
+        body
+    }
+
+    /// Expects a server-side apply of the link's status; answers with the updated link.
+    async fn status(&mut self, link: &ControlPlaneLink) -> Value {
+        let (request, send) = self.next().await;
+        assert_eq!(request.method(), Method::PATCH);
+        assert_eq!(request.uri().path(), format!("{LINK_PATH}/status"));
+        assert_ssa_query(&request);
+        let body = body_json(request).await;
+        assert_eq!(body["apiVersion"], "cplink.dev/v1alpha1");
+        assert_eq!(body["kind"], "ControlPlaneLink");
+        assert_eq!(
+            body.get("spec"),
+            None,
+            "a status apply must not claim the spec"
+        );
+        let mut updated = serde_json::to_value(link).expect("link serializes");
+        updated["status"] = body["status"].clone();
+        send.send_response(json_response(&updated));
+        body["status"].clone()
+    }
+
+    /// Expects an Event with `reason` about the link; returns the reason.
+    async fn event(&mut self, reason: &str) -> String {
+        let (request, send) = self.next().await;
+        assert_eq!(request.method(), Method::POST);
+        assert_eq!(request.uri().path(), EVENTS_PATH);
+        let body = body_json(request).await;
+        assert_eq!(body["reason"], reason);
+        assert_eq!(body["regarding"]["kind"], "ControlPlaneLink");
+        assert_eq!(body["regarding"]["name"], "link");
+        assert_eq!(body["reportingController"], "cplink-operator");
+        send.send_response(json_response(&body));
+        reason.to_owned()
+    }
+
+    async fn delete(&mut self, path: &str, answer: StatusCode) {
+        let (request, send) = self.next().await;
+        assert_eq!(request.method(), Method::DELETE);
+        assert_eq!(request.uri().path(), path);
+        send.send_response(if answer == StatusCode::OK {
+            json_response(&json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}))
+        } else {
+            status_response(answer, "NotFound")
+        });
+    }
+
+    async fn finalizer_added(&mut self, link: &ControlPlaneLink) {
+        let (request, send) = self.next().await;
+        assert_eq!(request.method(), Method::PATCH);
+        assert_eq!(request.uri().path(), LINK_PATH);
+        let body = body_json(request).await;
+        assert_eq!(
+            body,
+            json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": null},
+                {"op": "add", "path": "/metadata/finalizers", "value": ["cplink.dev/cleanup"]}
+            ])
+        );
+        send.send_response(json_response(&link.clone().finalized()));
+    }
+
+    async fn finalizer_removed(&mut self, link: &ControlPlaneLink) {
+        let (request, send) = self.next().await;
+        assert_eq!(request.method(), Method::PATCH);
+        assert_eq!(request.uri().path(), LINK_PATH);
+        let body = body_json(request).await;
+        assert_eq!(
+            body[1],
+            json!({"op": "remove", "path": "/metadata/finalizers/0"})
+        );
+        let mut unfinalized = link.clone();
+        unfinalized.metadata.finalizers = None;
+        send.send_response(json_response(&unfinalized));
+    }
+}
+
+fn assert_ssa_query(request: &Request<Body>) {
+    let query = request.uri().query().unwrap_or_default();
+    let params: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
+    assert!(
+        params.contains(&"fieldManager=cplink.dev%2Foperator"),
+        "{query}"
+    );
+    assert!(params.contains(&"force=true"), "{query}");
+}
+
+async fn body_json(request: Request<Body>) -> Value {
+    let bytes = request.into_body().collect_bytes().await.expect("body");
+    serde_json::from_slice(&bytes).expect("JSON body")
+}
+
+fn json_response(value: &impl serde::Serialize) -> Response<Body> {
+    Response::builder()
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Body::from(serde_json::to_vec(value).expect("serializes")))
+        .expect("response")
+}
+
+fn status_response(code: StatusCode, reason: &str) -> Response<Body> {
+    let status = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": reason, "reason": reason, "code": code.as_u16()
+    });
+    Response::builder()
+        .status(code)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Body::from(serde_json::to_vec(&status).expect("serializes")))
+        .expect("response")
+}
+
+fn test_context() -> (Arc<Context>, ApiServerVerifier) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let ctx = Context::new(
+        client,
+        Arc::new(Metrics::default()),
+        DEFAULT_IMAGE.to_owned(),
+    );
+    (Arc::new(ctx), ApiServerVerifier(handle))
+}
+
+/// Runs one reconcile of `link` against `scenario`; returns its result and what was seen.
+async fn reconcile_with(
+    link: ControlPlaneLink,
+    scenario: Scenario,
+) -> (Result<Action, Error>, Recorded) {
+    let (ctx, verifier) = test_context();
+    let server = verifier.run(link.clone(), scenario);
+    let result = reconcile(Arc::new(link), ctx).await;
+    // The context (and with it the client) is gone now: the verifier sees the end of calls.
+    let recorded = server.await.expect("scenario completed");
+    (result, recorded)
+}
+
+async fn first_apply(link: ControlPlaneLink) -> Recorded {
+    let (result, recorded) = reconcile_with(
+        link,
+        Scenario::Apply {
+            stored: Recorded::default(),
+            events: vec!["Created"],
+        },
+    )
+    .await;
+    result.expect("first reconcile succeeds");
+    recorded
+}
+
+fn decoded(secret: &Value, key: &str) -> String {
+    let encoded = secret["data"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("{key} present"));
+    let bytes: k8s_openapi::ByteString = serde_json::from_value(json!(encoded)).expect("base64");
+    String::from_utf8(bytes.0).expect("utf-8")
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == type_))
+        .unwrap_or_else(|| panic!("{type_} condition"))
+}
+
+#[tokio::test]
+async fn a_link_without_the_finalizer_gets_it_and_nothing_else() {
+    let (result, _) = reconcile_with(ControlPlaneLink::test(), Scenario::FinalizerCreation).await;
+    assert_eq!(result.expect("reconcile succeeds"), Action::await_change());
+}
+
+#[tokio::test]
+async fn the_first_reconcile_creates_every_child_and_writes_status() {
+    let recorded = first_apply(ControlPlaneLink::test().finalized()).await;
+
+    let expected: Vec<String> = children().into_iter().map(|(path, _)| path).collect();
+    assert_eq!(recorded.order, expected);
+    assert_eq!(recorded.events, ["Created"]);
+
+    let deployment = &recorded.applied[&format!("{APPS}/deployments/link-server")];
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    let server_secret = recorded.secret("link-server-tls").expect("server secret");
+    let checksum =
+        secrets::checksum(&serde_json::from_value(server_secret.clone()).expect("secret parses"));
+    assert_eq!(
+        deployment["spec"]["template"]["metadata"]["annotations"]["cplink.dev/tls-checksum"],
+        checksum.as_str()
+    );
+
+    let ca = decoded(&recorded.secret("link-ca").expect("ca"), "tls.crt");
+    for name in ["link-server-tls", "link-agent-tls", "link-apiserver-egress"] {
+        let secret = recorded.secret(name).expect(name);
+        assert_eq!(decoded(&secret, "ca.crt"), ca, "{name} carries the link CA");
+        assert!(
+            decoded(&secret, "tls.key").contains("PRIVATE KEY"),
+            "{name}"
+        );
+    }
+    let server_cert = certs::inspect(&decoded(&server_secret, "tls.crt")).expect("parses");
+    assert!(server_cert.dns_names.contains("link-frontend.tunnels.svc"));
+    assert!(
+        server_cert
+            .dns_names
+            .contains("link-agent-endpoint.tunnels.svc.cluster.local")
+    );
+    let egress = recorded.secret("link-apiserver-egress").expect("egress");
+    assert!(
+        decoded(&egress, "egress-selector-configuration.yaml")
+            .contains("url: https://link-frontend.tunnels.svc:8090")
+    );
+
+    let status = &recorded.status;
+    assert_eq!(status["observedGeneration"], 1);
+    assert_eq!(
+        status["server"],
+        json!({"replicas": 2, "readyReplicas": 0, "summary": "0/2"})
+    );
+    assert_eq!(
+        status["agents"],
+        json!({"desired": 0, "ready": 0, "summary": "0/0"})
+    );
+    assert_eq!(
+        status["frontend"],
+        json!({"address": "link-frontend.tunnels.svc:8090", "egressSecret": "link-apiserver-egress"})
+    );
+    assert!(status["certificates"]["notAfter"].is_string());
+    assert_eq!(condition(status, "Ready")["status"], "False");
+    assert_eq!(condition(status, "Ready")["reason"], "Progressing");
+    assert_eq!(condition(status, "CertificatesReady")["status"], "True");
+    assert_eq!(condition(status, "ServerAvailable")["status"], "False");
+    assert_eq!(condition(status, "AgentsAvailable")["status"], "False");
+}
+
+#[tokio::test]
+async fn a_second_reconcile_with_nothing_changed_reapplies_identical_bodies_and_publishes_nothing()
+{
+    // The contract: every pass server-side applies every child (so drift is repaired), and with
+    // nothing changed each body is byte-for-byte what the first pass sent, which the apiserver
+    // treats as a no-op. Certificates come from the stored Secrets, so no pod rolls. The only
+    // other write is the status apply; no Event is published.
+    let link = ControlPlaneLink::test().finalized();
+    let first = first_apply(link.clone()).await;
+    let (result, second) = reconcile_with(
+        first.link_after(link),
+        Scenario::Apply {
+            stored: first.clone(),
+            events: vec![],
+        },
+    )
+    .await;
+    let action = result.expect("second reconcile succeeds");
+    assert_eq!(action, Action::requeue(RESYNC_INTERVAL));
+    assert_eq!(second.order, first.order);
+    for path in &first.order {
+        assert_eq!(second.applied[path], first.applied[path], "{path} changed");
+    }
+    assert_eq!(second.status, first.status, "status is stable too");
+    assert!(second.events.is_empty());
+}
+
+#[tokio::test]
+async fn a_replica_change_updates_only_the_deployment() {
+    let link = ControlPlaneLink::test().finalized();
+    let first = first_apply(link.clone()).await;
+    let scaled = first.link_after(link).with_replicas(3).with_generation(2);
+    let (result, second) = reconcile_with(
+        scaled,
+        Scenario::Apply {
+            stored: first.clone(),
+            events: vec!["Updated"],
+        },
+    )
+    .await;
+    result.expect("reconcile succeeds");
+
+    let deployment_path = format!("{APPS}/deployments/link-server");
+    let deployment = &second.applied[&deployment_path];
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    let args = &deployment["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert_eq!(args[0], "--server-count=3");
+    for path in first.order.iter().filter(|p| **p != deployment_path) {
+        assert_eq!(second.applied[path], first.applied[path], "{path} changed");
+    }
+    assert_eq!(second.status["observedGeneration"], 2);
+    assert_eq!(second.status["server"]["replicas"], 3);
+}
+
+#[tokio::test]
+async fn an_invalid_spec_reports_ready_false_and_touches_no_child() {
+    let link = ControlPlaneLink::test()
+        .finalized()
+        .with_spec(|s| s.tls.validity = "abc".into());
+    let (result, recorded) = reconcile_with(
+        link,
+        Scenario::InvalidSpec {
+            field: "spec.tls.validity",
+        },
+    )
+    .await;
+    assert_eq!(result.expect("not an error"), Action::await_change());
+    assert_eq!(
+        condition(&recorded.status, "Ready")["message"],
+        r#"spec.tls.validity: invalid duration "abc" (e.g. "8760h")"#
+    );
+    assert!(recorded.applied.is_empty());
+}
+
+#[tokio::test]
+async fn a_missing_ca_secret_is_reported_in_status_and_retried() {
+    let link = ControlPlaneLink::test().finalized().with_spec(|s| {
+        s.tls.ca_secret_ref = Some(SecretRef {
+            name: "corporate-ca".into(),
+        })
+    });
+    let (result, recorded) = reconcile_with(
+        link,
+        Scenario::MissingCaSecret {
+            name: "corporate-ca",
+        },
+    )
+    .await;
+    assert_eq!(
+        result.expect("not an error"),
+        Action::requeue(CA_RETRY_INTERVAL)
+    );
+    let certificates = condition(&recorded.status, "CertificatesReady");
+    assert_eq!(certificates["status"], "False");
+    assert_eq!(certificates["reason"], "CASecretNotFound");
+    assert_eq!(condition(&recorded.status, "Ready")["status"], "False");
+    assert!(
+        recorded.applied.is_empty(),
+        "nothing is applied without a CA"
+    );
+}
+
+#[tokio::test]
+async fn an_api_error_fails_the_reconcile_and_error_policy_requeues_with_backoff() {
+    let link = ControlPlaneLink::test().finalized();
+    let (ctx, verifier) = test_context();
+    let server = verifier.run(link.clone(), Scenario::ServerError);
+    let link = Arc::new(link);
+    let error = reconcile(link.clone(), ctx.clone())
+        .await
+        .expect_err("a 500 fails the reconcile");
+    assert_eq!(error.metric_label(), "get");
+
+    assert_eq!(
+        error_policy(link.clone(), &error, ctx.clone()),
+        Action::requeue(ERROR_BACKOFF_BASE)
+    );
+    assert_eq!(
+        error_policy(link.clone(), &error, ctx.clone()),
+        Action::requeue(ERROR_BACKOFF_BASE * 2),
+        "consecutive failures back off"
+    );
+    let metrics = ctx.metrics.encode().expect("metrics");
+    assert!(
+        metrics.contains("cplink_operator_reconcile_errors_total{error=\"get\"} 2"),
+        "{metrics}"
+    );
+    drop(ctx);
+    server.await.expect("scenario completed");
+}
+
+#[tokio::test]
+async fn deleting_a_link_removes_its_cluster_rbac_then_the_finalizer() {
+    let link = ControlPlaneLink::test().finalized().deleting();
+    let (result, _) = reconcile_with(link, Scenario::Cleanup).await;
+    assert_eq!(result.expect("cleanup succeeds"), Action::await_change());
+}
+
+#[test]
+fn backoff_doubles_and_is_capped() {
+    assert_eq!(backoff(1), ERROR_BACKOFF_BASE);
+    assert_eq!(backoff(2), ERROR_BACKOFF_BASE * 2);
+    assert_eq!(backoff(3), ERROR_BACKOFF_BASE * 4);
+    assert_eq!(backoff(100), ERROR_BACKOFF_MAX);
+}
+
+#[test]
+fn the_next_check_comes_sooner_when_a_renewal_is_due() {
+    let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).expect("time");
+    assert_eq!(
+        next_check(now + Duration::from_secs(86_400), now),
+        RESYNC_INTERVAL
+    );
+    assert_eq!(
+        next_check(now + Duration::from_secs(90), now),
+        Duration::from_secs(90)
+    );
+    assert_eq!(
+        next_check(now - Duration::from_secs(90), now),
+        Duration::from_secs(1)
+    );
+}
+
+#[test]
+fn the_fixture_link_is_named_as_the_paths_expect() {
+    let link = ControlPlaneLink::test();
+    assert_eq!(link.name_any(), "link");
+    assert_eq!(link.namespace().as_deref(), Some(NS));
+}
+
+#[tokio::test]
+async fn a_certificate_due_for_renewal_is_reissued_and_rolls_only_its_pods() {
+    let link = ControlPlaneLink::test().finalized();
+    let first = first_apply(link.clone()).await;
+
+    // Replace the stored server certificate with one from the same CA that expires in a day,
+    // well inside the default 720h renewal window.
+    let ca_secret = first.secret("link-ca").expect("ca");
+    let ca = CertPair {
+        cert_pem: decoded(&ca_secret, "tls.crt"),
+        key_pem: decoded(&ca_secret, "tls.key"),
+    };
+    let year = Duration::from_secs(8760 * 3600);
+    let issued_long_ago = OffsetDateTime::now_utc() - (year - Duration::from_secs(86_400));
+    let profile = {
+        let plan = link.plan();
+        let (dns_names, ips) = plan.server_sans();
+        Profile::Server {
+            common_name: "link-server".into(),
+            dns_names,
+            ips,
+        }
+    };
+    let expiring = certs::issue(&ca, &profile, year, issued_long_ago).expect("issues");
+    let mut stored = first.clone();
+    let server_path = format!("{CORE}/secrets/link-server-tls");
+    let mut server_secret = stored.applied[&server_path].clone();
+    server_secret["data"]["tls.crt"] =
+        serde_json::to_value(k8s_openapi::ByteString(expiring.cert_pem.into_bytes())).expect("b64");
+    server_secret["data"]["tls.key"] =
+        serde_json::to_value(k8s_openapi::ByteString(expiring.key_pem.into_bytes())).expect("b64");
+    stored
+        .applied
+        .insert(server_path.clone(), server_secret.clone());
+
+    let (result, second) = reconcile_with(
+        first.link_after(link),
+        Scenario::Apply {
+            stored,
+            events: vec!["CertificatesRenewed"],
+        },
+    )
+    .await;
+    result.expect("reconcile succeeds");
+
+    let renewed = &second.applied[&server_path];
+    assert_ne!(renewed["data"]["tls.crt"], server_secret["data"]["tls.crt"]);
+    let not_after = certs::inspect(&decoded(renewed, "tls.crt"))
+        .expect("parses")
+        .not_after;
+    assert!(
+        not_after > OffsetDateTime::now_utc() + year / 2,
+        "a fresh certificate"
+    );
+
+    let annotation = |r: &Recorded, path: &str| {
+        r.applied[path]["spec"]["template"]["metadata"]["annotations"]["cplink.dev/tls-checksum"]
+            .clone()
+    };
+    let deployment = format!("{APPS}/deployments/link-server");
+    let daemonset = format!("{APPS}/daemonsets/link-agent");
+    assert_ne!(
+        annotation(&second, &deployment),
+        annotation(&first, &deployment),
+        "servers roll to pick up the new certificate"
+    );
+    assert_eq!(
+        annotation(&second, &daemonset),
+        annotation(&first, &daemonset),
+        "agents keep running"
+    );
+    for name in ["link-ca", "link-agent-tls", "link-apiserver-egress"] {
+        assert_eq!(second.secret(name), first.secret(name), "{name} is reused");
+    }
+}

@@ -1,0 +1,267 @@
+//! The agent DaemonSet: one agent per node, dialing every server.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet,
+};
+use k8s_openapi::api::core::v1::{Container, ContainerPort, PodSpec, PodTemplateSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::deployment::{http_probe, tls_volume};
+use super::{
+    Component, DRAIN_TIMEOUT_SECONDS, Plan, TERMINATION_GRACE_PERIOD_SECONDS,
+    TLS_CHECKSUM_ANNOTATION, TLS_MOUNT_PATH, container_security_context, field_env,
+    pod_security_context,
+};
+use crate::resources::secrets::{CA_CRT, TLS_CRT, TLS_KEY};
+
+/// Admin port of the agent (`/healthz`, `/readyz`, `/metrics`).
+pub const AGENT_ADMIN_PORT: i32 = 8096;
+
+/// Name of the agent container.
+pub const AGENT_CONTAINER: &str = "agent";
+
+/// Arguments of `cplink-agent`, in the order they appear in the pod.
+pub fn agent_args(plan: &Plan) -> Vec<String> {
+    let mut args = vec![
+        "--node-name=$(CPLINK_NODE_NAME)".to_owned(),
+        "--host-ip=$(CPLINK_HOST_IP)".to_owned(),
+        format!("--server-address={}", plan.agent_endpoint_address()),
+        // The in-cluster Service name is always in the server certificate, whichever address
+        // agents dial.
+        format!(
+            "--server-name={}",
+            plan.service_dns(&plan.names().agent_service())
+        ),
+        format!("--server-ca={TLS_MOUNT_PATH}/{CA_CRT}"),
+        format!("--tls-cert={TLS_MOUNT_PATH}/{TLS_CRT}"),
+        format!("--tls-key={TLS_MOUNT_PATH}/{TLS_KEY}"),
+        format!("--admin-address=$(CPLINK_POD_IP):{AGENT_ADMIN_PORT}"),
+        format!("--drain-timeout={DRAIN_TIMEOUT_SECONDS}s"),
+        format!("--log-level={}", plan.spec.log_level),
+    ];
+    args.extend(
+        plan.valid
+            .allow
+            .iter()
+            .map(|allow| format!("--allow={allow}")),
+    );
+    args
+}
+
+/// The agent DaemonSet; `tls_checksum` is [`super::secrets::checksum`] of the agent Secret.
+pub fn agent_daemonset(plan: &Plan, tls_checksum: &str) -> DaemonSet {
+    let agent = &plan.spec.agent;
+    let (volume, mount) = tls_volume(plan.names().agent_tls_secret());
+    let container = Container {
+        name: AGENT_CONTAINER.to_owned(),
+        image: Some(
+            agent
+                .image
+                .clone()
+                .unwrap_or_else(|| plan.default_image.clone()),
+        ),
+        image_pull_policy: Some("IfNotPresent".to_owned()),
+        command: Some(vec!["cplink-agent".to_owned()]),
+        args: Some(agent_args(plan)),
+        env: Some(vec![
+            field_env("CPLINK_NODE_NAME", "spec.nodeName"),
+            field_env("CPLINK_HOST_IP", "status.hostIP"),
+            field_env("CPLINK_POD_IP", "status.podIP"),
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("admin".to_owned()),
+            container_port: AGENT_ADMIN_PORT,
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        readiness_probe: Some(http_probe("/readyz", AGENT_ADMIN_PORT, 5, 2)),
+        liveness_probe: Some(http_probe("/healthz", AGENT_ADMIN_PORT, 10, 3)),
+        resources: agent.resources.clone(),
+        security_context: Some(container_security_context()),
+        volume_mounts: Some(vec![mount]),
+        ..Container::default()
+    };
+    DaemonSet {
+        metadata: plan.meta(plan.names().agent(), Component::Agent),
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(plan.selector(Component::Agent)),
+                ..LabelSelector::default()
+            },
+            update_strategy: Some(DaemonSetUpdateStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: Some(RollingUpdateDaemonSet {
+                    max_unavailable: Some(IntOrString::Int(1)),
+                    ..RollingUpdateDaemonSet::default()
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(plan.labels(Component::Agent)),
+                    annotations: Some(BTreeMap::from([(
+                        TLS_CHECKSUM_ANNOTATION.to_owned(),
+                        tls_checksum.to_owned(),
+                    )])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(plan.names().agent()),
+                    priority_class_name: Some(agent.priority_class_name.clone()),
+                    termination_grace_period_seconds: Some(TERMINATION_GRACE_PERIOD_SECONDS),
+                    security_context: Some(pod_security_context()),
+                    node_selector: agent.node_selector.clone(),
+                    tolerations: Some(agent.tolerations.clone()),
+                    containers: vec![container],
+                    volumes: Some(vec![volume]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DaemonSetSpec::default()
+        }),
+        ..DaemonSet::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::crd::{AllowedDestination, ControlPlaneLink};
+
+    fn pod(ds: &DaemonSet) -> &PodSpec {
+        ds.spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod spec")
+    }
+
+    #[test]
+    fn the_default_agent_dials_the_headless_service_and_reaches_only_its_kubelet() {
+        let ds = agent_daemonset(&ControlPlaneLink::test().plan(), "sum");
+        assert_eq!(ds.metadata.name.as_deref(), Some("link-agent"));
+        let c = &pod(&ds).containers[0];
+        assert_eq!(c.command, Some(vec!["cplink-agent".to_owned()]));
+        assert_eq!(c.image.as_deref(), Some("ghcr.io/cplink/cplink:test"));
+        assert_eq!(
+            c.args.as_deref().expect("args"),
+            [
+                "--node-name=$(CPLINK_NODE_NAME)",
+                "--host-ip=$(CPLINK_HOST_IP)",
+                "--server-address=link-agent-endpoint.tunnels.svc:8091",
+                "--server-name=link-agent-endpoint.tunnels.svc",
+                "--server-ca=/etc/cplink/tls/ca.crt",
+                "--tls-cert=/etc/cplink/tls/tls.crt",
+                "--tls-key=/etc/cplink/tls/tls.key",
+                "--admin-address=$(CPLINK_POD_IP):8096",
+                "--drain-timeout=30s",
+                "--log-level=info",
+                "--allow=$(CPLINK_HOST_IP)/32:10250",
+            ]
+        );
+        assert_eq!(
+            serde_json::to_value(&c.env).expect("json"),
+            json!([
+                {"name": "CPLINK_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                {"name": "CPLINK_HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
+                {"name": "CPLINK_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+            ])
+        );
+        let readiness = c
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("readiness");
+        assert_eq!(readiness.path.as_deref(), Some("/readyz"));
+        assert_eq!(readiness.port, IntOrString::Int(8096));
+    }
+
+    #[test]
+    fn agents_tolerate_everything_and_run_at_node_critical_priority() {
+        let ds = agent_daemonset(&ControlPlaneLink::test().plan(), "sum");
+        let pod = pod(&ds);
+        assert_eq!(
+            pod.priority_class_name.as_deref(),
+            Some("system-node-critical")
+        );
+        assert_eq!(
+            serde_json::to_value(&pod.tolerations).expect("json"),
+            json!([{"operator": "Exists"}])
+        );
+        assert_eq!(pod.service_account_name.as_deref(), Some("link-agent"));
+        let rolling = ds
+            .spec
+            .as_ref()
+            .and_then(|s| s.update_strategy.as_ref())
+            .and_then(|s| s.rolling_update.as_ref())
+            .expect("rolling update");
+        assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(1)));
+    }
+
+    #[test]
+    fn agents_are_locked_down_and_mount_their_secret() {
+        let ds = agent_daemonset(&ControlPlaneLink::test().plan(), "abc");
+        let template = &ds.spec.as_ref().expect("spec").template;
+        assert_eq!(
+            template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.as_ref())
+                .expect("annotations")["cplink.dev/tls-checksum"],
+            "abc"
+        );
+        let pod = pod(&ds);
+        let c = &pod.containers[0];
+        let sc = c.security_context.as_ref().expect("security context");
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+            Some(vec!["ALL".to_owned()])
+        );
+        assert_eq!(
+            pod.security_context
+                .as_ref()
+                .and_then(|s| s.run_as_non_root),
+            Some(true)
+        );
+        assert_eq!(
+            pod.volumes.as_ref().expect("volumes")[0]
+                .secret
+                .as_ref()
+                .and_then(|s| s.secret_name.as_deref()),
+            Some("link-agent-tls")
+        );
+    }
+
+    #[test]
+    fn placement_image_addresses_and_destinations_follow_the_spec() {
+        let plan = ControlPlaneLink::test()
+            .with_spec(|s| {
+                s.agent.image = Some("registry.local/cplink:2".into());
+                s.agent.tolerations = vec![];
+                s.agent.priority_class_name = "high".into();
+                s.agent.allowed_destinations = vec![AllowedDestination {
+                    cidr: "10.0.0.0/8".into(),
+                    ports: vec!["10250".into()],
+                }];
+                s.server.agent_endpoint.external_address = Some("tunnel.example.com".into());
+                s.server.agent_endpoint.port = 443;
+            })
+            .plan();
+        let ds = agent_daemonset(&plan, "sum");
+        let pod = pod(&ds);
+        assert_eq!(pod.tolerations, Some(vec![]));
+        assert_eq!(pod.priority_class_name.as_deref(), Some("high"));
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("registry.local/cplink:2"));
+        let args = c.args.as_deref().expect("args");
+        assert!(args.contains(&"--server-address=tunnel.example.com:443".to_owned()));
+        assert!(args.contains(&"--server-name=link-agent-endpoint.tunnels.svc".to_owned()));
+        assert!(args.contains(&"--allow=10.0.0.0/8:10250".to_owned()));
+        assert!(!args.iter().any(|a| a.contains("CPLINK_HOST_IP)/32")));
+    }
+}

@@ -1,0 +1,427 @@
+//! The server Deployment.
+//!
+//! Listeners bind the pod IP rather than 0.0.0.0: in the e2e pod runner all pods share the host
+//! network namespace, each with its own loopback IP, and wildcard binds would collide.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Affinity, Container, ContainerPort, HTTPGetAction, PodAffinityTerm, PodAntiAffinity, PodSpec,
+    PodTemplateSpec, Probe, SecretVolumeSource, Volume, VolumeMount, WeightedPodAffinityTerm,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::services::{AGENT_PORT_NAME, FRONTEND_PORT_NAME};
+use super::{
+    Component, DRAIN_TIMEOUT_SECONDS, Plan, TERMINATION_GRACE_PERIOD_SECONDS,
+    TLS_CHECKSUM_ANNOTATION, TLS_MOUNT_PATH, container_security_context, field_env,
+    pod_security_context,
+};
+use crate::resources::secrets::{CA_CRT, TLS_CRT, TLS_KEY};
+
+/// Admin port of the server (`/healthz`, `/readyz`, `/metrics`).
+pub const SERVER_ADMIN_PORT: i32 = 8095;
+
+/// Name of the server container.
+pub const SERVER_CONTAINER: &str = "server";
+
+/// Arguments of `cplink-server`, in the order they appear in the pod.
+pub fn server_args(plan: &Plan) -> Vec<String> {
+    let server = &plan.spec.server;
+    let strategies: Vec<&str> = plan
+        .spec
+        .routing
+        .strategies
+        .iter()
+        .map(|s| s.as_str())
+        .collect();
+    vec![
+        format!("--server-count={}", server.replicas),
+        format!(
+            "--agent-address=$(CPLINK_POD_IP):{}",
+            server.agent_endpoint.port
+        ),
+        format!(
+            "--frontend-address=$(CPLINK_POD_IP):{}",
+            server.frontend.port
+        ),
+        format!("--admin-address=$(CPLINK_POD_IP):{SERVER_ADMIN_PORT}"),
+        format!("--tls-cert={TLS_MOUNT_PATH}/{TLS_CRT}"),
+        format!("--tls-key={TLS_MOUNT_PATH}/{TLS_KEY}"),
+        format!("--agent-ca={TLS_MOUNT_PATH}/{CA_CRT}"),
+        format!("--frontend-ca={TLS_MOUNT_PATH}/{CA_CRT}"),
+        format!("--drain-timeout={DRAIN_TIMEOUT_SECONDS}s"),
+        format!("--strategies={}", strategies.join(",")),
+        format!("--log-level={}", plan.spec.log_level),
+    ]
+}
+
+/// Spread servers across nodes when possible; a preference, so small clusters still schedule.
+fn default_affinity(plan: &Plan) -> Affinity {
+    Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                WeightedPodAffinityTerm {
+                    weight: 100,
+                    pod_affinity_term: PodAffinityTerm {
+                        label_selector: Some(LabelSelector {
+                            match_labels: Some(plan.selector(Component::Server)),
+                            ..LabelSelector::default()
+                        }),
+                        topology_key: "kubernetes.io/hostname".to_owned(),
+                        ..PodAffinityTerm::default()
+                    },
+                },
+            ]),
+            ..PodAntiAffinity::default()
+        }),
+        ..Affinity::default()
+    }
+}
+
+pub(crate) fn http_probe(path: &str, port: i32, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::Int(port),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+pub(crate) fn tls_volume(secret_name: String) -> (Volume, VolumeMount) {
+    (
+        Volume {
+            name: "tls".to_owned(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret_name),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        VolumeMount {
+            name: "tls".to_owned(),
+            mount_path: TLS_MOUNT_PATH.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+    )
+}
+
+fn container_port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: port,
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    }
+}
+
+/// The server Deployment; `tls_checksum` is [`super::secrets::checksum`] of the server Secret.
+pub fn server_deployment(plan: &Plan, tls_checksum: &str) -> Deployment {
+    let server = &plan.spec.server;
+    let (volume, mount) = tls_volume(plan.names().server_tls_secret());
+    let container = Container {
+        name: SERVER_CONTAINER.to_owned(),
+        image: Some(
+            server
+                .image
+                .clone()
+                .unwrap_or_else(|| plan.default_image.clone()),
+        ),
+        image_pull_policy: Some("IfNotPresent".to_owned()),
+        // Explicit: the e2e pod runner resolves the command on its PATH, and the image's
+        // entrypoint is the operator.
+        command: Some(vec!["cplink-server".to_owned()]),
+        args: Some(server_args(plan)),
+        env: Some(vec![
+            field_env("CPLINK_POD_IP", "status.podIP"),
+            field_env("POD_NAME", "metadata.name"),
+        ]),
+        ports: Some(vec![
+            container_port(FRONTEND_PORT_NAME, server.frontend.port),
+            container_port(AGENT_PORT_NAME, server.agent_endpoint.port),
+            container_port("admin", SERVER_ADMIN_PORT),
+        ]),
+        readiness_probe: Some(http_probe("/readyz", SERVER_ADMIN_PORT, 5, 2)),
+        liveness_probe: Some(http_probe("/healthz", SERVER_ADMIN_PORT, 10, 3)),
+        resources: server.resources.clone(),
+        security_context: Some(container_security_context()),
+        volume_mounts: Some(vec![mount]),
+        ..Container::default()
+    };
+    Deployment {
+        metadata: plan.meta(plan.names().server(), Component::Server),
+        spec: Some(DeploymentSpec {
+            replicas: Some(server.replicas),
+            selector: LabelSelector {
+                match_labels: Some(plan.selector(Component::Server)),
+                ..LabelSelector::default()
+            },
+            // A new server must be ready before an old one drains, so capacity never drops.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(plan.labels(Component::Server)),
+                    annotations: Some(BTreeMap::from([(
+                        TLS_CHECKSUM_ANNOTATION.to_owned(),
+                        tls_checksum.to_owned(),
+                    )])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(plan.names().server()),
+                    automount_service_account_token: Some(false),
+                    termination_grace_period_seconds: Some(TERMINATION_GRACE_PERIOD_SECONDS),
+                    security_context: Some(pod_security_context()),
+                    node_selector: server.node_selector.clone(),
+                    tolerations: server.tolerations.clone(),
+                    affinity: Some(
+                        server
+                            .affinity
+                            .clone()
+                            .unwrap_or_else(|| default_affinity(plan)),
+                    ),
+                    containers: vec![container],
+                    volumes: Some(vec![volume]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    use serde_json::json;
+
+    use super::*;
+    use crate::crd::{ControlPlaneLink, RoutingStrategy};
+
+    fn pod(deploy: &Deployment) -> &PodSpec {
+        deploy
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod spec")
+    }
+
+    #[test]
+    fn the_default_server_runs_two_replicas_bound_to_the_pod_ip() {
+        let deploy = server_deployment(&ControlPlaneLink::test().plan(), "sum");
+        assert_eq!(deploy.metadata.name.as_deref(), Some("link-server"));
+        let spec = deploy.spec.as_ref().expect("spec");
+        assert_eq!(spec.replicas, Some(2));
+        let c = &pod(&deploy).containers[0];
+        assert_eq!(c.image.as_deref(), Some("ghcr.io/cplink/cplink:test"));
+        assert_eq!(c.command, Some(vec!["cplink-server".to_owned()]));
+        assert_eq!(
+            c.args.as_deref().expect("args"),
+            [
+                "--server-count=2",
+                "--agent-address=$(CPLINK_POD_IP):8091",
+                "--frontend-address=$(CPLINK_POD_IP):8090",
+                "--admin-address=$(CPLINK_POD_IP):8095",
+                "--tls-cert=/etc/cplink/tls/tls.crt",
+                "--tls-key=/etc/cplink/tls/tls.key",
+                "--agent-ca=/etc/cplink/tls/ca.crt",
+                "--frontend-ca=/etc/cplink/tls/ca.crt",
+                "--drain-timeout=30s",
+                "--strategies=node,cidr,any",
+                "--log-level=info",
+            ]
+        );
+        assert_eq!(
+            serde_json::to_value(&c.env).expect("json"),
+            json!([
+                {"name": "CPLINK_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+            ])
+        );
+    }
+
+    #[test]
+    fn replicas_strategies_log_level_and_ports_follow_the_spec() {
+        let plan = ControlPlaneLink::test()
+            .with_replicas(3)
+            .with_spec(|s| {
+                s.routing.strategies = vec![RoutingStrategy::Any];
+                s.log_level = "debug".into();
+                s.server.frontend.port = 9443;
+                s.server.image = Some("registry.local/cplink:1".into());
+            })
+            .plan();
+        let deploy = server_deployment(&plan, "sum");
+        assert_eq!(deploy.spec.as_ref().expect("spec").replicas, Some(3));
+        let c = &pod(&deploy).containers[0];
+        let args = c.args.as_deref().expect("args");
+        assert!(args.contains(&"--server-count=3".to_owned()));
+        assert!(args.contains(&"--strategies=any".to_owned()));
+        assert!(args.contains(&"--log-level=debug".to_owned()));
+        assert!(args.contains(&"--frontend-address=$(CPLINK_POD_IP):9443".to_owned()));
+        assert_eq!(c.image.as_deref(), Some("registry.local/cplink:1"));
+        let ports = c.ports.as_ref().expect("ports");
+        assert_eq!(ports[0].container_port, 9443);
+    }
+
+    #[test]
+    fn rollouts_never_lose_capacity_and_pods_outlive_the_drain() {
+        let deploy = server_deployment(&ControlPlaneLink::test().plan(), "sum");
+        let strategy = deploy
+            .spec
+            .as_ref()
+            .and_then(|s| s.strategy.as_ref())
+            .expect("strategy");
+        assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+        let rolling = strategy.rolling_update.as_ref().expect("rolling");
+        assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
+        assert!(
+            pod(&deploy)
+                .termination_grace_period_seconds
+                .expect("grace")
+                > DRAIN_TIMEOUT_SECONDS
+        );
+    }
+
+    #[test]
+    fn servers_are_locked_down_and_probed_on_the_admin_port() {
+        let deploy = server_deployment(&ControlPlaneLink::test().plan(), "sum");
+        let pod = pod(&deploy);
+        assert_eq!(
+            pod.security_context
+                .as_ref()
+                .and_then(|s| s.run_as_non_root),
+            Some(true)
+        );
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(pod.service_account_name.as_deref(), Some("link-server"));
+        let c = &pod.containers[0];
+        assert_eq!(
+            serde_json::to_value(&c.security_context).expect("json"),
+            json!({
+                "allowPrivilegeEscalation": false,
+                "capabilities": {"drop": ["ALL"]},
+                "readOnlyRootFilesystem": true,
+                "runAsNonRoot": true
+            })
+        );
+        let readiness = c
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("readiness");
+        assert_eq!(
+            (readiness.path.as_deref(), &readiness.port),
+            (Some("/readyz"), &IntOrString::Int(8095))
+        );
+        let liveness = c
+            .liveness_probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .expect("liveness");
+        assert_eq!(
+            (liveness.path.as_deref(), &liveness.port),
+            (Some("/healthz"), &IntOrString::Int(8095))
+        );
+    }
+
+    #[test]
+    fn the_server_secret_is_mounted_and_its_checksum_annotates_the_template() {
+        let deploy = server_deployment(&ControlPlaneLink::test().plan(), "abc123");
+        let template = &deploy.spec.as_ref().expect("spec").template;
+        assert_eq!(
+            template
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.as_ref())
+                .expect("annotations")["cplink.dev/tls-checksum"],
+            "abc123"
+        );
+        let pod = pod(&deploy);
+        let volume = &pod.volumes.as_ref().expect("volumes")[0];
+        assert_eq!(
+            volume
+                .secret
+                .as_ref()
+                .and_then(|s| s.secret_name.as_deref()),
+            Some("link-server-tls")
+        );
+        let mount = &pod.containers[0].volume_mounts.as_ref().expect("mounts")[0];
+        assert_eq!(mount.mount_path, "/etc/cplink/tls");
+        assert_eq!(mount.read_only, Some(true));
+    }
+
+    #[test]
+    fn servers_spread_across_nodes_unless_placement_is_given() {
+        let deploy = server_deployment(&ControlPlaneLink::test().plan(), "sum");
+        let preferred = pod(&deploy)
+            .affinity
+            .as_ref()
+            .and_then(|a| a.pod_anti_affinity.as_ref())
+            .and_then(|a| {
+                a.preferred_during_scheduling_ignored_during_execution
+                    .as_ref()
+            })
+            .expect("preferred anti-affinity");
+        assert_eq!(
+            preferred[0].pod_affinity_term.topology_key,
+            "kubernetes.io/hostname"
+        );
+
+        let plan = ControlPlaneLink::test()
+            .with_spec(|s| {
+                s.server.node_selector = Some(BTreeMap::from([("role".into(), "edge".into())]));
+                s.server.tolerations = Some(vec![Toleration {
+                    key: Some("edge".into()),
+                    operator: Some("Exists".into()),
+                    ..Toleration::default()
+                }]);
+                s.server.affinity = Some(Affinity::default());
+                s.server.resources = Some(ResourceRequirements {
+                    requests: Some(BTreeMap::from([("cpu".into(), Quantity("100m".into()))])),
+                    ..ResourceRequirements::default()
+                });
+            })
+            .plan();
+        let deploy = server_deployment(&plan, "sum");
+        let pod = pod(&deploy);
+        assert_eq!(
+            pod.node_selector.as_ref().expect("selector")["role"],
+            "edge"
+        );
+        assert_eq!(
+            pod.tolerations.as_ref().expect("tolerations")[0]
+                .key
+                .as_deref(),
+            Some("edge")
+        );
+        assert_eq!(pod.affinity, Some(Affinity::default()));
+        assert_eq!(
+            pod.containers[0]
+                .resources
+                .as_ref()
+                .and_then(|r| r.requests.as_ref())
+                .expect("requests")["cpu"],
+            Quantity("100m".into())
+        );
+    }
+}

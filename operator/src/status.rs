@@ -1,0 +1,534 @@
+//! The status a link reports, and the Events its changes of state deserve.
+//!
+//! Pure: the reconciler gathers what it observed into [`Observed`], this module turns it into
+//! conditions (keeping `lastTransitionTime` while a condition's status holds) and compares the
+//! old and new status to decide which Events to publish, so a steady link publishes none.
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+use crate::crd::{
+    AgentsStatus, CertificatesStatus, ControlPlaneLinkStatus, FrontendStatus, ServerStatus,
+};
+use crate::validate::InvalidSpec;
+
+/// Condition: the link carries traffic (all of the below are true).
+pub const READY: &str = "Ready";
+/// Condition: at least one server replica is ready.
+pub const SERVER_AVAILABLE: &str = "ServerAvailable";
+/// Condition: every scheduled agent is ready (linked to all servers).
+pub const AGENTS_AVAILABLE: &str = "AgentsAvailable";
+/// Condition: the CA and all certificates are valid.
+pub const CERTIFICATES_READY: &str = "CertificatesReady";
+
+/// Reason of `Ready=False` until the link has been ready once.
+pub const REASON_PROGRESSING: &str = "Progressing";
+/// Reason of `Ready=False` for a spec the operator cannot act on.
+pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
+
+/// State of the certificates as the reconciler found or made them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Certificates {
+    /// All certificates valid; the earliest expiry.
+    Ready {
+        /// Earliest `notAfter` of CA and leaves.
+        not_after: Time,
+    },
+    /// The CA could not be used; nothing was issued.
+    NotReady {
+        /// CamelCase reason, e.g. `CASecretNotFound`.
+        reason: &'static str,
+        /// Human readable detail.
+        message: String,
+    },
+}
+
+/// What one reconcile observed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    /// Generation of the link that was reconciled.
+    pub generation: Option<i64>,
+    /// Server replicas, from the applied Deployment.
+    pub server: Option<ServerStatus>,
+    /// Agents, from the applied DaemonSet.
+    pub agents: Option<AgentsStatus>,
+    /// Frontend address and egress Secret.
+    pub frontend: Option<FrontendStatus>,
+    /// Certificates.
+    pub certificates: Certificates,
+}
+
+/// Desired and ready replicas of the server Deployment.
+pub fn server_status(deploy: &Deployment) -> ServerStatus {
+    let replicas = deploy.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let ready_replicas = deploy
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    ServerStatus {
+        replicas,
+        ready_replicas,
+        summary: format!("{ready_replicas}/{replicas}"),
+    }
+}
+
+/// Desired and ready agents of the DaemonSet.
+pub fn agents_status(ds: &DaemonSet) -> AgentsStatus {
+    let (desired, ready) = ds
+        .status
+        .as_ref()
+        .map_or((0, 0), |s| (s.desired_number_scheduled, s.number_ready));
+    AgentsStatus {
+        desired,
+        ready,
+        summary: format!("{ready}/{desired}"),
+    }
+}
+
+fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// Builds a condition, keeping the old transition time while its status is unchanged.
+fn condition(
+    old: &[Condition],
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    let status = if ok { "True" } else { "False" };
+    let last_transition_time = find(old, type_)
+        .filter(|c| c.status == status)
+        .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+/// Whether a condition of `conditions` is True.
+pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
+    find(conditions, type_).is_some_and(|c| c.status == "True")
+}
+
+/// The status of a link after a successful apply.
+pub fn desired_status(
+    old: Option<&ControlPlaneLinkStatus>,
+    observed: &Observed,
+    now: &Time,
+) -> ControlPlaneLinkStatus {
+    let old_conditions = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let generation = observed.generation;
+    let cond = |type_, ok, reason, message| {
+        condition(old_conditions, type_, ok, reason, message, generation, now)
+    };
+
+    let certificates = match &observed.certificates {
+        Certificates::Ready { not_after } => cond(
+            CERTIFICATES_READY,
+            true,
+            "Issued",
+            format!("certificates valid until {}", not_after.0),
+        ),
+        Certificates::NotReady { reason, message } => {
+            cond(CERTIFICATES_READY, false, reason, message.clone())
+        }
+    };
+    let server = match &observed.server {
+        Some(s) if s.ready_replicas > 0 => cond(
+            SERVER_AVAILABLE,
+            true,
+            "ReplicasReady",
+            format!("{} server replicas ready", s.summary),
+        ),
+        Some(s) => cond(
+            SERVER_AVAILABLE,
+            false,
+            "NoReplicasReady",
+            format!("{} server replicas ready", s.summary),
+        ),
+        None => cond(
+            SERVER_AVAILABLE,
+            false,
+            "NotCreated",
+            "server Deployment not created".into(),
+        ),
+    };
+    let agents = match &observed.agents {
+        Some(a) if a.desired == 0 => cond(
+            AGENTS_AVAILABLE,
+            false,
+            "NoAgentsScheduled",
+            "no node runs an agent".into(),
+        ),
+        Some(a) if a.ready == a.desired => cond(
+            AGENTS_AVAILABLE,
+            true,
+            "AllAgentsReady",
+            format!("{} agents ready", a.summary),
+        ),
+        Some(a) => cond(
+            AGENTS_AVAILABLE,
+            false,
+            "AgentsNotReady",
+            format!("{} agents ready", a.summary),
+        ),
+        None => cond(
+            AGENTS_AVAILABLE,
+            false,
+            "NotCreated",
+            "agent DaemonSet not created".into(),
+        ),
+    };
+
+    let failing = [
+        (&certificates, "CertificatesNotReady"),
+        (&server, "ServerUnavailable"),
+        (&agents, "AgentsUnavailable"),
+    ]
+    .into_iter()
+    .find(|(c, _)| c.status != "True");
+    let ready = match failing {
+        None => cond(
+            READY,
+            true,
+            "Available",
+            format!(
+                "{} servers and {} agents ready",
+                server_summary(observed),
+                agents_summary(observed)
+            ),
+        ),
+        Some((c, reason)) => {
+            // Until the link has been ready once, it is still coming up rather than broken.
+            let progressing = find(old_conditions, READY).is_none_or(|r| {
+                r.status != "True"
+                    && (r.reason == REASON_PROGRESSING || r.reason == REASON_INVALID_SPEC)
+            });
+            let reason = if progressing {
+                REASON_PROGRESSING
+            } else {
+                reason
+            };
+            cond(READY, false, reason, c.message.clone())
+        }
+    };
+
+    ControlPlaneLinkStatus {
+        observed_generation: generation,
+        conditions: vec![ready, server, agents, certificates],
+        server: observed.server.clone(),
+        agents: observed.agents.clone(),
+        frontend: observed.frontend.clone(),
+        certificates: match &observed.certificates {
+            Certificates::Ready { not_after } => Some(CertificatesStatus {
+                not_after: Some(not_after.clone()),
+            }),
+            Certificates::NotReady { .. } => old.and_then(|s| s.certificates.clone()),
+        },
+    }
+}
+
+fn server_summary(observed: &Observed) -> &str {
+    observed.server.as_ref().map_or("0/0", |s| &s.summary)
+}
+
+fn agents_summary(observed: &Observed) -> &str {
+    observed.agents.as_ref().map_or("0/0", |a| &a.summary)
+}
+
+/// The status of a link whose spec is invalid: `Ready=False`/`InvalidSpec` naming the field;
+/// the rest of the old status stays as it was, since no child was touched.
+pub fn invalid_status(
+    old: Option<&ControlPlaneLinkStatus>,
+    invalid: &InvalidSpec,
+    generation: Option<i64>,
+    now: &Time,
+) -> ControlPlaneLinkStatus {
+    let mut status = old.cloned().unwrap_or_default();
+    let ready = condition(
+        &status.conditions,
+        READY,
+        false,
+        REASON_INVALID_SPEC,
+        invalid.to_string(),
+        generation,
+        now,
+    );
+    status.conditions.retain(|c| c.type_ != READY);
+    status.conditions.insert(0, ready);
+    status.observed_generation = generation;
+    status
+}
+
+/// An Event to publish about the link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    /// Whether it is a warning.
+    pub warning: bool,
+    /// CamelCase reason.
+    pub reason: &'static str,
+    /// Human readable note.
+    pub note: String,
+}
+
+impl Transition {
+    fn normal(reason: &'static str, note: String) -> Self {
+        Self {
+            warning: false,
+            reason,
+            note,
+        }
+    }
+    fn warning(reason: &'static str, note: String) -> Self {
+        Self {
+            warning: true,
+            reason,
+            note,
+        }
+    }
+}
+
+/// The Events the change from `old` to `new` deserves: none when nothing changed state.
+pub fn transitions(
+    old: Option<&ControlPlaneLinkStatus>,
+    new: &ControlPlaneLinkStatus,
+    certificates_renewed: bool,
+) -> Vec<Transition> {
+    let mut events = Vec::new();
+    let new_ready = find(&new.conditions, READY);
+    let old_ready = old.and_then(|s| find(&s.conditions, READY));
+    let invalid = new_ready.is_some_and(|r| r.reason == REASON_INVALID_SPEC);
+
+    if invalid {
+        if let Some(r) = new_ready
+            && old_ready.is_none_or(|o| o.reason != r.reason || o.message != r.message)
+        {
+            events.push(Transition::warning("InvalidSpec", r.message.clone()));
+        }
+        return events;
+    }
+
+    let first_apply = old_ready.is_none_or(|o| {
+        o.reason == REASON_INVALID_SPEC && old.and_then(|s| s.server.as_ref()).is_none()
+    });
+    if first_apply {
+        events.push(Transition::normal(
+            "Created",
+            "created certificates, Services, server Deployment and agent DaemonSet".into(),
+        ));
+    } else if old.and_then(|s| s.observed_generation) != new.observed_generation {
+        events.push(Transition::normal(
+            "Updated",
+            format!(
+                "applied generation {}",
+                new.observed_generation.unwrap_or_default()
+            ),
+        ));
+    }
+    if certificates_renewed && !first_apply {
+        events.push(Transition::normal(
+            "CertificatesRenewed",
+            "issued new certificates; pods roll to pick them up".into(),
+        ));
+    }
+
+    let was_ready = old_ready.is_some_and(|o| o.status == "True");
+    match new_ready {
+        Some(r) if r.status == "True" && !was_ready => {
+            let reason = match old_ready {
+                Some(o) if o.reason != REASON_PROGRESSING => "Recovered",
+                _ => "Available",
+            };
+            events.push(Transition::normal(reason, r.message.clone()));
+        }
+        Some(r) if r.status != "True" && was_ready => {
+            events.push(Transition::warning("Degraded", r.message.clone()));
+        }
+        _ => {}
+    }
+    events
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::jiff::Timestamp;
+
+    use super::*;
+
+    fn at(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).expect("valid"))
+    }
+
+    fn observed(server_ready: i32, agents_ready: i32) -> Observed {
+        Observed {
+            generation: Some(1),
+            server: Some(ServerStatus {
+                replicas: 2,
+                ready_replicas: server_ready,
+                summary: format!("{server_ready}/2"),
+            }),
+            agents: Some(AgentsStatus {
+                desired: 3,
+                ready: agents_ready,
+                summary: format!("{agents_ready}/3"),
+            }),
+            frontend: None,
+            certificates: Certificates::Ready {
+                not_after: at(1_900_000_000),
+            },
+        }
+    }
+
+    fn ready(status: &ControlPlaneLinkStatus) -> &Condition {
+        find(&status.conditions, READY).expect("Ready condition")
+    }
+
+    #[test]
+    fn a_fully_ready_link_is_ready_with_all_four_conditions() {
+        let status = desired_status(None, &observed(2, 3), &at(100));
+        let types: Vec<_> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(
+            types,
+            [
+                READY,
+                SERVER_AVAILABLE,
+                AGENTS_AVAILABLE,
+                CERTIFICATES_READY
+            ]
+        );
+        assert!(status.conditions.iter().all(|c| c.status == "True"));
+        assert_eq!(ready(&status).message, "2/2 servers and 3/3 agents ready");
+        assert_eq!(status.observed_generation, Some(1));
+        assert_eq!(
+            status.certificates.and_then(|c| c.not_after),
+            Some(at(1_900_000_000))
+        );
+    }
+
+    #[test]
+    fn a_new_link_is_progressing_until_first_ready_then_names_what_broke() {
+        let coming_up = desired_status(None, &observed(0, 0), &at(100));
+        assert_eq!(ready(&coming_up).reason, REASON_PROGRESSING);
+        assert_eq!(ready(&coming_up).message, "0/2 server replicas ready");
+
+        let up = desired_status(Some(&coming_up), &observed(2, 3), &at(200));
+        let broken = desired_status(Some(&up), &observed(2, 1), &at(300));
+        assert_eq!(ready(&broken).status, "False");
+        assert_eq!(ready(&broken).reason, "AgentsUnavailable");
+        assert_eq!(ready(&broken).message, "1/3 agents ready");
+    }
+
+    #[test]
+    fn transition_times_move_only_when_a_condition_flips() {
+        let first = desired_status(None, &observed(1, 3), &at(100));
+        let same = desired_status(Some(&first), &observed(2, 3), &at(200));
+        assert_eq!(ready(&same).last_transition_time, at(100));
+        assert_eq!(ready(&same).message, "2/2 servers and 3/3 agents ready");
+        let flipped = desired_status(Some(&same), &observed(0, 3), &at(300));
+        assert_eq!(ready(&flipped).last_transition_time, at(300));
+    }
+
+    #[test]
+    fn certificate_trouble_makes_the_link_unready() {
+        let mut obs = observed(2, 3);
+        obs.certificates = Certificates::NotReady {
+            reason: "CASecretNotFound",
+            message: "secret \"my-ca\" not found".into(),
+        };
+        let up = desired_status(None, &observed(2, 3), &at(100));
+        let status = desired_status(Some(&up), &obs, &at(200));
+        assert_eq!(ready(&status).reason, "CertificatesNotReady");
+        let certs = find(&status.conditions, CERTIFICATES_READY).expect("condition");
+        assert_eq!(certs.reason, "CASecretNotFound");
+        assert_eq!(
+            status.certificates, up.certificates,
+            "keeps the last known expiry"
+        );
+    }
+
+    #[test]
+    fn an_invalid_spec_replaces_only_the_ready_condition() {
+        let up = desired_status(None, &observed(2, 3), &at(100));
+        let invalid = InvalidSpec {
+            field: "spec.tls.validity".into(),
+            message: "invalid duration \"abc\"".into(),
+        };
+        let status = invalid_status(Some(&up), &invalid, Some(2), &at(200));
+        assert_eq!(ready(&status).status, "False");
+        assert_eq!(ready(&status).reason, "InvalidSpec");
+        assert_eq!(
+            ready(&status).message,
+            "spec.tls.validity: invalid duration \"abc\""
+        );
+        assert_eq!(status.observed_generation, Some(2));
+        assert_eq!(status.conditions.len(), 4);
+        assert_eq!(status.server, up.server);
+    }
+
+    #[test]
+    fn events_mark_creation_readiness_degradation_and_recovery_only() {
+        let reasons = |old: Option<&ControlPlaneLinkStatus>, new: &ControlPlaneLinkStatus| {
+            transitions(old, new, false)
+                .into_iter()
+                .map(|t| (t.reason, t.warning))
+                .collect::<Vec<_>>()
+        };
+        let created = desired_status(None, &observed(0, 0), &at(1));
+        assert_eq!(reasons(None, &created), [("Created", false)]);
+
+        let still = desired_status(Some(&created), &observed(1, 0), &at(2));
+        assert_eq!(reasons(Some(&created), &still), []);
+
+        let up = desired_status(Some(&still), &observed(2, 3), &at(3));
+        assert_eq!(reasons(Some(&still), &up), [("Available", false)]);
+        assert_eq!(reasons(Some(&up), &up.clone()), []);
+
+        let down = desired_status(Some(&up), &observed(0, 3), &at(4));
+        assert_eq!(reasons(Some(&up), &down), [("Degraded", true)]);
+
+        let back = desired_status(Some(&down), &observed(2, 3), &at(5));
+        assert_eq!(reasons(Some(&down), &back), [("Recovered", false)]);
+
+        let mut next = observed(2, 3);
+        next.generation = Some(2);
+        let updated = desired_status(Some(&back), &next, &at(6));
+        assert_eq!(reasons(Some(&back), &updated), [("Updated", false)]);
+        assert_eq!(
+            transitions(Some(&updated), &updated, true)
+                .into_iter()
+                .map(|t| t.reason)
+                .collect::<Vec<_>>(),
+            ["CertificatesRenewed"]
+        );
+    }
+
+    #[test]
+    fn an_invalid_spec_is_reported_once_per_distinct_problem() {
+        let invalid = InvalidSpec {
+            field: "spec.logLevel".into(),
+            message: "bad".into(),
+        };
+        let first = invalid_status(None, &invalid, Some(1), &at(1));
+        let events = transitions(None, &first, false);
+        assert_eq!(events.len(), 1);
+        assert!(events[0].warning);
+        assert_eq!(events[0].reason, "InvalidSpec");
+        assert_eq!(events[0].note, "spec.logLevel: bad");
+        assert_eq!(transitions(Some(&first), &first.clone(), false), []);
+
+        let fixed = desired_status(Some(&first), &observed(0, 0), &at(2));
+        assert_eq!(
+            transitions(Some(&first), &fixed, false)[0].reason,
+            "Created"
+        );
+    }
+}
