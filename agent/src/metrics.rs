@@ -44,6 +44,9 @@ impl Metrics {
     /// Creates the metrics and registers them under the `cplink_agent` prefix.
     pub fn new(registry: &mut Registry) -> Self {
         let bytes_family = Family::<DirectionLabels, Counter>::default();
+        // Each get_or_create holds the family's lock until its guard drops: one per statement.
+        let socket_to_stream = bytes_family.get_or_create(&DirectionLabels { direction: "from_destination" }).clone();
+        let stream_to_socket = bytes_family.get_or_create(&DirectionLabels { direction: "to_destination" }).clone();
         let metrics = Metrics {
             links_up: Gauge::default(),
             servers_known: Gauge::default(),
@@ -52,12 +55,8 @@ impl Metrics {
             dials: Family::default(),
             dial_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             bytes: ByteCounters {
-                socket_to_stream: bytes_family
-                    .get_or_create(&DirectionLabels { direction: "from_destination" })
-                    .clone(),
-                stream_to_socket: bytes_family
-                    .get_or_create(&DirectionLabels { direction: "to_destination" })
-                    .clone(),
+                socket_to_stream,
+                stream_to_socket,
             },
         };
         let r = registry.sub_registry_with_prefix("cplink_agent");

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use cplink_proto::net::abort_tcp;
 use cplink_proto::pump::{self, Buffered, ReadChunk};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -241,13 +241,19 @@ async fn write_all_flush<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) ->
     stream.flush().await
 }
 
-async fn reply_and_close<S: AsyncWrite + Unpin>(stream: &mut S, response: &[u8]) {
+async fn reply_and_close<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, response: &[u8]) {
     let write = async {
         write_all_flush(stream, response).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        // Lingering close: take in what the client already sent (up to a bound), so that
+        // closing with unread input does not reset the connection before the answer is read.
+        let mut sink = tokio::io::sink();
+        tokio::io::copy(&mut (&mut *stream).take(64 * 1024), &mut sink).await?;
+        std::io::Result::Ok(())
     };
-    // A client that does not read its error answer must not hold the connection open.
-    if let Ok(Err(err)) = tokio::time::timeout(std::time::Duration::from_secs(5), write).await {
+    // A client that does not read its answer or never stops sending must not hold the
+    // connection open.
+    if let Ok(Err(err)) = tokio::time::timeout(std::time::Duration::from_secs(2), write).await {
         tracing::debug!(%err, "could not deliver the error answer");
     }
 }

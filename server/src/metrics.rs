@@ -76,6 +76,9 @@ impl Metrics {
     /// Creates the metrics and registers them under the `cplink_server` prefix.
     pub fn new(registry: &mut Registry) -> Self {
         let bytes_family = Family::<DirectionLabels, Counter>::default();
+        // Each get_or_create holds the family's lock until its guard drops: one per statement.
+        let socket_to_stream = bytes_family.get_or_create(&DirectionLabels { direction: "to_agent" }).clone();
+        let stream_to_socket = bytes_family.get_or_create(&DirectionLabels { direction: "from_agent" }).clone();
         let metrics = Metrics {
             agents_linked: Gauge::default(),
             streams_active: Gauge::default(),
@@ -86,12 +89,8 @@ impl Metrics {
             request_errors: Family::default(),
             link_errors: Family::default(),
             bytes: ByteCounters {
-                socket_to_stream: bytes_family
-                    .get_or_create(&DirectionLabels { direction: "to_agent" })
-                    .clone(),
-                stream_to_socket: bytes_family
-                    .get_or_create(&DirectionLabels { direction: "from_agent" })
-                    .clone(),
+                socket_to_stream,
+                stream_to_socket,
             },
         };
         let r = registry.sub_registry_with_prefix("cplink_server");

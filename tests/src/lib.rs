@@ -1,1 +1,25 @@
-//! placeholder
+//! Test support for cplink: certificates, in-process servers and agents on loopback, CONNECT
+//! clients, destination fixtures, and waiting on conditions.
+//!
+//! - [`pki`]: a CA and leaf certificates written to a private directory.
+//! - [`fixture`]: [`fixture::Loopback`] starts servers and agents in-process on `127.0.0.1:0`.
+//! - [`client`]: CONNECT clients for the Unix socket and TLS frontends.
+//! - [`targets`]: destinations: echo, source, sink, a closed port and a black hole.
+//! - [`wait`]: polling a condition until a deadline.
+
+pub mod client;
+pub mod fixture;
+pub mod pki;
+pub mod targets;
+pub mod wait;
+
+/// Installs a test log subscriber once (filter from `RUST_LOG`, default `warn`).
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}

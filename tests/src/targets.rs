@@ -1,0 +1,158 @@
+//! Destinations for tunneled connections, on loopback.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// A running destination; stops when dropped.
+pub struct Target {
+    /// Its address.
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Target {
+    /// `host:port` as written in a CONNECT request.
+    pub fn authority(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+async fn serve<F, Fut>(handler: F) -> anyhow::Result<Target>
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(handler(stream));
+        }
+    });
+    Ok(Target { addr, task })
+}
+
+/// Echoes every byte back; half-closes after the client half-closed.
+pub async fn echo() -> anyhow::Result<Target> {
+    serve(|mut stream| async move {
+        let (mut r, mut w) = stream.split();
+        if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+            let _ = w.shutdown().await;
+        }
+    })
+    .await
+}
+
+/// Reads until the client half-closes, then answers with the number of bytes read, as text,
+/// and closes: proves that a half-closed client still receives its answer.
+pub async fn count_then_answer() -> anyhow::Result<Target> {
+    serve(|mut stream| async move {
+        let mut buf = Vec::new();
+        if stream.read_to_end(&mut buf).await.is_ok() {
+            let _ = stream.write_all(format!("read {} bytes", buf.len()).as_bytes()).await;
+            let _ = stream.shutdown().await;
+        }
+    })
+    .await
+}
+
+/// Writes `total` bytes as fast as the reader takes them, reporting progress in `written`.
+pub async fn source(total: u64, written: std::sync::Arc<std::sync::atomic::AtomicU64>) -> anyhow::Result<Target> {
+    serve(move |mut stream| {
+        let written = written.clone();
+        async move {
+            let chunk = vec![0x5a_u8; 64 * 1024];
+            let mut sent = 0u64;
+            while sent < total {
+                let n = chunk.len().min((total - sent) as usize);
+                if stream.write_all(&chunk[..n]).await.is_err() {
+                    return;
+                }
+                sent += n as u64;
+                written.store(sent, std::sync::atomic::Ordering::Relaxed);
+            }
+            let _ = stream.shutdown().await;
+        }
+    })
+    .await
+}
+
+/// Accepts, then resets the connection at once.
+pub async fn resetter() -> anyhow::Result<Target> {
+    serve(|stream| async move {
+        // Wait for the client's first byte so the reset hits an established tunnel.
+        let mut byte = [0u8; 1];
+        let _ = stream.peek(&mut byte).await;
+        cplink_proto::net::abort_tcp(stream);
+    })
+    .await
+}
+
+/// Records how each connection ended: `Ok(bytes)` on a clean end, `Err(kind)` on an error.
+pub async fn recorder() -> anyhow::Result<(Target, tokio::sync::mpsc::UnboundedReceiver<Result<usize, std::io::ErrorKind>>)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let target = serve(move |mut stream| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = Vec::new();
+            let result = stream.read_to_end(&mut buf).await.map_err(|e| e.kind());
+            let _ = tx.send(result);
+        }
+    })
+    .await?;
+    Ok((target, rx))
+}
+
+/// An address where nothing listens.
+pub fn closed_port() -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    drop(listener);
+    Ok(addr)
+}
+
+/// A listener whose accept queue is full and which never accepts: connections to it hang in
+/// SYN-SENT, like a destination behind a firewall that drops packets.
+pub struct BlackHole {
+    /// Its address.
+    pub addr: SocketAddr,
+    _listener: socket2::Socket,
+    _queued: Vec<std::net::TcpStream>,
+}
+
+/// Creates a [`BlackHole`].
+pub fn black_hole() -> anyhow::Result<BlackHole> {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    listener.bind(&"127.0.0.1:0".parse::<SocketAddr>()?.into())?;
+    listener.listen(0)?;
+    let addr = listener
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| anyhow::anyhow!("not an inet socket"))?;
+    let mut queued = Vec::new();
+    // Fill the accept queue until a connection attempt no longer completes.
+    loop {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(stream) => queued.push(stream),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => break,
+            Err(e) => return Err(e.into()),
+        }
+        anyhow::ensure!(queued.len() < 64, "accept queue never filled");
+    }
+    Ok(BlackHole {
+        addr,
+        _listener: listener,
+        _queued: queued,
+    })
+}

@@ -1,0 +1,357 @@
+//! Server, agent and destinations in-process on loopback: the tunnel's behaviour end to end.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cplink_e2e::client::{self, TlsClient};
+use cplink_e2e::fixture::Loopback;
+use cplink_e2e::pki::{Pki, Usage};
+use cplink_e2e::{targets, wait};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+async fn echo_round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &mut S, msg: &[u8]) -> anyhow::Result<()> {
+    stream.write_all(msg).await?;
+    stream.flush().await?;
+    let mut back = vec![0u8; msg.len()];
+    stream.read_exact(&mut back).await?;
+    anyhow::ensure!(back == msg, "echo mismatch");
+    Ok(())
+}
+
+#[tokio::test]
+async fn bytes_cross_the_tunnel_through_both_frontends() -> anyhow::Result<()> {
+    let lo = Loopback::new()?;
+    let (server, _agent) = lo.pair().await?;
+    let echo = targets::echo().await?;
+
+    let mut uds = client::tunnel_uds(&server.uds, &echo.authority()).await?;
+    echo_round_trip(&mut uds, b"hello over the unix socket").await?;
+
+    let tls = TlsClient::new(&lo.frontend_cert, lo.pki.ca_file())?;
+    let mut stream = tls.tunnel(server.tls_addr, &echo.authority()).await?;
+    echo_round_trip(&mut stream, b"hello over mutual TLS").await?;
+
+    let metrics = server.handle.metrics_text();
+    assert!(metrics.contains("cplink_server_dials_total{result=\"ok\"} 2"), "{metrics}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn bytes_sent_right_behind_the_connect_head_are_not_lost() -> anyhow::Result<()> {
+    let lo = Loopback::new()?;
+    let (server, _agent) = lo.pair().await?;
+    let echo = targets::echo().await?;
+    let mut stream = UnixStream::connect(&server.uds).await?;
+    stream
+        .write_all(format!("CONNECT {} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nearly", echo.authority()).as_bytes())
+        .await?;
+    let answer = client::read_answer(&mut stream).await?;
+    assert_eq!(answer.status, 200);
+    let mut back = [0u8; 5];
+    stream.read_exact(&mut back).await?;
+    assert_eq!(&back, b"early");
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_200_names_the_connection_established_and_nothing_follows_it() -> anyhow::Result<()> {
+    let lo = Loopback::new()?;
+    let (server, _agent) = lo.pair().await?;
+    let echo = targets::echo().await?;
+    let mut stream = UnixStream::connect(&server.uds).await?;
+    let answer = client::handshake(&mut stream, &echo.authority()).await?;
+    assert_eq!(answer.head, "HTTP/1.1 200 Connection Established\r\n\r\n");
+    // The echo target sends nothing unprompted, so nothing may be readable.
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_millis(100), stream.read(&mut byte)).await;
+    assert!(read.is_err(), "no byte may follow the 200 until the client speaks");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_half_closed_client_still_receives_the_answer() -> anyhow::Result<()> {
+    let lo = Loopback::new()?;
+    let (server, _agent) = lo.pair().await?;
+    let target = targets::count_then_answer().await?;
+
+    let mut uds = client::tunnel_uds(&server.uds, &target.authority()).await?;
+    uds.write_all(&[7u8; 100_000]).await?;
+    uds.shutdown().await?;
+    let mut answer = String::new();
+    uds.read_to_string(&mut answer).await?;
+    assert_eq!(answer, "read 100000 bytes");
+
+    let tls = TlsClient::new(&lo.frontend_cert, lo.pki.ca_file())?;
+    let mut stream = tls.tunnel(server.tls_addr, &target.authority()).await?;
+    stream.write_all(&[7u8; 12_345]).await?;
+    stream.shutdown().await?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await?;
+    assert_eq!(answer, "read 12345 bytes");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_destination_reset_reaches_the_client_as_an_error() -> anyhow::Result<()> {
+    let lo = Loopback::new()?;
+    let (server, _agent) = lo.pair().await?;
+    let target = targets::resetter().await?;
+    let tls = TlsClient::new(&lo.frontend_cert, lo.pki.ca_file())?;
+    let mut stream = tls.tunnel(server.tls_addr, &target.authority()).await?;
+    stream.write_all(b"x").await?;
+    let mut buf = Vec::new();
+    let result = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await?;
+    assert!(result.is_err(), "an aborted destination must not look like a clean end: {result:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_reset_reaches_the_destination_as_an_error() -> anyhow::Result<()> {
+    let lo = Loopback::new()?;
+    let (server, _agent) = lo.pair().await?;
+    let (target, mut outcomes) = targets::recorder().await?;
+    let tls = TlsClient::new(&lo.frontend_cert, lo.pki.ca_file())?;
+    let mut stream = tls.tunnel(server.tls_addr, &target.authority()).await?;
+    stream.write_all(b"partial").await?;
+    stream.flush().await?;
+    let (tcp, _) = stream.into_inner();
+    cplink_proto::net::abort_tcp(tcp);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), outcomes.recv()).await?;
+    assert!(matches!(outcome, Some(Err(_))), "destination must see an abort, saw {outcome:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_closed_port_answers_502() -> anyhow::Result<()> {
+    let lo = Loopback::new()?;
+    let (server, _agent) = lo.pair().await?;
+    let closed = targets::closed_port()?;
+    let mut stream = UnixStream::connect(&server.uds).await?;
+    let answer = client::handshake(&mut stream, &closed.to_string()).await?;
+    assert_eq!(answer.status, 502, "{answer:?}");
+    assert!(answer.body.contains("connection refused"), "{answer:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_destination_that_never_answers_gives_504_within_the_timeout() -> anyhow::Result<()> {
+    let lo = Loopback::new()?;
+    let server = lo.start_server(&[]).await?;
+    let _agent = lo.start_agent(&[server.agent_addr], &["--dial-timeout", "500ms"]).await?;
+    server.wait_for_agents(1).await?;
+    let hole = targets::black_hole()?;
+    let started = Instant::now();
+    let mut stream = UnixStream::connect(&server.uds).await?;
+    let answer = client::handshake(&mut stream, &hole.addr.to_string()).await?;
+    assert_eq!(answer.status, 504, "{answer:?}");
+    assert!(answer.body.contains("timed out after 500ms"), "{answer:?}");
+    // The agent's budget, not the server's 10 s default, decided.
+    assert!(started.elapsed() < Duration::from_secs(9), "took {:?}", started.elapsed());
+    Ok(())
+}
+
+#[tokio::test]
+async fn no_agent_answers_503() -> anyhow::Result<()> {
+    let lo = Loopback::new()?;
+    let server = lo.start_server(&[]).await?;
+    let mut stream = UnixStream::connect(&server.uds).await?;
+    let answer = client::handshake(&mut stream, "127.0.0.1:10250").await?;
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert_eq!(answer.body, "no agent available: no agent is linked to this server\n");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_denied_destination_answers_403_with_the_reason() -> anyhow::Result<()> {
+    let lo = Loopback::new()?;
+    let server = lo.start_server(&[]).await?;
+    let echo = targets::echo().await?;
+    let _agent = lo
+        .start_agent(&[server.agent_addr], &["--allow", &format!("127.0.0.1/32:{}", echo.addr.port())])
+        .await?;
+    server.wait_for_agents(1).await?;
+    // The allowed port works...
+    let mut ok = client::tunnel_uds(&server.uds, &echo.authority()).await?;
+    echo_round_trip(&mut ok, b"allowed").await?;
+    // ...another port on the same host does not.
+    let other = targets::echo().await?;
+    let mut stream = UnixStream::connect(&server.uds).await?;
+    let answer = client::handshake(&mut stream, &other.authority()).await?;
+    assert_eq!(answer.status, 403, "{answer:?}");
+    assert!(answer.body.contains("not in the agent's allowed destinations"), "{answer:?}");
+    // Link-local metadata is refused even without rules.
+    let open = lo.start_server(&[]).await?;
+    let _open_agent = lo.start_agent(&[open.agent_addr], &[]).await?;
+    open.wait_for_agents(1).await?;
+    let mut stream = UnixStream::connect(&open.uds).await?;
+    let answer = client::handshake(&mut stream, "169.254.169.254:80").await?;
+    assert_eq!(answer.status, 403, "{answer:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn malformed_requests_get_clear_errors() -> anyhow::Result<()> {
+    let lo = Loopback::new()?;
+    let server = lo.start_server(&["--header-timeout", "300ms"]).await?;
+
+    let mut stream = UnixStream::connect(&server.uds).await?;
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+    let answer = client::read_answer(&mut stream).await?;
+    assert_eq!(answer.status, 405, "{answer:?}");
+
+    let mut stream = UnixStream::connect(&server.uds).await?;
+    stream.write_all(b"CONNECT no-port HTTP/1.1\r\n\r\n").await?;
+    assert_eq!(client::read_answer(&mut stream).await?.status, 400);
+
+    let mut stream = UnixStream::connect(&server.uds).await?;
+    let mut huge = b"CONNECT a:1 HTTP/1.1\r\nX-Pad: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 9 * 1024));
+    // The server may close before reading everything; the answer is what matters.
+    let _ = stream.write_all(&huge).await;
+    assert_eq!(client::read_answer(&mut stream).await?.status, 431);
+
+    // Slow loris: half a head, then silence.
+    let mut stream = UnixStream::connect(&server.uds).await?;
+    stream.write_all(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHo").await?;
+    let answer = tokio::time::timeout(Duration::from_secs(10), client::read_answer(&mut stream)).await??;
+    assert_eq!(answer.status, 408, "{answer:?}");
+
+    let metrics = server.handle.metrics_text();
+    for reason in ["not_connect", "bad_target", "header_too_large", "header_timeout"] {
+        assert!(
+            metrics.contains(&format!("cplink_server_frontend_request_errors_total{{reason=\"{reason}\"}} 1")),
+            "{reason} not counted:\n{metrics}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_frontend_client_without_a_trusted_certificate_is_rejected() -> anyhow::Result<()> {
+    let lo = Loopback::new()?;
+    let (server, _agent) = lo.pair().await?;
+    let rogue = Pki::new(&lo.dir().join("rogue"), "rogue")?;
+    let rogue_cert = rogue.issue("apiserver", &["kube-apiserver"], Usage::Client)?;
+    let client = TlsClient::new(&rogue_cert, lo.pki.ca_file())?;
+    // TLS 1.3 reports a rejected client certificate on the first read.
+    let result = async {
+        let mut stream = client.connect(server.tls_addr).await?;
+        client::handshake(&mut stream, "127.0.0.1:1").await
+    }
+    .await;
+    assert!(result.is_err(), "untrusted client certificate accepted: {result:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn agents_with_untrusted_certificates_or_trust_are_not_linked() -> anyhow::Result<()> {
+    let lo = Loopback::new()?;
+    let server = lo.start_server(&[]).await?;
+    let rogue = Pki::new(&lo.dir().join("rogue"), "rogue")?;
+
+    // A client certificate from a CA the server does not trust.
+    let rogue_cert = rogue.issue("agent", &["agent"], Usage::Client)?;
+    let untrusted = lo
+        .start_agent_with_cert(&[server.agent_addr], &rogue_cert, lo.pki.ca_file(), &[])
+        .await?;
+    // An agent that does not trust the server's CA.
+    let distrustful = lo
+        .start_agent_with_cert(&[server.agent_addr], &lo.agent_cert, rogue.ca_file(), &[])
+        .await?;
+
+    let handle = server.handle.clone();
+    wait::until("two rejected TLS handshakes", Duration::from_secs(20), || {
+        handle.metrics_text().contains("cplink_server_link_errors_total{reason=\"tls\"} 2")
+            || handle.metrics_text().contains("cplink_server_link_errors_total{reason=\"tls\"} 3")
+    })
+    .await?;
+    let agent_handle = distrustful.handle.clone();
+    wait::until("the agent to record its TLS failure", Duration::from_secs(20), || {
+        agent_handle.metrics_text().contains("cplink_agent_link_attempts_total{result=\"tls\"}")
+    })
+    .await?;
+    assert_eq!(server.handle.linked_agents(), 0);
+    assert!(untrusted.handle.readiness().is_err());
+    assert!(distrustful.handle.readiness().is_err());
+    Ok(())
+}
+
+#[tokio::test]
+async fn admin_endpoints_report_health_readiness_and_metrics() -> anyhow::Result<()> {
+    let lo = Loopback::new()?;
+    let server = lo.start_server(&[]).await?;
+    let get = |addr: std::net::SocketAddr, path: &'static str| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        anyhow::Ok(response)
+    };
+    assert!(get(server.admin_addr, "/healthz").await?.starts_with("HTTP/1.1 200"));
+    let not_ready = get(server.admin_addr, "/readyz").await?;
+    assert!(not_ready.starts_with("HTTP/1.1 503") && not_ready.contains("no agent linked"), "{not_ready}");
+
+    let agent = lo.start_agent(&[server.agent_addr], &[]).await?;
+    server.wait_for_agents(1).await?;
+    agent.wait_ready().await?;
+    assert!(get(server.admin_addr, "/readyz").await?.starts_with("HTTP/1.1 200"));
+    assert!(get(agent.admin_addr, "/readyz").await?.starts_with("HTTP/1.1 200"));
+    let metrics = get(server.admin_addr, "/metrics").await?;
+    for name in [
+        "cplink_server_agents_linked 1",
+        "cplink_server_streams_active",
+        "cplink_server_dial_duration_seconds_bucket",
+        "cplink_server_tunnel_bytes_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+    let metrics = get(agent.admin_addr, "/metrics").await?;
+    assert!(metrics.contains("cplink_agent_links_up 1"), "{metrics}");
+    assert!(get(server.admin_addr, "/nope").await?.starts_with("HTTP/1.1 404"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stalled_reader_does_not_slow_other_streams() -> anyhow::Result<()> {
+    let lo = Loopback::new()?;
+    let (server, _agent) = lo.pair().await?;
+    let written = Arc::new(AtomicU64::new(0));
+    let source = targets::source(256 * 1024 * 1024, written.clone()).await?;
+    let echo = targets::echo().await?;
+
+    // Several readers that never read while their destinations push megabytes at them.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let stream = client::tunnel_uds(&server.uds, &source.authority()).await?;
+        stalled.push(stream);
+    }
+    wait::until("megabytes pending behind the stalled readers", Duration::from_secs(20), || {
+        written.load(Ordering::Relaxed) >= 2 * 1024 * 1024
+    })
+    .await?;
+    let pending = written.load(Ordering::Relaxed);
+
+    let mut active = client::tunnel_uds(&server.uds, &echo.authority()).await?;
+    let mut latencies = Vec::new();
+    for i in 0..200u32 {
+        let started = Instant::now();
+        echo_round_trip(&mut active, &i.to_be_bytes()).await?;
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    eprintln!(
+        "request/response next to {} stalled streams holding {} KiB: p50 {:?}, p99 {:?}",
+        stalled.len(),
+        pending / 1024,
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() * 99 / 100]
+    );
+    // The stalled streams really were stalled: their destinations could not finish.
+    assert!(written.load(Ordering::Relaxed) < 256 * 1024 * 1024);
+    drop(stalled);
+    Ok(())
+}
