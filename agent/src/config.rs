@@ -48,7 +48,12 @@ pub struct Args {
     pub default_route: bool,
 
     /// Address (host:port) of a cplink server to link to; repeat for several.
-    #[arg(long, env = "CPLINK_SERVER_ADDRESS", value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        env = "CPLINK_SERVER_ADDRESS",
+        value_delimiter = ',',
+        required = true
+    )]
     pub server_address: Vec<String>,
 
     /// Name expected in the server certificate. Defaults to the host of each --server-address.
@@ -187,14 +192,18 @@ impl Args {
     pub fn into_config(self) -> Result<Config, ConfigError> {
         let identity = Identity::from_pem_files(&self.tls_cert, &self.tls_key).map_err(|e| {
             let flag = match e {
-                TlsError::Pem { what: "private key", .. } => "tls-key",
+                TlsError::Pem {
+                    what: "private key",
+                    ..
+                } => "tls-key",
                 _ => "tls-cert",
             };
             ConfigError::new(flag, e)
         })?;
-        let server_ca =
-            TrustAnchors::from_pem_file(&self.server_ca).map_err(|e| ConfigError::new("server-ca", e))?;
-        let tls = tls::link_client_config(&identity, &server_ca).map_err(|e| ConfigError::new("tls-key", e))?;
+        let server_ca = TrustAnchors::from_pem_file(&self.server_ca)
+            .map_err(|e| ConfigError::new("server-ca", e))?;
+        let tls = tls::link_client_config(&identity, &server_ca)
+            .map_err(|e| ConfigError::new("tls-key", e))?;
 
         let mut servers = Vec::with_capacity(self.server_address.len());
         for address in &self.server_address {
@@ -230,7 +239,10 @@ impl Args {
             (Some(id), _) => id,
             (None, Some(node)) if !node.is_empty() => node.clone(),
             (None, _) => hostname().ok_or_else(|| {
-                ConfigError::new("agent-id", "not set and neither --node-name nor the host name is known")
+                ConfigError::new(
+                    "agent-id",
+                    "not set and neither --node-name nor the host name is known",
+                )
             })?,
         };
         Ok(Config {
@@ -296,7 +308,13 @@ mod tests {
 
     #[test]
     fn lists_accept_repetition_and_commas() {
-        let a = args(&["--allow", "10.0.0.0/8:10250,10.244.0.0/16", "--allow", "192.168.0.0/16"]).unwrap();
+        let a = args(&[
+            "--allow",
+            "10.0.0.0/8:10250,10.244.0.0/16",
+            "--allow",
+            "192.168.0.0/16",
+        ])
+        .unwrap();
         assert_eq!(a.allow.len(), 3);
         let a = args(&["--server-address", "other:8091"]).unwrap();
         assert_eq!(a.server_address, vec!["cplink.example:8091", "other:8091"]);
@@ -311,6 +329,17 @@ mod tests {
 
     #[test]
     fn a_server_address_is_required() {
-        assert!(Args::try_parse_from(["cplink-agent", "--tls-cert", "a", "--tls-key", "b", "--server-ca", "c"]).is_err());
+        assert!(
+            Args::try_parse_from([
+                "cplink-agent",
+                "--tls-cert",
+                "a",
+                "--tls-key",
+                "b",
+                "--server-ca",
+                "c"
+            ])
+            .is_err()
+        );
     }
 }

@@ -18,20 +18,34 @@ use crate::Shared;
 use crate::metrics::ResultLabels;
 
 /// Handles a `CONNECT` stream opened by a server.
-pub(crate) async fn serve(shared: &Shared, request: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+pub(crate) async fn serve(
+    shared: &Shared,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
     let (parts, recv) = request.into_parts();
     let target = match parse_target(&parts.method, &parts.uri) {
         Ok(target) => target,
         Err(failure) => return refuse(shared, &mut respond, &failure),
     };
     let span = tracing::info_span!("dial", dest = %target);
-    dial_and_pump(shared, target, recv, respond).instrument(span).await;
+    dial_and_pump(shared, target, recv, respond)
+        .instrument(span)
+        .await;
 }
 
-async fn dial_and_pump(shared: &Shared, target: Target, recv: RecvStream, mut respond: SendResponse<Bytes>) {
+async fn dial_and_pump(
+    shared: &Shared,
+    target: Target,
+    recv: RecvStream,
+    mut respond: SendResponse<Bytes>,
+) {
     let started = Instant::now();
     let dialed = dial(shared, &target).await;
-    shared.metrics.dial_duration.observe(started.elapsed().as_secs_f64());
+    shared
+        .metrics
+        .dial_duration
+        .observe(started.elapsed().as_secs_f64());
     let tcp = match dialed {
         Ok(tcp) => tcp,
         Err(failure) => {
@@ -39,7 +53,11 @@ async fn dial_and_pump(shared: &Shared, target: Target, recv: RecvStream, mut re
             return refuse(shared, &mut respond, &failure);
         }
     };
-    shared.metrics.dials.get_or_create(&ResultLabels { result: "ok" }).inc();
+    shared
+        .metrics
+        .dials
+        .get_or_create(&ResultLabels { result: "ok" })
+        .inc();
 
     let send = match respond.send_response(Response::new(()), false) {
         Ok(send) => send,
@@ -50,7 +68,16 @@ async fn dial_and_pump(shared: &Shared, target: Target, recv: RecvStream, mut re
     };
     let _active = pump::ActiveStream::new(&shared.metrics.streams_active);
     let (mut reader, mut writer) = tcp.into_split();
-    match pump::pump(&mut reader, &mut writer, send, recv, Bytes::new(), &shared.metrics.bytes).await {
+    match pump::pump(
+        &mut reader,
+        &mut writer,
+        send,
+        recv,
+        Bytes::new(),
+        &shared.metrics.bytes,
+    )
+    .await
+    {
         Ok(stats) => tracing::debug!(
             to_destination = stats.stream_to_socket,
             from_destination = stats.socket_to_stream,
@@ -65,7 +92,9 @@ async fn dial_and_pump(shared: &Shared, target: Target, recv: RecvStream, mut re
 
 fn parse_target(method: &Method, uri: &http::Uri) -> Result<Target, DialFailure> {
     if method != Method::CONNECT {
-        return Err(DialFailure::BadTarget(format!("method {method} is not CONNECT")));
+        return Err(DialFailure::BadTarget(format!(
+            "method {method} is not CONNECT"
+        )));
     }
     let authority = uri
         .authority()
@@ -80,7 +109,9 @@ fn refuse(shared: &Shared, respond: &mut SendResponse<Bytes>, failure: &DialFail
     shared
         .metrics
         .dials
-        .get_or_create(&ResultLabels { result: failure.kind() })
+        .get_or_create(&ResultLabels {
+            result: failure.kind(),
+        })
         .inc();
     let response = Response::builder()
         .status(failure.status())
@@ -125,15 +156,18 @@ async fn dial(shared: &Shared, target: &Target) -> Result<TcpStream, DialFailure
                     tune_stream(&tcp);
                     return Ok(tcp);
                 }
-                Err(err) => last_error = Some(classify_connect_error(&err, &addr.to_string(), budget)),
+                Err(err) => {
+                    last_error = Some(classify_connect_error(&err, &addr.to_string(), budget))
+                }
             }
         }
         Err(last_error
             .or(denial.map(DialFailure::Forbidden))
-            .unwrap_or_else(|| DialFailure::Unreachable(format!("{} resolved to no address", target.host))))
+            .unwrap_or_else(|| {
+                DialFailure::Unreachable(format!("{} resolved to no address", target.host))
+            }))
     };
     tokio::time::timeout(budget, attempt)
         .await
         .unwrap_or(Err(DialFailure::Timeout(budget)))
 }
-

@@ -144,9 +144,16 @@ impl Agent {
         let shared = self.shared;
         let config = &shared.config;
         if config.policy.is_open() {
-            tracing::warn!("no --allow given: every destination except link-local addresses may be dialed");
+            tracing::warn!(
+                "no --allow given: every destination except link-local addresses may be dialed"
+            );
         } else {
-            let rules: Vec<_> = config.policy.rules().iter().map(|r| r.to_string()).collect();
+            let rules: Vec<_> = config
+                .policy
+                .rules()
+                .iter()
+                .map(|r| r.to_string())
+                .collect();
             tracing::info!(allow = %rules.join(","), "destination policy");
         }
         tracing::info!(agent_id = %config.agent_id, servers = config.servers.len(), "cplink-agent started");
@@ -177,7 +184,10 @@ impl Agent {
         shutdown.cancelled().await;
         shared.draining.store(true, Ordering::Relaxed);
         uplinks.close();
-        if tokio::time::timeout(config.drain_timeout, uplinks.wait()).await.is_err() {
+        if tokio::time::timeout(config.drain_timeout, uplinks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 streams = shared.metrics.streams_active.get(),
                 "drain timeout reached: closing links with streams in flight"

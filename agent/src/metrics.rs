@@ -45,8 +45,16 @@ impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
         let bytes_family = Family::<DirectionLabels, Counter>::default();
         // Each get_or_create holds the family's lock until its guard drops: one per statement.
-        let socket_to_stream = bytes_family.get_or_create(&DirectionLabels { direction: "from_destination" }).clone();
-        let stream_to_socket = bytes_family.get_or_create(&DirectionLabels { direction: "to_destination" }).clone();
+        let socket_to_stream = bytes_family
+            .get_or_create(&DirectionLabels {
+                direction: "from_destination",
+            })
+            .clone();
+        let stream_to_socket = bytes_family
+            .get_or_create(&DirectionLabels {
+                direction: "to_destination",
+            })
+            .clone();
         let metrics = Metrics {
             links_up: Gauge::default(),
             servers_known: Gauge::default(),
@@ -60,17 +68,41 @@ impl Metrics {
             },
         };
         let r = registry.sub_registry_with_prefix("cplink_agent");
-        r.register("links_up", "Links to servers currently up", metrics.links_up.clone());
-        r.register("servers_known", "Servers the agent should be linked to", metrics.servers_known.clone());
-        r.register("link_attempts", "Attempts to link to a server by result", metrics.link_attempts.clone());
-        r.register("streams_active", "Tunneled connections currently open", metrics.streams_active.clone());
-        r.register("dials", "Dials to destinations by result", metrics.dials.clone());
+        r.register(
+            "links_up",
+            "Links to servers currently up",
+            metrics.links_up.clone(),
+        );
+        r.register(
+            "servers_known",
+            "Servers the agent should be linked to",
+            metrics.servers_known.clone(),
+        );
+        r.register(
+            "link_attempts",
+            "Attempts to link to a server by result",
+            metrics.link_attempts.clone(),
+        );
+        r.register(
+            "streams_active",
+            "Tunneled connections currently open",
+            metrics.streams_active.clone(),
+        );
+        r.register(
+            "dials",
+            "Dials to destinations by result",
+            metrics.dials.clone(),
+        );
         r.register(
             "dial_duration_seconds",
             "Time to connect to a destination",
             metrics.dial_duration.clone(),
         );
-        r.register("tunnel_bytes", "Bytes carried through the tunnel", bytes_family);
+        r.register(
+            "tunnel_bytes",
+            "Bytes carried through the tunnel",
+            bytes_family,
+        );
         metrics
     }
 }

@@ -24,7 +24,9 @@ pub struct Rule {
 
 /// Why a rule does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid rule {rule:?}: {reason} (expected CIDR[:PORT[-PORT]], e.g. 10.0.0.0/8:10250 or [fd00::/8]:443)")]
+#[error(
+    "invalid rule {rule:?}: {reason} (expected CIDR[:PORT[-PORT]], e.g. 10.0.0.0/8:10250 or [fd00::/8]:443)"
+)]
 pub struct RuleError {
     rule: String,
     reason: &'static str,
@@ -55,7 +57,9 @@ impl FromStr for Rule {
             }
         };
         let net = parse_net(net).ok_or(err("not an IP address or CIDR"))?;
-        let ports = ports.map(|p| parse_ports(p).ok_or(err("invalid port or port range"))).transpose()?;
+        let ports = ports
+            .map(|p| parse_ports(p).ok_or(err("invalid port or port range")))
+            .transpose()?;
         Ok(Rule { net, ports })
     }
 }
@@ -96,7 +100,8 @@ fn fmt_ports(p: &RangeInclusive<u16>) -> String {
 
 impl Rule {
     fn matches(&self, addr: &SocketAddr) -> bool {
-        self.net.contains(&addr.ip()) && self.ports.as_ref().is_none_or(|p| p.contains(&addr.port()))
+        self.net.contains(&addr.ip())
+            && self.ports.as_ref().is_none_or(|p| p.contains(&addr.port()))
     }
 }
 
@@ -109,7 +114,10 @@ pub struct Policy {
 fn link_local_nets() -> [IpNet; 2] {
     [
         IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::new(169, 254, 0, 0), 16)),
-        IpNet::V6(Ipv6Net::new_assert(std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10)),
+        IpNet::V6(Ipv6Net::new_assert(
+            std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0),
+            10,
+        )),
     ]
 }
 
@@ -139,13 +147,16 @@ impl Policy {
         let link_local = link_local_nets().iter().any(|n| n.contains(&ip));
         if link_local {
             // Only a rule that names link-local space itself opens it; 0.0.0.0/0 does not.
-            let named = self.rules.iter().any(|r| {
-                r.matches(&addr) && link_local_nets().iter().any(|n| n.contains(&r.net))
-            });
+            let named = self
+                .rules
+                .iter()
+                .any(|r| r.matches(&addr) && link_local_nets().iter().any(|n| n.contains(&r.net)));
             return if named {
                 Ok(())
             } else {
-                Err(format!("{addr} is link-local (cloud metadata lives there); allow it explicitly with --allow"))
+                Err(format!(
+                    "{addr} is link-local (cloud metadata lives there); allow it explicitly with --allow"
+                ))
             };
         }
         if self.rules.is_empty() || self.rules.iter().any(|r| r.matches(&addr)) {
@@ -176,7 +187,10 @@ mod tests {
     fn rules_parse_with_and_without_ports() {
         assert_eq!(rule("10.0.0.0/8").to_string(), "10.0.0.0/8");
         assert_eq!(rule("10.0.0.0/8:10250").to_string(), "10.0.0.0/8:10250");
-        assert_eq!(rule("10.1.2.3/8:8000-9000").to_string(), "10.0.0.0/8:8000-9000");
+        assert_eq!(
+            rule("10.1.2.3/8:8000-9000").to_string(),
+            "10.0.0.0/8:8000-9000"
+        );
         assert_eq!(rule("192.168.1.7").to_string(), "192.168.1.7/32");
         assert_eq!(rule("192.168.1.7:22").to_string(), "192.168.1.7/32:22");
         assert_eq!(rule("fd00::/8").to_string(), "fd00::/8");
@@ -186,7 +200,17 @@ mod tests {
 
     #[test]
     fn bad_rules_are_rejected_with_the_rule_in_the_message() {
-        for bad in ["", "10.0.0.0/33", "10.0.0.0/8:0", "10.0.0.0/8:9-8", "10.0.0.0/8:x", "nope", "[fd00::/8", "[fd00::/8]443", "10.0.0.0/8:65536"] {
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "10.0.0.0/8:0",
+            "10.0.0.0/8:9-8",
+            "10.0.0.0/8:x",
+            "nope",
+            "[fd00::/8",
+            "[fd00::/8]443",
+            "10.0.0.0/8:65536",
+        ] {
             let err = bad.parse::<Rule>().unwrap_err();
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
         }
@@ -199,7 +223,10 @@ mod tests {
         assert!(open.check(addr("[fd00::1]:443")).is_ok());
         assert!(open.check(addr("169.254.169.254:80")).is_err());
         assert!(open.check(addr("[fe80::1]:80")).is_err());
-        assert!(open.check(addr("[::ffff:169.254.169.254]:80")).is_err(), "v4-mapped form");
+        assert!(
+            open.check(addr("[::ffff:169.254.169.254]:80")).is_err(),
+            "v4-mapped form"
+        );
     }
 
     #[test]
@@ -213,15 +240,33 @@ mod tests {
 
     #[test]
     fn link_local_needs_a_rule_that_names_it() {
-        assert!(policy(&["0.0.0.0/0"]).check(addr("169.254.169.254:80")).is_err());
-        assert!(policy(&["169.254.169.254:80"]).check(addr("169.254.169.254:80")).is_ok());
-        assert!(policy(&["169.254.0.0/16:80"]).check(addr("169.254.169.254:443")).is_err());
+        assert!(
+            policy(&["0.0.0.0/0"])
+                .check(addr("169.254.169.254:80"))
+                .is_err()
+        );
+        assert!(
+            policy(&["169.254.169.254:80"])
+                .check(addr("169.254.169.254:80"))
+                .is_ok()
+        );
+        assert!(
+            policy(&["169.254.0.0/16:80"])
+                .check(addr("169.254.169.254:443"))
+                .is_err()
+        );
     }
 
     #[test]
     fn unspecified_multicast_and_broadcast_are_never_dialed() {
         let p = policy(&["0.0.0.0/0", "::/0"]);
-        for bad in ["0.0.0.0:80", "224.0.0.1:80", "255.255.255.255:80", "[::]:80", "[ff02::1]:80"] {
+        for bad in [
+            "0.0.0.0:80",
+            "224.0.0.1:80",
+            "255.255.255.255:80",
+            "[::]:80",
+            "[ff02::1]:80",
+        ] {
             assert!(p.check(addr(bad)).is_err(), "{bad}");
         }
     }

@@ -106,7 +106,8 @@ pub(crate) async fn maintain(
     force: CancellationToken,
 ) {
     let endpoint = &shared.config.servers[index];
-    let span = tracing::info_span!("link", server = %endpoint.address, server_id = tracing::field::Empty);
+    let span =
+        tracing::info_span!("link", server = %endpoint.address, server_id = tracing::field::Empty);
     let mut backoff = Backoff::new(shared.config.backoff);
     loop {
         let result = link_once(&shared, index, &streams, &shutdown, &force, &mut backoff)
@@ -148,7 +149,10 @@ async fn connect(
     let budget = config.link_timeout;
     let tcp = tokio::time::timeout(budget, TcpStream::connect(endpoint.address.as_str()))
         .await
-        .map_err(|_| LinkError::Timeout { step: "TCP connect", budget })?
+        .map_err(|_| LinkError::Timeout {
+            step: "TCP connect",
+            budget,
+        })?
         .map_err(LinkError::Connect)?;
     cplink_proto::net::tune_link(&tcp);
     let connector = TlsConnector::from(config.tls.clone());
@@ -172,7 +176,10 @@ async fn connect(
     };
     tokio::time::timeout(budget, handshake)
         .await
-        .map_err(|_| LinkError::Timeout { step: "TLS handshake and hello", budget })?
+        .map_err(|_| LinkError::Timeout {
+            step: "TLS handshake and hello",
+            budget,
+        })?
 }
 
 async fn link_once(
@@ -258,7 +265,11 @@ mod tests {
         for ceiling in ceilings {
             let ceiling = Duration::from_millis(ceiling);
             let delay = backoff.next_delay();
-            assert!(delay <= ceiling && delay >= ceiling / 2, "{delay:?} outside [{:?}, {ceiling:?}]", ceiling / 2);
+            assert!(
+                delay <= ceiling && delay >= ceiling / 2,
+                "{delay:?} outside [{:?}, {ceiling:?}]",
+                ceiling / 2
+            );
         }
         backoff.reset();
         assert!(backoff.next_delay() <= Duration::from_millis(100));

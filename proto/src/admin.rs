@@ -85,22 +85,29 @@ fn respond(
     readiness: &dyn Readiness,
 ) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n".into());
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET is supported\n".into(),
+        );
     }
     match req.uri().path() {
         "/healthz" | "/livez" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => match readiness.check() {
             Ok(()) => text(StatusCode::OK, "ready\n".into()),
-            Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+            Err(reason) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {reason}\n"),
+            ),
         },
         "/metrics" => {
             let mut body = String::new();
             match prometheus_client::encoding::text::encode(&mut body, metrics) {
                 Ok(()) => {
                     let mut response = Response::new(Full::new(Bytes::from(body)));
-                    response
-                        .headers_mut()
-                        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(OPENMETRICS));
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static(OPENMETRICS),
+                    );
                     response
                 }
                 Err(err) => text(

@@ -116,7 +116,11 @@ fn timeout_from_reason(reason: &str) -> DialFailure {
 
 /// Maps an I/O error from connecting to `target` to a [`DialFailure`]; `timeout` is the dial
 /// budget, reported when the kernel itself gave up.
-pub fn classify_connect_error(err: &std::io::Error, target: &str, timeout: Duration) -> DialFailure {
+pub fn classify_connect_error(
+    err: &std::io::Error,
+    target: &str,
+    timeout: Duration,
+) -> DialFailure {
     use std::io::ErrorKind;
     match err.kind() {
         ErrorKind::ConnectionRefused => DialFailure::Refused(target.to_owned()),
@@ -164,7 +168,11 @@ mod tests {
             assert_eq!(back.status(), failure.status());
         }
         assert_eq!(
-            DialFailure::from_response(StatusCode::GATEWAY_TIMEOUT, Some("timeout"), "dial timed out after 5s".into()),
+            DialFailure::from_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                Some("timeout"),
+                "dial timed out after 5s".into()
+            ),
             DialFailure::Timeout(Duration::from_secs(5))
         );
     }

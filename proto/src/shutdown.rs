@@ -19,7 +19,10 @@ pub fn cancel_on_signal(token: CancellationToken) -> std::io::Result<()> {
                 tracing::info!(signal = name, "shutting down: draining");
                 token.cancel();
             } else {
-                tracing::warn!(signal = name, "second signal: exiting without waiting for the drain");
+                tracing::warn!(
+                    signal = name,
+                    "second signal: exiting without waiting for the drain"
+                );
                 std::process::exit(1);
             }
         }

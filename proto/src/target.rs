@@ -62,7 +62,10 @@ impl FromStr for Target {
                 // An IPv6 literal must be bracketed, otherwise the port is ambiguous.
                 return Err(TargetError::InvalidHost(s.to_owned()));
             }
-            (parse_host(host).ok_or_else(|| TargetError::InvalidHost(s.to_owned()))?, port)
+            (
+                parse_host(host).ok_or_else(|| TargetError::InvalidHost(s.to_owned()))?,
+                port,
+            )
         };
         let port = match port.parse::<u16>() {
             Ok(0) | Err(_) => return Err(TargetError::InvalidPort(s.to_owned())),
@@ -125,8 +128,14 @@ mod tests {
 
     #[test]
     fn ipv4_name_and_bracketed_ipv6_parse() {
-        assert_eq!(target("10.0.0.5:10250").unwrap().to_string(), "10.0.0.5:10250");
-        assert_eq!(target("Node-A.example:443").unwrap().to_string(), "node-a.example:443");
+        assert_eq!(
+            target("10.0.0.5:10250").unwrap().to_string(),
+            "10.0.0.5:10250"
+        );
+        assert_eq!(
+            target("Node-A.example:443").unwrap().to_string(),
+            "node-a.example:443"
+        );
         let v6 = target("[::1]:80").unwrap();
         assert_eq!(v6.ip(), Some("::1".parse().unwrap()));
         assert_eq!(v6.port, 80);
@@ -135,17 +144,31 @@ mod tests {
 
     #[test]
     fn missing_or_bad_ports_are_rejected() {
-        assert!(matches!(target("10.0.0.5"), Err(TargetError::MissingPort(_))));
+        assert!(matches!(
+            target("10.0.0.5"),
+            Err(TargetError::MissingPort(_))
+        ));
         assert!(matches!(target("[::1]"), Err(TargetError::MissingPort(_))));
         assert!(matches!(target("h:0"), Err(TargetError::InvalidPort(_))));
-        assert!(matches!(target("h:65536"), Err(TargetError::InvalidPort(_))));
+        assert!(matches!(
+            target("h:65536"),
+            Err(TargetError::InvalidPort(_))
+        ));
         assert!(matches!(target("h:+80"), Err(TargetError::InvalidPort(_))));
         assert!(matches!(target("h:"), Err(TargetError::InvalidPort(_))));
     }
 
     #[test]
     fn bad_hosts_are_rejected() {
-        for bad in [":80", "::1:80", "[nope]:80", "a b:80", "-x:80", "x/y:80", "[::1:80"] {
+        for bad in [
+            ":80",
+            "::1:80",
+            "[nope]:80",
+            "a b:80",
+            "-x:80",
+            "x/y:80",
+            "[::1:80",
+        ] {
             assert!(
                 matches!(target(bad), Err(TargetError::InvalidHost(_))),
                 "{bad} must be rejected"

@@ -162,13 +162,14 @@ impl Args {
     pub fn into_config(self) -> Result<Config, ConfigError> {
         let identity = Identity::from_pem_files(&self.tls_cert, &self.tls_key)
             .map_err(|e| ConfigError::new(tls_flag(&e, "tls-cert", "tls-key"), e))?;
-        let agent_ca =
-            TrustAnchors::from_pem_file(&self.agent_ca).map_err(|e| ConfigError::new("agent-ca", e))?;
-        let link_tls =
-            tls::link_server_config(&identity, &agent_ca).map_err(|e| ConfigError::new("tls-key", e))?;
+        let agent_ca = TrustAnchors::from_pem_file(&self.agent_ca)
+            .map_err(|e| ConfigError::new("agent-ca", e))?;
+        let link_tls = tls::link_server_config(&identity, &agent_ca)
+            .map_err(|e| ConfigError::new("tls-key", e))?;
         let frontend_tls = match (&self.frontend_address, &self.frontend_ca) {
             (Some(_), Some(ca)) => {
-                let ca = TrustAnchors::from_pem_file(ca).map_err(|e| ConfigError::new("frontend-ca", e))?;
+                let ca = TrustAnchors::from_pem_file(ca)
+                    .map_err(|e| ConfigError::new("frontend-ca", e))?;
                 Some(
                     tls::frontend_server_config(&identity, &ca)
                         .map_err(|e| ConfigError::new("frontend-ca", e))?,
@@ -183,7 +184,9 @@ impl Args {
             (None, _) => None,
         };
         if self.frontend_address.is_none() && self.frontend_uds.is_none() {
-            tracing::warn!("no frontend configured (--frontend-address, --frontend-uds): nothing can dial through this server");
+            tracing::warn!(
+                "no frontend configured (--frontend-address, --frontend-uds): nothing can dial through this server"
+            );
         }
         let strategies =
             parse_strategies(&self.strategies).map_err(|e| ConfigError::new("strategies", e))?;
@@ -223,9 +226,16 @@ impl Args {
 }
 
 /// Attributes a TLS loading error to the certificate or the key flag.
-pub(crate) fn tls_flag(err: &TlsError, cert_flag: &'static str, key_flag: &'static str) -> &'static str {
+pub(crate) fn tls_flag(
+    err: &TlsError,
+    cert_flag: &'static str,
+    key_flag: &'static str,
+) -> &'static str {
     match err {
-        TlsError::Pem { what: "private key", .. } => key_flag,
+        TlsError::Pem {
+            what: "private key",
+            ..
+        } => key_flag,
         TlsError::Config(_) => key_flag,
         _ => cert_flag,
     }

@@ -90,10 +90,11 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Target, usize)>, ConnectError> {
         Err(err) => return Err(ConnectError::Malformed(err.to_string())),
     };
     // Refuse other methods as soon as the method is known, not after a full head arrived.
-    if let Some(method) = req.method {
-        if method != "CONNECT" && (status.is_complete() || buf.len() > method.len()) {
-            return Err(ConnectError::NotConnect(truncate(method)));
-        }
+    if let Some(method) = req.method
+        && method != "CONNECT"
+        && (status.is_complete() || buf.len() > method.len())
+    {
+        return Err(ConnectError::NotConnect(truncate(method)));
     }
     match status {
         httparse::Status::Partial if buf.len() >= MAX_HEAD_BYTES => Err(ConnectError::TooLarge),
@@ -118,7 +119,9 @@ fn truncate(s: &str) -> String {
 ///
 /// Never reads more than [`MAX_HEAD_BYTES`] plus one read's worth; whatever follows the head is
 /// returned in [`ConnectRequest::leftover`]. The caller bounds the time this may take.
-pub async fn read_request<R: AsyncRead + Unpin>(io: &mut R) -> Result<ConnectRequest, ConnectError> {
+pub async fn read_request<R: AsyncRead + Unpin>(
+    io: &mut R,
+) -> Result<ConnectRequest, ConnectError> {
     let mut buf = BytesMut::with_capacity(1024);
     loop {
         if let Some((target, head_len)) = parse(&buf)? {
@@ -175,7 +178,9 @@ mod tests {
 
     #[test]
     fn ipv6_targets_parse() {
-        let (target, _) = parse(b"CONNECT [::1]:80 HTTP/1.1\r\n\r\n").unwrap().unwrap();
+        let (target, _) = parse(b"CONNECT [::1]:80 HTTP/1.1\r\n\r\n")
+            .unwrap()
+            .unwrap();
         assert_eq!(target.ip(), Some("::1".parse().unwrap()));
         assert_eq!(target.port, 80);
     }
@@ -186,7 +191,10 @@ mod tests {
         assert!(matches!(err, ConnectError::NotConnect(ref m) if m == "GET"));
         assert_eq!(err.status(), Some(StatusCode::METHOD_NOT_ALLOWED));
         // Known before the head is complete.
-        assert!(matches!(parse(b"POST /x"), Err(ConnectError::NotConnect(_))));
+        assert!(matches!(
+            parse(b"POST /x"),
+            Err(ConnectError::NotConnect(_))
+        ));
     }
 
     #[test]
@@ -210,7 +218,10 @@ mod tests {
         // Incomplete but already too large.
         let err = parse(&req).unwrap_err();
         assert!(matches!(err, ConnectError::TooLarge));
-        assert_eq!(err.status(), Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE));
+        assert_eq!(
+            err.status(),
+            Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
         // Complete and too large.
         req.extend_from_slice(b"\r\n\r\n");
         assert!(matches!(parse(&req), Err(ConnectError::TooLarge)));
@@ -255,21 +266,30 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_leaves_mid_head_is_reported_closed() {
         let mut io = &b"CONNECT 10.0.0.5:10250 HTTP/1.1\r\n"[..];
-        assert!(matches!(read_request(&mut io).await, Err(ConnectError::Closed)));
+        assert!(matches!(
+            read_request(&mut io).await,
+            Err(ConnectError::Closed)
+        ));
     }
 
     #[tokio::test]
     async fn an_endless_head_stops_at_the_limit() {
         let endless = tokio::io::repeat(b'a');
         let mut io = tokio::io::AsyncReadExt::chain(&b"CONNECT a:1 HTTP/1.1\r\nX: "[..], endless);
-        assert!(matches!(read_request(&mut io).await, Err(ConnectError::TooLarge)));
+        assert!(matches!(
+            read_request(&mut io).await,
+            Err(ConnectError::TooLarge)
+        ));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_slow_loris_is_cut_by_the_caller_timeout() {
         let (mut client, mut server) = tokio::io::duplex(64);
         use tokio::io::AsyncWriteExt;
-        client.write_all(b"CONNECT 10.0.0.5:10250 HTTP/1.1\r\nHo").await.unwrap();
+        client
+            .write_all(b"CONNECT 10.0.0.5:10250 HTTP/1.1\r\nHo")
+            .await
+            .unwrap();
         let result = tokio::time::timeout(
             std::time::Duration::from_secs(10),
             read_request(&mut server),

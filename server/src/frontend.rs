@@ -162,16 +162,23 @@ async fn serve<S: FrontendStream>(shared: &Shared, mut stream: S, frontend: &'st
         .get_or_create(&FrontendLabels { frontend })
         .inc();
 
-    let head = tokio::time::timeout(shared.config.header_timeout, connect::read_request(&mut stream))
-        .await
-        .unwrap_or(Err(ConnectError::Timeout));
+    let head = tokio::time::timeout(
+        shared.config.header_timeout,
+        connect::read_request(&mut stream),
+    )
+    .await
+    .unwrap_or(Err(ConnectError::Timeout));
     let request = match head {
         Ok(request) => request,
         Err(err) => {
             count_request_error(shared, err.kind());
             tracing::info!(%err, "frontend request refused");
             if let Some(status) = err.status() {
-                reply_and_close(&mut stream, &connect::error_response(status, &err.to_string())).await;
+                reply_and_close(
+                    &mut stream,
+                    &connect::error_response(status, &err.to_string()),
+                )
+                .await;
             }
             return;
         }
@@ -182,11 +189,18 @@ async fn serve<S: FrontendStream>(shared: &Shared, mut stream: S, frontend: &'st
     async move {
         let started = Instant::now();
         let tunnel = tunnel::open(shared, &target).await;
-        metrics.dial_duration.observe(started.elapsed().as_secs_f64());
+        metrics
+            .dial_duration
+            .observe(started.elapsed().as_secs_f64());
         let tunnel = match tunnel {
             Ok(tunnel) => tunnel,
             Err(failure) => {
-                metrics.dials.get_or_create(&DialLabels { result: failure.kind() }).inc();
+                metrics
+                    .dials
+                    .get_or_create(&DialLabels {
+                        result: failure.kind(),
+                    })
+                    .inc();
                 tracing::info!(%failure, "dial failed");
                 let response = connect::error_response(failure.status(), &failure.reason_line());
                 reply_and_close(&mut stream, &response).await;
@@ -195,10 +209,15 @@ async fn serve<S: FrontendStream>(shared: &Shared, mut stream: S, frontend: &'st
         };
         let link = tunnel.route.guard.link().clone();
         tracing::Span::current().record("agent_id", link.id.as_str());
-        metrics.dials.get_or_create(&DialLabels { result: "ok" }).inc();
+        metrics
+            .dials
+            .get_or_create(&DialLabels { result: "ok" })
+            .inc();
         metrics
             .routed
-            .get_or_create(&StrategyLabels { strategy: tunnel.route.strategy.as_str() })
+            .get_or_create(&StrategyLabels {
+                strategy: tunnel.route.strategy.as_str(),
+            })
             .inc();
         tracing::debug!(strategy = %tunnel.route.strategy, "dial established");
 
@@ -236,7 +255,10 @@ async fn serve<S: FrontendStream>(shared: &Shared, mut stream: S, frontend: &'st
     .await;
 }
 
-async fn write_all_flush<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+async fn write_all_flush<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    bytes: &[u8],
+) -> std::io::Result<()> {
     stream.write_all(bytes).await?;
     stream.flush().await
 }

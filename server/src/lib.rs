@@ -151,7 +151,13 @@ impl ServerHandle {
 
     /// Ids of the agents currently linked.
     pub fn agent_ids(&self) -> Vec<String> {
-        let mut ids: Vec<_> = self.shared.registry.agents().iter().map(|a| a.id.clone()).collect();
+        let mut ids: Vec<_> = self
+            .shared
+            .registry
+            .agents()
+            .iter()
+            .map(|a| a.id.clone())
+            .collect();
         ids.sort();
         ids
     }

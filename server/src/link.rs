@@ -112,7 +112,9 @@ async fn handshake(
 fn validate(hello: &AgentHello) -> Result<(), String> {
     let id = &hello.agent_id;
     if id.is_empty() || id.len() > MAX_AGENT_ID_LEN {
-        return Err(format!("agent id must be 1 to {MAX_AGENT_ID_LEN} characters"));
+        return Err(format!(
+            "agent id must be 1 to {MAX_AGENT_ID_LEN} characters"
+        ));
     }
     if !id.chars().all(|c| c.is_ascii_graphic()) {
         return Err("agent id must be printable ASCII without spaces".into());
@@ -130,7 +132,12 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<
     span.record("agent_id", agent.agent_id.as_str());
 
     if let Err(reason) = validate(&agent) {
-        let answer = server_hello(&shared, HelloOutcome::Rejected { reason: reason.clone() });
+        let answer = server_hello(
+            &shared,
+            HelloOutcome::Rejected {
+                reason: reason.clone(),
+            },
+        );
         // Best effort: the agent learns why before the connection closes.
         let _ = hello::write(&mut tls, &answer).await;
         return Err(LinkError::Refused(reason));
@@ -157,7 +164,10 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<
         tracing::info!(agent_id = %link.id, "agent linked again; closing its previous link");
         previous.closer.cancel();
     }
-    shared.metrics.agents_linked.set(shared.registry.len() as i64);
+    shared
+        .metrics
+        .agents_linked
+        .set(shared.registry.len() as i64);
     tracing::info!(
         agent_id = %link.id,
         node = agent.node_name.as_deref().unwrap_or(""),
@@ -180,7 +190,10 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<
     };
 
     shared.registry.remove(&link.id, link.link_id);
-    shared.metrics.agents_linked.set(shared.registry.len() as i64);
+    shared
+        .metrics
+        .agents_linked
+        .set(shared.registry.len() as i64);
     match &outcome {
         Ok(()) => tracing::info!(agent_id = %link.id, "agent unlinked"),
         Err(err) => tracing::info!(agent_id = %link.id, %err, "agent link lost"),

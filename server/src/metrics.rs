@@ -77,8 +77,16 @@ impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
         let bytes_family = Family::<DirectionLabels, Counter>::default();
         // Each get_or_create holds the family's lock until its guard drops: one per statement.
-        let socket_to_stream = bytes_family.get_or_create(&DirectionLabels { direction: "to_agent" }).clone();
-        let stream_to_socket = bytes_family.get_or_create(&DirectionLabels { direction: "from_agent" }).clone();
+        let socket_to_stream = bytes_family
+            .get_or_create(&DirectionLabels {
+                direction: "to_agent",
+            })
+            .clone();
+        let stream_to_socket = bytes_family
+            .get_or_create(&DirectionLabels {
+                direction: "from_agent",
+            })
+            .clone();
         let metrics = Metrics {
             agents_linked: Gauge::default(),
             streams_active: Gauge::default(),
@@ -94,10 +102,26 @@ impl Metrics {
             },
         };
         let r = registry.sub_registry_with_prefix("cplink_server");
-        r.register("agents_linked", "Agents currently linked", metrics.agents_linked.clone());
-        r.register("streams_active", "Tunneled connections currently open", metrics.streams_active.clone());
-        r.register("dials", "Dials through the tunnel by result", metrics.dials.clone());
-        r.register("routed_dials", "Dials by the routing strategy that chose the agent", metrics.routed.clone());
+        r.register(
+            "agents_linked",
+            "Agents currently linked",
+            metrics.agents_linked.clone(),
+        );
+        r.register(
+            "streams_active",
+            "Tunneled connections currently open",
+            metrics.streams_active.clone(),
+        );
+        r.register(
+            "dials",
+            "Dials through the tunnel by result",
+            metrics.dials.clone(),
+        );
+        r.register(
+            "routed_dials",
+            "Dials by the routing strategy that chose the agent",
+            metrics.routed.clone(),
+        );
         r.register(
             "dial_duration_seconds",
             "Time from a frontend CONNECT to the agent's answer",
@@ -113,8 +137,16 @@ impl Metrics {
             "Frontend requests refused before dialing",
             metrics.request_errors.clone(),
         );
-        r.register("link_errors", "Agent links that failed to establish", metrics.link_errors.clone());
-        r.register("tunnel_bytes", "Bytes carried through the tunnel", bytes_family);
+        r.register(
+            "link_errors",
+            "Agent links that failed to establish",
+            metrics.link_errors.clone(),
+        );
+        r.register(
+            "tunnel_bytes",
+            "Bytes carried through the tunnel",
+            bytes_family,
+        );
         metrics
     }
 }

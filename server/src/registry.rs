@@ -243,7 +243,9 @@ impl Registry {
         let candidates = || agents.values().filter(|l| !l.is_draining());
         for &strategy in chain {
             let chosen = match strategy {
-                Strategy::Node => least_loaded(candidates().filter(|l| l.serves_node(&target.host))),
+                Strategy::Node => {
+                    least_loaded(candidates().filter(|l| l.serves_node(&target.host)))
+                }
                 Strategy::Cidr => least_loaded(candidates().filter(|l| l.serves_cidr(target))),
                 Strategy::Any => least_loaded(candidates()),
             };
@@ -279,4 +281,119 @@ impl Registry {
 
 fn least_loaded<'a>(links: impl Iterator<Item = &'a Arc<AgentLink>>) -> Option<&'a Arc<AgentLink>> {
     links.min_by_key(|l| (l.active_streams(), l.link_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A link backed by a real HTTP/2 connection over an in-memory pipe.
+    async fn link(
+        registry: &Registry,
+        id: &str,
+        node: &str,
+        ip: &str,
+        cidr: &str,
+    ) -> Arc<AgentLink> {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(async move {
+            if let Ok(mut conn) = h2::server::handshake::<_>(server_io).await {
+                while conn.accept().await.is_some() {}
+            }
+        });
+        let (sender, conn) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(conn);
+        let link = Arc::new(AgentLink::new(
+            id.into(),
+            registry.next_link_id(),
+            Some(node.into()),
+            Identifiers {
+                host_ips: vec![ip.parse().unwrap()],
+                pod_cidrs: vec![cidr.parse().unwrap()],
+                default_route: false,
+            },
+            sender,
+        ));
+        registry.insert(link.clone());
+        link
+    }
+
+    fn target(s: &str) -> Target {
+        s.parse().unwrap()
+    }
+
+    const CHAIN: [Strategy; 3] = [Strategy::Node, Strategy::Cidr, Strategy::Any];
+
+    #[tokio::test]
+    async fn dials_go_to_the_node_by_name_ip_or_pod_cidr() {
+        let registry = Registry::default();
+        link(&registry, "a", "node-a", "10.0.0.1", "10.244.1.0/24").await;
+        link(&registry, "b", "node-b", "10.0.0.2", "10.244.2.0/24").await;
+        for (dest, agent, strategy) in [
+            ("node-b:10250", "b", Strategy::Node),
+            ("NODE-A:10250", "a", Strategy::Node),
+            ("10.0.0.2:10250", "b", Strategy::Node),
+            ("10.244.1.7:8080", "a", Strategy::Cidr),
+            ("10.244.2.9:8080", "b", Strategy::Cidr),
+        ] {
+            let route = registry.route(&target(dest), &CHAIN).unwrap();
+            assert_eq!(route.guard.link().id, agent, "{dest}");
+            assert_eq!(route.strategy, strategy, "{dest}");
+        }
+    }
+
+    #[tokio::test]
+    async fn any_picks_the_least_loaded_and_skips_draining_agents() {
+        let registry = Registry::default();
+        let a = link(&registry, "a", "node-a", "10.0.0.1", "10.244.1.0/24").await;
+        link(&registry, "b", "node-b", "10.0.0.2", "10.244.2.0/24").await;
+        let first = registry.route(&target("192.168.9.9:443"), &CHAIN).unwrap();
+        let second = registry.route(&target("192.168.9.9:443"), &CHAIN).unwrap();
+        assert_ne!(
+            first.guard.link().id,
+            second.guard.link().id,
+            "load spreads"
+        );
+        drop((first, second));
+        a.mark_draining();
+        for _ in 0..3 {
+            let route = registry.route(&target("node-a:10250"), &CHAIN).unwrap();
+            assert_eq!(
+                route.guard.link().id,
+                "b",
+                "a draining agent takes no new dials"
+            );
+            assert_eq!(route.strategy, Strategy::Any);
+        }
+    }
+
+    #[tokio::test]
+    async fn without_any_an_unknown_node_fails_naming_it() {
+        let registry = Registry::default();
+        link(&registry, "a", "node-a", "10.0.0.1", "10.244.1.0/24").await;
+        let err = registry
+            .route(&target("node-z:10250"), &[Strategy::Node, Strategy::Cidr])
+            .unwrap_err();
+        assert_eq!(err.status().as_u16(), 503);
+        assert!(err.to_string().contains("node-z"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_stale_link_does_not_remove_its_replacement() {
+        let registry = Registry::default();
+        let old = link(&registry, "a", "node-a", "10.0.0.1", "10.244.1.0/24").await;
+        let new = link(&registry, "a", "node-a", "10.0.0.1", "10.244.1.0/24").await;
+        assert!(!registry.remove("a", old.link_id));
+        assert_eq!(registry.len(), 1);
+        assert!(registry.remove("a", new.link_id));
+        assert!(registry.is_empty());
+    }
+
+    #[test]
+    fn strategy_chains_parse_strictly() {
+        assert_eq!(parse_strategies("node,cidr,any").unwrap(), CHAIN.to_vec());
+        assert!(parse_strategies("").is_err());
+        assert!(parse_strategies("node,node").is_err());
+        assert!(parse_strategies("random").is_err());
+    }
 }

@@ -53,7 +53,10 @@ pub(crate) async fn open(shared: &Shared, target: &Target) -> Result<Tunnel, Dia
     Err(DialFailure::Link(last_error.unwrap_or_default()))
 }
 
-async fn attempt(link: &AgentLink, target: &Target) -> Result<(SendStream<Bytes>, RecvStream), Attempt> {
+async fn attempt(
+    link: &AgentLink,
+    target: &Target,
+) -> Result<(SendStream<Bytes>, RecvStream), Attempt> {
     let unavailable = |e: h2::Error| Attempt::LinkUnavailable(e.to_string());
     let mut sender = link.sender.clone().ready().await.map_err(unavailable)?;
     let request = Request::builder()

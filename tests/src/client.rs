@@ -26,7 +26,10 @@ pub struct ProxyAnswer {
 
 /// Sends `CONNECT target` and reads the answer head byte by byte, so that no tunneled byte is
 /// consumed. On an error status the body is read until the proxy closes.
-pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, target: &str) -> anyhow::Result<ProxyAnswer> {
+pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    target: &str,
+) -> anyhow::Result<ProxyAnswer> {
     stream
         .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
         .await?;
@@ -89,7 +92,11 @@ impl TlsClient {
     }
 
     /// Opens a tunnel through the TLS frontend; fails unless the answer is 200.
-    pub async fn tunnel(&self, addr: SocketAddr, target: &str) -> anyhow::Result<TlsStream<TcpStream>> {
+    pub async fn tunnel(
+        &self,
+        addr: SocketAddr,
+        target: &str,
+    ) -> anyhow::Result<TlsStream<TcpStream>> {
         let mut stream = self.connect(addr).await?;
         let answer = handshake(&mut stream, target).await?;
         anyhow::ensure!(answer.status == 200, "CONNECT {target}: {answer:?}");

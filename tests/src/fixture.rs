@@ -76,9 +76,11 @@ impl RunningServer {
     /// Waits until `n` agents are linked.
     pub async fn wait_for_agents(&self, n: usize) -> anyhow::Result<()> {
         let handle = self.handle.clone();
-        wait::until(&format!("{n} linked agents"), Duration::from_secs(20), || {
-            handle.linked_agents() == n
-        })
+        wait::until(
+            &format!("{n} linked agents"),
+            Duration::from_secs(20),
+            || handle.linked_agents() == n,
+        )
         .await
     }
 }
@@ -123,7 +125,10 @@ impl RunningAgent {
     /// Waits until the agent is linked to every server it knows.
     pub async fn wait_ready(&self) -> anyhow::Result<()> {
         let handle = self.handle.clone();
-        wait::until("agent readiness", Duration::from_secs(20), || handle.readiness().is_ok()).await
+        wait::until("agent readiness", Duration::from_secs(20), || {
+            handle.readiness().is_ok()
+        })
+        .await
     }
 }
 
@@ -171,7 +176,11 @@ impl Loopback {
     }
 
     /// Starts a server whose agent listener binds `agent_addr` (to restart on a known port).
-    pub async fn start_server_on(&self, agent_addr: SocketAddr, extra: &[&str]) -> anyhow::Result<RunningServer> {
+    pub async fn start_server_on(
+        &self,
+        agent_addr: SocketAddr,
+        extra: &[&str],
+    ) -> anyhow::Result<RunningServer> {
         let n = self.next();
         let uds = self.dir().join(format!("frontend-{n}.sock"));
         let base = vec![
@@ -194,7 +203,11 @@ impl Loopback {
             "--frontend-ca".to_owned(),
             path(self.pki.ca_file()),
         ];
-        let parsed = <cplink_server::Args as clap::Parser>::try_parse_from(argv("cplink-server", base, extra))?;
+        let parsed = <cplink_server::Args as clap::Parser>::try_parse_from(argv(
+            "cplink-server",
+            base,
+            extra,
+        ))?;
         let listeners = Listeners::bind(&parsed).await?;
         let agent_addr = listeners.agent.local_addr()?;
         let tls_addr = match &listeners.frontend_tls {
@@ -221,7 +234,11 @@ impl Loopback {
     }
 
     /// Starts an agent linking to `servers`; `extra` flags are appended.
-    pub async fn start_agent(&self, servers: &[SocketAddr], extra: &[&str]) -> anyhow::Result<RunningAgent> {
+    pub async fn start_agent(
+        &self,
+        servers: &[SocketAddr],
+        extra: &[&str],
+    ) -> anyhow::Result<RunningAgent> {
         self.start_agent_with_cert(servers, &self.agent_cert.clone(), self.pki.ca_file(), extra)
             .await
     }
@@ -251,7 +268,11 @@ impl Loopback {
             base.push("--server-address".to_owned());
             base.push(server.to_string());
         }
-        let parsed = <cplink_agent::Args as clap::Parser>::try_parse_from(argv("cplink-agent", base, extra))?;
+        let parsed = <cplink_agent::Args as clap::Parser>::try_parse_from(argv(
+            "cplink-agent",
+            base,
+            extra,
+        ))?;
         let admin = TcpListener::bind("127.0.0.1:0").await?;
         let admin_addr = admin.local_addr()?;
         let agent = Agent::new(parsed.into_config()?);

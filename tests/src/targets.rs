@@ -59,7 +59,9 @@ pub async fn count_then_answer() -> anyhow::Result<Target> {
     serve(|mut stream| async move {
         let mut buf = Vec::new();
         if stream.read_to_end(&mut buf).await.is_ok() {
-            let _ = stream.write_all(format!("read {} bytes", buf.len()).as_bytes()).await;
+            let _ = stream
+                .write_all(format!("read {} bytes", buf.len()).as_bytes())
+                .await;
             let _ = stream.shutdown().await;
         }
     })
@@ -67,7 +69,10 @@ pub async fn count_then_answer() -> anyhow::Result<Target> {
 }
 
 /// Writes `total` bytes as fast as the reader takes them, reporting progress in `written`.
-pub async fn source(total: u64, written: std::sync::Arc<std::sync::atomic::AtomicU64>) -> anyhow::Result<Target> {
+pub async fn source(
+    total: u64,
+    written: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> anyhow::Result<Target> {
     serve(move |mut stream| {
         let written = written.clone();
         async move {
@@ -99,7 +104,10 @@ pub async fn resetter() -> anyhow::Result<Target> {
 }
 
 /// Records how each connection ended: `Ok(bytes)` on a clean end, `Err(kind)` on an error.
-pub async fn recorder() -> anyhow::Result<(Target, tokio::sync::mpsc::UnboundedReceiver<Result<usize, std::io::ErrorKind>>)> {
+pub async fn recorder() -> anyhow::Result<(
+    Target,
+    tokio::sync::mpsc::UnboundedReceiver<Result<usize, std::io::ErrorKind>>,
+)> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let target = serve(move |mut stream| {
         let tx = tx.clone();

@@ -3,7 +3,11 @@
 use std::time::Duration;
 
 /// Polls `condition` until it holds, failing with `what` after `deadline`.
-pub async fn until<F: FnMut() -> bool>(what: &str, deadline: Duration, mut condition: F) -> anyhow::Result<()> {
+pub async fn until<F: FnMut() -> bool>(
+    what: &str,
+    deadline: Duration,
+    mut condition: F,
+) -> anyhow::Result<()> {
     let give_up = tokio::time::Instant::now() + deadline;
     let mut pause = Duration::from_millis(1);
     loop {

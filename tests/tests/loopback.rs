@@ -11,7 +11,10 @@ use cplink_e2e::{targets, wait};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-async fn echo_round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &mut S, msg: &[u8]) -> anyhow::Result<()> {
+async fn echo_round_trip<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+    msg: &[u8],
+) -> anyhow::Result<()> {
     stream.write_all(msg).await?;
     stream.flush().await?;
     let mut back = vec![0u8; msg.len()];
@@ -34,7 +37,10 @@ async fn bytes_cross_the_tunnel_through_both_frontends() -> anyhow::Result<()> {
     echo_round_trip(&mut stream, b"hello over mutual TLS").await?;
 
     let metrics = server.handle.metrics_text();
-    assert!(metrics.contains("cplink_server_dials_total{result=\"ok\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains("cplink_server_dials_total{result=\"ok\"} 2"),
+        "{metrics}"
+    );
     Ok(())
 }
 
@@ -45,7 +51,13 @@ async fn bytes_sent_right_behind_the_connect_head_are_not_lost() -> anyhow::Resu
     let echo = targets::echo().await?;
     let mut stream = UnixStream::connect(&server.uds).await?;
     stream
-        .write_all(format!("CONNECT {} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nearly", echo.authority()).as_bytes())
+        .write_all(
+            format!(
+                "CONNECT {} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nearly",
+                echo.authority()
+            )
+            .as_bytes(),
+        )
         .await?;
     let answer = client::read_answer(&mut stream).await?;
     assert_eq!(answer.status, 200);
@@ -66,7 +78,10 @@ async fn the_200_names_the_connection_established_and_nothing_follows_it() -> an
     // The echo target sends nothing unprompted, so nothing may be readable.
     let mut byte = [0u8; 1];
     let read = tokio::time::timeout(Duration::from_millis(100), stream.read(&mut byte)).await;
-    assert!(read.is_err(), "no byte may follow the 200 until the client speaks");
+    assert!(
+        read.is_err(),
+        "no byte may follow the 200 until the client speaks"
+    );
     Ok(())
 }
 
@@ -102,8 +117,12 @@ async fn a_destination_reset_reaches_the_client_as_an_error() -> anyhow::Result<
     let mut stream = tls.tunnel(server.tls_addr, &target.authority()).await?;
     stream.write_all(b"x").await?;
     let mut buf = Vec::new();
-    let result = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await?;
-    assert!(result.is_err(), "an aborted destination must not look like a clean end: {result:?}");
+    let result =
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await?;
+    assert!(
+        result.is_err(),
+        "an aborted destination must not look like a clean end: {result:?}"
+    );
     Ok(())
 }
 
@@ -119,7 +138,10 @@ async fn a_client_reset_reaches_the_destination_as_an_error() -> anyhow::Result<
     let (tcp, _) = stream.into_inner();
     cplink_proto::net::abort_tcp(tcp);
     let outcome = tokio::time::timeout(Duration::from_secs(10), outcomes.recv()).await?;
-    assert!(matches!(outcome, Some(Err(_))), "destination must see an abort, saw {outcome:?}");
+    assert!(
+        matches!(outcome, Some(Err(_))),
+        "destination must see an abort, saw {outcome:?}"
+    );
     Ok(())
 }
 
@@ -139,7 +161,9 @@ async fn a_closed_port_answers_502() -> anyhow::Result<()> {
 async fn a_destination_that_never_answers_gives_504_within_the_timeout() -> anyhow::Result<()> {
     let lo = Loopback::new()?;
     let server = lo.start_server(&[]).await?;
-    let _agent = lo.start_agent(&[server.agent_addr], &["--dial-timeout", "500ms"]).await?;
+    let _agent = lo
+        .start_agent(&[server.agent_addr], &["--dial-timeout", "500ms"])
+        .await?;
     server.wait_for_agents(1).await?;
     let hole = targets::black_hole()?;
     let started = Instant::now();
@@ -148,7 +172,11 @@ async fn a_destination_that_never_answers_gives_504_within_the_timeout() -> anyh
     assert_eq!(answer.status, 504, "{answer:?}");
     assert!(answer.body.contains("timed out after 500ms"), "{answer:?}");
     // The agent's budget, not the server's 10 s default, decided.
-    assert!(started.elapsed() < Duration::from_secs(9), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "took {:?}",
+        started.elapsed()
+    );
     Ok(())
 }
 
@@ -159,7 +187,10 @@ async fn no_agent_answers_503() -> anyhow::Result<()> {
     let mut stream = UnixStream::connect(&server.uds).await?;
     let answer = client::handshake(&mut stream, "127.0.0.1:10250").await?;
     assert_eq!(answer.status, 503, "{answer:?}");
-    assert_eq!(answer.body, "no agent available: no agent is linked to this server\n");
+    assert_eq!(
+        answer.body,
+        "no agent available: no agent is linked to this server\n"
+    );
     Ok(())
 }
 
@@ -169,7 +200,10 @@ async fn a_denied_destination_answers_403_with_the_reason() -> anyhow::Result<()
     let server = lo.start_server(&[]).await?;
     let echo = targets::echo().await?;
     let _agent = lo
-        .start_agent(&[server.agent_addr], &["--allow", &format!("127.0.0.1/32:{}", echo.addr.port())])
+        .start_agent(
+            &[server.agent_addr],
+            &["--allow", &format!("127.0.0.1/32:{}", echo.addr.port())],
+        )
         .await?;
     server.wait_for_agents(1).await?;
     // The allowed port works...
@@ -180,7 +214,12 @@ async fn a_denied_destination_answers_403_with_the_reason() -> anyhow::Result<()
     let mut stream = UnixStream::connect(&server.uds).await?;
     let answer = client::handshake(&mut stream, &other.authority()).await?;
     assert_eq!(answer.status, 403, "{answer:?}");
-    assert!(answer.body.contains("not in the agent's allowed destinations"), "{answer:?}");
+    assert!(
+        answer
+            .body
+            .contains("not in the agent's allowed destinations"),
+        "{answer:?}"
+    );
     // Link-local metadata is refused even without rules.
     let open = lo.start_server(&[]).await?;
     let _open_agent = lo.start_agent(&[open.agent_addr], &[]).await?;
@@ -197,12 +236,16 @@ async fn malformed_requests_get_clear_errors() -> anyhow::Result<()> {
     let server = lo.start_server(&["--header-timeout", "300ms"]).await?;
 
     let mut stream = UnixStream::connect(&server.uds).await?;
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await?;
     let answer = client::read_answer(&mut stream).await?;
     assert_eq!(answer.status, 405, "{answer:?}");
 
     let mut stream = UnixStream::connect(&server.uds).await?;
-    stream.write_all(b"CONNECT no-port HTTP/1.1\r\n\r\n").await?;
+    stream
+        .write_all(b"CONNECT no-port HTTP/1.1\r\n\r\n")
+        .await?;
     assert_eq!(client::read_answer(&mut stream).await?.status, 400);
 
     let mut stream = UnixStream::connect(&server.uds).await?;
@@ -214,14 +257,24 @@ async fn malformed_requests_get_clear_errors() -> anyhow::Result<()> {
 
     // Slow loris: half a head, then silence.
     let mut stream = UnixStream::connect(&server.uds).await?;
-    stream.write_all(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHo").await?;
-    let answer = tokio::time::timeout(Duration::from_secs(10), client::read_answer(&mut stream)).await??;
+    stream
+        .write_all(b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nHo")
+        .await?;
+    let answer =
+        tokio::time::timeout(Duration::from_secs(10), client::read_answer(&mut stream)).await??;
     assert_eq!(answer.status, 408, "{answer:?}");
 
     let metrics = server.handle.metrics_text();
-    for reason in ["not_connect", "bad_target", "header_too_large", "header_timeout"] {
+    for reason in [
+        "not_connect",
+        "bad_target",
+        "header_too_large",
+        "header_timeout",
+    ] {
         assert!(
-            metrics.contains(&format!("cplink_server_frontend_request_errors_total{{reason=\"{reason}\"}} 1")),
+            metrics.contains(&format!(
+                "cplink_server_frontend_request_errors_total{{reason=\"{reason}\"}} 1"
+            )),
             "{reason} not counted:\n{metrics}"
         );
     }
@@ -241,7 +294,10 @@ async fn a_frontend_client_without_a_trusted_certificate_is_rejected() -> anyhow
         client::handshake(&mut stream, "127.0.0.1:1").await
     }
     .await;
-    assert!(result.is_err(), "untrusted client certificate accepted: {result:?}");
+    assert!(
+        result.is_err(),
+        "untrusted client certificate accepted: {result:?}"
+    );
     Ok(())
 }
 
@@ -262,15 +318,29 @@ async fn agents_with_untrusted_certificates_or_trust_are_not_linked() -> anyhow:
         .await?;
 
     let handle = server.handle.clone();
-    wait::until("two rejected TLS handshakes", Duration::from_secs(20), || {
-        handle.metrics_text().contains("cplink_server_link_errors_total{reason=\"tls\"} 2")
-            || handle.metrics_text().contains("cplink_server_link_errors_total{reason=\"tls\"} 3")
-    })
+    wait::until(
+        "two rejected TLS handshakes",
+        Duration::from_secs(20),
+        || {
+            handle
+                .metrics_text()
+                .contains("cplink_server_link_errors_total{reason=\"tls\"} 2")
+                || handle
+                    .metrics_text()
+                    .contains("cplink_server_link_errors_total{reason=\"tls\"} 3")
+        },
+    )
     .await?;
     let agent_handle = distrustful.handle.clone();
-    wait::until("the agent to record its TLS failure", Duration::from_secs(20), || {
-        agent_handle.metrics_text().contains("cplink_agent_link_attempts_total{result=\"tls\"}")
-    })
+    wait::until(
+        "the agent to record its TLS failure",
+        Duration::from_secs(20),
+        || {
+            agent_handle
+                .metrics_text()
+                .contains("cplink_agent_link_attempts_total{result=\"tls\"}")
+        },
+    )
     .await?;
     assert_eq!(server.handle.linked_agents(), 0);
     assert!(untrusted.handle.readiness().is_err());
@@ -285,21 +355,38 @@ async fn admin_endpoints_report_health_readiness_and_metrics() -> anyhow::Result
     let get = |addr: std::net::SocketAddr, path: &'static str| async move {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
         stream
-            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
             .await?;
         let mut response = String::new();
         stream.read_to_string(&mut response).await?;
         anyhow::Ok(response)
     };
-    assert!(get(server.admin_addr, "/healthz").await?.starts_with("HTTP/1.1 200"));
+    assert!(
+        get(server.admin_addr, "/healthz")
+            .await?
+            .starts_with("HTTP/1.1 200")
+    );
     let not_ready = get(server.admin_addr, "/readyz").await?;
-    assert!(not_ready.starts_with("HTTP/1.1 503") && not_ready.contains("no agent linked"), "{not_ready}");
+    assert!(
+        not_ready.starts_with("HTTP/1.1 503") && not_ready.contains("no agent linked"),
+        "{not_ready}"
+    );
 
     let agent = lo.start_agent(&[server.agent_addr], &[]).await?;
     server.wait_for_agents(1).await?;
     agent.wait_ready().await?;
-    assert!(get(server.admin_addr, "/readyz").await?.starts_with("HTTP/1.1 200"));
-    assert!(get(agent.admin_addr, "/readyz").await?.starts_with("HTTP/1.1 200"));
+    assert!(
+        get(server.admin_addr, "/readyz")
+            .await?
+            .starts_with("HTTP/1.1 200")
+    );
+    assert!(
+        get(agent.admin_addr, "/readyz")
+            .await?
+            .starts_with("HTTP/1.1 200")
+    );
     let metrics = get(server.admin_addr, "/metrics").await?;
     for name in [
         "cplink_server_agents_linked 1",
@@ -311,7 +398,11 @@ async fn admin_endpoints_report_health_readiness_and_metrics() -> anyhow::Result
     }
     let metrics = get(agent.admin_addr, "/metrics").await?;
     assert!(metrics.contains("cplink_agent_links_up 1"), "{metrics}");
-    assert!(get(server.admin_addr, "/nope").await?.starts_with("HTTP/1.1 404"));
+    assert!(
+        get(server.admin_addr, "/nope")
+            .await?
+            .starts_with("HTTP/1.1 404")
+    );
     Ok(())
 }
 
@@ -329,9 +420,11 @@ async fn a_stalled_reader_does_not_slow_other_streams() -> anyhow::Result<()> {
         let stream = client::tunnel_uds(&server.uds, &source.authority()).await?;
         stalled.push(stream);
     }
-    wait::until("megabytes pending behind the stalled readers", Duration::from_secs(20), || {
-        written.load(Ordering::Relaxed) >= 2 * 1024 * 1024
-    })
+    wait::until(
+        "megabytes pending behind the stalled readers",
+        Duration::from_secs(20),
+        || written.load(Ordering::Relaxed) >= 2 * 1024 * 1024,
+    )
     .await?;
     let pending = written.load(Ordering::Relaxed);
 

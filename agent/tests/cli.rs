@@ -1,0 +1,52 @@
+//! The `cplink-agent` binary: configuration errors name the flag; help explains every flag.
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_cplink-agent");
+
+#[test]
+fn configuration_errors_name_the_flag() {
+    let base = [
+        "--server-address",
+        "127.0.0.1:1",
+        "--tls-cert",
+        "/nonexistent.crt",
+        "--tls-key",
+        "/k",
+        "--server-ca",
+        "/ca",
+    ];
+    let cases: [(&[&str], &str); 4] = [
+        (&["--allow", "10.0.0.0/33"], "--allow"),
+        (&["--pod-cidr", "10.0.0.0"], "--pod-cidr"),
+        (&["--dial-timeout", "soon"], "--dial-timeout"),
+        (
+            &[],
+            "--tls-cert: cannot read certificate from /nonexistent.crt",
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = Command::new(BIN).args(base).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} must fail");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: expected {expected:?} in {stderr}"
+        );
+    }
+}
+
+#[test]
+fn every_flag_is_explained_with_its_environment_variable() {
+    let output = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for flag in [
+        "--server-address",
+        "--allow",
+        "--dial-timeout",
+        "--reconnect-max-backoff",
+        "CPLINK_ALLOW",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from --help");
+    }
+}
