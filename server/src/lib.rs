@@ -295,3 +295,29 @@ impl Server {
         tracing::info!("cplink-server stopped");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("frontend.sock");
+        // A socket file whose server is gone, as after a crash.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let live = bind_uds(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o660);
+        // While it is served, a second server must not steal it.
+        let err = bind_uds(&path).unwrap_err();
+        assert_eq!(err.source.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+        drop(live);
+        // A regular file is never deleted.
+        let file = dir.path().join("not-a-socket");
+        std::fs::write(&file, b"data").unwrap();
+        assert!(bind_uds(&file).is_err());
+        assert_eq!(std::fs::read(&file).unwrap(), b"data");
+    }
+}

@@ -1,0 +1,39 @@
+# cplink developer entry points.
+CARGO ?= cargo
+
+.PHONY: all build test lint fmt crds demo bench setup
+
+all: build
+
+## setup: install what the build and tests need on a fresh Debian machine
+setup:
+	./scripts/setup.sh
+
+## build: debug build of every crate
+build:
+	$(CARGO) build --workspace --all-targets
+
+## test: formatting, lints, generated-file drift and every test (what CI runs)
+test: lint
+	$(CARGO) test --workspace --all-targets --no-fail-fast
+
+## lint: rustfmt and clippy, warnings are errors
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## fmt: format the code
+fmt:
+	$(CARGO) fmt --all
+
+## crds: regenerate the CRD from the operator's types
+crds:
+	$(CARGO) run --quiet -p cplink-operator --bin crdgen > crds/controlplanelinks.cplink.dev.yaml
+
+## demo: a server and three agents on loopback, traffic through the tunnel, until Ctrl-C
+demo:
+	$(CARGO) run --quiet -p cplink-e2e --bin cplink-demo
+
+## bench: tunnel versus direct TCP, printed as a table of ratios (release build)
+bench:
+	$(CARGO) run --release --quiet -p cplink-e2e --bin cplink-bench -- --markdown
