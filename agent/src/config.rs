@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+pub use cplink_proto::config::ConfigError;
 use cplink_proto::hello::Identifiers;
 use cplink_proto::keepalive::KeepaliveConfig;
 use cplink_proto::target::{Host, Target};
 use cplink_proto::telemetry::LogFormat;
-use cplink_proto::tls::{self, Identity, TlsError, TrustAnchors};
+use cplink_proto::tls::{self, Identity, TrustAnchors};
 use ipnet::IpNet;
 use rustls_pki_types::ServerName;
 
@@ -110,25 +111,6 @@ pub struct Args {
     pub log_level: String,
 }
 
-/// A configuration error, naming the flag at fault.
-#[derive(Debug, thiserror::Error)]
-#[error("--{flag}: {message}")]
-pub struct ConfigError {
-    /// The flag, without dashes.
-    pub flag: &'static str,
-    /// What is wrong with it.
-    pub message: String,
-}
-
-impl ConfigError {
-    fn new(flag: &'static str, message: impl std::fmt::Display) -> Self {
-        ConfigError {
-            flag,
-            message: message.to_string(),
-        }
-    }
-}
-
 /// A server to link to.
 #[derive(Debug, Clone)]
 pub struct ServerEndpoint {
@@ -190,16 +172,8 @@ impl std::fmt::Debug for Config {
 impl Args {
     /// Checks every flag and loads the TLS material, before anything connects or listens.
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let identity = Identity::from_pem_files(&self.tls_cert, &self.tls_key).map_err(|e| {
-            let flag = match e {
-                TlsError::Pem {
-                    what: "private key",
-                    ..
-                } => "tls-key",
-                _ => "tls-cert",
-            };
-            ConfigError::new(flag, e)
-        })?;
+        let identity = Identity::from_pem_files(&self.tls_cert, &self.tls_key)
+            .map_err(|e| ConfigError::tls(e, "tls-cert", "tls-key"))?;
         let server_ca = TrustAnchors::from_pem_file(&self.server_ca)
             .map_err(|e| ConfigError::new("server-ca", e))?;
         let tls = tls::link_client_config(&identity, &server_ca)

@@ -1,5 +1,7 @@
 //! The `cplink-agent` binary: configuration errors name the flag; help explains every flag.
 
+#![allow(clippy::unwrap_used)] // test code: a failed setup step should panic with its location
+
 use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cplink-agent");

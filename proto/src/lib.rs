@@ -7,11 +7,13 @@
 //! - [`pump`]: moves bytes between a socket and an HTTP/2 stream with per-stream flow control.
 //! - [`keepalive`]: HTTP/2 PING liveness for links.
 //! - [`net`]: socket tuning and abortive close.
+//! - [`config`]: configuration errors naming the flag at fault.
 //! - [`admin`]: the `/healthz`, `/readyz`, `/metrics` HTTP endpoint.
 //! - [`telemetry`]: log setup (text or JSON).
 //! - [`shutdown`]: SIGTERM/SIGINT handling.
 
 pub mod admin;
+pub mod config;
 pub mod dial;
 pub mod hello;
 pub mod keepalive;

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+pub use cplink_proto::config::ConfigError;
 use cplink_proto::keepalive::KeepaliveConfig;
 use cplink_proto::telemetry::LogFormat;
-use cplink_proto::tls::{self, Identity, TlsError, TrustAnchors};
+use cplink_proto::tls::{self, Identity, TrustAnchors};
 
 use crate::registry::{Strategy, parse_strategies};
 
@@ -99,25 +100,6 @@ pub struct Args {
     pub log_level: String,
 }
 
-/// A configuration error, naming the flag at fault.
-#[derive(Debug, thiserror::Error)]
-#[error("--{flag}: {message}")]
-pub struct ConfigError {
-    /// The flag, without dashes.
-    pub flag: &'static str,
-    /// What is wrong with it.
-    pub message: String,
-}
-
-impl ConfigError {
-    fn new(flag: &'static str, message: impl std::fmt::Display) -> Self {
-        ConfigError {
-            flag,
-            message: message.to_string(),
-        }
-    }
-}
-
 /// Validated configuration: TLS material loaded, values checked.
 #[derive(Clone)]
 pub struct Config {
@@ -161,7 +143,7 @@ impl Args {
     /// Checks every flag and loads the TLS material, before anything listens.
     pub fn into_config(self) -> Result<Config, ConfigError> {
         let identity = Identity::from_pem_files(&self.tls_cert, &self.tls_key)
-            .map_err(|e| ConfigError::new(tls_flag(&e, "tls-cert", "tls-key"), e))?;
+            .map_err(|e| ConfigError::tls(e, "tls-cert", "tls-key"))?;
         let agent_ca = TrustAnchors::from_pem_file(&self.agent_ca)
             .map_err(|e| ConfigError::new("agent-ca", e))?;
         let link_tls = tls::link_server_config(&identity, &agent_ca)
@@ -222,22 +204,6 @@ impl Args {
             },
             strategies,
         })
-    }
-}
-
-/// Attributes a TLS loading error to the certificate or the key flag.
-pub(crate) fn tls_flag(
-    err: &TlsError,
-    cert_flag: &'static str,
-    key_flag: &'static str,
-) -> &'static str {
-    match err {
-        TlsError::Pem {
-            what: "private key",
-            ..
-        } => key_flag,
-        TlsError::Config(_) => key_flag,
-        _ => cert_flag,
     }
 }
 

@@ -1,5 +1,7 @@
 //! The `cplink-server` binary: configuration errors, readiness, and a clean exit on SIGTERM.
 
+#![allow(clippy::unwrap_used)] // test code: a failed setup step should panic with its location
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
