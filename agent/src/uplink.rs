@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use cplink_proto::hello::{self, AgentHello, HelloError, HelloOutcome, ServerHello};
 use cplink_proto::keepalive::{self, KeepaliveError};
+use cplink_proto::readahead::ReadAhead;
 use rand::Rng;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -143,7 +144,13 @@ pub(crate) async fn maintain(
 async fn connect(
     shared: &Shared,
     index: usize,
-) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, ServerHello), LinkError> {
+) -> Result<
+    (
+        tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>,
+        ServerHello,
+    ),
+    LinkError,
+> {
     let config = &shared.config;
     let endpoint = &config.servers[index];
     let budget = config.link_timeout;
@@ -158,7 +165,7 @@ async fn connect(
     let connector = TlsConnector::from(config.tls.clone());
     let handshake = async {
         let mut tls = connector
-            .connect(endpoint.server_name.clone(), tcp)
+            .connect(endpoint.server_name.clone(), ReadAhead::new(tcp))
             .await
             .map_err(LinkError::Tls)?;
         if tls.get_ref().1.alpn_protocol() != Some(cplink_proto::ALPN_LINK) {
@@ -197,6 +204,7 @@ async fn link_once(
     let mut connection = h2::server::Builder::new()
         .initial_window_size(cplink_proto::STREAM_WINDOW)
         .initial_connection_window_size(cplink_proto::CONNECTION_WINDOW)
+        .max_frame_size(cplink_proto::MAX_FRAME_SIZE)
         .max_concurrent_streams(cplink_proto::MAX_STREAMS_PER_LINK)
         .max_send_buffer_size(cplink_proto::STREAM_WINDOW as usize / 2)
         .handshake::<_, Bytes>(tls)
@@ -234,6 +242,12 @@ async fn link_once(
                 Some(Ok((request, respond))) => {
                     let shared = shared.clone();
                     streams.spawn(async move { dial::serve(&shared, request, respond).await });
+                }
+                // While draining, the server may close the link as soon as it has seen the
+                // GOAWAY, before h2 finishes its closing handshake: that is the expected end.
+                Some(Err(err)) if draining => {
+                    tracing::debug!(%err, "link closed by the server while draining");
+                    return Ok(());
                 }
                 Some(Err(err)) => return Err(err.into()),
                 None => return Ok(()),

@@ -11,8 +11,10 @@
 
 use std::future::{Future, poll_fn};
 use std::io;
+use std::pin::Pin;
+use std::task::Poll;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -52,14 +54,30 @@ readiness_read_chunk!(tokio::net::unix::OwnedReadHalf);
 
 /// Adapts any [`AsyncRead`] (a TLS stream, for instance) to [`ReadChunk`].
 ///
-/// Unlike the readiness-based socket halves it holds a buffer while waiting.
+/// Such a reader offers no readiness to wait on, so it waits for a single byte and only then
+/// allocates the chunk, filled with whatever else is already available: an idle connection holds
+/// one byte instead of a buffer.
 #[derive(Debug)]
 pub struct Buffered<R>(pub R);
 
 impl<R: AsyncRead + Unpin + Send> ReadChunk for Buffered<R> {
     async fn read_chunk(&mut self, max: usize) -> io::Result<Bytes> {
-        let mut buf = BytesMut::with_capacity(max);
-        self.0.read_buf(&mut buf).await?;
+        let mut first = [0u8; 1];
+        if self.0.read(&mut first).await? == 0 {
+            return Ok(Bytes::new());
+        }
+        let mut buf = BytesMut::with_capacity(max.max(1));
+        buf.extend_from_slice(&first);
+        // Whatever else is already there, without waiting; an end of stream shows up again on
+        // the next call.
+        poll_fn(|cx| {
+            let mut rest = (&mut buf).limit(max.saturating_sub(1));
+            match tokio_util::io::poll_read_buf(Pin::new(&mut self.0), cx, &mut rest) {
+                Poll::Pending => Poll::Ready(Ok(0)),
+                ready => ready,
+            }
+        })
+        .await?;
         Ok(buf.freeze())
     }
 }

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use cplink_proto::net::abort_tcp;
 use cplink_proto::pump::{self, Buffered, ReadChunk};
+use cplink_proto::readahead::ReadAhead;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_rustls::TlsAcceptor;
@@ -45,9 +46,9 @@ impl FrontendStream for UnixStream {
     }
 }
 
-impl FrontendStream for TlsStream<TcpStream> {
-    type Reader = Buffered<ReadHalf<TlsStream<TcpStream>>>;
-    type Writer = WriteHalf<TlsStream<TcpStream>>;
+impl FrontendStream for TlsStream<ReadAhead<TcpStream>> {
+    type Reader = Buffered<ReadHalf<TlsStream<ReadAhead<TcpStream>>>>;
+    type Writer = WriteHalf<TlsStream<ReadAhead<TcpStream>>>;
 
     fn split(self) -> (Self::Reader, Self::Writer) {
         let (reader, writer) = tokio::io::split(self);
@@ -57,7 +58,7 @@ impl FrontendStream for TlsStream<TcpStream> {
     fn abort(reader: Self::Reader, writer: Self::Writer) {
         // Reset the TCP connection without close_notify: the client sees a failed stream.
         let tls = reader.0.unsplit(writer);
-        abort_tcp(tls.into_inner().0);
+        abort_tcp(tls.into_inner().0.into_inner());
     }
 }
 
@@ -89,7 +90,7 @@ pub(crate) async fn accept_tls(
         connections.spawn(
             async move {
                 let budget = shared.config.header_timeout;
-                let tls = match tokio::time::timeout(budget, acceptor.accept(tcp)).await {
+                let tls = match tokio::time::timeout(budget, acceptor.accept(ReadAhead::new(tcp))).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(err)) => {
                         count_request_error(&shared, "tls");

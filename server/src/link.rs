@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use cplink_proto::hello::{self, AgentHello, HelloError, HelloOutcome, ServerHello};
 use cplink_proto::keepalive::{self, KeepaliveError};
+use cplink_proto::readahead::ReadAhead;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -99,9 +100,18 @@ pub(crate) async fn accept(
 async fn handshake(
     shared: &Shared,
     tcp: TcpStream,
-) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, AgentHello), LinkError> {
+) -> Result<
+    (
+        tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>,
+        AgentHello,
+    ),
+    LinkError,
+> {
     let acceptor = TlsAcceptor::from(shared.config.link_tls.clone());
-    let mut tls = acceptor.accept(tcp).await.map_err(LinkError::Tls)?;
+    let mut tls = acceptor
+        .accept(ReadAhead::new(tcp))
+        .await
+        .map_err(LinkError::Tls)?;
     if tls.get_ref().1.alpn_protocol() != Some(cplink_proto::ALPN_LINK) {
         return Err(LinkError::Alpn);
     }
@@ -147,6 +157,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<
     let (sender, mut connection) = h2::client::Builder::new()
         .initial_window_size(cplink_proto::STREAM_WINDOW)
         .initial_connection_window_size(cplink_proto::CONNECTION_WINDOW)
+        .max_frame_size(cplink_proto::MAX_FRAME_SIZE)
         .max_send_buffer_size(cplink_proto::STREAM_WINDOW as usize / 2)
         .enable_push(false)
         .handshake::<_, Bytes>(tls)
@@ -184,7 +195,15 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<
         }
     };
     let outcome = tokio::select! {
-        result = &mut connection => result.map_err(LinkError::from),
+        result = &mut connection => match result {
+            // After the agent's GOAWAY both ends close the TLS session; whichever closes
+            // second may find the socket gone. The agent left as it should.
+            Err(err) if err.is_io() && link.goaway_received() => {
+                tracing::debug!(%err, "link closed after the agent's GOAWAY");
+                Ok(())
+            }
+            result => result.map_err(LinkError::from),
+        },
         err = keepalive => Err(LinkError::from(err)),
         () = link.closer.cancelled() => Ok(()),
     };

@@ -138,6 +138,16 @@ impl AgentLink {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    /// Whether the agent has sent GOAWAY (it is shutting down). Does not wait.
+    pub fn goaway_received(&self) -> bool {
+        let mut sender = self.sender.clone();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        matches!(
+            sender.poll_ready(&mut cx),
+            std::task::Poll::Ready(Err(err)) if err.is_go_away() && err.is_remote()
+        )
+    }
+
     fn serves_node(&self, host: &Host) -> bool {
         match host {
             Host::Name(name) => self
