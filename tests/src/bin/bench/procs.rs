@@ -1,0 +1,294 @@
+//! cplink-server and cplink-agent as child processes of the benchmark, so that each one's
+//! memory can be measured on its own.
+//!
+//! The benchmark re-executes itself with a hidden `server` or `agent` subcommand; the child
+//! runs the same library code as the real binaries, then prints the addresses it bound on its
+//! first line of standard output.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use cplink_e2e::pki::{CertFiles, Pki};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio_util::sync::CancellationToken;
+
+/// Runs the server role: the body of `cplink-server`'s `main`, plus the address report.
+pub async fn run_server(args: Vec<String>) -> anyhow::Result<()> {
+    let args = cplink_server::Args::try_parse_from(
+        std::iter::once("cplink-server".to_owned()).chain(args),
+    )?;
+    cplink_proto::telemetry::init(args.log_format, &args.log_level)?;
+    let config = args.clone().into_config()?;
+    let listeners = cplink_server::Listeners::bind(&args).await?;
+    let frontend = listeners
+        .frontend_tls
+        .as_ref()
+        .context("the benchmark needs --frontend-address")?
+        .local_addr()?;
+    let admin = listeners
+        .admin
+        .as_ref()
+        .context("the benchmark needs --admin-address")?
+        .local_addr()?;
+    println!("{} {frontend} {admin}", listeners.agent.local_addr()?);
+    let shutdown = shutdown_on_stdin_eof()?;
+    cplink_server::Server::new(config)
+        .run(listeners, shutdown)
+        .await;
+    Ok(())
+}
+
+/// Runs the agent role: the body of `cplink-agent`'s `main`, plus the address report.
+pub async fn run_agent(args: Vec<String>) -> anyhow::Result<()> {
+    let args =
+        cplink_agent::Args::try_parse_from(std::iter::once("cplink-agent".to_owned()).chain(args))?;
+    cplink_proto::telemetry::init(args.log_format, &args.log_level)?;
+    let admin = TcpListener::bind(args.admin_address).await?;
+    println!("{}", admin.local_addr()?);
+    let shutdown = shutdown_on_stdin_eof()?;
+    cplink_agent::Agent::new(args.into_config()?)
+        .run(Some(admin), shutdown)
+        .await;
+    Ok(())
+}
+
+/// A token cancelled on SIGTERM or SIGINT, or when standard input closes: the parent stops its
+/// children gracefully by closing their standard input.
+fn shutdown_on_stdin_eof() -> anyhow::Result<CancellationToken> {
+    let shutdown = CancellationToken::new();
+    cplink_proto::shutdown::cancel_on_signal(shutdown.clone())?;
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 64];
+        while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
+        token.cancel();
+    });
+    Ok(shutdown)
+}
+
+/// A child process running one role; killed when dropped.
+pub struct Process {
+    child: Child,
+    pid: u32,
+    // Kept open so that a late write by the child never meets a closed pipe.
+    _stdout: BufReader<ChildStdout>,
+}
+
+impl Process {
+    async fn spawn(role: &str, args: &[String]) -> anyhow::Result<(Self, Vec<String>)> {
+        let exe = std::env::current_exe().context("cannot find the benchmark executable")?;
+        let mut child = Command::new(exe)
+            .arg(role)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("cannot start the {role}"))?;
+        let pid = child.id().context("child exited at once")?;
+        let stdout = child.stdout.take().context("child stdout not piped")?;
+        let mut stdout = BufReader::new(stdout);
+        let mut line = String::new();
+        tokio::time::timeout(Duration::from_secs(30), stdout.read_line(&mut line))
+            .await
+            .with_context(|| format!("the {role} did not report its addresses"))??;
+        anyhow::ensure!(!line.is_empty(), "the {role} exited before it was ready");
+        let words = line.split_whitespace().map(str::to_owned).collect();
+        Ok((
+            Process {
+                child,
+                pid,
+                _stdout: stdout,
+            },
+            words,
+        ))
+    }
+
+    /// Resident set size in KiB, from `/proc/<pid>/status`.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS in /proc/<pid>/status")
+    }
+
+    /// Stops the process gracefully (by closing its standard input), or kills it after 10 s.
+    pub async fn stop(mut self) {
+        drop(self.child.stdin.take());
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+        }
+    }
+}
+
+/// Certificates shared by every server and agent of a run.
+pub struct Certificates {
+    dir: tempfile::TempDir,
+    pki: Pki,
+    server: CertFiles,
+    agent: CertFiles,
+    /// What kube-apiserver would present to the TLS frontend.
+    pub frontend: CertFiles,
+}
+
+impl Certificates {
+    /// A CA and the three leaf certificates, in a private directory.
+    pub fn new() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let pki = Pki::new(dir.path(), "bench")?;
+        let server = pki.issue(
+            "server",
+            &["localhost", "127.0.0.1"],
+            cplink_e2e::pki::Usage::Server,
+        )?;
+        let agent = pki.issue("agent", &["agent"], cplink_e2e::pki::Usage::Client)?;
+        let frontend = pki.issue(
+            "apiserver",
+            &["kube-apiserver"],
+            cplink_e2e::pki::Usage::Client,
+        )?;
+        Ok(Certificates {
+            dir,
+            pki,
+            server,
+            agent,
+            frontend,
+        })
+    }
+
+    /// The CA certificate file.
+    pub fn ca(&self) -> &Path {
+        self.pki.ca_file()
+    }
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// One server and one agent linked to it, each in its own process.
+pub struct Pair {
+    /// The server process.
+    pub server: Process,
+    /// The agent process.
+    pub agent: Process,
+    /// The TLS CONNECT frontend.
+    pub tls_addr: SocketAddr,
+    /// The Unix socket CONNECT frontend.
+    pub uds: PathBuf,
+}
+
+impl Pair {
+    /// Starts a server and an agent, and waits until both report ready.
+    pub async fn start(certs: &Certificates, n: usize) -> anyhow::Result<Self> {
+        let uds = certs.dir.path().join(format!("frontend-{n}.sock"));
+        let server_args = [
+            "--server-id",
+            "bench-server",
+            "--agent-address",
+            "127.0.0.1:0",
+            "--frontend-address",
+            "127.0.0.1:0",
+            "--frontend-uds",
+            &path(&uds),
+            "--admin-address",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &path(&certs.server.cert),
+            "--tls-key",
+            &path(&certs.server.key),
+            "--agent-ca",
+            &path(certs.ca()),
+            "--frontend-ca",
+            &path(certs.ca()),
+            "--log-level",
+            "warn",
+        ]
+        .map(str::to_owned);
+        let (server, addrs) = Process::spawn("server", &server_args).await?;
+        let [agent_addr, tls_addr, server_admin] = addrs.as_slice() else {
+            anyhow::bail!("the server reported {addrs:?}");
+        };
+        let agent_args = [
+            "--agent-id",
+            "bench-agent",
+            "--node-name",
+            "bench-node",
+            "--server-address",
+            agent_addr,
+            "--server-name",
+            "localhost",
+            "--tls-cert",
+            &path(&certs.agent.cert),
+            "--tls-key",
+            &path(&certs.agent.key),
+            "--server-ca",
+            &path(certs.ca()),
+            "--allow",
+            "127.0.0.0/8",
+            "--admin-address",
+            "127.0.0.1:0",
+            "--log-level",
+            "warn",
+        ]
+        .map(str::to_owned);
+        let (agent, addrs) = Process::spawn("agent", &agent_args).await?;
+        let [agent_admin] = addrs.as_slice() else {
+            anyhow::bail!("the agent reported {addrs:?}");
+        };
+        for admin in [server_admin, agent_admin] {
+            wait_ready(admin.parse()?).await?;
+        }
+        Ok(Pair {
+            server,
+            agent,
+            tls_addr: tls_addr.parse()?,
+            uds,
+        })
+    }
+
+    /// Stops both processes.
+    pub async fn stop(self) {
+        self.agent.stop().await;
+        self.server.stop().await;
+    }
+}
+
+/// Polls `/readyz` until it answers 200, for at most 30 s.
+async fn wait_ready(admin: SocketAddr) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match readyz(admin).await {
+            Ok(true) => return Ok(()),
+            Ok(false) | Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(false) => anyhow::bail!("{admin}/readyz never answered 200"),
+            Err(e) => return Err(e.context(format!("{admin}/readyz"))),
+        }
+    }
+}
+
+async fn readyz(admin: SocketAddr) -> anyhow::Result<bool> {
+    let mut stream = TcpStream::connect(admin).await?;
+    stream
+        .write_all(b"GET /readyz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await?;
+    Ok(answer.starts_with("HTTP/1.1 200"))
+}

@@ -1,0 +1,389 @@
+//! Collects the measurements and prints them as a table with ratios to direct TCP.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::workloads::Direction;
+
+/// Column of each route in the arrays below.
+const DIRECT: usize = 0;
+const UDS: usize = 1;
+const TLS: usize = 2;
+
+/// Median and 99th percentile of a set of samples.
+#[derive(Debug, Clone, Copy)]
+pub struct Stats {
+    p50: Duration,
+    p99: Duration,
+}
+
+impl Stats {
+    /// Percentiles of `samples`, which must not be empty.
+    pub fn of(mut samples: Vec<Duration>) -> Self {
+        samples.sort_unstable();
+        let at = |q: usize| samples[(samples.len() * q / 100).min(samples.len() - 1)];
+        Stats {
+            p50: at(50),
+            p99: at(99),
+        }
+    }
+}
+
+/// Resident memory of the server and agent (KiB) with idle connections held, and the
+/// server + agent total before they were opened.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    server: u64,
+    agent: u64,
+    before: u64,
+}
+
+/// Every measurement of a run; a column per route (direct, Unix socket, TLS).
+#[derive(Debug, Default)]
+pub struct Report {
+    single: u64,
+    idle: usize,
+    streams: usize,
+    parallel: u64,
+    upload: [f64; 3],
+    download: [f64; 3],
+    parallel_up: [f64; 3],
+    parallel_down: [f64; 3],
+    latency: [Option<Stats>; 3],
+    dial: [f64; 3],
+    bulk: [Option<(Stats, f64)>; 3],
+    idle_server: u64,
+    idle_agent: u64,
+    held: [Option<Held>; 3],
+}
+
+fn rate(bytes: u64, took: Duration) -> f64 {
+    bytes as f64 / took.as_secs_f64()
+}
+
+impl Report {
+    /// An empty report for transfers of `single` bytes and `idle` held connections.
+    pub fn new(single: u64, idle: usize) -> Self {
+        Report {
+            single,
+            idle,
+            ..Report::default()
+        }
+    }
+
+    /// RSS (KiB) of a freshly linked server and agent.
+    pub fn idle_rss(&mut self, server: u64, agent: u64) {
+        self.idle_server = server;
+        self.idle_agent = agent;
+    }
+
+    /// RSS (KiB) with the idle connections held, and the server + agent total before.
+    pub fn held(&mut self, column: usize, server: u64, agent: u64, before: u64) {
+        self.held[column] = Some(Held {
+            server,
+            agent,
+            before,
+        });
+    }
+
+    /// A single-stream upload took `took`.
+    pub fn upload(&mut self, column: usize, took: Duration) {
+        self.upload[column] = rate(self.single, took);
+    }
+
+    /// A single-stream download took `took`.
+    pub fn download(&mut self, column: usize, took: Duration) {
+        self.download[column] = rate(self.single, took);
+    }
+
+    /// `streams` concurrent transfers of `total` bytes in all took `took`.
+    pub fn parallel(
+        &mut self,
+        column: usize,
+        direction: Direction,
+        streams: usize,
+        total: u64,
+        took: Duration,
+    ) {
+        self.streams = streams;
+        self.parallel = total;
+        let slot = match direction {
+            Direction::Up => &mut self.parallel_up,
+            Direction::Down => &mut self.parallel_down,
+        };
+        slot[column] = rate(total, took);
+    }
+
+    /// Round-trip latency on an otherwise idle route.
+    pub fn latency(&mut self, column: usize, stats: Stats) {
+        self.latency[column] = Some(stats);
+    }
+
+    /// New connections per second.
+    pub fn dial_rate(&mut self, column: usize, per_second: f64) {
+        self.dial[column] = per_second;
+    }
+
+    /// Round-trip latency during a bulk upload moving `bulk` bytes per second.
+    pub fn under_bulk(&mut self, column: usize, stats: Stats, bulk: f64) {
+        self.bulk[column] = Some((stats, bulk));
+    }
+
+    /// The table, aligned for a terminal or as Markdown.
+    pub fn render(&self, markdown: bool) -> String {
+        let rows = self.rows();
+        let mut out = String::new();
+        if markdown {
+            for (i, row) in rows.iter().enumerate() {
+                let _ = writeln!(out, "| {} |", row.join(" | "));
+                if i == 0 {
+                    let rule: Vec<&str> = row
+                        .iter()
+                        .enumerate()
+                        .map(|(c, _)| if c == 0 { "---" } else { "---:" })
+                        .collect();
+                    let _ = writeln!(out, "|{}|", rule.join("|"));
+                }
+            }
+        } else {
+            let columns = rows[0].len();
+            let widths: Vec<usize> = (0..columns)
+                .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+                .collect();
+            for row in &rows {
+                let mut line = String::new();
+                for (c, cell) in row.iter().enumerate() {
+                    let pad = widths[c] - cell.chars().count();
+                    if c == 0 {
+                        let _ = write!(line, "{cell}{}", " ".repeat(pad));
+                    } else {
+                        let _ = write!(line, "  {}{cell}", " ".repeat(pad));
+                    }
+                }
+                let _ = writeln!(out, "{}", line.trim_end());
+            }
+        }
+        out
+    }
+
+    fn rows(&self) -> Vec<Vec<String>> {
+        let mut rows = vec![
+            [
+                "measurement",
+                "direct TCP",
+                "tunnel, Unix socket",
+                "vs direct",
+                "tunnel, TLS",
+                "vs direct",
+                "target",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+        ];
+        self.throughput_rows(&mut rows);
+        self.latency_rows(&mut rows);
+        self.memory_rows(&mut rows);
+        rows
+    }
+
+    fn throughput_rows(&self, rows: &mut Vec<Vec<String>>) {
+        let size = mib_label(self.single);
+        let total = mib_label(self.parallel);
+        let streams = self.streams;
+        for (name, values, target) in [
+            (format!("{size} upload, 1 stream"), &self.upload, "≥ 40 %"),
+            (
+                format!("{size} download, 1 stream"),
+                &self.download,
+                "≥ 40 %",
+            ),
+            (
+                format!("{total} upload, {streams} streams"),
+                &self.parallel_up,
+                "≥ 35 %",
+            ),
+            (
+                format!("{total} download, {streams} streams"),
+                &self.parallel_down,
+                "≥ 35 %",
+            ),
+        ] {
+            if values[DIRECT] > 0.0 {
+                rows.push(compare(name, values, mib_s, percent, target));
+            }
+        }
+    }
+
+    fn latency_rows(&self, rows: &mut Vec<Vec<String>>) {
+        if self.latency[DIRECT].is_some() {
+            let p50 = self.latency.map(|s| s.map_or(f64::NAN, |s| micros(s.p50)));
+            let p99 = self.latency.map(|s| s.map_or(f64::NAN, |s| micros(s.p99)));
+            let name = "64 B request/response";
+            rows.push(compare(format!("{name} p50"), &p50, us, added, "≤ +40 µs"));
+            rows.push(compare(format!("{name} p99"), &p99, us, added, ""));
+        }
+        if self.dial[DIRECT] > 0.0 {
+            let name = "new connections (dial + round trip)";
+            rows.push(compare(
+                name.into(),
+                &self.dial,
+                per_second,
+                percent,
+                "≥ 40 %",
+            ));
+        }
+        if self.bulk[DIRECT].is_none() {
+            return;
+        }
+        // Each column against its own idle latency.
+        type Quantile = fn(&Stats) -> Duration;
+        let quantiles: [(&str, Quantile, &str); 2] = [
+            ("p50 during a bulk upload", |s| s.p50, "≤ 2× idle"),
+            ("p99 during a bulk upload", |s| s.p99, ""),
+        ];
+        for (name, q, target) in quantiles {
+            let mut row = vec![name.to_owned()];
+            for c in [DIRECT, UDS, TLS] {
+                let busy = self.bulk[c].map_or(f64::NAN, |(s, _)| micros(q(&s)));
+                let idle = self.latency[c].map_or(f64::NAN, |s| micros(q(&s)));
+                let factor = format!("{:.1}× idle", busy / idle);
+                if c == DIRECT {
+                    row.push(format!("{} ({factor})", us(busy)));
+                } else {
+                    row.push(us(busy));
+                    row.push(factor);
+                }
+            }
+            row.push(target.to_owned());
+            rows.push(row);
+        }
+        let bulk = self.bulk.map(|b| b.map_or(f64::NAN, |(_, rate)| rate));
+        rows.push(compare(
+            "bulk upload alongside".into(),
+            &bulk,
+            mib_s,
+            percent,
+            "",
+        ));
+    }
+
+    fn memory_rows(&self, rows: &mut Vec<Vec<String>>) {
+        if self.held.iter().all(Option::is_none) {
+            return;
+        }
+        let idle = self.idle;
+        let per_conn = |c: usize| {
+            self.held[c].map_or(String::new(), |h| {
+                let grown = (h.server + h.agent).saturating_sub(h.before);
+                format!("{:.1} KiB", grown as f64 / idle as f64)
+            })
+        };
+        rows.push(tunnel_only(
+            "memory per idle connection (server + agent)".into(),
+            per_conn(UDS),
+            per_conn(TLS),
+            "≤ 16 KiB",
+        ));
+        let held = |c: usize, which: fn(&Held) -> u64| {
+            self.held[c].map_or(String::new(), |h| mib(which(&h)))
+        };
+        rows.push(tunnel_only(
+            format!("server RSS, {idle} idle connections"),
+            held(UDS, |h| h.server),
+            held(TLS, |h| h.server),
+            "",
+        ));
+        rows.push(tunnel_only(
+            format!("agent RSS, {idle} idle connections"),
+            held(UDS, |h| h.agent),
+            held(TLS, |h| h.agent),
+            "",
+        ));
+        rows.push(tunnel_only(
+            "server RSS, linked, no connections".into(),
+            mib(self.idle_server),
+            String::new(),
+            "",
+        ));
+        rows.push(tunnel_only(
+            "agent RSS, linked, no connections".into(),
+            mib(self.idle_agent),
+            String::new(),
+            "≤ 10 MiB",
+        ));
+    }
+}
+
+/// A row with each route's value and each tunnel's comparison to direct.
+fn compare(
+    name: String,
+    values: &[f64; 3],
+    show: fn(f64) -> String,
+    versus: fn(f64, f64) -> String,
+    target: &str,
+) -> Vec<String> {
+    vec![
+        name,
+        show(values[DIRECT]),
+        show(values[UDS]),
+        versus(values[UDS], values[DIRECT]),
+        show(values[TLS]),
+        versus(values[TLS], values[DIRECT]),
+        target.to_owned(),
+    ]
+}
+
+fn tunnel_only(name: String, uds: String, tls: String, target: &str) -> Vec<String> {
+    let dash = |s: &str| {
+        if s.is_empty() {
+            "—".to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
+    vec![
+        name,
+        "—".to_owned(),
+        dash(&uds),
+        "—".to_owned(),
+        dash(&tls),
+        "—".to_owned(),
+        target.to_owned(),
+    ]
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn mib_label(bytes: u64) -> String {
+    if bytes >= 1 << 30 && bytes.is_multiple_of(1 << 30) {
+        format!("{} GiB", bytes >> 30)
+    } else {
+        format!("{} MiB", bytes >> 20)
+    }
+}
+
+fn mib_s(bytes_per_second: f64) -> String {
+    format!("{:.0} MiB/s", bytes_per_second / f64::from(1 << 20))
+}
+
+fn per_second(n: f64) -> String {
+    format!("{n:.0}/s")
+}
+
+fn us(micros: f64) -> String {
+    format!("{micros:.1} µs")
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+fn percent(tunnel: f64, direct: f64) -> String {
+    format!("{:.0} %", 100.0 * tunnel / direct)
+}
+
+fn added(tunnel: f64, direct: f64) -> String {
+    format!("{:+.1} µs", tunnel - direct)
+}
