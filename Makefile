@@ -1,7 +1,7 @@
 # cplink developer entry points.
 CARGO ?= cargo
 
-.PHONY: all build test lint fmt crds demo bench setup
+.PHONY: all build test lint fmt crds demo bench setup kube
 
 all: build
 
@@ -13,8 +13,12 @@ setup:
 build:
 	$(CARGO) build --workspace --all-targets
 
+## kube: install etcd and build the real control plane the end-to-end tests run (cached)
+kube:
+	./scripts/kube.sh
+
 ## test: formatting, lints, generated-file drift and every test (what CI runs)
-test: lint
+test: lint kube
 	$(CARGO) test --workspace --all-targets --no-fail-fast
 
 ## lint: rustfmt and clippy, warnings are errors

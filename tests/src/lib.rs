@@ -2,12 +2,15 @@
 //! clients, destination fixtures, and waiting on conditions.
 //!
 //! - [`pki`]: a CA and leaf certificates written to a private directory.
+//! - [`cluster`]: a real control plane (etcd, kube-apiserver, kube-controller-manager,
+//!   kube-scheduler) on loopback.
 //! - [`fixture`]: [`fixture::Loopback`] starts servers and agents in-process on `127.0.0.1:0`.
 //! - [`client`]: CONNECT clients for the Unix socket and TLS frontends.
 //! - [`targets`]: destinations: echo, source, sink, a closed port and a black hole.
 //! - [`wait`]: polling a condition until a deadline.
 
 pub mod client;
+pub mod cluster;
 pub mod fixture;
 pub mod pki;
 pub mod targets;

@@ -68,9 +68,24 @@ impl Pki {
 
     /// Issues a leaf certificate for `names` (DNS names or IP literals).
     pub fn issue(&self, subject: &str, names: &[&str], usage: Usage) -> anyhow::Result<CertFiles> {
+        self.issue_in_group(subject, None, names, usage)
+    }
+
+    /// Issues a leaf certificate whose subject also names an organization: the group a
+    /// Kubernetes API server sees the client in (`system:masters`, for instance).
+    pub fn issue_in_group(
+        &self,
+        subject: &str,
+        group: Option<&str>,
+        names: &[&str],
+        usage: Usage,
+    ) -> anyhow::Result<CertFiles> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, subject);
+        if let Some(group) = group {
+            dn.push(DnType::OrganizationName, group);
+        }
         params.distinguished_name = dn;
         params.subject_alt_names = names
             .iter()

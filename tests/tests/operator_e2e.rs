@@ -1,0 +1,265 @@
+//! The operator against a real control plane (etcd, kube-apiserver, kube-controller-manager,
+//! kube-scheduler from `scripts/kube.sh`), driven with the real `kubectl`: the CRD's schema
+//! rejects invalid links, the example link is rolled out with every child, hand-made damage is
+//! repaired, and deleting the link removes everything it created.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use cplink_e2e::cluster::{ControlPlane, Options};
+
+const NAMESPACE: &str = "cplink-system";
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+/// A binary of another workspace package, built by `cargo test --workspace` next to this test.
+fn workspace_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let binary = dir.join(name);
+    assert!(
+        binary.is_file(),
+        "{} missing: build it with `cargo build -p {name}` (make test builds it)",
+        binary.display()
+    );
+    binary
+}
+
+/// The operator as a process, stopped on drop.
+struct Operator(Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_operator(plane: &ControlPlane) -> Operator {
+    let log = std::fs::File::create(plane.dir().join("operator.log")).expect("operator log");
+    let child = Command::new(workspace_binary("cplink-operator"))
+        .env("KUBECONFIG", &plane.kubeconfig)
+        .args([
+            "--default-image",
+            "cplink:e2e",
+            "--admin-address",
+            "127.0.0.1:0",
+        ])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log handle"))
+        .stderr(log)
+        .spawn()
+        .expect("start cplink-operator");
+    Operator(child)
+}
+
+fn get_json(plane: &ControlPlane, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["-o", "json"]);
+    let out = plane.kubectl_ok(&all).expect("kubectl get");
+    serde_json::from_str(&out).expect("kubectl printed JSON")
+}
+
+/// Every namespaced child of the example link `edge`, as `kind/name`.
+const CHILDREN: &[&str] = &[
+    "serviceaccount/edge-server",
+    "serviceaccount/edge-agent",
+    "role/edge-agent",
+    "rolebinding/edge-agent",
+    "secret/edge-ca",
+    "secret/edge-server-tls",
+    "secret/edge-agent-tls",
+    "secret/edge-apiserver-egress",
+    "service/edge-frontend",
+    "service/edge-agent-endpoint",
+    "deployment/edge-server",
+    "daemonset/edge-agent",
+];
+const CLUSTER_CHILDREN: &[&str] = &[
+    "clusterrole/cplink:cplink-system:edge:agent",
+    "clusterrolebinding/cplink:cplink-system:edge:agent",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_rolls_out_repairs_and_cleans_up_a_link() -> anyhow::Result<()> {
+    let mut plane = ControlPlane::start(Options::default()).await?;
+    let crd = repo().join("crds/controlplanelinks.cplink.dev.yaml");
+    plane.kubectl_ok(&["apply", "-f", &crd.display().to_string()])?;
+    plane.kubectl_ok(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "--timeout",
+        "60s",
+        "crd/controlplanelinks.cplink.dev",
+    ])?;
+    plane.kubectl_ok(&["create", "namespace", NAMESPACE])?;
+
+    // The schema rejects an invalid link before any controller sees it.
+    let invalid = plane.dir().join("invalid.yaml");
+    std::fs::write(
+        &invalid,
+        "apiVersion: cplink.dev/v1alpha1\nkind: ControlPlaneLink\nmetadata:\n  name: bad\n  \
+         namespace: cplink-system\nspec:\n  server:\n    replicas: 0\n",
+    )?;
+    let rejected = plane
+        .kubectl(&["apply", "-f", &invalid.display().to_string()])
+        .output()?;
+    let message = String::from_utf8_lossy(&rejected.stderr);
+    assert!(!rejected.status.success(), "replicas 0 was accepted");
+    assert!(
+        message.contains("spec.server.replicas"),
+        "the rejection names the field: {message}"
+    );
+
+    let _operator = start_operator(&plane);
+    let example = repo().join("crds/examples/controlplanelink.yaml");
+    plane.kubectl_ok(&["apply", "-f", &example.display().to_string()])?;
+
+    for child in CHILDREN {
+        plane
+            .wait_kubectl(child, DEADLINE, &["get", "-n", NAMESPACE, child], |_| true)
+            .await?;
+    }
+    for child in CLUSTER_CHILDREN {
+        plane
+            .wait_kubectl(child, DEADLINE, &["get", child], |_| true)
+            .await?;
+    }
+
+    // Children are owned by the link, and the link's status is written for its generation.
+    let deployment = get_json(&plane, &["get", "-n", NAMESPACE, "deployment/edge-server"]);
+    assert_eq!(
+        deployment["metadata"]["ownerReferences"][0]["kind"], "ControlPlaneLink",
+        "{deployment}"
+    );
+    assert_eq!(deployment["spec"]["replicas"], 2);
+    plane
+        .wait_kubectl(
+            "status for the current generation",
+            DEADLINE,
+            &["get", "-n", NAMESPACE, "cpl/edge", "-o", "json"],
+            |out| {
+                let link: serde_json::Value = serde_json::from_str(out).unwrap_or_default();
+                link["status"]["observedGeneration"] == link["metadata"]["generation"]
+                    && link["status"]["conditions"].as_array().is_some_and(|c| {
+                        c.iter()
+                            .any(|c| c["type"] == "CertificatesReady" && c["status"] == "True")
+                    })
+            },
+        )
+        .await?;
+    let table = plane.kubectl_ok(&["get", "controlplanelinks", "-n", NAMESPACE])?;
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "READY", "SERVERS", "AGENTS", "AGE"],
+        "{table}"
+    );
+    assert!(table.lines().any(|l| l.starts_with("edge ")), "{table}");
+
+    // The egress file kube-apiserver is given names the frontend and speaks HTTPConnect.
+    let secrets: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(plane.client().await?, NAMESPACE);
+    let egress = secrets.get("edge-apiserver-egress").await?;
+    let config = egress
+        .data
+        .unwrap_or_default()
+        .into_values()
+        .filter_map(|bytes| String::from_utf8(bytes.0).ok())
+        .find(|text| text.contains("EgressSelectorConfiguration"))
+        .expect("an EgressSelectorConfiguration in the egress secret");
+    assert!(config.contains("HTTPConnect"), "{config}");
+
+    // Damage is repaired: a deleted DaemonSet comes back, a hand-scaled Deployment is reset.
+    let uid =
+        get_json(&plane, &["get", "-n", NAMESPACE, "daemonset/edge-agent"])["metadata"]["uid"]
+            .clone();
+    plane.kubectl_ok(&[
+        "delete",
+        "-n",
+        NAMESPACE,
+        "daemonset/edge-agent",
+        "--wait=false",
+    ])?;
+    plane
+        .wait_kubectl(
+            "the DaemonSet restored",
+            DEADLINE,
+            &[
+                "get",
+                "-n",
+                NAMESPACE,
+                "daemonset/edge-agent",
+                "-o",
+                "jsonpath={.metadata.uid}",
+            ],
+            |out| !out.is_empty() && uid.as_str() != Some(out),
+        )
+        .await?;
+    plane.kubectl_ok(&[
+        "scale",
+        "-n",
+        NAMESPACE,
+        "deployment/edge-server",
+        "--replicas",
+        "5",
+    ])?;
+    plane
+        .wait_kubectl(
+            "the Deployment's replicas restored",
+            DEADLINE,
+            &[
+                "get",
+                "-n",
+                NAMESPACE,
+                "deployment/edge-server",
+                "-o",
+                "jsonpath={.spec.replicas}",
+            ],
+            |out| out == "2",
+        )
+        .await?;
+
+    // Deleting the link removes everything it created, cluster-scoped objects included.
+    plane.kubectl_ok(&["delete", "-n", NAMESPACE, "cpl/edge", "--timeout", "60s"])?;
+    for child in CHILDREN {
+        plane
+            .wait_kubectl(
+                &format!("{child} deleted"),
+                DEADLINE,
+                &[
+                    "get",
+                    "-n",
+                    NAMESPACE,
+                    child,
+                    "--ignore-not-found",
+                    "-o",
+                    "name",
+                ],
+                |out| out.trim().is_empty(),
+            )
+            .await?;
+    }
+    for child in CLUSTER_CHILDREN {
+        let left = plane.kubectl_ok(&["get", child, "--ignore-not-found", "-o", "name"])?;
+        assert!(left.trim().is_empty(), "{child} left behind");
+    }
+    plane.check_running()?;
+    Ok(())
+}
