@@ -240,8 +240,9 @@ impl ControlPlane {
         plane.wait_ready().await?;
 
         let kubeconfig = path(&plane.kubeconfig);
-        let mut controller_manager = Command::new(bin.join("kube-controller-manager"));
-        controller_manager.args([
+        // What kube-controller-manager and kube-scheduler share: the admin identity, and no
+        // serving ports of their own.
+        let client_flags = [
             "--kubeconfig",
             &kubeconfig,
             "--authentication-kubeconfig",
@@ -255,6 +256,9 @@ impl ControlPlane {
             "--port",
             "0",
             "--leader-elect=false",
+        ];
+        let mut controller_manager = Command::new(bin.join("kube-controller-manager"));
+        controller_manager.args(client_flags).args([
             "--service-account-private-key-file",
             &path(&sa_key),
             "--root-ca-file",
@@ -269,21 +273,7 @@ impl ControlPlane {
             controller_manager,
         )?);
         let mut scheduler = Command::new(bin.join("kube-scheduler"));
-        scheduler.args([
-            "--kubeconfig",
-            &kubeconfig,
-            "--authentication-kubeconfig",
-            &kubeconfig,
-            "--authorization-kubeconfig",
-            &kubeconfig,
-            "--bind-address",
-            "127.0.0.1",
-            "--secure-port",
-            "0",
-            "--port",
-            "0",
-            "--leader-elect=false",
-        ]);
+        scheduler.args(client_flags);
         plane.processes.push(Process::spawn(
             "kube-scheduler",
             plane.dir.path(),

@@ -52,27 +52,13 @@ async fn serve(mut stream: TcpStream) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     match stream.read_u8().await? {
         op::UPLOAD => {
-            let mut buf = vec![0u8; CHUNK];
-            let mut total = 0u64;
-            loop {
-                match stream.read(&mut buf).await? {
-                    0 => break,
-                    n => total += n as u64,
-                }
-            }
+            let total = count_to_end(&mut stream).await?;
             stream.write_u64(total).await?;
             stream.shutdown().await
         }
         op::DOWNLOAD => {
-            let mut remaining = stream.read_u64().await?;
-            let buf = vec![0xa5u8; CHUNK];
-            while remaining > 0 {
-                let n = buf
-                    .len()
-                    .min(usize::try_from(remaining).unwrap_or(usize::MAX));
-                stream.write_all(&buf[..n]).await?;
-                remaining -= n as u64;
-            }
+            let bytes = stream.read_u64().await?;
+            write_filler(&mut stream, 0xa5, bytes).await?;
             stream.shutdown().await
         }
         op::ECHO => {
@@ -177,9 +163,25 @@ pub async fn upload(route: &Route, bytes: u64) -> anyhow::Result<Duration> {
     Ok(start.elapsed())
 }
 
-async fn send_upload(stream: &mut Box<dyn Io>, bytes: u64) -> anyhow::Result<()> {
-    stream.write_u8(op::UPLOAD).await?;
-    let buf = vec![0x5au8; CHUNK];
+/// Reads until end of stream, [`CHUNK`] bytes at a time; returns how many bytes came.
+async fn count_to_end<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        match stream.read(&mut buf).await? {
+            0 => return Ok(total),
+            n => total += n as u64,
+        }
+    }
+}
+
+/// Writes `bytes` copies of `byte`, [`CHUNK`] bytes at a time.
+async fn write_filler<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    byte: u8,
+    bytes: u64,
+) -> std::io::Result<()> {
+    let buf = vec![byte; CHUNK];
     let mut remaining = bytes;
     while remaining > 0 {
         let n = buf
@@ -188,6 +190,12 @@ async fn send_upload(stream: &mut Box<dyn Io>, bytes: u64) -> anyhow::Result<()>
         stream.write_all(&buf[..n]).await?;
         remaining -= n as u64;
     }
+    Ok(())
+}
+
+async fn send_upload(stream: &mut Box<dyn Io>, bytes: u64) -> anyhow::Result<()> {
+    stream.write_u8(op::UPLOAD).await?;
+    write_filler(stream, 0x5a, bytes).await?;
     stream.shutdown().await?;
     let received = stream.read_u64().await?;
     anyhow::ensure!(
@@ -209,14 +217,7 @@ async fn receive_download(stream: &mut Box<dyn Io>, bytes: u64) -> anyhow::Resul
     stream.write_u8(op::DOWNLOAD).await?;
     stream.write_u64(bytes).await?;
     stream.flush().await?;
-    let mut buf = vec![0u8; CHUNK];
-    let mut received = 0u64;
-    loop {
-        match stream.read(&mut buf).await? {
-            0 => break,
-            n => received += n as u64,
-        }
-    }
+    let received = count_to_end(stream).await?;
     anyhow::ensure!(
         received == bytes,
         "download truncated: {received} of {bytes} bytes arrived"
@@ -295,13 +296,8 @@ pub async fn dial_rate(route: &Route, total: usize, concurrency: usize) -> anyho
         let route = route.clone();
         let count = total / concurrency + usize::from(worker < total % concurrency);
         set.spawn(async move {
-            let request = [0x42u8; MESSAGE];
-            let mut response = [0u8; MESSAGE];
             for _ in 0..count {
-                let mut stream = route.dial().await?;
-                stream.write_u8(op::ECHO).await?;
-                stream.write_all(&request).await?;
-                stream.read_exact(&mut response).await?;
+                echo_once(&route).await?;
             }
             anyhow::Ok(())
         });
@@ -370,14 +366,20 @@ pub async fn round_trips_under_bulk(
 /// Opens `count` connections, each used for one round trip, and keeps them open.
 pub async fn hold_idle(route: &Route, count: usize) -> anyhow::Result<Vec<Box<dyn Io>>> {
     let mut held = Vec::with_capacity(count);
-    let request = [0x42u8; MESSAGE];
-    let mut response = [0u8; MESSAGE];
     for _ in 0..count {
-        let mut stream = route.dial().await?;
-        stream.write_u8(op::ECHO).await?;
-        stream.write_all(&request).await?;
-        stream.read_exact(&mut response).await?;
-        held.push(stream);
+        held.push(echo_once(route).await?);
     }
     Ok(held)
+}
+
+/// Dials, does one [`MESSAGE`]-byte round trip, and returns the open connection.
+async fn echo_once(route: &Route) -> anyhow::Result<Box<dyn Io>> {
+    let request = [0x42u8; MESSAGE];
+    let mut response = [0u8; MESSAGE];
+    let mut stream = route.dial().await?;
+    stream.write_u8(op::ECHO).await?;
+    stream.write_all(&request).await?;
+    stream.read_exact(&mut response).await?;
+    anyhow::ensure!(response == request, "echo returned different bytes");
+    Ok(stream)
 }
