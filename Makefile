@@ -18,7 +18,10 @@ kube:
 	./scripts/kube.sh
 
 ## test: formatting, lints, generated-file drift and every test (what CI runs)
+# The end-to-end tests run the operator, server and agent binaries as processes; cargo builds a
+# package's binaries for its own integration tests only, so build them all first.
 test: lint kube
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --all-targets --no-fail-fast
 
 ## lint: rustfmt and clippy, warnings are errors

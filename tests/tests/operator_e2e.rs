@@ -29,7 +29,7 @@ fn workspace_binary(name: &str) -> PathBuf {
     let binary = dir.join(name);
     assert!(
         binary.is_file(),
-        "{} missing: build it with `cargo build -p {name}` (make test builds it)",
+        "{} missing: build it with `cargo build -p {name}` (`make test` builds every binary first)",
         binary.display()
     );
     binary
