@@ -20,9 +20,10 @@ use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBind
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{self, Event as Finalizer, finalizer};
+use kube::runtime::utils::{Backoff, ResetTimerBackoff};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
@@ -572,6 +573,47 @@ async fn cleanup(link: &ControlPlaneLink, ctx: &Context) -> Result<Action, Error
     Ok(Action::await_change())
 }
 
+/// Backoff of the controller's watches after an error.
+///
+/// kube-runtime pauses *all* of a controller's watches behind one backoff. After a
+/// kube-apiserver restart every watch fails in turn (connection refused, then `410 Gone` while
+/// the new watch cache fills), and its default (up to 30 s, reset after 2 minutes without
+/// errors) compounds those into minutes of deafness. Short steps reconnect within seconds.
+#[derive(Debug, Clone)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    /// The first pause.
+    pub const MIN: Duration = Duration::from_millis(250);
+    /// The longest pause.
+    pub const MAX: Duration = Duration::from_secs(5);
+    /// Quiet time after which the pauses start again from [`Self::MIN`].
+    pub const RESET_AFTER: Duration = Duration::from_secs(30);
+
+    /// The backoff the controller uses, restarting after [`Self::RESET_AFTER`] without errors.
+    pub fn for_controller() -> ResetTimerBackoff<Self> {
+        ResetTimerBackoff::new(Self { next: Self::MIN }, Self::RESET_AFTER)
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let pause = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        Some(pause)
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+}
+
 /// Runs the controller until `shutdown` completes, then lets running reconciles finish.
 /// `ready` is set once the ControlPlaneLink watch has synced.
 pub async fn run(
@@ -591,6 +633,7 @@ pub async fn run(
     .owns(Api::<Service>::all(client.clone()), children.clone())
     .owns(Api::<Secret>::all(client.clone()), children.clone())
     .owns(Api::<ServiceAccount>::all(client.clone()), children)
+    .trigger_backoff(WatchBackoff::for_controller())
     .graceful_shutdown_on(shutdown);
 
     let store = controller.store();
@@ -606,7 +649,12 @@ pub async fn run(
         .for_each(|result| async move {
             match result {
                 Ok((link, _)) => tracing::debug!(%link, "reconciled"),
-                Err(error) => tracing::debug!(%error, "reconcile stream error"),
+                // Reconcile errors are logged by `error_policy`.
+                Err(controller::Error::ReconcilerFailed(..)) => {}
+                Err(controller::Error::QueueError(error)) => {
+                    tracing::warn!(error = %error, "watch failed; retrying");
+                }
+                Err(error) => tracing::debug!(%error, "controller event"),
             }
         })
         .await;
