@@ -1,5 +1,6 @@
 //! Command-line configuration and the operator's top-level `run`.
 
+use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,11 +62,16 @@ pub enum RunError {
     Logging(String),
 }
 
-/// Installs the global tracing subscriber.
+/// Installs the global tracing subscriber, writing to stderr.
 pub fn init_tracing(format: LogFormat, filter: &str) -> Result<(), RunError> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .map_err(|e| RunError::Logging(format!("invalid log filter {filter:?}: {e}")))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colour only on a terminal: container runtimes write stderr to files.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(colour)
+        .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

@@ -37,11 +37,19 @@ pub fn parse_filter(filter: &str) -> Result<EnvFilter, TelemetryError> {
     })
 }
 
+/// Whether text logs get colours: only on a terminal, and never with `NO_COLOR` set.
+/// Container runtimes write stderr to files, where escape codes are noise.
+pub fn use_colour() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
 /// Installs the global subscriber writing to stderr.
 pub fn init(format: LogFormat, filter: &str) -> Result<(), TelemetryError> {
     let filter = parse_filter(filter)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(use_colour())
         .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),
