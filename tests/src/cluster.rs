@@ -29,7 +29,11 @@ struct Process {
 impl Process {
     fn spawn(name: &'static str, dir: &Path, mut command: Command) -> anyhow::Result<Self> {
         let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log)?;
+        // Appending: a restarted process continues the log of the one before.
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let child = command
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
@@ -79,6 +83,10 @@ pub struct Options {
 pub struct ControlPlane {
     // Dropped in reverse start order: clients before the API server, etcd last.
     processes: Vec<Process>,
+    /// kube-apiserver's binary and flags, without the egress selector (for restarts).
+    apiserver: (PathBuf, Vec<String>),
+    /// etcd's client URL.
+    etcd: String,
     dir: tempfile::TempDir,
     pki: Pki,
     admin: CertFiles,
@@ -186,8 +194,7 @@ impl ControlPlane {
 
         let port = free_port()?;
         let url = format!("https://127.0.0.1:{port}");
-        let mut apiserver = Command::new(bin.join("kube-apiserver"));
-        apiserver.args([
+        let apiserver_args: Vec<String> = [
             "--etcd-servers",
             &etcd_url,
             "--bind-address",
@@ -206,6 +213,8 @@ impl ControlPlane {
             &path(&kubelet_client.cert),
             "--kubelet-client-key",
             &path(&kubelet_client.key),
+            "--kubelet-certificate-authority",
+            &path(pki.ca_file()),
             "--kubelet-preferred-address-types",
             "InternalIP",
             "--service-account-key-file",
@@ -220,17 +229,28 @@ impl ControlPlane {
             "Node,RBAC",
             "--allow-privileged",
             "--profiling=false",
-        ]);
-        if let Some(egress) = &options.egress_selector {
-            apiserver.arg("--egress-selector-config-file").arg(egress);
-        }
-        processes.push(Process::spawn("kube-apiserver", dir.path(), apiserver)?);
+            // JSON in etcd, so the harness can write what validation forbids on loopback
+            // (see `write_endpoints`).
+            "--storage-media-type",
+            "application/json",
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
+        let apiserver = (bin.join("kube-apiserver"), apiserver_args);
+        processes.push(Process::spawn(
+            "kube-apiserver",
+            dir.path(),
+            apiserver_command(&apiserver, options.egress_selector.as_deref()),
+        )?);
 
         let kubeconfig = dir.path().join("admin.kubeconfig");
         std::fs::write(&kubeconfig, kubeconfig_yaml(&url, pki.ca_file(), &admin))?;
 
         let mut plane = ControlPlane {
             processes,
+            apiserver,
+            etcd: etcd_url,
             dir,
             pki,
             admin,
@@ -265,7 +285,7 @@ impl ControlPlane {
             &path(plane.pki.ca_file()),
             "--use-service-account-credentials=false",
             "--controllers",
-            "*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-route,-service,-csrsigning,-csrapproving,-bootstrapsigner,-tokencleaner,-attachdetach,-persistentvolume-binder,-persistentvolume-expander,-pvc-protection,-pv-protection,-ttl,-ttl-after-finished",
+            "*,-nodeipam,-cloud-node-lifecycle,-route,-service,-csrsigning,-csrapproving,-bootstrapsigner,-tokencleaner,-attachdetach,-persistentvolume-binder,-persistentvolume-expander,-pvc-protection,-pv-protection,-ttl,-ttl-after-finished",
         ]);
         plane.processes.push(Process::spawn(
             "kube-controller-manager",
@@ -281,6 +301,30 @@ impl ControlPlane {
         )?);
         plane.check_running()?;
         Ok(plane)
+    }
+
+    /// Restarts kube-apiserver on the same address with `--egress-selector-config-file`
+    /// (or without, for `None`) and waits until it is ready: how an operator wires the
+    /// apiserver to a tunnel.
+    pub async fn restart_apiserver(
+        &mut self,
+        egress_selector: Option<&Path>,
+    ) -> anyhow::Result<()> {
+        let at = self
+            .processes
+            .iter()
+            .position(|p| p.name == "kube-apiserver")
+            .context("kube-apiserver is not running")?;
+        // Killed and reaped before the new one binds the same port.
+        let old = &mut self.processes[at].child;
+        let _ = old.kill();
+        let _ = old.wait();
+        self.processes[at] = Process::spawn(
+            "kube-apiserver",
+            self.dir.path(),
+            apiserver_command(&self.apiserver, egress_selector),
+        )?;
+        self.wait_ready().await
     }
 
     /// Fails if any control-plane process has exited, with the end of its log.
@@ -334,13 +378,7 @@ impl ControlPlane {
 
     /// A kube client with cluster-admin rights.
     pub async fn client(&self) -> anyhow::Result<kube::Client> {
-        let kubeconfig = kube::config::Kubeconfig::read_from(&self.kubeconfig)?;
-        let config = kube::Config::from_custom_kubeconfig(
-            kubeconfig,
-            &kube::config::KubeConfigOptions::default(),
-        )
-        .await?;
-        Ok(kube::Client::try_from(config)?)
+        client_for(&self.kubeconfig).await
     }
 
     /// The cluster CA.
@@ -364,6 +402,89 @@ impl ControlPlane {
             .iter()
             .find(|p| p.name == name)
             .map_or_else(|| format!("no process {name}"), |p| tail(&p.log))
+    }
+
+    /// Writes the Endpoints of a selectorless Service straight into etcd.
+    ///
+    /// Kubernetes refuses loopback endpoint addresses, and every pod here has one, so no
+    /// endpoints controller can publish them. kube-apiserver's service proxy reads Endpoints
+    /// without validating them, so the harness stores them where the API server keeps them.
+    /// The service proxy only uses an address whose target Pod has that IP.
+    /// `ports` are `(name, port)`.
+    pub async fn write_endpoints(
+        &self,
+        namespace: &str,
+        service: &str,
+        pods: &[PodAddress],
+        ports: &[(&str, u16)],
+    ) -> anyhow::Result<()> {
+        let endpoints = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Endpoints",
+            "metadata": {
+                "name": service,
+                "namespace": namespace,
+                "uid": format!("{:032x}", rand::random::<u128>()),
+                "creationTimestamp": k8s_openapi::jiff::Timestamp::now()
+                    .strftime("%Y-%m-%dT%H:%M:%SZ")
+                    .to_string(),
+            },
+            "subsets": [{
+                "addresses": pods
+                    .iter()
+                    .map(|pod| serde_json::json!({
+                        "ip": pod.ip,
+                        "nodeName": pod.node,
+                        "targetRef": { "kind": "Pod", "namespace": namespace, "name": pod.name },
+                    }))
+                    .collect::<Vec<_>>(),
+                "ports": ports
+                    .iter()
+                    .map(|(name, port)| serde_json::json!({
+                        "name": name, "port": port, "protocol": "TCP",
+                    }))
+                    .collect::<Vec<_>>(),
+            }],
+        });
+        let key = format!("/registry/services/endpoints/{namespace}/{service}");
+        self.etcd_put(&key, &serde_json::to_vec(&endpoints)?)
+            .await
+            .with_context(|| format!("cannot write {key} to etcd"))
+    }
+
+    /// `PUT key value` through etcd's JSON gateway.
+    async fn etcd_put(&self, key: &str, value: &[u8]) -> anyhow::Result<()> {
+        use base64::Engine as _;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let body = serde_json::to_vec(&serde_json::json!({
+            "key": b64.encode(key),
+            "value": b64.encode(value),
+        }))?;
+        let address = self
+            .etcd
+            .strip_prefix("http://")
+            .context("etcd URL is not http://")?;
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        let head = format!(
+            "POST /v3/kv/put HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(&body).await?;
+        let mut response = String::new();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            stream.read_to_string(&mut response),
+        )
+        .await
+        .context("etcd did not answer")??;
+        anyhow::ensure!(
+            response.starts_with("HTTP/1.1 200"),
+            "etcd answered: {response}"
+        );
+        Ok(())
     }
 
     /// Waits until `kubectl args...` succeeds and its output satisfies `check`.
@@ -392,6 +513,37 @@ impl ControlPlane {
             Err(err) => Err(err.context(format!("last `kubectl {}`: {last}", args.join(" ")))),
         }
     }
+}
+
+/// A pod as an endpoint of a Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodAddress {
+    /// The pod's name.
+    pub name: String,
+    /// The node it runs on.
+    pub node: String,
+    /// Its IP.
+    pub ip: String,
+}
+
+/// A kube client for a kubeconfig file, on the current runtime.
+pub async fn client_for(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+fn apiserver_command(apiserver: &(PathBuf, Vec<String>), egress: Option<&Path>) -> Command {
+    let mut command = Command::new(&apiserver.0);
+    command.args(&apiserver.1);
+    if let Some(egress) = egress {
+        command.arg("--egress-selector-config-file").arg(egress);
+    }
+    command
 }
 
 fn path(p: &Path) -> String {

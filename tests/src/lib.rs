@@ -4,15 +4,23 @@
 //! - [`pki`]: a CA and leaf certificates written to a private directory.
 //! - [`cluster`]: a real control plane (etcd, kube-apiserver, kube-controller-manager,
 //!   kube-scheduler) on loopback.
+//! - [`binaries`]: the workspace's binaries; the operator as a process.
+//! - [`kubelet`]: a pod runner playing kubelet for simulated nodes on loopback addresses.
+//! - [`forwarder`]: a TCP forwarder to a Service's ready endpoints (a load balancer's role).
+//! - [`stack`]: all of it together: control plane, nodes, operator, a link, egress wired.
 //! - [`fixture`]: [`fixture::Loopback`] starts servers and agents in-process on `127.0.0.1:0`.
 //! - [`client`]: CONNECT clients for the Unix socket and TLS frontends.
 //! - [`targets`]: destinations: echo, source, sink, a closed port and a black hole.
 //! - [`wait`]: polling a condition until a deadline.
 
+pub mod binaries;
 pub mod client;
 pub mod cluster;
 pub mod fixture;
+pub mod forwarder;
+pub mod kubelet;
 pub mod pki;
+pub mod stack;
 pub mod targets;
 pub mod wait;
 

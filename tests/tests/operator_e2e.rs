@@ -3,65 +3,14 @@
 //! rejects invalid links, the example link is rolled out with every child, hand-made damage is
 //! repaired, and deleting the link removes everything it created.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use cplink_e2e::binaries::Operator;
 use cplink_e2e::cluster::{ControlPlane, Options};
+use cplink_e2e::stack::{self, repo};
 
 const NAMESPACE: &str = "cplink-system";
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_owned()
-}
-
-/// A binary of another workspace package, built by `cargo test --workspace` next to this test.
-fn workspace_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>");
-    let binary = dir.join(name);
-    assert!(
-        binary.is_file(),
-        "{} missing: build it with `cargo build -p {name}` (`make test` builds every binary first)",
-        binary.display()
-    );
-    binary
-}
-
-/// The operator as a process, stopped on drop.
-struct Operator(Child);
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_operator(plane: &ControlPlane) -> Operator {
-    let log = std::fs::File::create(plane.dir().join("operator.log")).expect("operator log");
-    let child = Command::new(workspace_binary("cplink-operator"))
-        .env("KUBECONFIG", &plane.kubeconfig)
-        .args([
-            "--default-image",
-            "cplink:e2e",
-            "--admin-address",
-            "127.0.0.1:0",
-        ])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log handle"))
-        .stderr(log)
-        .spawn()
-        .expect("start cplink-operator");
-    Operator(child)
-}
 
 fn get_json(plane: &ControlPlane, args: &[&str]) -> serde_json::Value {
     let mut all = args.to_vec();
@@ -93,16 +42,7 @@ const CLUSTER_CHILDREN: &[&str] = &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_rolls_out_repairs_and_cleans_up_a_link() -> anyhow::Result<()> {
     let mut plane = ControlPlane::start(Options::default()).await?;
-    let crd = repo().join("crds/controlplanelinks.cplink.dev.yaml");
-    plane.kubectl_ok(&["apply", "-f", &crd.display().to_string()])?;
-    plane.kubectl_ok(&[
-        "wait",
-        "--for",
-        "condition=established",
-        "--timeout",
-        "60s",
-        "crd/controlplanelinks.cplink.dev",
-    ])?;
+    stack::install_crd(&plane).await?;
     plane.kubectl_ok(&["create", "namespace", NAMESPACE])?;
 
     // The schema rejects an invalid link before any controller sees it.
@@ -122,7 +62,7 @@ async fn operator_rolls_out_repairs_and_cleans_up_a_link() -> anyhow::Result<()>
         "the rejection names the field: {message}"
     );
 
-    let _operator = start_operator(&plane);
+    let _operator = Operator::start(&plane, "cplink:e2e")?;
     let example = repo().join("crds/examples/controlplanelink.yaml");
     plane.kubectl_ok(&["apply", "-f", &example.display().to_string()])?;
 

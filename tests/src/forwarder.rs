@@ -1,0 +1,291 @@
+//! A TCP forwarder to the ready endpoints of Services: the role a cloud load balancer plays
+//! for a `LoadBalancer` Service, on a loopback port, since nothing here runs kube-proxy.
+//!
+//! Endpoints come from the Services' EndpointSlices (`discovery.k8s.io/v1beta1`, as
+//! Kubernetes 1.20 serves them), watched as they change. Connections are spread round-robin
+//! over the ready endpoints. Like cloud load balancers, it fails open: while no endpoint is
+//! ready, every endpoint takes connections (so a client meets the backend's own answer, not
+//! a closed connection). A connection that finds no endpoint at all is closed at once.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures_util::StreamExt as _;
+use kube::Api;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// An endpoint and whether it is ready.
+type Endpoint = (SocketAddr, bool);
+
+/// Where one Service's traffic goes.
+#[derive(Default)]
+struct Backends {
+    /// Endpoints by EndpointSlice name.
+    by_slice: HashMap<String, Vec<Endpoint>>,
+    next: usize,
+}
+
+impl Backends {
+    /// The ready endpoints, or every endpoint while none is ready.
+    fn all(&self) -> Vec<SocketAddr> {
+        let endpoints = || self.by_slice.values().flatten();
+        let any_ready = endpoints().any(|(_, ready)| *ready);
+        let mut all: Vec<SocketAddr> = endpoints()
+            .filter(|(_, ready)| *ready || !any_ready)
+            .map(|(address, _)| *address)
+            .collect();
+        all.sort_unstable();
+        all
+    }
+
+    /// The endpoints in the order to try them, starting at the next in turn.
+    fn rotation(&mut self) -> Vec<SocketAddr> {
+        let mut all = self.all();
+        if !all.is_empty() {
+            let len = all.len();
+            all.rotate_left(self.next % len);
+            self.next = self.next.wrapping_add(1);
+        }
+        all
+    }
+}
+
+/// Forwarders for Services of one namespace, each on its own `127.0.0.1` port; stopped when
+/// dropped.
+pub struct Forwarder {
+    addresses: HashMap<String, SocketAddr>,
+    backends: HashMap<String, Arc<Mutex<Backends>>>,
+    shutdown: CancellationToken,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl Forwarder {
+    /// Starts forwarding for `services` in `namespace`, watching their EndpointSlices with
+    /// the credentials of `kubeconfig`. Services may not exist yet.
+    pub async fn start(
+        kubeconfig: &Path,
+        namespace: &str,
+        services: &[&str],
+    ) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("cplink-forwarder")
+            .enable_all()
+            .build()?;
+        let shutdown = CancellationToken::new();
+        let mut addresses = HashMap::new();
+        let mut backends = HashMap::new();
+        for service in services {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            listener.set_nonblocking(true)?;
+            addresses.insert((*service).to_owned(), listener.local_addr()?);
+            let table = Arc::new(Mutex::new(Backends::default()));
+            backends.insert((*service).to_owned(), Arc::clone(&table));
+            let kubeconfig = kubeconfig.to_owned();
+            let namespace = namespace.to_owned();
+            let service = (*service).to_owned();
+            let shutdown = shutdown.clone();
+            runtime
+                .spawn(async move {
+                    let client = crate::cluster::client_for(&kubeconfig).await?;
+                    let listener = TcpListener::from_std(listener)?;
+                    tokio::spawn(watch_slices(
+                        client,
+                        namespace,
+                        service,
+                        Arc::clone(&table),
+                        shutdown.clone(),
+                    ));
+                    tokio::spawn(accept(listener, table, shutdown));
+                    anyhow::Ok(())
+                })
+                .await
+                .context("forwarder start panicked")??;
+        }
+        Ok(Forwarder {
+            addresses,
+            backends,
+            shutdown,
+            runtime: Some(runtime),
+        })
+    }
+
+    /// The loopback address forwarding to `service`.
+    pub fn address(&self, service: &str) -> SocketAddr {
+        self.addresses[service]
+    }
+
+    /// The endpoints of `service` that take connections right now.
+    pub fn backends(&self, service: &str) -> Vec<SocketAddr> {
+        self.backends[service].lock().expect("backends").all()
+    }
+}
+
+fn endpoint_slices() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice"),
+        "endpointslices",
+    )
+}
+
+/// Keeps `table` equal to the endpoints of the Service's slices.
+async fn watch_slices(
+    client: kube::Client,
+    namespace: String,
+    service: String,
+    table: Arc<Mutex<Backends>>,
+    shutdown: CancellationToken,
+) {
+    let api: Api<DynamicObject> = Api::namespaced_with(client, &namespace, &endpoint_slices());
+    let config =
+        watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
+    let mut events = watcher::watcher(api, config).default_backoff().boxed();
+    loop {
+        let event = tokio::select! {
+            event = events.next() => match event {
+                Some(event) => event,
+                None => return,
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let mut backends = table.lock().expect("backends");
+        match event {
+            Ok(watcher::Event::Init) => backends.by_slice.clear(),
+            Ok(watcher::Event::Apply(slice) | watcher::Event::InitApply(slice)) => {
+                let name = slice.metadata.name.clone().unwrap_or_default();
+                backends.by_slice.insert(name, endpoints(&slice.data));
+            }
+            Ok(watcher::Event::Delete(slice)) => {
+                let name = slice.metadata.name.clone().unwrap_or_default();
+                backends.by_slice.remove(&name);
+            }
+            Ok(watcher::Event::InitDone) => {}
+            Err(err) => tracing::debug!(%service, %err, "EndpointSlice watch failed"),
+        }
+    }
+}
+
+/// The `address:port` pairs of an EndpointSlice (its only port), with their readiness
+/// (unknown counts as ready, as the API says).
+fn endpoints(slice: &serde_json::Value) -> Vec<Endpoint> {
+    let Some(port) = slice["ports"]
+        .as_array()
+        .and_then(|ports| ports.first())
+        .and_then(|p| p["port"].as_u64())
+        .and_then(|p| u16::try_from(p).ok())
+    else {
+        return Vec::new();
+    };
+    slice["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|e| {
+            let ready = e["conditions"]["ready"].as_bool().unwrap_or(true);
+            let addresses = e["addresses"].as_array().cloned().unwrap_or_default();
+            addresses.into_iter().map(move |a| (a, ready))
+        })
+        .filter_map(|(a, ready)| Some((SocketAddr::new(a.as_str()?.parse().ok()?, port), ready)))
+        .collect()
+}
+
+async fn accept(listener: TcpListener, table: Arc<Mutex<Backends>>, shutdown: CancellationToken) {
+    loop {
+        let (client, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(%err, "forwarder accept failed");
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => return,
+        };
+        let candidates = table.lock().expect("backends").rotation();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            for backend in candidates {
+                let connect =
+                    tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(backend));
+                if let Ok(Ok(upstream)) = connect.await {
+                    tokio::select! {
+                        _ = pipe(client, upstream) => {}
+                        () = shutdown.cancelled() => {}
+                    }
+                    return;
+                }
+            }
+            tracing::debug!("no reachable endpoint; connection closed");
+        });
+    }
+}
+
+async fn pipe(mut client: TcpStream, mut upstream: TcpStream) -> std::io::Result<()> {
+    tokio::io::copy_bidirectional(&mut client, &mut upstream)
+        .await
+        .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn ready_endpoints_are_used_and_all_of_them_while_none_is_ready() {
+        let slice = json!({
+            "ports": [{ "name": "agents", "port": 8091 }],
+            "endpoints": [
+                { "addresses": ["127.9.1.2"], "conditions": { "ready": true } },
+                { "addresses": ["127.9.2.2"], "conditions": { "ready": false } },
+                { "addresses": ["127.9.3.2"], "conditions": {} },
+            ],
+        });
+        let mut backends = Backends::default();
+        backends.by_slice.insert("a".into(), endpoints(&slice));
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            backends.all(),
+            [addr("127.9.1.2:8091"), addr("127.9.3.2:8091")]
+        );
+
+        let unready = json!({
+            "ports": [{ "port": 8090 }],
+            "endpoints": [{ "addresses": ["127.9.4.2"], "conditions": { "ready": false } }],
+        });
+        backends.by_slice.clear();
+        backends.by_slice.insert("b".into(), endpoints(&unready));
+        assert_eq!(backends.all(), [addr("127.9.4.2:8090")]);
+        assert!(endpoints(&json!({ "endpoints": [] })).is_empty());
+    }
+
+    #[test]
+    fn connections_rotate_over_every_slice() {
+        let mut backends = Backends::default();
+        let a: SocketAddr = "127.0.0.2:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.3:1".parse().unwrap();
+        backends.by_slice.insert("one".into(), vec![(a, true)]);
+        backends.by_slice.insert("two".into(), vec![(b, true)]);
+        assert_eq!(backends.rotation(), [a, b]);
+        assert_eq!(backends.rotation(), [b, a]);
+        assert_eq!(backends.rotation(), [a, b]);
+        assert!(Backends::default().rotation().is_empty());
+    }
+}

@@ -1,0 +1,319 @@
+//! The whole product on one machine: a real control plane, simulated nodes running real pods,
+//! the CRD, the operator, a ControlPlaneLink, and kube-apiserver sending its node and pod
+//! traffic through the tunnel. Shared by the end-to-end tests and `make demo`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use k8s_openapi::api::core::v1::Secret;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::binaries::{self, Operator};
+use crate::cluster::{ControlPlane, Options};
+use crate::forwarder::Forwarder;
+use crate::kubelet::{self, Nodes};
+
+/// Namespace of the link and its children.
+pub const NAMESPACE: &str = "cplink-system";
+/// Name of the link.
+pub const LINK: &str = "edge";
+/// The frontend Service of the link (kube-apiserver's side).
+pub const FRONTEND_SERVICE: &str = "edge-frontend";
+/// The agent endpoint Service of the link (the agents' side).
+pub const AGENT_SERVICE: &str = "edge-agent-endpoint";
+/// Image name the operator puts in pod specs; the pod runner runs the `command` instead.
+pub const IMAGE: &str = "cplink:e2e";
+/// How long any single step may take.
+pub const STEP: Duration = Duration::from_secs(90);
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// Simulated nodes.
+    pub nodes: usize,
+    /// Server replicas of the link.
+    pub servers: u32,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            nodes: 3,
+            servers: 1,
+        }
+    }
+}
+
+/// Everything running; dropped in reverse order of start.
+pub struct Stack {
+    /// Operator first, so nothing repairs what is being torn down.
+    operator: Option<Operator>,
+    /// The load balancer in front of the link's Services.
+    pub forwarder: Forwarder,
+    /// The simulated nodes.
+    pub nodes: Nodes,
+    /// The control plane.
+    pub plane: ControlPlane,
+    options: StackOptions,
+}
+
+/// The repository's root directory.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+/// Applies the ControlPlaneLink CRD from `crds/` and waits until the API server serves it.
+pub async fn install_crd(plane: &ControlPlane) -> anyhow::Result<()> {
+    let crd = repo().join("crds/controlplanelinks.cplink.dev.yaml");
+    plane.kubectl_ok(&["apply", "-f", &crd.display().to_string()])?;
+    // Not `kubectl wait`: it fails outright while the new CRD has no conditions yet.
+    plane
+        .wait_kubectl(
+            "the ControlPlaneLink CRD is established",
+            STEP,
+            &[
+                "get",
+                "crd/controlplanelinks.cplink.dev",
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
+            ],
+            |out| out.trim() == "True",
+        )
+        .await?;
+    Ok(())
+}
+
+impl Stack {
+    /// Starts the control plane and the nodes, installs the CRD, starts the operator and the
+    /// forwarder for the link's Services. The link itself is applied by [`Stack::apply_link`].
+    pub async fn start(options: StackOptions) -> anyhow::Result<Self> {
+        let plane = ControlPlane::start(Options::default()).await?;
+        let nodes = Nodes::start(
+            &plane,
+            kubelet::Options {
+                nodes: options.nodes,
+                bin_dirs: vec![binaries::bin_dir()?],
+            },
+        )
+        .await?;
+        install_crd(&plane).await?;
+        plane.kubectl_ok(&["create", "namespace", NAMESPACE])?;
+        let forwarder = Forwarder::start(
+            &plane.kubeconfig,
+            NAMESPACE,
+            &[FRONTEND_SERVICE, AGENT_SERVICE],
+        )
+        .await?;
+        let operator = Operator::start(&plane, IMAGE)?;
+        Ok(Stack {
+            operator: Some(operator),
+            forwarder,
+            nodes,
+            plane,
+            options,
+        })
+    }
+
+    /// The ControlPlaneLink: the options' server count, Services reached through the
+    /// forwarder, the nodes' range as the pod range.
+    pub fn link_yaml(&self) -> String {
+        format!(
+            "apiVersion: cplink.dev/v1alpha1
+kind: ControlPlaneLink
+metadata:
+  name: {LINK}
+  namespace: {NAMESPACE}
+spec:
+  server:
+    replicas: {servers}
+    frontend:
+      externalAddress: \"{frontend}\"
+    agentEndpoint:
+      externalAddress: \"{agents}\"
+  network:
+    podCIDRs: [\"{range}\"]
+",
+            servers = self.options.servers,
+            frontend = self.forwarder.address(FRONTEND_SERVICE),
+            agents = self.forwarder.address(AGENT_SERVICE),
+            range = self.nodes.range(),
+        )
+    }
+
+    /// Applies `yaml` with `kubectl apply`.
+    pub fn apply(&self, name: &str, yaml: &str) -> anyhow::Result<String> {
+        let file = self.plane.dir().join(format!("{name}.yaml"));
+        std::fs::write(&file, yaml)?;
+        self.plane
+            .kubectl_ok(&["apply", "-f", &file.display().to_string()])
+    }
+
+    /// Applies the link.
+    pub fn apply_link(&self) -> anyhow::Result<()> {
+        self.apply("link", &self.link_yaml()).map(drop)
+    }
+
+    /// Waits until `kubectl get controlplanelinks` shows the link ready with every server and
+    /// agent; returns the table.
+    pub async fn wait_link_ready(&self) -> anyhow::Result<String> {
+        let servers = format!("{0}/{0}", self.options.servers);
+        let agents = format!("{0}/{0}", self.options.nodes);
+        self.plane
+            .wait_kubectl(
+                "the link to be ready",
+                STEP,
+                &["get", "controlplanelinks", "-n", NAMESPACE],
+                |table| {
+                    table.lines().skip(1).any(|row| {
+                        let cells: Vec<&str> = row.split_whitespace().collect();
+                        cells.get(..4) == Some(&[LINK, "True", &servers, &agents])
+                    })
+                },
+            )
+            .await
+            .with_context(|| self.diagnostics())
+    }
+
+    /// Restarts kube-apiserver with the egress selector configuration the operator wrote into
+    /// the link's egress Secret, its certificate files next to it.
+    pub async fn wire_egress(&mut self) -> anyhow::Result<PathBuf> {
+        let secrets: kube::Api<Secret> =
+            kube::Api::namespaced(self.plane.client().await?, NAMESPACE);
+        let secret = secrets.get(&format!("{LINK}-apiserver-egress")).await?;
+        let data = secret.data.unwrap_or_default();
+        let dir = self.plane.dir().join("egress");
+        std::fs::create_dir_all(&dir)?;
+        let mut config = None;
+        for (key, value) in data {
+            if key.ends_with(".yaml") {
+                config = Some(String::from_utf8(value.0)?);
+            } else {
+                std::fs::write(dir.join(&key), value.0)?;
+            }
+        }
+        let config = config.context("the egress Secret holds no configuration")?;
+        // Where a cluster operator would copy the files, /etc/kubernetes/cplink, is this
+        // run's private directory here.
+        let config = config.replace("/etc/kubernetes/cplink", &dir.display().to_string());
+        let file = dir.join("egress-selector-configuration.yaml");
+        std::fs::write(&file, config)?;
+        self.plane.restart_apiserver(Some(&file)).await?;
+        Ok(file)
+    }
+
+    /// Pods of the link's component (`server` or `agent`), as (name, node, pod IP).
+    pub fn pods(&self, component: &str) -> anyhow::Result<Vec<(String, String, String)>> {
+        let out = self.plane.kubectl_ok(&[
+            "get",
+            "pods",
+            "-n",
+            NAMESPACE,
+            "-l",
+            &format!("app.kubernetes.io/component={component}"),
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} {.status.podIP}{\"\\n\"}{end}",
+        ])?;
+        Ok(out
+            .lines()
+            .filter_map(|line| {
+                let mut cells = line.split_whitespace().map(str::to_owned);
+                Some((
+                    cells.next()?,
+                    cells.next()?,
+                    cells.next().unwrap_or_default(),
+                ))
+            })
+            .collect())
+    }
+
+    /// The end of each component's log, for failure messages.
+    pub fn diagnostics(&self) -> String {
+        let kubectl = |args: &[&str]| {
+            self.plane
+                .kubectl_ok(args)
+                .unwrap_or_else(|e| format!("{e:#}"))
+        };
+        let pods = kubectl(&["get", "pods", "-A", "-o", "wide"]);
+        let link = kubectl(&[
+            "get",
+            "cpl",
+            "-n",
+            NAMESPACE,
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}: {.status}{\"\\n\"}{end}",
+        ]);
+        let events = kubectl(&["get", "events", "-A", "--sort-by=.lastTimestamp"]);
+        let operator =
+            std::fs::read_to_string(self.plane.dir().join("operator.log")).unwrap_or_default();
+        let operator: Vec<&str> = operator.lines().rev().take(20).collect();
+        format!(
+            "pods:\n{pods}\nlinks:\n{link}\nevents:\n{events}\n\
+             operator log (newest first):\n{}\nkube-scheduler:\n{}\nkube-apiserver:\n{}",
+            operator.join("\n"),
+            self.plane.log_tail("kube-scheduler"),
+            self.plane.log_tail("kube-apiserver")
+        )
+    }
+
+    /// Stops the operator (it is otherwise stopped when the stack is dropped).
+    pub fn stop_operator(&mut self) {
+        self.operator = None;
+    }
+}
+
+/// A plain HTTP/1.1 `GET`, for admin endpoints of pods; returns the body of a 200.
+pub async fn http_get(address: SocketAddr, path: &str) -> anyhow::Result<String> {
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(address),
+    )
+    .await
+    .context("connect timed out")??;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+        .await
+        .context("response timed out")??;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP response")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    Ok(body.to_owned())
+}
+
+/// The sum of a Prometheus counter's samples whose labels contain `labels`.
+pub fn counter(metrics: &str, name: &str, labels: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_add_up_matching_samples_only() {
+        let metrics = "# HELP x\ncplink_server_dials_total{result=\"ok\"} 3\n\
+                       cplink_server_dials_total{result=\"refused\"} 2\n\
+                       cplink_server_dial_duration_seconds_count 5\n";
+        assert_eq!(
+            counter(metrics, "cplink_server_dials_total", "result=\"ok\""),
+            3.0
+        );
+        assert_eq!(counter(metrics, "cplink_server_dials_total", ""), 5.0);
+        assert_eq!(counter(metrics, "missing", ""), 0.0);
+    }
+}

@@ -1,0 +1,466 @@
+//! The whole product against real Kubernetes components: kube-apiserver, controller-manager
+//! and scheduler from `scripts/kube.sh`, three simulated nodes whose pods run the freshly
+//! built binaries, the operator rolling out a ControlPlaneLink, and kube-apiserver sending
+//! `kubectl logs`, node proxy and service proxy traffic through the tunnel.
+
+use std::io::{BufRead as _, BufReader};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+
+use cplink_e2e::cluster::PodAddress;
+use cplink_e2e::stack::{self, LINK, NAMESPACE, STEP, Stack, StackOptions};
+use cplink_e2e::wait;
+
+/// A fixture HTTP server on one of the nodes, behind a Service.
+const HELLO: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: hello
+  namespace: default
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {app: hello}
+  template:
+    metadata:
+      labels: {app: hello}
+    spec:
+      containers:
+      - name: hello
+        image: cplink-http-fixture:e2e
+        command: [cplink-http-fixture]
+        args: [\"--listen=$(POD_IP):8080\", \"--name=$(POD_NAME)\"]
+        env:
+        - name: POD_IP
+          valueFrom: {fieldRef: {fieldPath: status.podIP}}
+        - name: POD_NAME
+          valueFrom: {fieldRef: {fieldPath: metadata.name}}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: hello
+  namespace: default
+spec:
+  # No selector: Kubernetes refuses the pod's loopback address as an endpoint, so the test
+  # writes the Endpoints itself (`ControlPlane::write_endpoints`).
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+";
+
+const SERVICE_PROXY: &str = "/api/v1/namespaces/default/services/hello:80/proxy/";
+
+fn node_healthz(node: &str) -> String {
+    format!("/api/v1/nodes/{node}/proxy/healthz")
+}
+
+/// Successful dials counted by every server pod.
+async fn server_dials(stack: &Stack) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for (_, _, ip) in stack.pods("server")? {
+        let metrics = stack::http_get(format!("{ip}:8095").parse()?, "/metrics").await?;
+        total += stack::counter(&metrics, "cplink_server_dials_total", "result=\"ok\"");
+    }
+    Ok(total)
+}
+
+/// Waits until kube-apiserver's node proxy answers `ok` for every node's kubelet `/healthz`.
+async fn node_proxy_answers(stack: &Stack, nodes: &[String], what: &str) -> anyhow::Result<()> {
+    for node in nodes {
+        stack
+            .plane
+            .wait_kubectl(what, STEP, &["get", "--raw", &node_healthz(node)], |out| {
+                out.trim() == "ok"
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// Successful dials of each agent, by node.
+async fn agent_dials(stack: &Stack) -> anyhow::Result<Vec<(String, f64)>> {
+    let mut dials = Vec::new();
+    for (_, node, ip) in stack.pods("agent")? {
+        let metrics = stack::http_get(format!("{ip}:8096").parse()?, "/metrics").await?;
+        dials.push((
+            node,
+            stack::counter(&metrics, "cplink_agent_dials_total", "result=\"ok\""),
+        ));
+    }
+    dials.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(dials)
+}
+
+/// The Ready condition's (status, lastTransitionTime) of the link.
+fn ready_condition(stack: &Stack) -> anyhow::Result<(String, String)> {
+    let out = stack.plane.kubectl_ok(&[
+        "get",
+        "cpl",
+        LINK,
+        "-n",
+        NAMESPACE,
+        "-o",
+        "jsonpath={.status.conditions[?(@.type==\"Ready\")].status} \
+         {.status.conditions[?(@.type==\"Ready\")].lastTransitionTime}",
+    ])?;
+    let (status, time) = out.trim().split_once(' ').unwrap_or((out.trim(), ""));
+    Ok((status.to_owned(), time.to_owned()))
+}
+
+/// `kubectl` that is expected to fail: its standard error.
+fn kubectl_err(stack: &Stack, args: &[&str]) -> String {
+    match stack.plane.kubectl(args).output() {
+        Ok(out) if out.status.success() => String::new(),
+        Ok(out) => String::from_utf8_lossy(&out.stderr).into_owned(),
+        Err(err) => err.to_string(),
+    }
+}
+
+/// `kubectl logs -f`, its output collected as it arrives; killed when dropped.
+struct Follow {
+    child: std::process::Child,
+    output: Arc<Mutex<String>>,
+}
+
+impl Follow {
+    fn start(stack: &Stack, args: &[&str]) -> anyhow::Result<Self> {
+        let mut child = stack
+            .plane
+            .kubectl(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let output = Arc::new(Mutex::new(String::new()));
+        let sink = Arc::clone(&output);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let mut out = sink.lock().expect("follow output");
+                out.push_str(&line);
+                out.push('\n');
+            }
+        });
+        Ok(Follow { child, output })
+    }
+
+    fn contains(&self, text: &str) -> bool {
+        self.output.lock().expect("follow output").contains(text)
+    }
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::Result<()> {
+    let mut stack = Stack::start(StackOptions::default()).await?;
+    let nodes: Vec<String> = stack.nodes.nodes().iter().map(|n| n.name.clone()).collect();
+
+    // 1. The link rolls out: one server, an agent on each of the three nodes, all ready.
+    stack.apply_link()?;
+    let table = stack.wait_link_ready().await?;
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        ["NAME", "READY", "SERVERS", "AGENTS", "AGE"],
+        "{table}"
+    );
+    let agents = stack.pods("agent")?;
+    let mut agent_nodes: Vec<&str> = agents.iter().map(|(_, node, _)| node.as_str()).collect();
+    agent_nodes.sort_unstable();
+    assert_eq!(agent_nodes, nodes, "one agent per node: {agents:?}");
+    assert_eq!(stack.pods("server")?.len(), 1);
+
+    stack.apply("hello", HELLO)?;
+    stack
+        .plane
+        .wait_kubectl(
+            "the hello pod to run",
+            STEP,
+            &[
+                "get",
+                "pods",
+                "-l",
+                "app=hello",
+                "-o",
+                "jsonpath={.items[*].status.phase}",
+            ],
+            |phase| phase == "Running",
+        )
+        .await?;
+    let hello: Vec<PodAddress> = stack
+        .plane
+        .kubectl_ok(&[
+            "get",
+            "pods",
+            "-l",
+            "app=hello",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} {.status.podIP}{\"\\n\"}{end}",
+        ])?
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ').map(str::to_owned);
+            Some(PodAddress {
+                name: fields.next()?,
+                node: fields.next()?,
+                ip: fields.next()?,
+            })
+        })
+        .collect();
+    assert_eq!(hello.len(), 1, "{hello:?}");
+    stack
+        .plane
+        .write_endpoints("default", "hello", &hello, &[("http", 8080)])
+        .await?;
+
+    // 2. kube-apiserver uses the egress configuration the operator wrote.
+    stack.wire_egress().await?;
+    let dials_before = server_dials(&stack).await?;
+    node_proxy_answers(&stack, &nodes, "node proxy through the tunnel").await?;
+    for (pod, node, _) in &agents {
+        let log = stack.plane.kubectl_ok(&["logs", "-n", NAMESPACE, pod])?;
+        assert!(
+            log.contains("linked"),
+            "the agent on {node} logged its link, fetched through the tunnel: {log}"
+        );
+    }
+    let greeting = stack
+        .plane
+        .wait_kubectl(
+            "the service proxy through the tunnel",
+            STEP,
+            &["get", "--raw", SERVICE_PROXY],
+            |out| out.starts_with("hello from hello-"),
+        )
+        .await?;
+    assert!(greeting.ends_with('\n'), "{greeting:?}");
+
+    // `kubectl logs -f` streams lines written after it started.
+    let follow = Follow::start(&stack, &["logs", "-f", "deploy/hello"])?;
+    let marker = format!("follow-{}", rand::random::<u32>());
+    stack
+        .plane
+        .kubectl_ok(&["get", "--raw", &format!("{SERVICE_PROXY}{marker}")])?;
+    wait::until("the request in the followed log", STEP, || {
+        follow.contains(&marker)
+    })
+    .await?;
+    drop(follow);
+
+    // kube-apiserver keeps connections to a kubelet or pod open and reuses them, so the server
+    // dialed at least once per destination (each node's kubelet and the hello pod), and each
+    // node's own agent made the kubelet dials of that node.
+    let dials_after = server_dials(&stack).await?;
+    assert!(
+        dials_after >= dials_before + (nodes.len() + 1) as f64,
+        "the server dialed every kubelet and the hello pod: {dials_before} -> {dials_after}"
+    );
+    for (node, dials) in agent_dials(&stack).await? {
+        assert!(dials >= 1.0, "the agent on {node} dialed its kubelet");
+    }
+
+    // With every agent stopped, tunneled requests fail as the apiserver's dial errors while
+    // plain API requests still work.
+    stack.plane.kubectl_ok(&[
+        "patch",
+        "cpl",
+        LINK,
+        "-n",
+        NAMESPACE,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"agent":{"nodeSelector":{"cplink.dev/e2e":"no-such-node"}}}}"#,
+    ])?;
+    stack
+        .plane
+        .wait_kubectl(
+            "every agent pod to be gone",
+            STEP,
+            &[
+                "get",
+                "pods",
+                "-n",
+                NAMESPACE,
+                "-l",
+                "app.kubernetes.io/component=agent",
+                "-o",
+                "name",
+            ],
+            |out| out.trim().is_empty(),
+        )
+        .await?;
+    // kube-apiserver's HTTPConnect dialer reports the server's refusal as "proxy error from
+    // <frontend> while dialing <node>, code 503"; upgrade requests (exec, port-forward) wrap
+    // the same dial error in "error dialing backend". The first request may still meet a
+    // kept-alive connection torn down with its agent.
+    let mut refused = String::new();
+    wait::until("node proxy to fail without agents", STEP, || {
+        refused = kubectl_err(&stack, &["get", "--raw", &node_healthz(&nodes[0])]);
+        refused.contains("code 503")
+    })
+    .await
+    .map_err(|e| e.context(refused.clone()))?;
+    let logs_refused = kubectl_err(&stack, &["logs", "deploy/hello"]);
+    assert!(logs_refused.contains("code 503"), "{logs_refused}");
+    let exec_refused = kubectl_err(&stack, &["exec", "deploy/hello", "--", "true"]);
+    assert!(
+        exec_refused.contains("error dialing backend") && exec_refused.contains("code 503"),
+        "{exec_refused}"
+    );
+    stack
+        .plane
+        .kubectl_ok(&["create", "configmap", "crud-check", "--from-literal=a=b"])?;
+    let value =
+        stack
+            .plane
+            .kubectl_ok(&["get", "configmap", "crud-check", "-o", "jsonpath={.data.a}"])?;
+    assert_eq!(value, "b");
+    stack
+        .plane
+        .kubectl_ok(&["delete", "configmap", "crud-check"])?;
+
+    stack.plane.kubectl_ok(&[
+        "patch",
+        "cpl",
+        LINK,
+        "-n",
+        NAMESPACE,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"agent":{"nodeSelector":null}}}"#,
+    ])?;
+    stack.wait_link_ready().await?;
+    stack
+        .plane
+        .wait_kubectl(
+            "node proxy after the agents returned",
+            STEP,
+            &["get", "--raw", &node_healthz(&nodes[0])],
+            |out| out.trim() == "ok",
+        )
+        .await?;
+    stack
+        .plane
+        .wait_kubectl(
+            "logs after the agents returned",
+            STEP,
+            &["logs", "deploy/hello"],
+            |out| out.contains(&marker),
+        )
+        .await?;
+
+    // 3. Resilience: a deleted server pod is replaced; the link degrades, then recovers.
+    let (status, since) = ready_condition(&stack)?;
+    assert_eq!(status, "True");
+    let (old_server, _, _) = stack.pods("server")?.remove(0);
+    stack.plane.kubectl_ok(&[
+        "delete",
+        "pod",
+        "-n",
+        NAMESPACE,
+        &old_server,
+        "--wait=false",
+    ])?;
+    let mut last = (String::new(), String::new());
+    wait::until("the link to go unready and recover", STEP, || {
+        if let Ok(now) = ready_condition(&stack) {
+            last = now;
+        }
+        last.0 == "True" && last.1 != since
+    })
+    .await
+    .map_err(|e| e.context(format!("Ready {last:?}, was True since {since}")))?;
+    stack.wait_link_ready().await?;
+    let servers = stack.pods("server")?;
+    assert!(
+        servers.iter().all(|(name, _, _)| *name != old_server),
+        "{servers:?}"
+    );
+    node_proxy_answers(&stack, &nodes, "node proxy through the new server").await?;
+
+    // A DaemonSet deleted by hand is restored by the operator, with agents on every node.
+    let uid = stack.plane.kubectl_ok(&[
+        "get",
+        "ds",
+        "edge-agent",
+        "-n",
+        NAMESPACE,
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ])?;
+    stack.plane.kubectl_ok(&[
+        "delete",
+        "ds",
+        "edge-agent",
+        "-n",
+        NAMESPACE,
+        "--wait=false",
+    ])?;
+    stack
+        .plane
+        .wait_kubectl(
+            "the DaemonSet to be restored",
+            STEP,
+            &[
+                "get",
+                "ds",
+                "edge-agent",
+                "-n",
+                NAMESPACE,
+                "-o",
+                "jsonpath={.metadata.uid}",
+            ],
+            |now| !now.is_empty() && now != uid,
+        )
+        .await?;
+    stack.wait_link_ready().await?;
+
+    // 4. Deleting the link removes everything it created, and its pods stop.
+    stack
+        .plane
+        .kubectl_ok(&["delete", "cpl", LINK, "-n", NAMESPACE, "--timeout=90s"])?;
+    stack
+        .plane
+        .wait_kubectl(
+            "the link's namespaced children to be gone",
+            STEP,
+            &[
+                "get",
+                "deploy,ds,svc,secret,sa,role,rolebinding,pods",
+                "-n",
+                NAMESPACE,
+                "-l",
+                &format!("app.kubernetes.io/instance={LINK}"),
+                "-o",
+                "name",
+            ],
+            |out| out.trim().is_empty(),
+        )
+        .await?;
+    let cluster =
+        stack
+            .plane
+            .kubectl_ok(&["get", "clusterrole,clusterrolebinding", "-o", "name"])?;
+    assert!(
+        !cluster.contains(&format!("cplink:{NAMESPACE}:{LINK}")),
+        "{cluster}"
+    );
+    wait::until("every cplink process to stop", STEP, || {
+        stack.nodes.running() == 1
+    })
+    .await
+    .map_err(|e| e.context(format!("{} containers still run", stack.nodes.running())))?;
+    Ok(())
+}
