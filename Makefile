@@ -1,7 +1,7 @@
 # cplink developer entry points.
 CARGO ?= cargo
 
-.PHONY: all build test lint fmt crds demo bench setup kube
+.PHONY: all build test lint fmt crds demo demo-down bench setup kube
 
 all: build
 
@@ -37,9 +37,17 @@ fmt:
 crds:
 	$(CARGO) run --quiet -p cplink-operator --bin crdgen > crds/controlplanelinks.cplink.dev.yaml
 
-## demo: a server and three agents on loopback, traffic through the tunnel, until Ctrl-C
-demo:
-	$(CARGO) run --quiet -p cplink-e2e --bin cplink-demo
+## demo: a local Kubernetes cluster with cplink, kube-apiserver wired through the tunnel
+# Returns once `kubectl logs` works through the tunnel; the cluster keeps running until
+# `make demo-down`.
+demo: setup kube
+	$(CARGO) build --quiet --workspace --bins
+	./target/debug/cplink-demo up
+
+## demo-down: stop the cluster `make demo` started
+demo-down:
+	$(CARGO) build --quiet -p cplink-e2e --bin cplink-demo
+	./target/debug/cplink-demo down
 
 ## bench: tunnel versus direct TCP, printed as a table of ratios (release build)
 bench:
