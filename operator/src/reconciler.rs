@@ -638,9 +638,18 @@ pub async fn run(
 
     let store = controller.store();
     tokio::spawn(async move {
-        if store.wait_until_ready().await.is_ok() {
-            ready.store(true, Ordering::Release);
-            tracing::info!("controller watches synced");
+        // kube-runtime's "store ready" signal wakes only the last task waiting on it, and the
+        // controller waits on it too: look again every second instead of relying on a wake-up.
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), store.wait_until_ready()).await {
+                Ok(Ok(())) => {
+                    ready.store(true, Ordering::Release);
+                    tracing::info!("controller watches synced");
+                    return;
+                }
+                Ok(Err(_)) => return,
+                Err(_) => {}
+            }
         }
     });
 
