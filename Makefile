@@ -1,5 +1,10 @@
 # cplink developer entry points.
 CARGO ?= cargo
+# Where scripts/setup.sh and scripts/kube.sh keep what they install.
+CPLINK_CACHE ?= $(HOME)/.cache/cplink
+# Python with the pinned helm-python-sdk (made by scripts/setup.sh).
+PYTHON ?= $(CPLINK_CACHE)/venv/bin/python
+export CPLINK_PYTHON := $(PYTHON)
 
 .PHONY: all build test lint fmt crds demo demo-down bench setup kube
 
@@ -17,10 +22,11 @@ build:
 kube:
 	./scripts/kube.sh
 
-## test: formatting, lints, generated-file drift and every test (what CI runs)
+## test: formatting, lints, generated-file drift, the chart and every test (what CI runs)
 # The end-to-end tests run the operator, server and agent binaries as processes; cargo builds a
 # package's binaries for its own integration tests only, so build them all first.
 test: lint kube
+	$(PYTHON) -m pytest -p no:cacheprovider tests/helm -q
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --all-targets --no-fail-fast
 
@@ -33,9 +39,10 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-## crds: regenerate the CRD from the operator's types
+## crds: regenerate the CRD from the operator's types, in crds/ and in the chart
 crds:
 	$(CARGO) run --quiet -p cplink-operator --bin crdgen > crds/controlplanelinks.cplink.dev.yaml
+	cp crds/controlplanelinks.cplink.dev.yaml charts/cplink/crds/controlplanelinks.cplink.dev.yaml
 
 ## demo: a local Kubernetes cluster with cplink, kube-apiserver wired through the tunnel
 # Returns once `kubectl logs` works through the tunnel; the cluster keeps running until

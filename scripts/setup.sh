@@ -6,6 +6,8 @@ set -euo pipefail
 need_apt=()
 command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if ((${#need_apt[@]})); then
     if [ "$(id -u)" -ne 0 ]; then
         echo "setup: need root to apt-get install ${need_apt[*]}" >&2
@@ -21,4 +23,15 @@ for tool in cargo rustfmt cargo-clippy; do
         exit 1
     fi
 done
+# The Helm chart tests use the real Helm engine from PyPI (helm-python-sdk), pinned in
+# tests/helm/requirements.txt, in a virtualenv outside the repository.
+VENV="${CPLINK_CACHE:-$HOME/.cache/cplink}/venv"
+REQUIREMENTS="$(dirname "$0")/../tests/helm/requirements.txt"
+if ! cmp -s "$REQUIREMENTS" "$VENV/requirements.txt" 2>/dev/null; then
+    echo "setup: installing the Python test environment in $VENV"
+    rm -rf "$VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQUIREMENTS"
+    cp "$REQUIREMENTS" "$VENV/requirements.txt"
+fi
 echo "setup: ok"

@@ -7,7 +7,9 @@
 //! - [`binaries`]: the workspace's binaries; the operator as a process.
 //! - [`kubelet`]: a pod runner playing kubelet for simulated nodes on loopback addresses.
 //! - [`forwarder`]: a TCP forwarder to a Service's ready endpoints (a load balancer's role).
-//! - [`stack`]: all of it together: control plane, nodes, operator, a link, egress wired.
+//! - [`helm`]: releases of the Helm chart through the real Helm engine.
+//! - [`stack`]: all of it together: control plane, nodes, cplink installed with its chart, a
+//!   link, egress wired.
 //! - [`fixture`]: [`fixture::Loopback`] starts servers and agents in-process on `127.0.0.1:0`.
 //! - [`client`]: CONNECT clients for the Unix socket and TLS frontends.
 //! - [`targets`]: destinations: echo, source, sink, a closed port and a black hole.
@@ -18,6 +20,7 @@ pub mod client;
 pub mod cluster;
 pub mod fixture;
 pub mod forwarder;
+pub mod helm;
 pub mod kubelet;
 pub mod pki;
 pub mod stack;

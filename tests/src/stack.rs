@@ -1,6 +1,7 @@
 //! The whole product on one machine: a real control plane, simulated nodes running real pods,
-//! the CRD, the operator, a ControlPlaneLink, and kube-apiserver sending its node and pod
-//! traffic through the tunnel. Shared by the end-to-end tests and `make demo`.
+//! cplink installed with its Helm chart (the operator runs as a pod, with the chart's RBAC),
+//! a ControlPlaneLink, and kube-apiserver sending its node and pod traffic through the
+//! tunnel. Shared by the end-to-end tests and `make demo`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -10,9 +11,10 @@ use anyhow::Context as _;
 use k8s_openapi::api::core::v1::Secret;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::binaries::{self, Operator};
+use crate::binaries;
 use crate::cluster::{ControlPlane, Options};
 use crate::forwarder::Forwarder;
+use crate::helm::Helm;
 use crate::kubelet::{self, Nodes};
 
 /// Namespace of the link and its children.
@@ -23,8 +25,12 @@ pub const LINK: &str = "edge";
 pub const FRONTEND_SERVICE: &str = "edge-frontend";
 /// The agent endpoint Service of the link (the agents' side).
 pub const AGENT_SERVICE: &str = "edge-agent-endpoint";
-/// Image name the operator puts in pod specs; the pod runner runs the `command` instead.
+/// Image of the chart's operator and of the pods it makes; the pod runner runs the `command`.
 pub const IMAGE: &str = "cplink:e2e";
+/// The Helm release.
+pub const RELEASE: &str = "cplink";
+/// The operator's Deployment, as the chart names it for [`RELEASE`].
+pub const OPERATOR: &str = "cplink";
 /// How long any single step may take.
 pub const STEP: Duration = Duration::from_secs(90);
 
@@ -46,10 +52,11 @@ impl Default for StackOptions {
     }
 }
 
-/// Everything running; dropped in reverse order of start.
+/// Everything running; dropped in order: the forwarder, the nodes and their pods (the
+/// operator among them), then the control plane.
 pub struct Stack {
-    /// Operator first, so nothing repairs what is being torn down.
-    operator: Option<Operator>,
+    /// Helm for the control plane.
+    pub helm: Helm,
     /// The load balancer in front of the link's Services.
     pub forwarder: Forwarder,
     /// The simulated nodes.
@@ -57,6 +64,19 @@ pub struct Stack {
     /// The control plane.
     pub plane: ControlPlane,
     options: StackOptions,
+}
+
+/// Chart values for the tests: the image the pod runner accepts, plus `extra` top-level
+/// values (`("logging", json!({...}))`).
+pub fn chart_values(extra: &[(&str, serde_json::Value)]) -> serde_json::Value {
+    let (repository, tag) = IMAGE.split_once(':').expect("IMAGE has a tag");
+    let mut values = serde_json::json!({
+        "image": { "repository": repository, "tag": tag },
+    });
+    for (key, value) in extra {
+        values[*key] = value.clone();
+    }
+    values
 }
 
 /// The repository's root directory.
@@ -101,22 +121,45 @@ impl Stack {
             },
         )
         .await?;
-        install_crd(&plane).await?;
-        plane.kubectl_ok(&["create", "namespace", NAMESPACE])?;
         let forwarder = Forwarder::start(
             &plane.kubeconfig,
             NAMESPACE,
             &[FRONTEND_SERVICE, AGENT_SERVICE],
         )
         .await?;
-        let operator = Operator::start(&plane, IMAGE)?;
-        Ok(Stack {
-            operator: Some(operator),
+        let helm = Helm::new(&plane.kubeconfig)?;
+        helm.install(NAMESPACE, RELEASE, &chart_values(&[]))?;
+        let stack = Stack {
+            helm,
             forwarder,
             nodes,
             plane,
             options,
-        })
+        };
+        stack.wait_operator_ready().await?;
+        Ok(stack)
+    }
+
+    /// Waits until the operator's Deployment has a ready pod of its current revision.
+    pub async fn wait_operator_ready(&self) -> anyhow::Result<()> {
+        self.plane
+            .wait_kubectl(
+                "the operator to be ready",
+                STEP,
+                &[
+                    "get",
+                    "deployment",
+                    OPERATOR,
+                    "-n",
+                    NAMESPACE,
+                    "-o",
+                    "jsonpath={.status.updatedReplicas}/{.status.readyReplicas}/{.status.replicas}",
+                ],
+                |out| out == "1/1/1",
+            )
+            .await
+            .with_context(|| self.diagnostics())
+            .map(drop)
     }
 
     /// The ControlPlaneLink: the options' server count, Services reached through the
@@ -248,21 +291,19 @@ spec:
             "jsonpath={range .items[*]}{.metadata.name}: {.status}{\"\\n\"}{end}",
         ]);
         let events = kubectl(&["get", "events", "-A", "--sort-by=.lastTimestamp"]);
-        let operator =
-            std::fs::read_to_string(self.plane.dir().join("operator.log")).unwrap_or_default();
-        let operator: Vec<&str> = operator.lines().rev().take(20).collect();
+        let operator = kubectl(&[
+            "logs",
+            "-n",
+            NAMESPACE,
+            &format!("deployment/{OPERATOR}"),
+            "--tail=20",
+        ]);
         format!(
             "pods:\n{pods}\nlinks:\n{link}\nevents:\n{events}\n\
-             operator log (newest first):\n{}\nkube-scheduler:\n{}\nkube-apiserver:\n{}",
-            operator.join("\n"),
+             operator log:\n{operator}\nkube-scheduler:\n{}\nkube-apiserver:\n{}",
             self.plane.log_tail("kube-scheduler"),
             self.plane.log_tail("kube-apiserver")
         )
-    }
-
-    /// Stops the operator (it is otherwise stopped when the stack is dropped).
-    pub fn stop_operator(&mut self) {
-        self.operator = None;
     }
 }
 

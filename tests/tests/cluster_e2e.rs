@@ -1,7 +1,8 @@
 //! The whole product against real Kubernetes components: kube-apiserver, controller-manager
 //! and scheduler from `scripts/kube.sh`, three simulated nodes whose pods run the freshly
-//! built binaries, the operator rolling out a ControlPlaneLink, and kube-apiserver sending
-//! `kubectl logs`, node proxy and service proxy traffic through the tunnel.
+//! built binaries, cplink installed with its Helm chart, the operator (a pod) rolling out a
+//! ControlPlaneLink, and kube-apiserver sending `kubectl logs`, node proxy and service proxy
+//! traffic through the tunnel.
 
 use std::io::{BufRead as _, BufReader};
 use std::process::Stdio;
@@ -457,8 +458,9 @@ async fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::R
         !cluster.contains(&format!("cplink:{NAMESPACE}:{LINK}")),
         "{cluster}"
     );
-    wait::until("every cplink process to stop", STEP, || {
-        stack.nodes.running() == 1
+    // What remains: the hello fixture and the operator.
+    wait::until("every process of the link to stop", STEP, || {
+        stack.nodes.running() == 2
     })
     .await
     .map_err(|e| e.context(format!("{} containers still run", stack.nodes.running())))?;

@@ -1,0 +1,174 @@
+//! The Helm chart on a real control plane, through the real Helm engine: `install` runs the
+//! operator as a pod with nothing but the chart's RBAC and a link from the values becomes
+//! Ready; `upgrade` with a changed value rolls the operator; `uninstall` (after the link is
+//! removed, as the chart's NOTES say) leaves none of the release's objects behind.
+
+use cplink_e2e::stack::{
+    self, AGENT_SERVICE, FRONTEND_SERVICE, LINK, NAMESPACE, OPERATOR, RELEASE, STEP, Stack,
+    StackOptions,
+};
+use serde_json::json;
+
+/// The release's link, from values: one server, its Services reached through the forwarder
+/// (which serves the Services of a link named [`LINK`]).
+fn link_values(stack: &Stack, create: bool) -> serde_json::Value {
+    json!({
+        "create": create,
+        "name": LINK,
+        "spec": {
+            "server": {
+                "replicas": 1,
+                "frontend": {
+                    "externalAddress": stack.forwarder.address(FRONTEND_SERVICE).to_string(),
+                },
+                "agentEndpoint": {
+                    "externalAddress": stack.forwarder.address(AGENT_SERVICE).to_string(),
+                },
+            },
+            "network": { "podCIDRs": [stack.nodes.range()] },
+        },
+    })
+}
+
+fn operator_pods(stack: &Stack) -> anyhow::Result<Vec<String>> {
+    Ok(stack
+        .plane
+        .kubectl_ok(&[
+            "get",
+            "pods",
+            "-n",
+            NAMESPACE,
+            "-l",
+            "app.kubernetes.io/component=operator",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])?
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_installs_upgrades_and_uninstalls() -> anyhow::Result<()> {
+    // Stack::start installs the chart with default values and waits for the operator pod.
+    let stack = Stack::start(StackOptions {
+        nodes: 2,
+        servers: 1,
+    })
+    .await?;
+    let crd =
+        stack
+            .plane
+            .kubectl_ok(&["get", "crd", "controlplanelinks.cplink.dev", "-o", "name"])?;
+    assert_eq!(
+        crd.trim(),
+        "customresourcedefinition.apiextensions.k8s.io/controlplanelinks.cplink.dev"
+    );
+    let first = operator_pods(&stack)?;
+    assert_eq!(first.len(), 1, "{first:?}");
+
+    // A link from values: the operator, holding only the chart's permissions, rolls it out.
+    stack.helm.upgrade(
+        NAMESPACE,
+        RELEASE,
+        &stack::chart_values(&[("link", link_values(&stack, true))]),
+    )?;
+    stack
+        .plane
+        .wait_kubectl(
+            "the link from values to be ready",
+            STEP,
+            &["get", "controlplanelinks", "-n", NAMESPACE],
+            |table| {
+                table.lines().any(|row| {
+                    row.split_whitespace().take(4).collect::<Vec<_>>()
+                        == [LINK, "True", "1/1", "2/2"]
+                })
+            },
+        )
+        .await
+        .map_err(|e| e.context(stack.diagnostics()))?;
+    let log =
+        stack
+            .plane
+            .kubectl_ok(&["logs", "-n", NAMESPACE, &format!("deployment/{OPERATOR}")])?;
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "the chart's RBAC is enough: {log}"
+    );
+
+    // Upgrade with a changed value: the Deployment changes and a new operator pod takes over.
+    stack.helm.upgrade(
+        NAMESPACE,
+        RELEASE,
+        &stack::chart_values(&[
+            ("link", link_values(&stack, true)),
+            ("logging", json!({ "level": "debug", "format": "json" })),
+        ]),
+    )?;
+    let args = stack.plane.kubectl_ok(&[
+        "get",
+        "deployment",
+        OPERATOR,
+        "-n",
+        NAMESPACE,
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].args}",
+    ])?;
+    assert!(args.contains("--log-format=json"), "{args}");
+    stack.wait_operator_ready().await?;
+    let second = operator_pods(&stack)?;
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_ne!(first, second, "the operator pod was replaced");
+
+    // The NOTES' way out: drop the link (the operator removes its cluster-scoped RBAC), then
+    // uninstall.
+    stack.helm.upgrade(
+        NAMESPACE,
+        RELEASE,
+        &stack::chart_values(&[("link", link_values(&stack, false))]),
+    )?;
+    stack
+        .plane
+        .wait_kubectl(
+            "the link and its children to be gone",
+            STEP,
+            &[
+                "get",
+                "controlplanelinks,deployments,daemonsets,secrets,clusterroles",
+                "-A",
+                "-l",
+                "app.kubernetes.io/managed-by=cplink-operator",
+                "-o",
+                "name",
+            ],
+            |out| out.trim().is_empty(),
+        )
+        .await?;
+    stack.helm.uninstall(NAMESPACE, RELEASE)?;
+    stack
+        .plane
+        .wait_kubectl(
+            "every object of the release to be gone",
+            STEP,
+            &[
+                "get",
+                "deployments,pods,serviceaccounts,services,clusterroles,clusterrolebindings,controlplanelinks",
+                "-A",
+                "-l",
+                &format!("app.kubernetes.io/instance={RELEASE}"),
+                "-o",
+                "name",
+            ],
+            |out| out.trim().is_empty(),
+        )
+        .await?;
+    let releases = stack
+        .plane
+        .kubectl_ok(&["get", "secrets", "-n", NAMESPACE, "-o", "name"])?;
+    assert!(
+        !releases.contains("sh.helm.release"),
+        "release history removed: {releases}"
+    );
+    Ok(())
+}
