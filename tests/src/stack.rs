@@ -196,6 +196,20 @@ spec:
             .kubectl_ok(&["apply", "-f", &file.display().to_string()])
     }
 
+    /// Merge-patches the link with `patch` (JSON).
+    pub fn patch_link(&self, patch: &str) -> anyhow::Result<String> {
+        self.plane.kubectl_ok(&[
+            "patch",
+            "controlplanelink",
+            LINK,
+            "-n",
+            NAMESPACE,
+            "--type=merge",
+            "-p",
+            patch,
+        ])
+    }
+
     /// Applies the link.
     pub fn apply_link(&self) -> anyhow::Result<()> {
         self.apply("link", &self.link_yaml()).map(drop)

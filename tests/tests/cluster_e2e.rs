@@ -274,16 +274,7 @@ async fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::R
 
     // With every agent stopped, tunneled requests fail as the apiserver's dial errors while
     // plain API requests still work.
-    stack.plane.kubectl_ok(&[
-        "patch",
-        "cpl",
-        LINK,
-        "-n",
-        NAMESPACE,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"agent":{"nodeSelector":{"cplink.dev/e2e":"no-such-node"}}}}"#,
-    ])?;
+    stack.patch_link(r#"{"spec":{"agent":{"nodeSelector":{"cplink.dev/e2e":"no-such-node"}}}}"#)?;
     stack
         .plane
         .wait_kubectl(
@@ -332,16 +323,7 @@ async fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::R
         .plane
         .kubectl_ok(&["delete", "configmap", "crud-check"])?;
 
-    stack.plane.kubectl_ok(&[
-        "patch",
-        "cpl",
-        LINK,
-        "-n",
-        NAMESPACE,
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"agent":{"nodeSelector":null}}}"#,
-    ])?;
+    stack.patch_link(r#"{"spec":{"agent":{"nodeSelector":null}}}"#)?;
     stack.wait_link_ready().await?;
     stack
         .plane
