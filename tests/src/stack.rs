@@ -140,7 +140,8 @@ impl Stack {
         Ok(stack)
     }
 
-    /// Waits until the operator's Deployment has a ready pod of its current revision.
+    /// Waits until the operator's Deployment has seen its current spec and has one ready pod
+    /// of it, and no other.
     pub async fn wait_operator_ready(&self) -> anyhow::Result<()> {
         self.plane
             .wait_kubectl(
@@ -153,9 +154,14 @@ impl Stack {
                     "-n",
                     NAMESPACE,
                     "-o",
-                    "jsonpath={.status.updatedReplicas}/{.status.readyReplicas}/{.status.replicas}",
+                    "jsonpath={.metadata.generation}/{.status.observedGeneration} \
+                     {.status.updatedReplicas}/{.status.readyReplicas}/{.status.replicas}",
                 ],
-                |out| out == "1/1/1",
+                |out| {
+                    let (generations, replicas) = out.split_once(' ').unwrap_or_default();
+                    let (generation, observed) = generations.split_once('/').unwrap_or_default();
+                    generation == observed && replicas == "1/1/1"
+                },
             )
             .await
             .with_context(|| self.diagnostics())

@@ -7,6 +7,7 @@ use cplink_e2e::stack::{
     self, AGENT_SERVICE, FRONTEND_SERVICE, LINK, NAMESPACE, OPERATOR, RELEASE, STEP, Stack,
     StackOptions,
 };
+use cplink_e2e::wait;
 use serde_json::json;
 
 /// The release's link, from values: one server, its Services reached through the forwarder
@@ -117,9 +118,13 @@ async fn chart_installs_upgrades_and_uninstalls() -> anyhow::Result<()> {
     ])?;
     assert!(args.contains("--log-format=json"), "{args}");
     stack.wait_operator_ready().await?;
-    let second = operator_pods(&stack)?;
-    assert_eq!(second.len(), 1, "{second:?}");
-    assert_ne!(first, second, "the operator pod was replaced");
+    let mut pods = Vec::new();
+    wait::until("a new operator pod to replace the old one", STEP, || {
+        pods = operator_pods(&stack).unwrap_or_default();
+        pods.len() == 1 && pods != first
+    })
+    .await
+    .map_err(|e| e.context(format!("operator pods {pods:?}, before {first:?}")))?;
 
     // The NOTES' way out: drop the link (the operator removes its cluster-scoped RBAC), then
     // uninstall.
