@@ -455,7 +455,6 @@ impl ControlPlane {
     /// `PUT key value` through etcd's JSON gateway.
     async fn etcd_put(&self, key: &str, value: &[u8]) -> anyhow::Result<()> {
         use base64::Engine as _;
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let b64 = base64::engine::general_purpose::STANDARD;
         let body = serde_json::to_vec(&serde_json::json!({
             "key": b64.encode(key),
@@ -464,27 +463,17 @@ impl ControlPlane {
         let address = self
             .etcd
             .strip_prefix("http://")
-            .context("etcd URL is not http://")?;
-        let mut stream = tokio::net::TcpStream::connect(address).await?;
-        let head = format!(
-            "POST /v3/kv/put HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(&body).await?;
-        let mut response = String::new();
-        tokio::time::timeout(
+            .context("etcd URL is not http://")?
+            .parse()?;
+        crate::stack::http_request(
+            address,
+            "POST",
+            "/v3/kv/put",
+            Some(("application/json", &body)),
             Duration::from_secs(10),
-            stream.read_to_string(&mut response),
         )
         .await
-        .context("etcd did not answer")??;
-        anyhow::ensure!(
-            response.starts_with("HTTP/1.1 200"),
-            "etcd answered: {response}"
-        );
-        Ok(())
+        .map(drop)
     }
 
     /// Waits until `kubectl args...` succeeds and its output satisfies `check`.

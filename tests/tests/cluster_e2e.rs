@@ -374,7 +374,7 @@ async fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::R
     node_proxy_answers(&stack, &nodes, "node proxy through the new server").await?;
 
     // A DaemonSet deleted by hand is restored by the operator, with agents on every node.
-    let uid = stack.plane.kubectl_ok(&[
+    let agents_uid = [
         "get",
         "ds",
         "edge-agent",
@@ -382,7 +382,8 @@ async fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::R
         NAMESPACE,
         "-o",
         "jsonpath={.metadata.uid}",
-    ])?;
+    ];
+    let uid = stack.plane.kubectl_ok(&agents_uid)?;
     stack.plane.kubectl_ok(&[
         "delete",
         "ds",
@@ -393,20 +394,9 @@ async fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::R
     ])?;
     stack
         .plane
-        .wait_kubectl(
-            "the DaemonSet to be restored",
-            STEP,
-            &[
-                "get",
-                "ds",
-                "edge-agent",
-                "-n",
-                NAMESPACE,
-                "-o",
-                "jsonpath={.metadata.uid}",
-            ],
-            |now| !now.is_empty() && now != uid,
-        )
+        .wait_kubectl("the DaemonSet to be restored", STEP, &agents_uid, |now| {
+            !now.is_empty() && now != uid
+        })
         .await?;
     stack.wait_link_ready().await?;
 
