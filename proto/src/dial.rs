@@ -87,6 +87,40 @@ impl DialFailure {
         }
     }
 
+    /// Rebuilds a failure from the error text of a konnectivity dial answer. cplink agents send
+    /// [`DialFailure::reason_line`]; upstream agents send Go's dial errors
+    /// (`dial tcp 10.0.0.5:10250: connect: connection refused`, `... i/o timeout`).
+    pub fn from_konnectivity_error(text: &str) -> Self {
+        let text = text.trim();
+        let rest = |prefix: &str| {
+            text[prefix.len()..]
+                .trim_start_matches(':')
+                .trim()
+                .to_owned()
+        };
+        if text.starts_with("destination not allowed") {
+            DialFailure::Forbidden(rest("destination not allowed"))
+        } else if text.starts_with("bad destination") {
+            DialFailure::BadTarget(rest("bad destination"))
+        } else if text.starts_with("no agent available") {
+            DialFailure::NoAgent(rest("no agent available"))
+        } else if text.starts_with("dial timed out") {
+            timeout_from_reason(text)
+        } else if text.starts_with("connection refused") {
+            DialFailure::Refused(rest("connection refused"))
+        } else if text.contains("connection refused") {
+            DialFailure::Refused(text.to_owned())
+        } else if text.starts_with("destination unreachable") {
+            DialFailure::Unreachable(rest("destination unreachable"))
+        } else if text.starts_with("tunnel link failed") {
+            DialFailure::Link(rest("tunnel link failed"))
+        } else if text.contains("i/o timeout") {
+            DialFailure::Timeout(Duration::ZERO)
+        } else {
+            DialFailure::Unreachable(text.to_owned())
+        }
+    }
+
     /// The reason text sent to a peer or a frontend client: one line, bounded.
     pub fn reason_line(&self) -> String {
         let mut line: String = self
@@ -132,6 +166,30 @@ pub fn classify_connect_error(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn konnectivity_error_texts_map_back_to_failures() {
+        for failure in [
+            DialFailure::BadTarget("x".into()),
+            DialFailure::Forbidden("10.0.0.1:22".into()),
+            DialFailure::NoAgent("none".into()),
+            DialFailure::Refused("10.0.0.1:10250".into()),
+            DialFailure::Unreachable("10.0.0.1:10250: no route".into()),
+            DialFailure::Timeout(Duration::from_secs(5)),
+            DialFailure::Link("reset".into()),
+        ] {
+            let back = DialFailure::from_konnectivity_error(&failure.reason_line());
+            assert_eq!(back, failure);
+        }
+        let go = "dial tcp 10.0.0.5:10250: connect: connection refused";
+        assert_eq!(
+            DialFailure::from_konnectivity_error(go).status(),
+            StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(DialFailure::from_konnectivity_error(go).kind(), "refused");
+        let go = "dial tcp 10.0.0.5:10250: i/o timeout";
+        assert_eq!(DialFailure::from_konnectivity_error(go).kind(), "timeout");
+    }
 
     #[test]
     fn statuses_match_the_frontend_contract() {

@@ -6,6 +6,7 @@
 //! - [`tls`]: loading PEM files and building the rustls configurations of the link and frontends.
 //! - [`pump`]: moves bytes between a socket and an HTTP/2 stream with per-stream flow control.
 //! - [`keepalive`]: HTTP/2 PING liveness for links.
+//! - [`konnectivity`]: the konnectivity gRPC protocol (generated), its metadata and packets.
 //! - [`net`]: socket tuning and abortive close.
 //! - [`config`]: configuration errors naming the flag at fault.
 //! - [`admin`]: the `/healthz`, `/readyz`, `/metrics` HTTP endpoint.
@@ -17,6 +18,7 @@ pub mod config;
 pub mod dial;
 pub mod hello;
 pub mod keepalive;
+pub mod konnectivity;
 pub mod net;
 pub mod pump;
 pub mod readahead;
@@ -27,6 +29,9 @@ pub mod tls;
 
 /// ALPN protocol id of the native cplink link.
 pub const ALPN_LINK: &[u8] = b"cplink/1";
+
+/// ALPN protocol id of HTTP/2, which konnectivity's gRPC links negotiate.
+pub const ALPN_H2: &[u8] = b"h2";
 
 /// Version of the cplink software, reported in hellos and logs.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");

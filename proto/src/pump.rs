@@ -189,7 +189,7 @@ async fn socket_to_stream<R: ReadChunk>(
 }
 
 /// Sends `data` on the stream, never buffering more than the capacity the peer granted.
-async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), PumpError> {
+pub async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), PumpError> {
     while !data.is_empty() {
         send.reserve_capacity(data.len());
         match poll_fn(|cx| send.poll_capacity(cx)).await {

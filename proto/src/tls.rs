@@ -190,7 +190,9 @@ pub fn link_server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(client_verifier(agent_ca)?)
         .with_single_cert(identity.certs.clone(), identity.key.clone_key())?;
-    config.alpn_protocols = vec![crate::ALPN_LINK.to_vec()];
+    // Native cplink agents ask for cplink/1; upstream konnectivity agents speak gRPC over h2
+    // on the same port.
+    config.alpn_protocols = vec![crate::ALPN_LINK.to_vec(), crate::ALPN_H2.to_vec()];
     // Tickets would let a resumed session skip client authentication bookkeeping; links are
     // long-lived, so resumption buys nothing.
     config.send_tls13_tickets = 0;

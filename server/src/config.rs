@@ -45,6 +45,12 @@ pub struct Args {
     #[arg(long, env = "CPLINK_FRONTEND_UDS")]
     pub frontend_uds: Option<PathBuf>,
 
+    /// Path of the konnectivity gRPC frontend Unix socket (`/ProxyService/Proxy`, for
+    /// kube-apiserver's egress selector in `GRPC` mode; mode 0660, a stale socket is replaced).
+    /// Disabled when unset.
+    #[arg(long, env = "CPLINK_GRPC_UDS")]
+    pub grpc_uds: Option<PathBuf>,
+
     /// Address of the admin HTTP endpoint (/healthz, /readyz, /metrics).
     #[arg(long, env = "CPLINK_ADMIN_ADDRESS", default_value = "127.0.0.1:8095")]
     pub admin_address: SocketAddr,
@@ -165,10 +171,22 @@ impl Args {
             }
             (None, _) => None,
         };
-        if self.frontend_address.is_none() && self.frontend_uds.is_none() {
+        if self.frontend_address.is_none() && self.frontend_uds.is_none() && self.grpc_uds.is_none()
+        {
             tracing::warn!(
-                "no frontend configured (--frontend-address, --frontend-uds): nothing can dial through this server"
+                "no frontend configured (--frontend-address, --frontend-uds, --grpc-uds): nothing can dial through this server"
             );
+        }
+        if let (Some(connect), Some(grpc)) = (&self.frontend_uds, &self.grpc_uds)
+            && connect == grpc
+        {
+            return Err(ConfigError::new(
+                "grpc-uds",
+                format!(
+                    "{} is also --frontend-uds; each frontend needs its own socket",
+                    grpc.display()
+                ),
+            ));
         }
         let strategies =
             parse_strategies(&self.strategies).map_err(|e| ConfigError::new("strategies", e))?;

@@ -1,8 +1,8 @@
 //! CONNECT frontends for kube-apiserver's egress selector: TCP with mutual TLS, and a Unix socket.
 
 use std::sync::Arc;
-use std::time::Instant;
 
+use cplink_proto::konnectivity::mux;
 use cplink_proto::net::abort_tcp;
 use cplink_proto::pump::{self, Buffered, ReadChunk};
 use cplink_proto::readahead::ReadAhead;
@@ -16,8 +16,8 @@ use tracing::Instrument;
 
 use crate::Shared;
 use crate::connect::{self, ConnectError};
-use crate::metrics::{DialLabels, FrontendLabels, RequestErrorLabels, StrategyLabels};
-use crate::tunnel;
+use crate::metrics::{FrontendLabels, RequestErrorLabels};
+use crate::tunnel::{self, Carried};
 
 /// A frontend connection, once its transport handshake is done.
 pub(crate) trait FrontendStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
@@ -147,7 +147,8 @@ pub(crate) async fn accept_uds(
     }
 }
 
-fn count_request_error(shared: &Shared, reason: &'static str) {
+/// Counts a frontend request refused before dialing.
+pub(crate) fn count_request_error(shared: &Shared, reason: &'static str) {
     shared
         .metrics
         .request_errors
@@ -188,39 +189,14 @@ async fn serve<S: FrontendStream>(shared: &Shared, mut stream: S, frontend: &'st
     let target = request.target;
     let span = tracing::info_span!("dial", dest = %target, agent_id = tracing::field::Empty);
     async move {
-        let started = Instant::now();
-        let tunnel = tunnel::open(shared, &target).await;
-        metrics
-            .dial_duration
-            .observe(started.elapsed().as_secs_f64());
-        let tunnel = match tunnel {
+        let tunnel = match tunnel::open_counted(shared, &target).await {
             Ok(tunnel) => tunnel,
             Err(failure) => {
-                metrics
-                    .dials
-                    .get_or_create(&DialLabels {
-                        result: failure.kind(),
-                    })
-                    .inc();
-                tracing::info!(%failure, "dial failed");
                 let response = connect::error_response(failure.status(), &failure.reason_line());
                 reply_and_close(&mut stream, &response).await;
                 return;
             }
         };
-        let link = tunnel.route.guard.link().clone();
-        tracing::Span::current().record("agent_id", link.id.as_str());
-        metrics
-            .dials
-            .get_or_create(&DialLabels { result: "ok" })
-            .inc();
-        metrics
-            .routed
-            .get_or_create(&StrategyLabels {
-                strategy: tunnel.route.strategy.as_str(),
-            })
-            .inc();
-        tracing::debug!(strategy = %tunnel.route.strategy, "dial established");
 
         // Written only now that the destination is connected; nothing else is sent until the
         // client speaks.
@@ -230,15 +206,28 @@ async fn serve<S: FrontendStream>(shared: &Shared, mut stream: S, frontend: &'st
         }
         let _active = pump::ActiveStream::new(&metrics.streams_active);
         let (mut reader, mut writer) = stream.split();
-        let result = pump::pump(
-            &mut reader,
-            &mut writer,
-            tunnel.send,
-            tunnel.recv,
-            request.leftover,
-            &metrics.bytes,
-        )
-        .await;
+        let result = match tunnel.carried {
+            Carried::H2 { send, recv } => pump::pump(
+                &mut reader,
+                &mut writer,
+                send,
+                recv,
+                request.leftover,
+                &metrics.bytes,
+            )
+            .await
+            .map_err(|e| e.to_string()),
+            Carried::Mux(mut conn) => mux::pump(
+                &mut reader,
+                &mut writer,
+                &mut conn,
+                request.leftover,
+                &metrics.bytes,
+                tunnel::CLOSE_LINGER,
+            )
+            .await
+            .map_err(|e| e.to_string()),
+        };
         match result {
             Ok(stats) => tracing::debug!(
                 to_agent = stats.socket_to_stream,

@@ -4,6 +4,8 @@
 //! - `connect`: the HTTP CONNECT request head (parsing, answers).
 //! - `frontend`: the CONNECT frontends (TCP with mutual TLS, Unix socket).
 //! - `link`: agent links (TLS, hello, HTTP/2 as the client, keepalive).
+//! - `konnectivity`: the konnectivity gRPC frontend (kube-apiserver's `GRPC` mode) and
+//!   upstream konnectivity agents.
 //! - [`registry`]: linked agents and routing strategies.
 //! - `tunnel`: opening a tunneled connection through an agent.
 //! - [`metrics`]: Prometheus metrics.
@@ -14,6 +16,7 @@
 pub mod config;
 pub mod connect;
 mod frontend;
+mod konnectivity;
 mod link;
 pub mod metrics;
 pub mod registry;
@@ -52,6 +55,8 @@ pub struct Listeners {
     pub frontend_tls: Option<TcpListener>,
     /// CONNECT over a Unix socket, and its path (removed on shutdown).
     pub frontend_uds: Option<(UnixListener, PathBuf)>,
+    /// The konnectivity gRPC frontend's Unix socket, and its path (removed on shutdown).
+    pub grpc_uds: Option<(UnixListener, PathBuf)>,
     /// Admin endpoint.
     pub admin: Option<TcpListener>,
 }
@@ -85,7 +90,11 @@ impl Listeners {
             None => None,
         };
         let frontend_uds = match &args.frontend_uds {
-            Some(path) => Some((bind_uds(path)?, path.clone())),
+            Some(path) => Some((bind_uds("frontend-uds", path)?, path.clone())),
+            None => None,
+        };
+        let grpc_uds = match &args.grpc_uds {
+            Some(path) => Some((bind_uds("grpc-uds", path)?, path.clone())),
             None => None,
         };
         let admin = Some(tcp("admin-address", args.admin_address).await?);
@@ -93,15 +102,17 @@ impl Listeners {
             agent,
             frontend_tls,
             frontend_uds,
+            grpc_uds,
             admin,
         })
     }
 }
 
-/// Binds a Unix socket with mode 0660, replacing a stale socket left by a previous run.
-pub fn bind_uds(path: &Path) -> Result<UnixListener, BindError> {
+/// Binds a Unix socket with mode 0660, replacing a stale socket left by a previous run; errors
+/// name `flag`.
+pub fn bind_uds(flag: &'static str, path: &Path) -> Result<UnixListener, BindError> {
     let err = |source| BindError {
-        flag: "frontend-uds",
+        flag,
         address: path.display().to_string(),
         source,
     };
@@ -246,11 +257,28 @@ impl Server {
                 force.clone(),
             ));
         }
-        let uds_path = listeners.frontend_uds.as_ref().map(|(_, p)| p.clone());
+        let uds_paths: Vec<PathBuf> = [&listeners.frontend_uds, &listeners.grpc_uds]
+            .into_iter()
+            .flatten()
+            .map(|(_, path)| path.clone())
+            .collect();
         if let Some((listener, _)) = listeners.frontend_uds {
             accepting.spawn(frontend::accept_uds(
                 listener,
                 shared.clone(),
+                frontends.clone(),
+                shutdown.clone(),
+                force.clone(),
+            ));
+        }
+        if let Some((listener, _)) = listeners.grpc_uds {
+            accepting.spawn(konnectivity::proxy::accept_uds(
+                listener,
+                konnectivity::proxy::ProxyFrontend::new(
+                    shared.clone(),
+                    frontends.clone(),
+                    force.clone(),
+                ),
                 frontends.clone(),
                 shutdown.clone(),
                 force.clone(),
@@ -270,7 +298,7 @@ impl Server {
         shared.draining.store(true, Ordering::Relaxed);
         accepting.close();
         accepting.wait().await;
-        if let Some(path) = uds_path {
+        for path in uds_paths {
             let _ = std::fs::remove_file(path);
         }
 
@@ -307,17 +335,17 @@ mod tests {
         // A socket file whose server is gone, as after a crash.
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         assert!(path.exists());
-        let live = bind_uds(&path).unwrap();
+        let live = bind_uds("frontend-uds", &path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o660);
         // While it is served, a second server must not steal it.
-        let err = bind_uds(&path).unwrap_err();
+        let err = bind_uds("frontend-uds", &path).unwrap_err();
         assert_eq!(err.source.kind(), std::io::ErrorKind::AddrInUse, "{err}");
         drop(live);
         // A regular file is never deleted.
         let file = dir.path().join("not-a-socket");
         std::fs::write(&file, b"data").unwrap();
-        assert!(bind_uds(&file).is_err());
+        assert!(bind_uds("grpc-uds", &file).is_err());
         assert_eq!(std::fs::read(&file).unwrap(), b"data");
     }
 }

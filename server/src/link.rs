@@ -13,9 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::Shared;
 use crate::metrics::LinkErrorLabels;
-use crate::registry::AgentLink;
+use crate::registry::{AgentLink, Carrier};
+use crate::{Shared, konnectivity};
 
 /// Longest agent id accepted.
 const MAX_AGENT_ID_LEN: usize = 253;
@@ -27,7 +27,7 @@ pub enum LinkError {
     #[error("TLS handshake failed: {0}")]
     Tls(#[source] std::io::Error),
     /// The agent did not negotiate the cplink protocol.
-    #[error("agent did not negotiate ALPN cplink/1")]
+    #[error("agent negotiated neither ALPN cplink/1 nor h2 (konnectivity)")]
     Alpn,
     /// The hello exchange failed.
     #[error("hello failed: {0}")]
@@ -97,30 +97,8 @@ pub(crate) async fn accept(
     }
 }
 
-async fn handshake(
-    shared: &Shared,
-    tcp: TcpStream,
-) -> Result<
-    (
-        tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>,
-        AgentHello,
-    ),
-    LinkError,
-> {
-    let acceptor = TlsAcceptor::from(shared.config.link_tls.clone());
-    let mut tls = acceptor
-        .accept(ReadAhead::new(tcp))
-        .await
-        .map_err(LinkError::Tls)?;
-    if tls.get_ref().1.alpn_protocol() != Some(cplink_proto::ALPN_LINK) {
-        return Err(LinkError::Alpn);
-    }
-    let hello: AgentHello = hello::read(&mut tls).await?;
-    Ok((tls, hello))
-}
-
-fn validate(hello: &AgentHello) -> Result<(), String> {
-    let id = &hello.agent_id;
+/// Checks an agent id from a hello or from konnectivity metadata.
+pub(crate) fn validate_agent_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > MAX_AGENT_ID_LEN {
         return Err(format!(
             "agent id must be 1 to {MAX_AGENT_ID_LEN} characters"
@@ -135,13 +113,26 @@ fn validate(hello: &AgentHello) -> Result<(), String> {
 async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<(), LinkError> {
     cplink_proto::net::tune_link(&tcp);
     let budget = shared.config.handshake_timeout;
-    let (mut tls, agent) = tokio::time::timeout(budget, handshake(&shared, tcp))
+    let acceptor = TlsAcceptor::from(shared.config.link_tls.clone());
+    let mut tls = tokio::time::timeout(budget, acceptor.accept(ReadAhead::new(tcp)))
+        .await
+        .map_err(|_| LinkError::HandshakeTimeout(budget))?
+        .map_err(LinkError::Tls)?;
+    match tls.get_ref().1.alpn_protocol() {
+        Some(cplink_proto::ALPN_LINK) => {}
+        Some(cplink_proto::ALPN_H2) => {
+            konnectivity::agents::serve(shared, tls, peer).await;
+            return Ok(());
+        }
+        _ => return Err(LinkError::Alpn),
+    }
+    let agent: AgentHello = tokio::time::timeout(budget, hello::read(&mut tls))
         .await
         .map_err(|_| LinkError::HandshakeTimeout(budget))??;
     let span = tracing::Span::current();
     span.record("agent_id", agent.agent_id.as_str());
 
-    if let Err(reason) = validate(&agent) {
+    if let Err(reason) = validate_agent_id(&agent.agent_id) {
         let answer = server_hello(
             &shared,
             HelloOutcome::Rejected {
@@ -169,7 +160,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<
         shared.registry.next_link_id(),
         agent.node_name.clone(),
         agent.identifiers.clone(),
-        sender,
+        Carrier::Native(sender),
     ));
     if let Some(previous) = shared.registry.insert(link.clone()) {
         tracing::info!(agent_id = %link.id, "agent linked again; closing its previous link");

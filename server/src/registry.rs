@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use cplink_proto::dial::DialFailure;
 use cplink_proto::hello::Identifiers;
+use cplink_proto::konnectivity::mux::Mux;
 use cplink_proto::target::{Host, Target};
 use tokio_util::sync::CancellationToken;
 
@@ -71,6 +72,15 @@ pub fn parse_strategies(s: &str) -> Result<Vec<Strategy>, String> {
     Ok(chain)
 }
 
+/// How a link carries tunneled connections.
+#[derive(Debug, Clone)]
+pub(crate) enum Carrier {
+    /// A native cplink link: one HTTP/2 stream per connection.
+    Native(h2::client::SendRequest<Bytes>),
+    /// An upstream konnectivity agent: every connection on its one `Connect` stream.
+    Konnectivity(Arc<Mux>),
+}
+
 /// A linked agent.
 pub struct AgentLink {
     /// The agent's id.
@@ -81,8 +91,8 @@ pub struct AgentLink {
     pub node_name: Option<String>,
     /// What the agent can reach.
     pub identifiers: Identifiers,
-    /// Opens streams to the agent.
-    pub(crate) sender: h2::client::SendRequest<Bytes>,
+    /// How tunneled connections reach the agent.
+    pub(crate) carrier: Carrier,
     /// Tunneled connections currently on this link.
     active: AtomicUsize,
     /// The agent announced it is going away; take no new dials.
@@ -109,14 +119,14 @@ impl AgentLink {
         link_id: u64,
         node_name: Option<String>,
         identifiers: Identifiers,
-        sender: h2::client::SendRequest<Bytes>,
+        carrier: Carrier,
     ) -> Self {
         AgentLink {
             id,
             link_id,
             node_name,
             identifiers,
-            sender,
+            carrier,
             active: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             closer: CancellationToken::new(),
@@ -138,9 +148,17 @@ impl AgentLink {
         self.draining.store(true, Ordering::Relaxed);
     }
 
+    /// Whether the agent speaks the upstream konnectivity protocol.
+    pub fn is_konnectivity(&self) -> bool {
+        matches!(self.carrier, Carrier::Konnectivity(_))
+    }
+
     /// Whether the agent has sent GOAWAY (it is shutting down). Does not wait.
     pub fn goaway_received(&self) -> bool {
-        let mut sender = self.sender.clone();
+        let Carrier::Native(sender) = &self.carrier else {
+            return false;
+        };
+        let mut sender = sender.clone();
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         matches!(
             sender.poll_ready(&mut cx),
@@ -322,7 +340,7 @@ mod tests {
                 pod_cidrs: vec![cidr.parse().unwrap()],
                 default_route: false,
             },
-            sender,
+            Carrier::Native(sender),
         ));
         registry.insert(link.clone());
         link

@@ -1,25 +1,83 @@
 //! Opens a tunneled connection: routes the destination to an agent and asks it to dial.
+//!
+//! A native agent carries the connection on an HTTP/2 stream of its link; an upstream
+//! konnectivity agent on its shared `Connect` stream.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cplink_proto::dial::{DialFailure, ERROR_KIND_HEADER, MAX_REASON_LEN};
+use cplink_proto::konnectivity::mux::{MuxConn, MuxDialError};
 use cplink_proto::target::Target;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 
 use crate::Shared;
-use crate::registry::{AgentLink, Route};
+use crate::metrics::{DialLabels, StrategyLabels};
+use crate::registry::{AgentLink, Carrier, Route};
+
+/// How long a connection whose client finished may wait for the agent to confirm the close
+/// (konnectivity has no half-close) or to finish sending.
+pub(crate) const CLOSE_LINGER: Duration = Duration::from_secs(5);
 
 /// An established tunneled connection.
 #[derive(Debug)]
 pub(crate) struct Tunnel {
-    /// Bytes towards the destination.
-    pub send: SendStream<Bytes>,
-    /// Bytes from the destination.
-    pub recv: RecvStream,
+    /// How the bytes travel.
+    pub carried: Carried,
     /// The route, holding the link's stream count.
     pub route: Route,
+}
+
+/// The agent's end of an established tunneled connection.
+#[derive(Debug)]
+pub(crate) enum Carried {
+    /// An HTTP/2 stream of a native link.
+    H2 {
+        /// Bytes towards the destination.
+        send: SendStream<Bytes>,
+        /// Bytes from the destination.
+        recv: RecvStream,
+    },
+    /// A connection on an upstream agent's shared stream.
+    Mux(MuxConn),
+}
+
+/// [`open`], timed and counted in the dial metrics, the chosen agent recorded in the current
+/// span.
+pub(crate) async fn open_counted(shared: &Shared, target: &Target) -> Result<Tunnel, DialFailure> {
+    let metrics = &shared.metrics;
+    let started = Instant::now();
+    let tunnel = open(shared, target).await;
+    metrics
+        .dial_duration
+        .observe(started.elapsed().as_secs_f64());
+    match &tunnel {
+        Ok(tunnel) => {
+            tracing::Span::current().record("agent_id", tunnel.route.guard.link().id.as_str());
+            metrics
+                .dials
+                .get_or_create(&DialLabels { result: "ok" })
+                .inc();
+            metrics
+                .routed
+                .get_or_create(&StrategyLabels {
+                    strategy: tunnel.route.strategy.as_str(),
+                })
+                .inc();
+            tracing::debug!(strategy = %tunnel.route.strategy, "dial established");
+        }
+        Err(failure) => {
+            metrics
+                .dials
+                .get_or_create(&DialLabels {
+                    result: failure.kind(),
+                })
+                .inc();
+            tracing::info!(%failure, "dial failed");
+        }
+    }
+    tunnel
 }
 
 /// How one attempt on one agent failed.
@@ -41,7 +99,7 @@ pub(crate) async fn open(shared: &Shared, target: &Target) -> Result<Tunnel, Dia
         let link = route.guard.link().clone();
         match tokio::time::timeout_at(deadline, attempt(&link, target)).await {
             Err(_elapsed) => return Err(DialFailure::Timeout(budget)),
-            Ok(Ok((send, recv))) => return Ok(Tunnel { send, recv, route }),
+            Ok(Ok(carried)) => return Ok(Tunnel { carried, route }),
             Ok(Err(Attempt::Answered(failure))) => return Err(failure),
             Ok(Err(Attempt::LinkUnavailable(reason))) => {
                 tracing::debug!(agent_id = %link.id, %reason, "link unavailable, rerouting");
@@ -53,12 +111,25 @@ pub(crate) async fn open(shared: &Shared, target: &Target) -> Result<Tunnel, Dia
     Err(DialFailure::Link(last_error.unwrap_or_default()))
 }
 
-async fn attempt(
-    link: &AgentLink,
+async fn attempt(link: &AgentLink, target: &Target) -> Result<Carried, Attempt> {
+    match &link.carrier {
+        Carrier::Native(sender) => attempt_native(sender, target).await,
+        Carrier::Konnectivity(mux) => match mux.dial(&target.to_string()).await {
+            Ok(conn) => Ok(Carried::Mux(conn)),
+            Err(MuxDialError::Refused(error)) => Err(Attempt::Answered(
+                DialFailure::from_konnectivity_error(&error),
+            )),
+            Err(MuxDialError::StreamClosed(reason)) => Err(Attempt::LinkUnavailable(reason)),
+        },
+    }
+}
+
+async fn attempt_native(
+    sender: &h2::client::SendRequest<Bytes>,
     target: &Target,
-) -> Result<(SendStream<Bytes>, RecvStream), Attempt> {
+) -> Result<Carried, Attempt> {
     let unavailable = |e: h2::Error| Attempt::LinkUnavailable(e.to_string());
-    let mut sender = link.sender.clone().ready().await.map_err(unavailable)?;
+    let mut sender = sender.clone().ready().await.map_err(unavailable)?;
     let request = Request::builder()
         .method(Method::CONNECT)
         .uri(target.to_string())
@@ -75,7 +146,7 @@ async fn attempt(
     })?;
     let (parts, mut body) = response.into_parts();
     if parts.status == StatusCode::OK {
-        return Ok((send, body));
+        return Ok(Carried::H2 { send, recv: body });
     }
     let kind = parts
         .headers

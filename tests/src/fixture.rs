@@ -46,6 +46,8 @@ pub struct RunningServer {
     pub tls_addr: SocketAddr,
     /// The Unix socket CONNECT frontend.
     pub uds: PathBuf,
+    /// The konnectivity gRPC frontend's Unix socket.
+    pub grpc_uds: PathBuf,
     /// The admin endpoint.
     pub admin_addr: SocketAddr,
     shutdown: CancellationToken,
@@ -183,6 +185,7 @@ impl Loopback {
     ) -> anyhow::Result<RunningServer> {
         let n = self.next();
         let uds = self.dir().join(format!("frontend-{n}.sock"));
+        let grpc_uds = self.dir().join(format!("grpc-{n}.sock"));
         let base = vec![
             "--server-id".to_owned(),
             format!("server-{n}"),
@@ -192,6 +195,8 @@ impl Loopback {
             "127.0.0.1:0".to_owned(),
             "--frontend-uds".to_owned(),
             path(&uds),
+            "--grpc-uds".to_owned(),
+            path(&grpc_uds),
             "--admin-address".to_owned(),
             "127.0.0.1:0".to_owned(),
             "--tls-cert".to_owned(),
@@ -227,6 +232,7 @@ impl Loopback {
             agent_addr,
             tls_addr,
             uds,
+            grpc_uds,
             admin_addr,
             shutdown,
             task: Some(task),

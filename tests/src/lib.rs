@@ -12,6 +12,7 @@
 //!   link, egress wired.
 //! - [`fixture`]: [`fixture::Loopback`] starts servers and agents in-process on `127.0.0.1:0`.
 //! - [`client`]: CONNECT clients for the Unix socket and TLS frontends.
+//! - [`grpc`]: konnectivity gRPC peers: a Proxy client and a scripted upstream agent.
 //! - [`targets`]: destinations: echo, source, sink, a closed port and a black hole.
 //! - [`wait`]: polling a condition until a deadline.
 
@@ -19,6 +20,7 @@ pub mod binaries;
 pub mod client;
 pub mod cluster;
 pub mod fixture;
+pub mod grpc;
 pub mod forwarder;
 pub mod helm;
 pub mod kubelet;

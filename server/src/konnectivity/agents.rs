@@ -1,0 +1,201 @@
+//! `/AgentService/Connect`: upstream konnectivity agents.
+//!
+//! They reach the agent port like native agents (TLS with a client certificate signed by the
+//! agent CA) but negotiate ALPN `h2` and open one gRPC stream that carries all their
+//! connections. The agent names itself in the `agentid` metadata and describes what it reaches
+//! in `agentidentifiers`; the server answers with `serverid` and `servercount` before any
+//! packet, then registers the agent with the same registry, strategies and metrics as native
+//! agents. Each upstream agent has its own tasks and queues, so a slow one never stalls another
+//! agent's traffic.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use cplink_proto::konnectivity::mux::{Mux, Role};
+use cplink_proto::konnectivity::{
+    self, AGENT_ID, AGENT_IDENTIFIERS, AgentService, AgentServiceServer, Packet, Payload,
+    SERVER_COUNT, SERVER_ID,
+};
+use futures_util::{Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::Shared;
+use crate::link::validate_agent_id;
+use crate::registry::{AgentLink, Carrier};
+
+/// Packets queued towards one agent before its connections wait.
+const OUTBOUND_QUEUE: usize = 64;
+
+/// Serves one upstream agent's HTTP/2 connection until it ends or the server closes its link.
+pub(crate) async fn serve<IO>(shared: Arc<Shared>, io: IO, peer: SocketAddr)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let stop = CancellationToken::new();
+    let service = AgentServiceServer::new(UpstreamAgents {
+        shared: shared.clone(),
+        peer,
+        stop: stop.clone(),
+    })
+    .max_decoding_message_size(super::MAX_MESSAGE);
+    super::serve_connection(io, service, stop, Some(shared.config.keepalive)).await;
+}
+
+/// The Connect service of one agent connection.
+#[derive(Clone)]
+struct UpstreamAgents {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    /// Ends the connection once its agent is unlinked.
+    stop: CancellationToken,
+}
+
+type PacketStream = Pin<Box<dyn Stream<Item = Result<Packet, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for UpstreamAgents {
+    type ConnectStream = PacketStream;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<Packet>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let shared = &self.shared;
+        let metadata = request.metadata();
+        let agent_id = single_value(metadata, AGENT_ID)?;
+        validate_agent_id(&agent_id).map_err(Status::invalid_argument)?;
+        let (node_name, identifiers) = match metadata.get(AGENT_IDENTIFIERS) {
+            Some(value) => {
+                let value = value.to_str().map_err(|_| {
+                    Status::invalid_argument("agentidentifiers is not printable ASCII")
+                })?;
+                konnectivity::decode_identifiers(value)
+                    .map_err(|e| Status::invalid_argument(format!("agentidentifiers: {e}")))?
+            }
+            None => Default::default(),
+        };
+        let inbound = request.into_inner();
+
+        let (out_tx, out_rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let mux = Mux::new(Role::Dialer, out_tx);
+        let link = Arc::new(AgentLink::new(
+            agent_id,
+            shared.registry.next_link_id(),
+            node_name,
+            identifiers,
+            Carrier::Konnectivity(mux.clone()),
+        ));
+        if let Some(previous) = shared.registry.insert(link.clone()) {
+            tracing::info!(agent_id = %link.id, "agent linked again; closing its previous link");
+            previous.closer.cancel();
+        }
+        shared
+            .metrics
+            .agents_linked
+            .set(shared.registry.len() as i64);
+        tracing::info!(
+            agent_id = %link.id,
+            node = link.node_name.as_deref().unwrap_or(""),
+            peer = %self.peer,
+            protocol = "konnectivity",
+            "agent linked"
+        );
+        let span = tracing::info_span!("link", peer = %self.peer, agent_id = %link.id);
+        tokio::spawn(
+            receive(
+                shared.clone(),
+                link.clone(),
+                mux,
+                inbound,
+                self.stop.clone(),
+            )
+            .instrument(span),
+        );
+
+        let outbound = ReceiverStream::new(out_rx)
+            .map(Ok)
+            .take_until(self.stop.clone().cancelled_owned());
+        let mut response = Response::new(Box::pin(outbound) as PacketStream);
+        let headers = response.metadata_mut();
+        headers.insert(
+            SERVER_ID,
+            MetadataValue::try_from(shared.config.server_id.as_str())
+                .map_err(|_| Status::internal("server id is not valid metadata"))?,
+        );
+        headers.insert(
+            SERVER_COUNT,
+            MetadataValue::from(shared.config.server_count),
+        );
+        Ok(response)
+    }
+}
+
+/// Takes the agent's packets until its stream ends or the server closes the link.
+async fn receive(
+    shared: Arc<Shared>,
+    link: Arc<AgentLink>,
+    mux: Arc<Mux>,
+    mut inbound: Streaming<Packet>,
+    stop: CancellationToken,
+) {
+    let outcome = loop {
+        let packet = tokio::select! {
+            packet = inbound.message() => packet,
+            () = link.closer.cancelled() => break Ok(()),
+        };
+        match packet {
+            Ok(Some(packet)) => match mux.dispatch(packet).await {
+                Some(Packet {
+                    payload: Some(Payload::Drain(_)),
+                    ..
+                }) => {
+                    tracing::info!("agent is draining: no new dials routed to it");
+                    link.mark_draining();
+                }
+                Some(packet) => {
+                    tracing::debug!(
+                        packet = packet.r#type().as_str_name(),
+                        "unexpected packet ignored"
+                    );
+                }
+                None => {}
+            },
+            Ok(None) => break Ok(()),
+            Err(status) => break Err(status),
+        }
+    };
+    mux.close("agent link closed");
+    shared.registry.remove(&link.id, link.link_id);
+    shared
+        .metrics
+        .agents_linked
+        .set(shared.registry.len() as i64);
+    match outcome {
+        Ok(()) => tracing::info!("agent unlinked"),
+        Err(status) => tracing::info!(%status, "agent link lost"),
+    }
+    stop.cancel();
+}
+
+fn single_value(metadata: &tonic::metadata::MetadataMap, key: &str) -> Result<String, Status> {
+    let mut values = metadata.get_all(key).iter();
+    match (values.next(), values.next()) {
+        (Some(value), None) => value
+            .to_str()
+            .map(str::to_owned)
+            .map_err(|_| Status::invalid_argument(format!("{key} is not printable ASCII"))),
+        (None, _) => Err(Status::invalid_argument(format!(
+            "{key} metadata is required"
+        ))),
+        (Some(_), Some(_)) => Err(Status::invalid_argument(format!(
+            "{key} metadata must have exactly one value"
+        ))),
+    }
+}

@@ -1,0 +1,71 @@
+//! The konnectivity gRPC side of the server, for drop-in compatibility with
+//! apiserver-network-proxy.
+//!
+//! - `proxy`: `/ProxyService/Proxy`, the frontend kube-apiserver uses in `GRPC` egress mode, on
+//!   a Unix socket. One stream per tunneled connection, routed like a CONNECT.
+//! - `agents`: `/AgentService/Connect`, for upstream konnectivity agents, told apart from native
+//!   agents on the agent port by ALPN `h2`.
+//!
+//! Both run tonic's generated services on hyper's HTTP/2 server connection by connection, so the
+//! server's own accept loops, drain and force-close apply to them as to everything else.
+
+pub(crate) mod agents;
+pub(crate) mod proxy;
+
+use std::convert::Infallible;
+
+use cplink_proto::keepalive::KeepaliveConfig;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+
+/// Largest gRPC message accepted: a DATA packet carries at most what a peer read at once;
+/// upstream peers read 32 KiB (agents) to 4 MiB (kube-apiserver's default gRPC limit).
+pub(crate) const MAX_MESSAGE: usize = 4 * 1024 * 1024;
+
+/// Serves gRPC `service` on one HTTP/2 connection until the peer closes it. When `stop` fires
+/// the connection sends GOAWAY and ends once its streams have.
+pub(crate) async fn serve_connection<IO, S, B>(
+    io: IO,
+    service: S,
+    stop: CancellationToken,
+    keepalive: Option<KeepaliveConfig>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: tonic::codegen::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<B>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(cplink_proto::MAX_STREAMS_PER_LINK)
+        .initial_stream_window_size(cplink_proto::STREAM_WINDOW)
+        .initial_connection_window_size(cplink_proto::CONNECTION_WINDOW)
+        .max_frame_size(cplink_proto::MAX_FRAME_SIZE);
+    if let Some(keepalive) = keepalive {
+        builder
+            .keep_alive_interval(keepalive.interval)
+            .keep_alive_timeout(keepalive.timeout);
+    }
+    let connection = builder.serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = stop.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(err) = result {
+        tracing::debug!(%err, "gRPC connection ended with an error");
+    }
+}

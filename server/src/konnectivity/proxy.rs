@@ -1,0 +1,487 @@
+//! `/ProxyService/Proxy`: kube-apiserver's `GRPC` egress mode.
+//!
+//! Each Proxy stream carries one tunneled connection: the client sends DIAL_REQ, the server
+//! routes and dials it exactly like a CONNECT and answers DIAL_RSP with a connect id or an
+//! error; then DATA flows both ways until either end closes. Old clients (konnectivity-client
+//! v0.0.14, in Kubernetes 1.20) open a new connection per dial, newer ones a stream per dial on
+//! one connection; both are the same here.
+//!
+//! The two directions run concurrently, each flow-controlled on its own: a DATA packet is taken
+//! from the client only once the agent's end has room for it, and the agent's bytes are
+//! released only once they were queued for the client.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use bytes::Bytes;
+use cplink_proto::dial::DialFailure;
+use cplink_proto::konnectivity::mux::{Event, MuxConn};
+use cplink_proto::konnectivity::{
+    DialRequest, PROTOCOL_TCP, Packet, Payload, ProxyService, ProxyServiceServer,
+    UNRECOGNIZED_CONNECT_ID,
+};
+use cplink_proto::pump::{self, ActiveStream};
+use cplink_proto::target::Target;
+use h2::{RecvStream, SendStream};
+use prometheus_client::metrics::counter::Counter;
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::Shared;
+use crate::frontend::count_request_error;
+use crate::metrics::{DialLabels, FrontendLabels};
+use crate::tunnel::{self, CLOSE_LINGER, Carried};
+
+/// Packets queued towards one client before the agent's end waits.
+const OUTBOUND_QUEUE: usize = 4;
+
+/// Accepts gRPC frontend connections on a Unix socket until `stop` is cancelled. A connection
+/// gets GOAWAY when `stop` fires and ends once its streams have, or at once when `force` fires.
+pub(crate) async fn accept_uds(
+    listener: UnixListener,
+    frontend: ProxyFrontend,
+    connections: TaskTracker,
+    stop: CancellationToken,
+    force: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    tracing::warn!(%err, "gRPC frontend accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let service =
+            ProxyServiceServer::new(frontend.clone()).max_decoding_message_size(super::MAX_MESSAGE);
+        let stop = stop.clone();
+        let force = force.clone();
+        connections.spawn(
+            async move {
+                tokio::select! {
+                    () = super::serve_connection(stream, service, stop, None) => {}
+                    () = force.cancelled() => {}
+                }
+            }
+            .instrument(tracing::info_span!("frontend", peer = "grpc-uds")),
+        );
+    }
+}
+
+/// The Proxy service, one task per stream.
+#[derive(Clone)]
+pub(crate) struct ProxyFrontend {
+    shared: Arc<Shared>,
+    streams: TaskTracker,
+    force: CancellationToken,
+    next_connect_id: Arc<AtomicI64>,
+}
+
+impl ProxyFrontend {
+    /// A frontend whose stream tasks join `streams` and end when `force` fires.
+    pub(crate) fn new(shared: Arc<Shared>, streams: TaskTracker, force: CancellationToken) -> Self {
+        ProxyFrontend {
+            shared,
+            streams,
+            force,
+            next_connect_id: Arc::new(AtomicI64::new(0)),
+        }
+    }
+}
+
+type PacketStream = Pin<Box<ReceiverStream<Result<Packet, Status>>>>;
+
+#[tonic::async_trait]
+impl ProxyService for ProxyFrontend {
+    type ProxyStream = PacketStream;
+
+    async fn proxy(
+        &self,
+        request: Request<Streaming<Packet>>,
+    ) -> Result<Response<Self::ProxyStream>, Status> {
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let shared = self.shared.clone();
+        let force = self.force.clone();
+        let connect_id = self.next_connect_id.fetch_add(1, Ordering::Relaxed) + 1;
+        self.streams.spawn(
+            async move {
+                tokio::select! {
+                    () = serve(&shared, inbound, &tx, connect_id) => {}
+                    () = force.cancelled() => {
+                        tracing::info!("drain deadline reached: connection cut");
+                        let _ = tx.try_send(Err(Status::unavailable(
+                            "cplink-server shutting down: drain deadline reached",
+                        )));
+                    }
+                }
+            }
+            .instrument(tracing::info_span!("stream", connect_id)),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+type Outbound = mpsc::Sender<Result<Packet, Status>>;
+
+/// Why a proxied connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error("client stream failed: {0}")]
+    Client(Status),
+    #[error("client went away")]
+    ClientGone,
+    #[error("{0}")]
+    Agent(String),
+    #[error(
+        "agent did not finish within {} of the close",
+        humantime::format_duration(CLOSE_LINGER)
+    )]
+    Linger,
+}
+
+async fn serve(shared: &Shared, mut inbound: Streaming<Packet>, tx: &Outbound, connect_id: i64) {
+    shared
+        .metrics
+        .frontend_connections
+        .get_or_create(&FrontendLabels { frontend: "grpc" })
+        .inc();
+    let dial = match first_packet(shared, &mut inbound).await {
+        Ok(Some(dial)) => dial,
+        Ok(None) => return,
+        Err((reason, status)) => {
+            count_request_error(shared, reason);
+            tracing::info!(%status, "frontend request refused");
+            let _ = tx.send(Err(status)).await;
+            return;
+        }
+    };
+    let random = dial.random;
+    let target = match parse_dial(&dial) {
+        Ok(target) => target,
+        Err(failure) => {
+            count_request_error(shared, "bad_target");
+            tracing::info!(%failure, "frontend request refused");
+            let _ = tx
+                .send(Ok(Packet::dial_failed(random, failure.reason_line())))
+                .await;
+            return;
+        }
+    };
+
+    let span = tracing::info_span!("dial", dest = %target, agent_id = tracing::field::Empty);
+    async move {
+        let dialed = tokio::select! {
+            dialed = tunnel::open_counted(shared, &target) => dialed,
+            () = cancelled(&mut inbound, random) => {
+                shared
+                    .metrics
+                    .dials
+                    .get_or_create(&DialLabels { result: "cancelled" })
+                    .inc();
+                tracing::info!("dial cancelled by the client");
+                return;
+            }
+        };
+        let tunnel = match dialed {
+            Ok(tunnel) => tunnel,
+            Err(failure) => {
+                let _ = tx
+                    .send(Ok(Packet::dial_failed(random, failure.reason_line())))
+                    .await;
+                return;
+            }
+        };
+        if tx
+            .send(Ok(Packet::dial_established(random, connect_id)))
+            .await
+            .is_err()
+        {
+            tracing::info!("frontend left before the tunnel was established");
+            return;
+        }
+        let _active = ActiveStream::new(&shared.metrics.streams_active);
+        let bytes = &shared.metrics.bytes;
+        let result = match tunnel.carried {
+            Carried::H2 { send, recv } => {
+                relay_h2(&mut inbound, tx, connect_id, send, recv, bytes).await
+            }
+            Carried::Mux(conn) => relay_mux(&mut inbound, tx, connect_id, conn, bytes).await,
+        };
+        match result {
+            Ok(()) => {
+                tracing::debug!("tunnel closed");
+                let _ = tx.send(Ok(Packet::close_response(connect_id, ""))).await;
+            }
+            Err(err) => {
+                tracing::info!(%err, "tunnel aborted");
+                // Both signs of failure: the packet for clients that read it, the stream's
+                // status for the others.
+                let _ = tx
+                    .send(Ok(Packet::close_response(connect_id, err.to_string())))
+                    .await;
+                let _ = tx.send(Err(Status::aborted(err.to_string()))).await;
+            }
+        }
+        drop(tunnel.route);
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Waits for the dial request that opens every Proxy stream, within the header timeout.
+async fn first_packet(
+    shared: &Shared,
+    inbound: &mut Streaming<Packet>,
+) -> Result<Option<DialRequest>, (&'static str, Status)> {
+    let budget = shared.config.header_timeout;
+    let first = tokio::time::timeout(budget, inbound.message())
+        .await
+        .map_err(|_| {
+            (
+                "header_timeout",
+                Status::deadline_exceeded(format!(
+                    "no DIAL_REQ within {}",
+                    humantime::format_duration(budget)
+                )),
+            )
+        })?;
+    match first {
+        Ok(Some(Packet {
+            payload: Some(Payload::DialRequest(dial)),
+            ..
+        })) => Ok(Some(dial)),
+        Ok(Some(packet)) => Err((
+            "not_dial",
+            Status::invalid_argument(format!(
+                "a Proxy stream must start with DIAL_REQ, not {}",
+                packet_name(&packet)
+            )),
+        )),
+        // The client left before asking for anything.
+        Ok(None) | Err(_) => Ok(None),
+    }
+}
+
+fn parse_dial(dial: &DialRequest) -> Result<Target, DialFailure> {
+    if dial.protocol != PROTOCOL_TCP {
+        return Err(DialFailure::BadTarget(format!(
+            "protocol {:?} is not supported, only \"tcp\"",
+            dial.protocol.chars().take(32).collect::<String>()
+        )));
+    }
+    dial.address
+        .parse()
+        .map_err(|e: cplink_proto::target::TargetError| DialFailure::BadTarget(e.to_string()))
+}
+
+/// Resolves when the client cancels the dial `random` (DIAL_CLS) or leaves.
+async fn cancelled(inbound: &mut Streaming<Packet>, random: i64) {
+    loop {
+        match inbound.message().await {
+            Ok(Some(Packet {
+                payload: Some(Payload::CloseDial(cancel)),
+                ..
+            })) if cancel.random == random => return,
+            Ok(Some(packet)) => {
+                tracing::debug!(
+                    packet = packet_name(&packet),
+                    "ignored before the dial answer"
+                );
+            }
+            Ok(None) | Err(_) => return,
+        }
+    }
+}
+
+/// What the client asked for next on an established connection.
+enum FromClient {
+    Data(Bytes),
+    /// CLOSE_REQ, or the end of the client's stream.
+    Close,
+}
+
+/// The next packet for this connection from the client, answering those for other ids.
+async fn next_from_client(
+    inbound: &mut Streaming<Packet>,
+    tx: &Outbound,
+    connect_id: i64,
+) -> Result<FromClient, RelayError> {
+    loop {
+        let packet = match inbound.message().await {
+            Ok(Some(packet)) => packet,
+            Ok(None) => return Ok(FromClient::Close),
+            Err(status) => return Err(RelayError::Client(status)),
+        };
+        match packet.payload {
+            Some(Payload::Data(data)) if data.connect_id == connect_id => {
+                return Ok(FromClient::Data(Bytes::from(data.data)));
+            }
+            Some(Payload::CloseRequest(close)) if close.connect_id == connect_id => {
+                return Ok(FromClient::Close);
+            }
+            Some(Payload::Data(data)) => unknown(tx, data.connect_id).await?,
+            Some(Payload::CloseRequest(close)) => unknown(tx, close.connect_id).await?,
+            other => {
+                let packet = Packet {
+                    r#type: packet.r#type,
+                    payload: other,
+                };
+                tracing::debug!(
+                    packet = packet_name(&packet),
+                    "ignored on an established stream"
+                );
+            }
+        }
+    }
+}
+
+async fn unknown(tx: &Outbound, connect_id: i64) -> Result<(), RelayError> {
+    tx.send(Ok(Packet::close_response(
+        connect_id,
+        UNRECOGNIZED_CONNECT_ID,
+    )))
+    .await
+    .map_err(|_| RelayError::ClientGone)
+}
+
+async fn to_client(
+    tx: &Outbound,
+    connect_id: i64,
+    data: Bytes,
+    counter: &Counter,
+) -> Result<(), RelayError> {
+    let len = data.len() as u64;
+    tx.send(Ok(Packet::data(connect_id, data)))
+        .await
+        .map_err(|_| RelayError::ClientGone)?;
+    counter.inc_by(len);
+    Ok(())
+}
+
+/// Relays between the client and a native agent's HTTP/2 stream.
+///
+/// When the client closes, END_STREAM tells the agent to finish writing and shut down its
+/// socket; its remaining bytes are passed on until its END_STREAM, for at most [`CLOSE_LINGER`].
+/// When the agent finishes first, the connection is over (konnectivity has no half-close).
+async fn relay_h2(
+    inbound: &mut Streaming<Packet>,
+    tx: &Outbound,
+    connect_id: i64,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+    counters: &pump::ByteCounters,
+) -> Result<(), RelayError> {
+    let result = {
+        let up = async {
+            loop {
+                match next_from_client(inbound, tx, connect_id).await? {
+                    FromClient::Data(data) => {
+                        let len = data.len() as u64;
+                        pump::send_all(&mut send, data)
+                            .await
+                            .map_err(|e| RelayError::Agent(e.to_string()))?;
+                        counters.socket_to_stream.inc_by(len);
+                    }
+                    FromClient::Close => {
+                        send.send_data(Bytes::new(), true)
+                            .map_err(|e| RelayError::Agent(e.to_string()))?;
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        let down = async {
+            while let Some(data) = recv.data().await {
+                let data = data.map_err(|e| RelayError::Agent(e.to_string()))?;
+                let len = data.len();
+                if len == 0 {
+                    // An END_STREAM frame without payload: nothing to pass on.
+                    continue;
+                }
+                to_client(tx, connect_id, data, &counters.stream_to_socket).await?;
+                recv.flow_control()
+                    .release_capacity(len)
+                    .map_err(|e| RelayError::Agent(e.to_string()))?;
+            }
+            Ok(())
+        };
+        tokio::pin!(up, down);
+        tokio::select! {
+            closed = &mut up => match closed {
+                Ok(()) => tokio::time::timeout(CLOSE_LINGER, down)
+                    .await
+                    .unwrap_or(Err(RelayError::Linger)),
+                Err(err) => Err(err),
+            },
+            finished = &mut down => finished,
+        }
+    };
+    match &result {
+        // The agent finished (or both did): end ours too, without a reset.
+        Ok(()) => {
+            let _ = send.send_data(Bytes::new(), true);
+        }
+        Err(_) => send.send_reset(h2::Reason::CANCEL),
+    }
+    result
+}
+
+/// Relays between the client and a connection on an upstream agent's shared stream.
+async fn relay_mux(
+    inbound: &mut Streaming<Packet>,
+    tx: &Outbound,
+    connect_id: i64,
+    mut conn: MuxConn,
+    counters: &pump::ByteCounters,
+) -> Result<(), RelayError> {
+    let sender = conn.sender();
+    let agent = |e: cplink_proto::konnectivity::mux::MuxError| RelayError::Agent(e.to_string());
+    let up = async {
+        loop {
+            match next_from_client(inbound, tx, connect_id).await? {
+                FromClient::Data(data) => {
+                    let len = data.len() as u64;
+                    sender.send(data).await.map_err(agent)?;
+                    counters.socket_to_stream.inc_by(len);
+                }
+                FromClient::Close => return sender.close().await.map_err(agent),
+            }
+        }
+    };
+    let down = async {
+        loop {
+            match conn.recv().await.map_err(agent)? {
+                Event::Data(data) => {
+                    to_client(tx, connect_id, data, &counters.stream_to_socket).await?;
+                }
+                Event::Closed(None) => return Ok(()),
+                Event::Closed(Some(error)) => return Err(RelayError::Agent(error)),
+            }
+        }
+    };
+    tokio::pin!(up, down);
+    tokio::select! {
+        closed = &mut up => match closed {
+            Ok(()) => tokio::time::timeout(CLOSE_LINGER, down)
+                .await
+                .unwrap_or(Err(RelayError::Linger)),
+            Err(err) => Err(err),
+        },
+        finished = &mut down => finished,
+    }
+}
+
+fn packet_name(packet: &Packet) -> &'static str {
+    packet.r#type().as_str_name()
+}

@@ -1,0 +1,231 @@
+//! konnectivity gRPC peers for tests: a Proxy client (what kube-apiserver is in `GRPC` mode)
+//! and a scripted upstream agent, both built on tonic over the generated services.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cplink_proto::konnectivity::{
+    AGENT_ID, AGENT_IDENTIFIERS, AgentServiceClient, Packet, Payload, ProxyServiceClient,
+    SERVER_COUNT, SERVER_ID,
+};
+use cplink_proto::tls::{self, Identity, TrustAnchors};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Streaming};
+
+use crate::pki::CertFiles;
+
+/// How long a test waits for one packet.
+const PACKET_WAIT: Duration = Duration::from_secs(10);
+
+/// A channel to a gRPC frontend on a Unix socket.
+pub async fn uds_channel(path: &Path) -> anyhow::Result<Channel> {
+    let path: PathBuf = path.to_owned();
+    // The URI is required by tonic but unused: the connector decides where to connect.
+    let channel = Endpoint::try_from("http://cplink.invalid")?
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+        }))
+        .await?;
+    Ok(channel)
+}
+
+/// One Proxy stream: one tunneled connection.
+pub struct ProxyStream {
+    tx: mpsc::Sender<Packet>,
+    rx: Streaming<Packet>,
+}
+
+/// What a dial request got back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DialAnswer {
+    /// The connection's id.
+    Connected(i64),
+    /// The server's error text.
+    Failed(String),
+}
+
+impl ProxyStream {
+    /// Opens a Proxy stream on `channel` and sends DIAL_REQ for `address` with `random`.
+    pub async fn open(channel: Channel, address: &str, random: i64) -> anyhow::Result<Self> {
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(Packet::dial_request(address, random)).await?;
+        let mut client = ProxyServiceClient::new(channel);
+        let rx = client
+            .proxy(Request::new(ReceiverStream::new(rx)))
+            .await?
+            .into_inner();
+        Ok(ProxyStream { tx, rx })
+    }
+
+    /// Sends a packet.
+    pub async fn send(&self, packet: Packet) -> anyhow::Result<()> {
+        self.tx.send(packet).await?;
+        Ok(())
+    }
+
+    /// Ends the client's side of the stream.
+    pub fn finish(self) -> Streaming<Packet> {
+        self.rx
+    }
+
+    /// The next packet, `None` once the server ended the stream.
+    pub async fn next(&mut self) -> anyhow::Result<Option<Packet>> {
+        Ok(tokio::time::timeout(PACKET_WAIT, self.rx.message()).await??)
+    }
+
+    /// Waits for the dial answer.
+    pub async fn answer(&mut self, random: i64) -> anyhow::Result<DialAnswer> {
+        match self.next().await? {
+            Some(Packet {
+                payload: Some(Payload::DialResponse(rsp)),
+                ..
+            }) => {
+                anyhow::ensure!(rsp.random == random, "answer for another dial: {rsp:?}");
+                Ok(if rsp.error.is_empty() {
+                    DialAnswer::Connected(rsp.connect_id)
+                } else {
+                    DialAnswer::Failed(rsp.error)
+                })
+            }
+            other => anyhow::bail!("expected DIAL_RSP, got {other:?}"),
+        }
+    }
+
+    /// Dials and fails unless the dial succeeded; returns the connection's id.
+    pub async fn connect(channel: Channel, address: &str) -> anyhow::Result<(Self, i64)> {
+        let mut stream = Self::open(channel, address, 7).await?;
+        match stream.answer(7).await? {
+            DialAnswer::Connected(id) => Ok((stream, id)),
+            DialAnswer::Failed(error) => anyhow::bail!("dial {address} failed: {error}"),
+        }
+    }
+
+    /// Reads DATA for `connect_id` until `len` bytes arrived.
+    pub async fn read_exact(&mut self, connect_id: i64, len: usize) -> anyhow::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            match self.next().await? {
+                Some(Packet {
+                    payload: Some(Payload::Data(data)),
+                    ..
+                }) if data.connect_id == connect_id => out.extend_from_slice(&data.data),
+                other => anyhow::bail!("expected DATA after {} bytes, got {other:?}", out.len()),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sends `data` on connection `connect_id` in chunks.
+    pub async fn write_all(&self, connect_id: i64, data: &[u8]) -> anyhow::Result<()> {
+        self.writer().write_all(connect_id, data).await
+    }
+
+    /// A sending half, to write while this stream reads.
+    pub fn writer(&self) -> ProxyWriter {
+        ProxyWriter(self.tx.clone())
+    }
+}
+
+/// The sending half of a [`ProxyStream`].
+pub struct ProxyWriter(mpsc::Sender<Packet>);
+
+impl ProxyWriter {
+    /// Sends `data` on connection `connect_id` in chunks.
+    pub async fn write_all(&self, connect_id: i64, data: &[u8]) -> anyhow::Result<()> {
+        for chunk in data.chunks(32 * 1024) {
+            self.0
+                .send(Packet::data(connect_id, Bytes::copy_from_slice(chunk)))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// A client TLS configuration for the agent port that negotiates `h2`, as upstream agents do.
+pub fn agent_h2_tls(cert: &CertFiles, ca: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let identity = Identity::from_pem_files(&cert.cert, &cert.key)?;
+    let anchors = TrustAnchors::from_pem_file(ca)?;
+    let mut config = (*tls::link_client_config(&identity, &anchors)?).clone();
+    config.alpn_protocols = vec![cplink_proto::ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A scripted upstream konnectivity agent: the test reads the server's packets and answers.
+pub struct ScriptedAgent {
+    /// Packets to the server.
+    pub tx: mpsc::Sender<Packet>,
+    /// Packets from the server.
+    pub rx: Streaming<Packet>,
+    /// The `serverid` response header.
+    pub server_id: String,
+    /// The `servercount` response header.
+    pub server_count: u32,
+}
+
+impl ScriptedAgent {
+    /// Links to the agent port at `addr` as agent `id` with `identifiers`.
+    pub async fn link(
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        id: &str,
+        identifiers: &str,
+    ) -> anyhow::Result<Self> {
+        let connector = TlsConnector::from(tls);
+        let channel = Endpoint::try_from("http://localhost")?
+            .connect_with_connector(tower::service_fn(move |_| {
+                let connector = connector.clone();
+                async move {
+                    let tcp = TcpStream::connect(addr).await?;
+                    let name = ServerName::try_from("localhost").map_err(std::io::Error::other)?;
+                    connector.connect(name, tcp).await.map(TokioIo::new)
+                }
+            }))
+            .await?;
+        let (tx, rx) = mpsc::channel(64);
+        let mut request = Request::new(ReceiverStream::new(rx));
+        request.metadata_mut().insert(AGENT_ID, id.parse()?);
+        request
+            .metadata_mut()
+            .insert(AGENT_IDENTIFIERS, identifiers.parse()?);
+        let response = AgentServiceClient::new(channel).connect(request).await?;
+        let header = |key: &str| -> anyhow::Result<String> {
+            Ok(response
+                .metadata()
+                .get(key)
+                .ok_or_else(|| anyhow::anyhow!("no {key} header"))?
+                .to_str()?
+                .to_owned())
+        };
+        let server_id = header(SERVER_ID)?;
+        let server_count = header(SERVER_COUNT)?.parse()?;
+        Ok(ScriptedAgent {
+            tx,
+            rx: response.into_inner(),
+            server_id,
+            server_count,
+        })
+    }
+
+    /// The next packet from the server.
+    pub async fn next(&mut self) -> anyhow::Result<Packet> {
+        tokio::time::timeout(PACKET_WAIT, self.rx.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("server ended the agent stream"))
+    }
+
+    /// Sends a packet.
+    pub async fn send(&self, packet: Packet) -> anyhow::Result<()> {
+        self.tx.send(packet).await?;
+        Ok(())
+    }
+}
