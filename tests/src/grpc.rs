@@ -14,6 +14,7 @@ use cplink_proto::konnectivity::{
 use cplink_proto::tls::{self, Identity, TrustAnchors};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
@@ -128,6 +129,61 @@ impl ProxyStream {
     /// Sends `data` on connection `connect_id` in chunks.
     pub async fn write_all(&self, connect_id: i64, data: &[u8]) -> anyhow::Result<()> {
         self.writer().write_all(connect_id, data).await
+    }
+
+    /// The connection as a byte stream, for code written against sockets (benchmarks): bytes
+    /// written become DATA packets, DATA packets become bytes to read; shutting down the write
+    /// side sends CLOSE_REQ, and CLOSE_RSP or the end of the stream ends the read side.
+    pub fn into_io(self, connect_id: i64) -> DuplexStream {
+        let (ours, theirs) = tokio::io::duplex(256 * 1024);
+        tokio::spawn(async move {
+            if let Err(err) = self.bridge(connect_id, theirs).await {
+                tracing::debug!(%err, "gRPC byte stream ended with an error");
+            }
+        });
+        ours
+    }
+
+    async fn bridge(mut self, connect_id: i64, io: DuplexStream) -> anyhow::Result<()> {
+        let (mut reader, mut writer) = tokio::io::split(io);
+        let tx = self.tx.clone();
+        let up = async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = reader.read(&mut buf).await?;
+                if n == 0 {
+                    let _ = tx.send(Packet::close_request(connect_id)).await;
+                    return anyhow::Ok(());
+                }
+                tx.send(Packet::data(connect_id, Bytes::copy_from_slice(&buf[..n])))
+                    .await?;
+            }
+        };
+        let down = async move {
+            loop {
+                match self.rx.message().await? {
+                    Some(Packet {
+                        payload: Some(Payload::Data(data)),
+                        ..
+                    }) => writer.write_all(&data.data).await?,
+                    Some(Packet {
+                        payload: Some(Payload::CloseResponse(rsp)),
+                        ..
+                    }) => {
+                        writer.shutdown().await?;
+                        anyhow::ensure!(rsp.error.is_empty(), "closed: {}", rsp.error);
+                        return Ok(());
+                    }
+                    Some(_) => {}
+                    None => {
+                        writer.shutdown().await?;
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        tokio::try_join!(up, down)?;
+        Ok(())
     }
 
     /// A sending half, to write while this stream reads.

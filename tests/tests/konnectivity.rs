@@ -279,3 +279,47 @@ async fn an_upstream_agent_is_routed_dials_and_carries_their_bytes() -> anyhow::
     .await?;
     Ok(())
 }
+
+/// Newer clients open a stream per dial on one connection, older ones (konnectivity-client
+/// v0.0.14, in Kubernetes 1.20) a connection per dial. The client's close comes before the
+/// destination's answer is complete: every byte still arrives.
+#[tokio::test]
+async fn streams_on_one_connection_and_a_connection_per_dial_both_work() -> anyhow::Result<()> {
+    let lo = Loopback::new()?;
+    let (server, _agent) = lo.pair().await?;
+    let echo = targets::echo().await?;
+    let shared = grpc::uds_channel(&server.grpc_uds).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..20usize {
+        let channel = if i < 16 {
+            shared.clone()
+        } else {
+            grpc::uds_channel(&server.grpc_uds).await?
+        };
+        let address = echo.authority();
+        tasks.spawn(async move {
+            let (stream, id) = ProxyStream::connect(channel, &address).await?;
+            let mut io = stream.into_io(id);
+            let message = format!("message {i} ").repeat(1000 + i);
+            io.write_all(message.as_bytes()).await?;
+            io.shutdown().await?;
+            let mut back = Vec::new();
+            io.read_to_end(&mut back).await?;
+            anyhow::ensure!(
+                back == message.as_bytes(),
+                "stream {i}: {} bytes back",
+                back.len()
+            );
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    let metrics = server.handle.metrics_text();
+    assert!(
+        metrics.contains("cplink_server_dials_total{result=\"ok\"} 20"),
+        "{metrics}"
+    );
+    Ok(())
+}
