@@ -93,7 +93,8 @@ pub struct Args {
     pub keepalive_timeout: Duration,
 
     /// Ordered routing strategies: node (destination is an agent's node name or host IP),
-    /// cidr (destination is in an agent's pod CIDR), any (least-loaded agent).
+    /// cidr (destination is in an agent's pod CIDR), default-route (agents started with
+    /// --default-route), any (least-loaded agent).
     #[arg(long, env = "CPLINK_STRATEGIES", default_value = "node,cidr,any")]
     pub strategies: String,
 

@@ -20,6 +20,9 @@ pub enum Strategy {
     Node,
     /// The destination IP lies in one of an agent's pod CIDRs.
     Cidr,
+    /// Agents that offer themselves for destinations no other agent claims (`--default-route`,
+    /// upstream's `defaultRoute`), the least loaded first.
+    DefaultRoute,
     /// Any healthy agent, the least loaded first.
     Any,
 }
@@ -30,6 +33,7 @@ impl Strategy {
         match self {
             Strategy::Node => "node",
             Strategy::Cidr => "cidr",
+            Strategy::DefaultRoute => "default-route",
             Strategy::Any => "any",
         }
     }
@@ -48,9 +52,10 @@ impl FromStr for Strategy {
         match s.trim() {
             "node" => Ok(Strategy::Node),
             "cidr" => Ok(Strategy::Cidr),
+            "default-route" => Ok(Strategy::DefaultRoute),
             "any" => Ok(Strategy::Any),
             other => Err(format!(
-                "unknown strategy {other:?} (expected node, cidr or any)"
+                "unknown strategy {other:?} (expected node, cidr, default-route or any)"
             )),
         }
     }
@@ -275,6 +280,9 @@ impl Registry {
                     least_loaded(candidates().filter(|l| l.serves_node(&target.host)))
                 }
                 Strategy::Cidr => least_loaded(candidates().filter(|l| l.serves_cidr(target))),
+                Strategy::DefaultRoute => {
+                    least_loaded(candidates().filter(|l| l.identifiers.default_route))
+                }
                 Strategy::Any => least_loaded(candidates()),
             };
             if let Some(link) = chosen {
@@ -393,6 +401,36 @@ mod tests {
             );
             assert_eq!(route.strategy, Strategy::Any);
         }
+    }
+
+    #[tokio::test]
+    async fn default_route_picks_only_agents_that_offer_it() {
+        let registry = Registry::default();
+        link(&registry, "a", "node-a", "10.0.0.1", "10.244.1.0/24").await;
+        let b = link(&registry, "b", "node-b", "10.0.0.2", "10.244.2.0/24").await;
+        let chain = [Strategy::Node, Strategy::DefaultRoute];
+        assert!(registry.route(&target("192.168.9.9:443"), &chain).is_err());
+        registry.remove("b", b.link_id);
+        let gateway = Arc::new(AgentLink::new(
+            "b".into(),
+            registry.next_link_id(),
+            Some("node-b".into()),
+            Identifiers {
+                default_route: true,
+                ..b.identifiers.clone()
+            },
+            b.carrier.clone(),
+        ));
+        registry.insert(gateway);
+        for _ in 0..3 {
+            let route = registry.route(&target("192.168.9.9:443"), &chain).unwrap();
+            assert_eq!(route.guard.link().id, "b");
+            assert_eq!(route.strategy, Strategy::DefaultRoute);
+        }
+        assert_eq!(
+            parse_strategies("node,default-route,any").unwrap(),
+            vec![Strategy::Node, Strategy::DefaultRoute, Strategy::Any]
+        );
     }
 
     #[tokio::test]
