@@ -181,14 +181,32 @@ fn client_verifier(
         .map_err(|e| TlsError::Verifier(e.to_string()))
 }
 
-/// Server side of the link: TLS 1.3, client certificate signed by `agent_ca` required.
+/// Whether agents must present a client certificate during the TLS handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Every agent presents a certificate signed by the agent CA.
+    Required,
+    /// An agent may also come without one and authenticate otherwise (a konnectivity agent's
+    /// service-account token); a certificate it presents is still verified.
+    Optional,
+}
+
+/// Server side of the link: TLS 1.3, client certificates verified against `agent_ca`.
 pub fn link_server_config(
     identity: &Identity,
     agent_ca: &TrustAnchors,
+    client_auth: ClientAuth,
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(agent_ca.0.clone(), provider());
+    let verifier = match client_auth {
+        ClientAuth::Required => verifier,
+        ClientAuth::Optional => verifier.allow_unauthenticated(),
+    }
+    .build()
+    .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(client_verifier(agent_ca)?)
+        .with_client_cert_verifier(verifier)
         .with_single_cert(identity.certs.clone(), identity.key.clone_key())?;
     // Native cplink agents ask for cplink/1; upstream konnectivity agents speak gRPC over h2
     // on the same port.
@@ -278,7 +296,7 @@ mod tests {
         )
         .unwrap();
         let anchors = TrustAnchors::from_pem(ca.cert.pem().as_bytes()).unwrap();
-        assert!(link_server_config(&identity, &anchors).is_err());
+        assert!(link_server_config(&identity, &anchors, ClientAuth::Required).is_err());
     }
 
     #[test]

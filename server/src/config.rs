@@ -11,6 +11,7 @@ use cplink_proto::keepalive::KeepaliveConfig;
 use cplink_proto::telemetry::LogFormat;
 use cplink_proto::tls::{self, Identity, TrustAnchors};
 
+use crate::konnectivity::auth::{ApiSource, TokenAuth};
 use crate::registry::{Strategy, parse_strategies};
 
 /// Command line of `cplink-server`. Every flag can also be set through its `CPLINK_*` variable.
@@ -72,6 +73,37 @@ pub struct Args {
     #[arg(long, env = "CPLINK_FRONTEND_CA")]
     pub frontend_ca: Option<PathBuf>,
 
+    /// Namespace of the service account whose tokens authenticate upstream konnectivity agents
+    /// that present no client certificate (konnectivity-server's flag of the same name).
+    #[arg(
+        long,
+        env = "CPLINK_AGENT_NAMESPACE",
+        requires = "agent_service_account"
+    )]
+    pub agent_namespace: Option<String>,
+
+    /// Service account whose tokens authenticate upstream konnectivity agents that present no
+    /// client certificate; enables token authentication (checked with a TokenReview).
+    #[arg(
+        long,
+        env = "CPLINK_AGENT_SERVICE_ACCOUNT",
+        requires = "agent_namespace"
+    )]
+    pub agent_service_account: Option<String>,
+
+    /// Audience agent tokens are reviewed for (e.g. system:konnectivity-server); the API
+    /// server's own audiences when unset.
+    #[arg(
+        long,
+        env = "CPLINK_AUTHENTICATION_AUDIENCE",
+        requires = "agent_service_account"
+    )]
+    pub authentication_audience: Option<String>,
+
+    /// kubeconfig for token reviews; the in-cluster service account when unset.
+    #[arg(long, env = "CPLINK_KUBECONFIG", requires = "agent_service_account")]
+    pub kubeconfig: Option<PathBuf>,
+
     /// How long to wait for an agent to answer a dial.
     #[arg(long, env = "CPLINK_DIAL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub dial_timeout: Duration,
@@ -130,6 +162,8 @@ pub struct Config {
     pub keepalive: KeepaliveConfig,
     /// Routing chain.
     pub strategies: Vec<Strategy>,
+    /// Token authentication of upstream agents without a client certificate, when enabled.
+    pub token_auth: Option<Arc<TokenAuth>>,
 }
 
 impl std::fmt::Debug for Config {
@@ -142,6 +176,10 @@ impl std::fmt::Debug for Config {
             .field("drain_timeout", &self.drain_timeout)
             .field("keepalive", &self.keepalive)
             .field("strategies", &self.strategies)
+            .field(
+                "token_auth",
+                &self.token_auth.as_ref().map(|t| t.expected_user()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -153,7 +191,13 @@ impl Args {
             .map_err(|e| ConfigError::tls(e, "tls-cert", "tls-key"))?;
         let agent_ca = TrustAnchors::from_pem_file(&self.agent_ca)
             .map_err(|e| ConfigError::new("agent-ca", e))?;
-        let link_tls = tls::link_server_config(&identity, &agent_ca)
+        let token_auth = self.token_auth()?;
+        let client_auth = if token_auth.is_some() {
+            tls::ClientAuth::Optional
+        } else {
+            tls::ClientAuth::Required
+        };
+        let link_tls = tls::link_server_config(&identity, &agent_ca, client_auth)
             .map_err(|e| ConfigError::new("tls-key", e))?;
         let frontend_tls = match (&self.frontend_address, &self.frontend_ca) {
             (Some(_), Some(ca)) => {
@@ -222,7 +266,41 @@ impl Args {
                 timeout: self.keepalive_timeout,
             },
             strategies,
+            token_auth: token_auth.map(Arc::new),
         })
+    }
+
+    fn token_auth(&self) -> Result<Option<TokenAuth>, ConfigError> {
+        let (Some(namespace), Some(account)) = (&self.agent_namespace, &self.agent_service_account)
+        else {
+            return Ok(None);
+        };
+        for (flag, value) in [
+            ("agent-namespace", namespace),
+            ("agent-service-account", account),
+        ] {
+            if value.is_empty() || value.contains(':') || value.contains('/') {
+                return Err(ConfigError::new(
+                    flag,
+                    format!("{value:?} is not a valid name"),
+                ));
+            }
+        }
+        let source = match &self.kubeconfig {
+            Some(path) => {
+                let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| {
+                    ConfigError::new("kubeconfig", format!("{}: {e}", path.display()))
+                })?;
+                ApiSource::Kubeconfig(path.clone(), Box::new(kubeconfig))
+            }
+            None => ApiSource::InCluster,
+        };
+        Ok(Some(TokenAuth::new(
+            namespace.clone(),
+            account.clone(),
+            self.authentication_audience.clone(),
+            source,
+        )))
     }
 }
 
@@ -272,6 +350,34 @@ mod tests {
         let err = args(&[]).unwrap().into_config().unwrap_err();
         assert_eq!(err.flag, "tls-cert");
         assert!(err.to_string().contains("/nonexistent/tls.crt"), "{err}");
+    }
+
+    #[test]
+    fn token_authentication_needs_a_namespace_and_a_service_account() {
+        assert!(args(&["--agent-service-account", "konnectivity-agent"]).is_err());
+        assert!(args(&["--agent-namespace", "kube-system"]).is_err());
+        assert!(args(&["--authentication-audience", "x"]).is_err());
+        let a = args(&[
+            "--agent-namespace",
+            "kube-system",
+            "--agent-service-account",
+            "a:b",
+        ])
+        .unwrap();
+        let err = a.token_auth().unwrap_err();
+        assert_eq!(err.flag, "agent-service-account");
+        let a = args(&[
+            "--agent-namespace",
+            "kube-system",
+            "--agent-service-account",
+            "konnectivity-agent",
+            "--kubeconfig",
+            "/nonexistent/kubeconfig",
+        ])
+        .unwrap();
+        let err = a.token_auth().unwrap_err();
+        assert_eq!(err.flag, "kubeconfig");
+        assert!(err.to_string().contains("/nonexistent/kubeconfig"), "{err}");
     }
 
     #[test]

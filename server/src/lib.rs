@@ -16,7 +16,7 @@
 pub mod config;
 pub mod connect;
 mod frontend;
-mod konnectivity;
+pub mod konnectivity;
 mod link;
 pub mod metrics;
 pub mod registry;

@@ -26,6 +26,9 @@ pub enum LinkError {
     /// TLS handshake failed (for example an untrusted client certificate).
     #[error("TLS handshake failed: {0}")]
     Tls(#[source] std::io::Error),
+    /// A native agent came without a client certificate (tokens are for konnectivity agents).
+    #[error("native agents must present a client certificate")]
+    NoCertificate,
     /// The agent did not negotiate the cplink protocol.
     #[error("agent negotiated neither ALPN cplink/1 nor h2 (konnectivity)")]
     Alpn,
@@ -51,6 +54,7 @@ impl LinkError {
         match self {
             LinkError::Tls(_) => "tls",
             LinkError::Alpn => "alpn",
+            LinkError::NoCertificate => "no_certificate",
             LinkError::Hello(_) => "hello",
             LinkError::Refused(_) => "refused",
             LinkError::HandshakeTimeout(_) => "handshake_timeout",
@@ -118,10 +122,12 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<
         .await
         .map_err(|_| LinkError::HandshakeTimeout(budget))?
         .map_err(LinkError::Tls)?;
+    let certified = tls.get_ref().1.peer_certificates().is_some();
     match tls.get_ref().1.alpn_protocol() {
-        Some(cplink_proto::ALPN_LINK) => {}
+        Some(cplink_proto::ALPN_LINK) if certified => {}
+        Some(cplink_proto::ALPN_LINK) => return Err(LinkError::NoCertificate),
         Some(cplink_proto::ALPN_H2) => {
-            konnectivity::agents::serve(shared, tls, peer).await;
+            konnectivity::agents::serve(shared, tls, peer, certified).await;
             return Ok(());
         }
         _ => return Err(LinkError::Alpn),

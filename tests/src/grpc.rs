@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cplink_proto::konnectivity::{
-    AGENT_ID, AGENT_IDENTIFIERS, AgentServiceClient, Packet, Payload, ProxyServiceClient,
-    SERVER_COUNT, SERVER_ID,
+    AGENT_ID, AGENT_IDENTIFIERS, AUTHORIZATION, AgentServiceClient, Packet, Payload,
+    ProxyServiceClient, SERVER_COUNT, SERVER_ID,
 };
 use cplink_proto::tls::{self, Identity, TrustAnchors};
 use hyper_util::rt::TokioIo;
@@ -216,6 +216,24 @@ pub fn agent_h2_tls(cert: &CertFiles, ca: &Path) -> anyhow::Result<Arc<rustls::C
     Ok(Arc::new(config))
 }
 
+/// Like [`agent_h2_tls`] for an agent that authenticates with a token and presents no
+/// certificate.
+pub fn agent_h2_tls_without_certificate(ca: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca)? {
+        roots.add(cert?)?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![cplink_proto::ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// A scripted upstream konnectivity agent: the test reads the server's packets and answers.
 pub struct ScriptedAgent {
     /// Packets to the server.
@@ -236,6 +254,18 @@ impl ScriptedAgent {
         id: &str,
         identifiers: &str,
     ) -> anyhow::Result<Self> {
+        Self::link_with_token(addr, tls, id, identifiers, None).await
+    }
+
+    /// [`ScriptedAgent::link`], sending `authorization: Bearer <token>` when given. A refusal
+    /// by the server comes back as the [`tonic::Status`] inside the error.
+    pub async fn link_with_token(
+        addr: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+        id: &str,
+        identifiers: &str,
+        token: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let connector = TlsConnector::from(tls);
         let channel = Endpoint::try_from("http://localhost")?
             .connect_with_connector(tower::service_fn(move |_| {
@@ -253,6 +283,11 @@ impl ScriptedAgent {
         request
             .metadata_mut()
             .insert(AGENT_IDENTIFIERS, identifiers.parse()?);
+        if let Some(token) = token {
+            request
+                .metadata_mut()
+                .insert(AUTHORIZATION, format!("Bearer {token}").parse()?);
+        }
         let response = AgentServiceClient::new(channel).connect(request).await?;
         let header = |key: &str| -> anyhow::Result<String> {
             Ok(response

@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use cplink_proto::konnectivity::mux::{Mux, Role};
 use cplink_proto::konnectivity::{
-    self, AGENT_ID, AGENT_IDENTIFIERS, AgentService, AgentServiceServer, Packet, Payload,
-    SERVER_COUNT, SERVER_ID,
+    self, AGENT_ID, AGENT_IDENTIFIERS, AUTHORIZATION, AgentService, AgentServiceServer, Packet,
+    Payload, SERVER_COUNT, SERVER_ID,
 };
 use futures_util::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -27,14 +27,18 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::Shared;
+use crate::konnectivity::auth::AuthError;
 use crate::link::validate_agent_id;
+use crate::metrics::LinkErrorLabels;
 use crate::registry::{AgentLink, Carrier};
 
 /// Packets queued towards one agent before its connections wait.
 const OUTBOUND_QUEUE: usize = 64;
 
 /// Serves one upstream agent's HTTP/2 connection until it ends or the server closes its link.
-pub(crate) async fn serve<IO>(shared: Arc<Shared>, io: IO, peer: SocketAddr)
+/// `certified`: the agent presented a client certificate that verified; without one it must
+/// send a token the server's token authentication accepts.
+pub(crate) async fn serve<IO>(shared: Arc<Shared>, io: IO, peer: SocketAddr, certified: bool)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -42,6 +46,7 @@ where
     let service = AgentServiceServer::new(UpstreamAgents {
         shared: shared.clone(),
         peer,
+        certified,
         stop: stop.clone(),
     })
     .max_decoding_message_size(super::MAX_MESSAGE);
@@ -53,6 +58,7 @@ where
 struct UpstreamAgents {
     shared: Arc<Shared>,
     peer: SocketAddr,
+    certified: bool,
     /// Ends the connection once its agent is unlinked.
     stop: CancellationToken,
 }
@@ -69,6 +75,26 @@ impl AgentService for UpstreamAgents {
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let shared = &self.shared;
         let metadata = request.metadata();
+        if !self.certified {
+            // Without a certificate the TLS layer only let the agent in because token
+            // authentication is configured.
+            let authorization = metadata.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+            let checked = match &shared.config.token_auth {
+                Some(auth) => auth.check(authorization).await,
+                None => Err(AuthError::Missing),
+            };
+            if let Err(err) = checked {
+                shared
+                    .metrics
+                    .link_errors
+                    .get_or_create(&LinkErrorLabels {
+                        reason: "unauthenticated",
+                    })
+                    .inc();
+                tracing::warn!(peer = %self.peer, %err, "konnectivity agent refused");
+                return Err(err.status());
+            }
+        }
         let agent_id = single_value(metadata, AGENT_ID)?;
         validate_agent_id(&agent_id).map_err(Status::invalid_argument)?;
         let (node_name, identifiers) = match metadata.get(AGENT_IDENTIFIERS) {
