@@ -15,6 +15,7 @@ use cplink_proto::tls::{self, Identity, TrustAnchors};
 use ipnet::IpNet;
 use rustls_pki_types::ServerName;
 
+use crate::konnectivity;
 use crate::policy::{Policy, Rule};
 
 /// Command line of `cplink-agent`. Every flag can also be set through its `CPLINK_*` variable;
@@ -90,8 +91,15 @@ pub struct Args {
     #[arg(long, env = "CPLINK_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
-    /// Interval between HTTP/2 PINGs on each link.
-    #[arg(long, env = "CPLINK_KEEPALIVE_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// Interval between HTTP/2 PINGs on each link. Defaults to 30s with --protocol
+    /// konnectivity: upstream konnectivity servers close links that ping more often while idle.
+    #[arg(
+        long,
+        env = "CPLINK_KEEPALIVE_INTERVAL",
+        default_value = "10s",
+        default_value_if("protocol", "konnectivity", Some("30s")),
+        value_parser = humantime::parse_duration
+    )]
     pub keepalive_interval: Duration,
 
     /// How long a PING may go unanswered before the link is declared dead.
@@ -109,6 +117,49 @@ pub struct Args {
     /// Log filter, e.g. `info` or `cplink_agent=debug,info`.
     #[arg(long, env = "CPLINK_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// Protocol spoken to the servers: `cplink` (native links) or `konnectivity` (the
+    /// AgentService of an apiserver-network-proxy server, or of cplink-server).
+    #[arg(long, env = "CPLINK_PROTOCOL", value_enum, default_value_t = Protocol::Cplink)]
+    pub protocol: Protocol,
+
+    /// With --protocol konnectivity: file holding a service-account token, sent as
+    /// `authorization: Bearer <token>` on every link. Read again for each link, so a rotated
+    /// token is picked up.
+    #[arg(long, env = "CPLINK_SERVICE_ACCOUNT_TOKEN_PATH")]
+    pub service_account_token_path: Option<PathBuf>,
+}
+
+/// The shortest PING interval upstream konnectivity servers tolerate on an idle link: more
+/// frequent PINGs earn a GOAWAY `too_many_pings` (gRPC keepalive enforcement, `MinTime` 30s).
+pub const KONNECTIVITY_MIN_PING_INTERVAL: Duration = Duration::from_secs(30);
+
+/// The protocol links speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Protocol {
+    /// Native cplink links: TLS with ALPN `cplink/1`, a hello, then HTTP/2 with one stream per
+    /// tunneled connection.
+    #[default]
+    Cplink,
+    /// The konnectivity agent protocol: TLS with ALPN `h2`, one gRPC `AgentService/Connect`
+    /// stream per server carrying every tunneled connection.
+    Konnectivity,
+}
+
+impl Protocol {
+    /// The name used on the command line and in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Cplink => "cplink",
+            Protocol::Konnectivity => "konnectivity",
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A server to link to.
@@ -140,8 +191,12 @@ pub struct Config {
     pub identifiers: Identifiers,
     /// Servers to link to.
     pub servers: Vec<ServerEndpoint>,
-    /// TLS for links.
+    /// Protocol spoken on links.
+    pub protocol: Protocol,
+    /// TLS for links, offering the ALPN id of [`Config::protocol`].
     pub tls: Arc<rustls::ClientConfig>,
+    /// Service-account token file sent to konnectivity servers, read at each link attempt.
+    pub service_account_token_path: Option<PathBuf>,
     /// Destination policy.
     pub policy: Policy,
     /// Dial budget per destination.
@@ -163,6 +218,11 @@ impl std::fmt::Debug for Config {
             .field("node_name", &self.node_name)
             .field("identifiers", &self.identifiers)
             .field("servers", &self.servers)
+            .field("protocol", &self.protocol)
+            .field(
+                "service_account_token_path",
+                &self.service_account_token_path,
+            )
             .field("policy", &self.policy)
             .field("dial_timeout", &self.dial_timeout)
             .finish_non_exhaustive()
@@ -176,8 +236,14 @@ impl Args {
             .map_err(|e| ConfigError::tls(e, "tls-cert", "tls-key"))?;
         let server_ca = TrustAnchors::from_pem_file(&self.server_ca)
             .map_err(|e| ConfigError::new("server-ca", e))?;
-        let tls = tls::link_client_config(&identity, &server_ca)
+        let mut tls = tls::link_client_config(&identity, &server_ca)
             .map_err(|e| ConfigError::new("tls-key", e))?;
+        if self.protocol == Protocol::Konnectivity {
+            // gRPC runs on plain HTTP/2; everything else about the link's TLS stays the same.
+            let mut h2 = (*tls).clone();
+            h2.alpn_protocols = vec![cplink_proto::ALPN_H2.to_vec()];
+            tls = Arc::new(h2);
+        }
 
         let mut servers = Vec::with_capacity(self.server_address.len());
         for address in &self.server_address {
@@ -191,6 +257,10 @@ impl Args {
             };
             let server_name = ServerName::try_from(name.clone())
                 .map_err(|e| ConfigError::new("server-name", format!("{name:?}: {e}")))?;
+            if self.protocol == Protocol::Konnectivity {
+                konnectivity::origin(address)
+                    .map_err(|e| ConfigError::new("server-address", format!("{address:?}: {e}")))?;
+            }
             servers.push(ServerEndpoint {
                 address: address.clone(),
                 server_name,
@@ -219,6 +289,28 @@ impl Args {
                 )
             })?,
         };
+        match (self.protocol, &self.service_account_token_path) {
+            (Protocol::Cplink, Some(_)) => {
+                return Err(ConfigError::new(
+                    "service-account-token-path",
+                    "only used with --protocol konnectivity",
+                ));
+            }
+            (Protocol::Konnectivity, Some(path)) => {
+                // Checked now so that a wrong path fails the start, not every link attempt.
+                konnectivity::bearer_token(path)
+                    .map_err(|e| ConfigError::new("service-account-token-path", e))?;
+            }
+            (_, None) => {}
+        }
+        if self.protocol == Protocol::Konnectivity {
+            konnectivity::agent_id_value(&agent_id).map_err(|e| {
+                ConfigError::new(
+                    "agent-id",
+                    format!("{agent_id:?}: {e} (--protocol konnectivity)"),
+                )
+            })?;
+        }
         Ok(Config {
             agent_id,
             node_name: self.node_name.filter(|n| !n.is_empty()),
@@ -228,7 +320,9 @@ impl Args {
                 default_route: self.default_route,
             },
             servers,
+            protocol: self.protocol,
             tls,
+            service_account_token_path: self.service_account_token_path,
             policy: Policy::new(self.allow),
             dial_timeout: self.dial_timeout,
             link_timeout: Duration::from_secs(15),
@@ -299,6 +393,118 @@ mod tests {
         let err = args(&[]).unwrap().into_config().unwrap_err();
         assert_eq!(err.flag, "tls-cert");
         assert!(err.message.contains("/nonexistent/tls.crt"), "{err}");
+    }
+
+    /// A self-signed certificate serving as client certificate and server CA alike.
+    fn tls_files(dir: &std::path::Path) -> [String; 3] {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let (crt, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        std::fs::write(&crt, cert.cert.pem()).unwrap();
+        std::fs::write(&key, cert.signing_key.serialize_pem()).unwrap();
+        let crt = crt.display().to_string();
+        [crt.clone(), key.display().to_string(), crt]
+    }
+
+    fn config(dir: &std::path::Path, extra: &[&str]) -> Result<Config, ConfigError> {
+        let [crt, key, ca] = tls_files(dir);
+        let mut argv = vec![
+            "cplink-agent",
+            "--server-address",
+            "cplink.example:8091",
+            "--tls-cert",
+            &crt,
+            "--tls-key",
+            &key,
+            "--server-ca",
+            &ca,
+        ];
+        if !extra.contains(&"--agent-id") {
+            argv.extend_from_slice(&["--agent-id", "node-1"]);
+        }
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap().into_config()
+    }
+
+    #[test]
+    fn the_protocol_defaults_to_cplink_and_sets_the_alpn_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let native = config(dir.path(), &[]).unwrap();
+        assert_eq!(native.protocol, Protocol::Cplink);
+        assert_eq!(native.tls.alpn_protocols, [b"cplink/1".to_vec()]);
+        let konnectivity = config(dir.path(), &["--protocol", "konnectivity"]).unwrap();
+        assert_eq!(konnectivity.protocol, Protocol::Konnectivity);
+        assert_eq!(konnectivity.tls.alpn_protocols, [b"h2".to_vec()]);
+
+        let err = args(&["--protocol", "grpc"]).unwrap_err().to_string();
+        assert!(err.contains("--protocol"), "{err}");
+    }
+
+    #[test]
+    fn konnectivity_links_ping_no_more_often_than_upstream_servers_allow() {
+        let native = args(&[]).unwrap();
+        assert_eq!(native.keepalive_interval, Duration::from_secs(10));
+        let konnectivity = args(&["--protocol", "konnectivity"]).unwrap();
+        assert_eq!(
+            konnectivity.keepalive_interval,
+            KONNECTIVITY_MIN_PING_INTERVAL
+        );
+        let explicit = args(&["--protocol", "konnectivity", "--keepalive-interval", "5s"]).unwrap();
+        assert_eq!(explicit.keepalive_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_token_path_needs_konnectivity_and_a_readable_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        let token_arg = token.display().to_string();
+        let flags = |protocol| {
+            [
+                "--protocol",
+                protocol,
+                "--service-account-token-path",
+                token_arg.as_str(),
+            ]
+        };
+
+        let err = config(dir.path(), &flags("konnectivity")).unwrap_err();
+        assert_eq!(err.flag, "service-account-token-path");
+        assert!(err.message.contains(&token_arg), "{err}");
+
+        std::fs::write(&token, "\n").unwrap();
+        let err = config(dir.path(), &flags("konnectivity")).unwrap_err();
+        assert_eq!(err.flag, "service-account-token-path");
+        assert!(err.message.contains("empty"), "{err}");
+
+        std::fs::write(&token, "eyJhbGciOi.x.y\n").unwrap();
+        let config_ok = config(dir.path(), &flags("konnectivity")).unwrap();
+        assert_eq!(
+            config_ok.service_account_token_path.as_deref(),
+            Some(token.as_path())
+        );
+        assert!(
+            !format!("{config_ok:?}").contains("eyJ"),
+            "the token is never held, let alone printed"
+        );
+
+        let err = config(dir.path(), &flags("cplink")).unwrap_err();
+        assert_eq!(err.flag, "service-account-token-path");
+        assert!(err.message.contains("--protocol konnectivity"), "{err}");
+    }
+
+    #[test]
+    fn a_konnectivity_agent_id_must_fit_in_a_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = ["--agent-id", "nœud-1"];
+        assert!(
+            config(dir.path(), &id).is_ok(),
+            "the native hello carries any id"
+        );
+        let err = config(
+            dir.path(),
+            &[&id[..], &["--protocol", "konnectivity"]].concat(),
+        )
+        .unwrap_err();
+        assert_eq!(err.flag, "agent-id");
     }
 
     #[test]

@@ -1,4 +1,8 @@
-//! Serves one tunnel stream: checks the destination, dials it, answers, then pumps bytes.
+//! Dials destinations for servers, and serves native tunnel streams.
+//!
+//! [`open`] is what both link protocols share: the destination policy, the connect within the
+//! dial timeout, and the dial metrics. [`serve`] answers one native `CONNECT` stream with it,
+//! then pumps bytes; the konnectivity side answers dial requests on its shared stream.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -26,7 +30,10 @@ pub(crate) async fn serve(
     let (parts, recv) = request.into_parts();
     let target = match parse_target(&parts.method, &parts.uri) {
         Ok(target) => target,
-        Err(failure) => return refuse(shared, &mut respond, &failure),
+        Err(failure) => {
+            count(shared, failure.kind());
+            return refuse(&mut respond, &failure);
+        }
     };
     let span = tracing::info_span!("dial", dest = %target);
     dial_and_pump(shared, target, recv, respond)
@@ -40,24 +47,10 @@ async fn dial_and_pump(
     recv: RecvStream,
     mut respond: SendResponse<Bytes>,
 ) {
-    let started = Instant::now();
-    let dialed = dial(shared, &target).await;
-    shared
-        .metrics
-        .dial_duration
-        .observe(started.elapsed().as_secs_f64());
-    let tcp = match dialed {
+    let tcp = match open(shared, &target).await {
         Ok(tcp) => tcp,
-        Err(failure) => {
-            tracing::info!(%failure, "dial refused");
-            return refuse(shared, &mut respond, &failure);
-        }
+        Err(failure) => return refuse(&mut respond, &failure),
     };
-    shared
-        .metrics
-        .dials
-        .get_or_create(&ResultLabels { result: "ok" })
-        .inc();
 
     let send = match respond.send_response(Response::new(()), false) {
         Ok(send) => send,
@@ -105,14 +98,7 @@ fn parse_target(method: &Method, uri: &http::Uri) -> Result<Target, DialFailure>
         .map_err(|e: cplink_proto::target::TargetError| DialFailure::BadTarget(e.to_string()))
 }
 
-fn refuse(shared: &Shared, respond: &mut SendResponse<Bytes>, failure: &DialFailure) {
-    shared
-        .metrics
-        .dials
-        .get_or_create(&ResultLabels {
-            result: failure.kind(),
-        })
-        .inc();
+fn refuse(respond: &mut SendResponse<Bytes>, failure: &DialFailure) {
     let response = Response::builder()
         .status(failure.status())
         .header(ERROR_KIND_HEADER, failure.kind())
@@ -133,8 +119,36 @@ fn refuse(shared: &Shared, respond: &mut SendResponse<Bytes>, failure: &DialFail
     }
 }
 
+/// Dials `target` for a server: resolves it, checks the destination policy and connects, all
+/// within the dial timeout, and counts the outcome.
+pub(crate) async fn open(shared: &Shared, target: &Target) -> Result<TcpStream, DialFailure> {
+    let started = Instant::now();
+    let dialed = connect(shared, target).await;
+    shared
+        .metrics
+        .dial_duration
+        .observe(started.elapsed().as_secs_f64());
+    match &dialed {
+        Ok(_) => count(shared, "ok"),
+        Err(failure) => {
+            tracing::info!(%failure, "dial refused");
+            count(shared, failure.kind());
+        }
+    }
+    dialed
+}
+
+/// Counts a dial outcome: `ok`, a [`DialFailure::kind`], or another fixed label.
+pub(crate) fn count(shared: &Shared, result: &'static str) {
+    shared
+        .metrics
+        .dials
+        .get_or_create(&ResultLabels { result })
+        .inc();
+}
+
 /// Resolves, checks policy and connects, all within the dial timeout.
-async fn dial(shared: &Shared, target: &Target) -> Result<TcpStream, DialFailure> {
+async fn connect(shared: &Shared, target: &Target) -> Result<TcpStream, DialFailure> {
     let budget = shared.config.dial_timeout;
     let attempt = async {
         let candidates: Vec<SocketAddr> = match &target.host {

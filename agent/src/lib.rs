@@ -2,8 +2,12 @@
 //!
 //! - [`config`]: command line and validated configuration.
 //! - [`policy`]: which destinations may be dialed.
-//! - `uplink`: links to servers, with keepalive, drain and redial with backoff.
-//! - `dial`: serving one tunnel stream (policy, dial, answer, pump).
+//! - `uplink`: native links to servers, with keepalive, drain and redial with backoff.
+//! - `konnectivity`: links to konnectivity servers (gRPC `AgentService/Connect`), as many as
+//!   the servers behind an address report, each serving dials on one multiplexed stream.
+//! - `links`: the links up per server address, and the readiness they make.
+//! - `dial`: dialing a destination (policy, timeout, metrics) and serving one native tunnel
+//!   stream (dial, answer, pump).
 //! - [`metrics`]: Prometheus metrics.
 //!
 //! [`Agent::run`] takes an already-bound admin listener and a shutdown token, so tests run
@@ -11,19 +15,22 @@
 
 pub mod config;
 mod dial;
+mod konnectivity;
+mod links;
 pub mod metrics;
 pub mod policy;
 mod uplink;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use cplink_proto::admin;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::{Args, Config, ConfigError};
+pub use config::{Args, Config, ConfigError, Protocol};
+use links::Links;
 use metrics::Metrics;
 
 /// What the agent knows about an established link.
@@ -38,39 +45,17 @@ pub struct LinkInfo {
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) metrics: Metrics,
-    /// One slot per configured server; `Some` while linked.
-    links: Mutex<Vec<Option<LinkInfo>>>,
+    pub(crate) links: Arc<Links>,
     draining: AtomicBool,
 }
 
 impl Shared {
-    pub(crate) fn set_link(&self, index: usize, info: Option<LinkInfo>) {
-        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
-        links[index] = info;
-        let up = links.iter().filter(|l| l.is_some()).count();
-        self.metrics.links_up.set(up as i64);
-    }
-
-    fn links(&self) -> Vec<Option<LinkInfo>> {
-        self.links.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
     fn readiness(&self) -> Result<(), String> {
         if self.draining.load(Ordering::Relaxed) {
             return Err("shutting down".into());
         }
-        let links = self.links();
-        let down: Vec<_> = links
-            .iter()
-            .zip(&self.config.servers)
-            .filter(|(link, _)| link.is_none())
-            .map(|(_, server)| server.address.as_str())
-            .collect();
-        if down.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("not linked to {}", down.join(", ")))
-        }
+        self.links
+            .readiness(self.config.servers.iter().map(|s| s.address.as_str()))
     }
 }
 
@@ -88,9 +73,9 @@ pub struct AgentHandle {
 }
 
 impl AgentHandle {
-    /// The links currently up.
+    /// The links currently up, server address by server address.
     pub fn links(&self) -> Vec<LinkInfo> {
-        self.shared.links().into_iter().flatten().collect()
+        self.shared.links.all()
     }
 
     /// Tunneled connections currently open.
@@ -98,7 +83,8 @@ impl AgentHandle {
         self.shared.metrics.streams_active.get()
     }
 
-    /// Whether the agent is linked to every server it knows.
+    /// Whether the agent is linked to every server it knows: one link per native server
+    /// address, as many distinct servers as reported (`servercount`) per konnectivity address.
     pub fn readiness(&self) -> Result<(), String> {
         self.shared.readiness()
     }
@@ -117,8 +103,11 @@ impl Agent {
     pub fn new(config: Config) -> Self {
         let mut prometheus = prometheus_client::registry::Registry::default();
         let metrics = Metrics::new(&mut prometheus);
-        metrics.servers_known.set(config.servers.len() as i64);
-        let links = Mutex::new(vec![None; config.servers.len()]);
+        let links = Links::new(
+            config.servers.len(),
+            metrics.links_up.clone(),
+            metrics.servers_known.clone(),
+        );
         Agent {
             shared: Arc::new(Shared {
                 config,
@@ -138,8 +127,9 @@ impl Agent {
         }
     }
 
-    /// Links to every server until `shutdown` is cancelled, then drains: GOAWAY on every link,
-    /// in-flight tunneled connections finish up to the drain timeout.
+    /// Links to every server until `shutdown` is cancelled, then drains: GOAWAY on every native
+    /// link, DRAIN on every konnectivity link; no new dials are taken and in-flight tunneled
+    /// connections finish up to the drain timeout.
     pub async fn run(self, admin_listener: Option<TcpListener>, shutdown: CancellationToken) {
         let shared = self.shared;
         let config = &shared.config;
@@ -156,19 +146,36 @@ impl Agent {
                 .collect();
             tracing::info!(allow = %rules.join(","), "destination policy");
         }
-        tracing::info!(agent_id = %config.agent_id, servers = config.servers.len(), "cplink-agent started");
+        if config.protocol == Protocol::Konnectivity
+            && config.keepalive.interval < config::KONNECTIVITY_MIN_PING_INTERVAL
+        {
+            tracing::warn!(
+                interval = %humantime::format_duration(config.keepalive.interval),
+                "--keepalive-interval is below 30s: upstream konnectivity servers close idle links \
+                 that ping this often (too_many_pings); cplink-server does not"
+            );
+        }
+        tracing::info!(
+            agent_id = %config.agent_id,
+            servers = config.servers.len(),
+            protocol = %config.protocol,
+            "cplink-agent started"
+        );
 
         let uplinks = TaskTracker::new();
         let streams = TaskTracker::new();
         let force = CancellationToken::new();
         for index in 0..config.servers.len() {
-            uplinks.spawn(uplink::maintain(
-                shared.clone(),
-                index,
-                streams.clone(),
-                shutdown.clone(),
-                force.clone(),
-            ));
+            let (shared, streams) = (shared.clone(), streams.clone());
+            let (shutdown, force) = (shutdown.clone(), force.clone());
+            match config.protocol {
+                Protocol::Cplink => {
+                    uplinks.spawn(uplink::maintain(shared, index, streams, shutdown, force))
+                }
+                Protocol::Konnectivity => uplinks.spawn(konnectivity::maintain(
+                    shared, index, streams, shutdown, force,
+                )),
+            };
         }
         let admin_stop = CancellationToken::new();
         let admin_task = admin_listener.map(|listener| {

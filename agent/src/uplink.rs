@@ -15,9 +15,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::BackoffConfig;
+use crate::config::{BackoffConfig, Config, ServerEndpoint};
+use crate::konnectivity::TokenError;
+use crate::links::AlreadyLinked;
 use crate::metrics::ResultLabels;
 use crate::{LinkInfo, Shared, dial};
+
+/// A link's TLS stream, over a read-ahead buffer.
+pub(crate) type LinkTls = tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>;
 
 /// Why a link could not be established or ended abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -28,9 +33,9 @@ pub enum LinkError {
     /// TLS handshake failed (for example an untrusted server certificate).
     #[error("TLS handshake failed: {0}")]
     Tls(#[source] std::io::Error),
-    /// The server did not negotiate the cplink protocol.
-    #[error("server did not negotiate ALPN cplink/1")]
-    Alpn,
+    /// The server did not negotiate the protocol's ALPN id.
+    #[error("server did not negotiate ALPN {}", String::from_utf8_lossy(.0))]
+    Alpn(&'static [u8]),
     /// A step did not complete in time.
     #[error("{step} did not complete within {}", humantime::format_duration(*.budget))]
     Timeout {
@@ -51,19 +56,58 @@ pub enum LinkError {
     /// The keepalive declared the link dead.
     #[error("{0}")]
     Keepalive(#[from] KeepaliveError),
+    /// The HTTP/2 client connection of a konnectivity link failed (a keepalive timeout
+    /// included).
+    #[error("HTTP/2 connection failed: {0}")]
+    Http2(#[source] hyper::Error),
+    /// The konnectivity gRPC stream failed.
+    #[error("gRPC stream failed: {code}: {message}")]
+    Grpc {
+        /// The gRPC status code.
+        code: tonic::Code,
+        /// The status message.
+        message: String,
+    },
+    /// A konnectivity server's response headers are missing or invalid.
+    #[error("invalid response header: {0}")]
+    Header(String),
+    /// The service-account token cannot be sent.
+    #[error("{0}")]
+    Token(#[from] TokenError),
+    /// The link reached a server the agent is already linked to through the same address.
+    #[error("{0}")]
+    Duplicate(#[from] AlreadyLinked),
 }
 
 impl LinkError {
-    fn kind(&self) -> &'static str {
+    /// Fixed metric label of the failure.
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             LinkError::Connect(_) => "connect",
             LinkError::Tls(_) => "tls",
-            LinkError::Alpn => "alpn",
+            LinkError::Alpn(_) => "alpn",
             LinkError::Timeout { .. } => "timeout",
             LinkError::Hello(_) => "hello",
             LinkError::Rejected(_) => "rejected",
-            LinkError::H2(_) => "h2",
+            LinkError::H2(_) | LinkError::Http2(_) => "h2",
             LinkError::Keepalive(_) => "keepalive",
+            LinkError::Grpc { .. } => "grpc",
+            LinkError::Header(_) => "header",
+            LinkError::Token(_) => "token",
+            LinkError::Duplicate(_) => "duplicate",
+        }
+    }
+
+    /// A gRPC status ending a konnectivity stream; authentication failures are refusals.
+    pub(crate) fn from_status(status: &tonic::Status) -> Self {
+        match status.code() {
+            tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                LinkError::Rejected(format!("{}: {}", status.code(), status.message()))
+            }
+            code => LinkError::Grpc {
+                code,
+                message: status.message().to_owned(),
+            },
         }
     }
 }
@@ -114,7 +158,6 @@ pub(crate) async fn maintain(
         let result = link_once(&shared, index, &streams, &shutdown, &force, &mut backoff)
             .instrument(span.clone())
             .await;
-        shared.set_link(index, None);
         let _enter = span.enter();
         match result {
             Ok(()) if shutdown.is_cancelled() => {
@@ -123,11 +166,7 @@ pub(crate) async fn maintain(
             }
             Ok(()) => tracing::info!("link closed by the server"),
             Err(err) => {
-                shared
-                    .metrics
-                    .link_attempts
-                    .get_or_create(&ResultLabels { result: err.kind() })
-                    .inc();
+                count_attempt(&shared, err.kind());
                 tracing::warn!(%err, "link failed");
             }
         }
@@ -141,18 +180,20 @@ pub(crate) async fn maintain(
     }
 }
 
-async fn connect(
-    shared: &Shared,
-    index: usize,
-) -> Result<
-    (
-        tokio_rustls::client::TlsStream<ReadAhead<TcpStream>>,
-        ServerHello,
-    ),
-    LinkError,
-> {
-    let config = &shared.config;
-    let endpoint = &config.servers[index];
+/// Counts a link attempt by result: `ok` or a [`LinkError::kind`].
+pub(crate) fn count_attempt(shared: &Shared, result: &'static str) {
+    shared
+        .metrics
+        .link_attempts
+        .get_or_create(&ResultLabels { result })
+        .inc();
+}
+
+/// Connects to `endpoint` within the link budget and tunes the socket for a link.
+pub(crate) async fn connect_tcp(
+    config: &Config,
+    endpoint: &ServerEndpoint,
+) -> Result<TcpStream, LinkError> {
     let budget = config.link_timeout;
     let tcp = tokio::time::timeout(budget, TcpStream::connect(endpoint.address.as_str()))
         .await
@@ -162,15 +203,35 @@ async fn connect(
         })?
         .map_err(LinkError::Connect)?;
     cplink_proto::net::tune_link(&tcp);
+    Ok(tcp)
+}
+
+/// Runs the TLS handshake of a link (no time limit: callers bound it together with what
+/// follows) and checks that the server agreed on `alpn`.
+pub(crate) async fn handshake_tls(
+    config: &Config,
+    endpoint: &ServerEndpoint,
+    tcp: TcpStream,
+    alpn: &'static [u8],
+) -> Result<LinkTls, LinkError> {
     let connector = TlsConnector::from(config.tls.clone());
+    let tls = connector
+        .connect(endpoint.server_name.clone(), ReadAhead::new(tcp))
+        .await
+        .map_err(LinkError::Tls)?;
+    if tls.get_ref().1.alpn_protocol() != Some(alpn) {
+        return Err(LinkError::Alpn(alpn));
+    }
+    Ok(tls)
+}
+
+async fn connect(shared: &Shared, index: usize) -> Result<(LinkTls, ServerHello), LinkError> {
+    let config = &shared.config;
+    let endpoint = &config.servers[index];
+    let budget = config.link_timeout;
+    let tcp = connect_tcp(config, endpoint).await?;
     let handshake = async {
-        let mut tls = connector
-            .connect(endpoint.server_name.clone(), ReadAhead::new(tcp))
-            .await
-            .map_err(LinkError::Tls)?;
-        if tls.get_ref().1.alpn_protocol() != Some(cplink_proto::ALPN_LINK) {
-            return Err(LinkError::Alpn);
-        }
+        let mut tls = handshake_tls(config, endpoint, tcp, cplink_proto::ALPN_LINK).await?;
         let ours = AgentHello {
             agent_id: config.agent_id.clone(),
             node_name: config.node_name.clone(),
@@ -211,18 +272,15 @@ async fn link_once(
         .await?;
 
     tracing::Span::current().record("server_id", server.server_id.as_str());
-    shared
-        .metrics
-        .link_attempts
-        .get_or_create(&ResultLabels { result: "ok" })
-        .inc();
-    shared.set_link(
+    // One link per native address at a time: the previous one was released before this one.
+    let _held = shared.links.hold(
         index,
-        Some(LinkInfo {
+        LinkInfo {
             server_id: server.server_id.clone(),
             server_count: server.server_count,
-        }),
-    );
+        },
+    )?;
+    count_attempt(shared, "ok");
     backoff.reset();
     tracing::info!(server_count = server.server_count, "linked");
 

@@ -18,8 +18,9 @@ fn configuration_errors_name_the_flag() {
         "--server-ca",
         "/ca",
     ];
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["--allow", "10.0.0.0/33"], "--allow"),
+        (&["--protocol", "grpc"], "--protocol"),
         (&["--pod-cidr", "10.0.0.0"], "--pod-cidr"),
         (&["--dial-timeout", "soon"], "--dial-timeout"),
         (
@@ -48,6 +49,10 @@ fn every_flag_is_explained_with_its_environment_variable() {
         "--dial-timeout",
         "--reconnect-max-backoff",
         "CPLINK_ALLOW",
+        "--protocol",
+        "CPLINK_PROTOCOL",
+        "--service-account-token-path",
+        "CPLINK_SERVICE_ACCOUNT_TOKEN_PATH",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }

@@ -1,0 +1,808 @@
+//! Links to konnectivity servers: the gRPC `AgentService/Connect` stream of apiserver-network-proxy
+//! (and of cplink-server), over TLS with ALPN `h2`.
+//!
+//! A server address may hide several servers behind a load balancer, each answering with its
+//! `serverid` and how many servers there are (`servercount`). The agent keeps dialing the
+//! address until it holds links to that many distinct server ids, closing links that land on a
+//! server it already has.
+//!
+//! One link is one bidirectional stream carrying every tunneled connection, multiplexed by
+//! [`Mux`]. Each dial request runs on its own task, so a slow dial never holds up the stream;
+//! every outbound packet goes through one bounded queue feeding the request stream. Liveness is
+//! HTTP/2 PING keepalive on the client connection.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use cplink_proto::dial::DialFailure;
+use cplink_proto::hello::Identifiers;
+use cplink_proto::konnectivity::mux::{self, Mux, Role};
+use cplink_proto::konnectivity::{self as wire, AgentServiceClient, DialRequest, Packet, Payload};
+use cplink_proto::net::abort_tcp_halves;
+use cplink_proto::pump::ActiveStream;
+use cplink_proto::target::Target;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
+use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
+use tracing::Instrument;
+
+use crate::links::HeldLink;
+use crate::uplink::{self, Backoff, LinkError, LinkTls};
+use crate::{LinkInfo, Shared, dial};
+
+/// Packets queued towards the server before the tasks sending them wait.
+const OUT_QUEUE: usize = 128;
+
+/// How long a drained link waits for the server to end the stream after the agent ended its
+/// side, so that the DRAIN and the end of the stream are delivered rather than reset.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// What the agent answers a dial with while it drains.
+const DRAINING: &str = "the agent is shutting down";
+
+/// The `https://host:port` origin of a server address, for the requests' `:authority`.
+pub(crate) fn origin(address: &str) -> Result<http::Uri, http::uri::InvalidUri> {
+    format!("https://{address}").parse()
+}
+
+/// A metadata value that is not printable ASCII, which gRPC requires of text metadata.
+#[derive(Debug, thiserror::Error)]
+#[error("must be printable ASCII")]
+pub(crate) struct NotPrintableAscii;
+
+/// `text` as a text metadata value.
+fn ascii_value(text: &str) -> Result<MetadataValue<Ascii>, NotPrintableAscii> {
+    if !text.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
+        return Err(NotPrintableAscii);
+    }
+    MetadataValue::try_from(text).map_err(|_| NotPrintableAscii)
+}
+
+/// The `agentid` metadata value.
+pub(crate) fn agent_id_value(agent_id: &str) -> Result<MetadataValue<Ascii>, NotPrintableAscii> {
+    ascii_value(agent_id)
+}
+
+/// The `agentidentifiers` metadata value: the upstream keys `host` (the node name), `ipv4` and
+/// `ipv6` (the host IPs), `cidr` (the pod ranges) and `default-route=true`, URL-query encoded.
+pub(crate) fn agent_identifiers(node_name: Option<&str>, identifiers: &Identifiers) -> String {
+    wire::encode_identifiers(node_name, identifiers)
+}
+
+/// Why the service-account token cannot be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    /// The token file cannot be read.
+    #[error("cannot read the service-account token from {}: {source}", path.display())]
+    Read {
+        /// The token file.
+        path: PathBuf,
+        /// Why it cannot be read.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The token file is empty.
+    #[error("the service-account token file {} is empty", .0.display())]
+    Empty(PathBuf),
+    /// The token holds characters a header value cannot carry.
+    #[error("the service-account token in {} is not printable ASCII", .0.display())]
+    Invalid(PathBuf),
+}
+
+/// Reads the token file now, as configuration validation does.
+pub(crate) fn bearer_token(path: &Path) -> Result<MetadataValue<Ascii>, TokenError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    bearer_value(path, &text)
+}
+
+/// Reads the token file at a link attempt, so that a rotated token is used.
+async fn read_bearer_token(path: &Path) -> Result<MetadataValue<Ascii>, TokenError> {
+    let text = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|source| TokenError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    bearer_value(path, &text)
+}
+
+fn bearer_value(path: &Path, text: &str) -> Result<MetadataValue<Ascii>, TokenError> {
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(TokenError::Empty(path.to_owned()));
+    }
+    let mut value = ascii_value(&format!("Bearer {token}"))
+        .map_err(|_| TokenError::Invalid(path.to_owned()))?;
+    // Keeps the token out of HPACK's dynamic table and out of debug output.
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// Keeps links to every server behind address `index` until shutdown, then waits for them to
+/// drain.
+pub(crate) async fn maintain(
+    shared: Arc<Shared>,
+    index: usize,
+    streams: TaskTracker,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+) {
+    let address = shared.config.servers[index].address.clone();
+    let mut links = JoinSet::new();
+    let mut backoff = Backoff::new(shared.config.backoff);
+    let mut next_attempt = Instant::now();
+    loop {
+        let short = shared.links.short_of(index);
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(_) = links.join_next() => {
+                // A link ended (its task said why); a replacement waits for a pause.
+                next_attempt = Instant::now() + backoff.next_delay();
+            }
+            () = tokio::time::sleep_until(next_attempt), if short => {
+                let span = tracing::info_span!(
+                    "link",
+                    server = %address,
+                    server_id = tracing::field::Empty,
+                );
+                let attempt = tokio::select! {
+                    attempt = connect(&shared, index).instrument(span.clone()) => attempt,
+                    () = shutdown.cancelled() => break,
+                };
+                match attempt {
+                    Ok(link) => {
+                        uplink::count_attempt(&shared, "ok");
+                        backoff.reset();
+                        // More servers may be wanted: the next attempt may start at once.
+                        next_attempt = Instant::now();
+                        let serve = serve_link(
+                            shared.clone(),
+                            link,
+                            streams.clone(),
+                            shutdown.clone(),
+                            force.clone(),
+                        );
+                        links.spawn(serve.instrument(span));
+                    }
+                    Err(err) => {
+                        uplink::count_attempt(&shared, err.kind());
+                        let delay = backoff.next_delay();
+                        let delay_text = humantime::format_duration(delay);
+                        let _enter = span.enter();
+                        if let LinkError::Duplicate(_) = err {
+                            tracing::info!(
+                                %err,
+                                delay = %delay_text,
+                                "link closed: dialing again after a pause for another server"
+                            );
+                        } else {
+                            tracing::warn!(
+                                %err,
+                                delay = %delay_text,
+                                "link failed; relinking after a pause"
+                            );
+                        }
+                        next_attempt = Instant::now() + delay;
+                    }
+                }
+            }
+        }
+    }
+    // Each link drains on `shutdown` by itself, or closes on `force`.
+    while links.join_next().await.is_some() {}
+}
+
+/// tonic's client side over one hyper HTTP/2 connection: no pool and no reconnection, since a
+/// link is exactly one connection.
+#[derive(Debug, Clone)]
+struct Http2(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Http2 {
+    type Response = http::Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(request))
+    }
+}
+
+/// An established link: its stream, and what keeps the connection under it alive.
+struct Link {
+    info: LinkInfo,
+    _held: HeldLink,
+    /// Kept so that the connection stays open for the stream's lifetime.
+    _client: AgentServiceClient<Http2>,
+    connection: AbortOnDropHandle<Result<(), hyper::Error>>,
+    out: mpsc::Sender<Packet>,
+    inbound: tonic::Streaming<Packet>,
+}
+
+/// Establishes one link: TCP, TLS, HTTP/2, then the `Connect` stream and its response headers.
+async fn connect(shared: &Shared, index: usize) -> Result<Link, LinkError> {
+    let config = &shared.config;
+    let endpoint = &config.servers[index];
+    // Read before dialing: an unreadable token fails the attempt without bothering the server.
+    let token = match &config.service_account_token_path {
+        Some(path) => Some(read_bearer_token(path).await?),
+        None => None,
+    };
+    let tcp = uplink::connect_tcp(config, endpoint).await?;
+    let budget = config.link_timeout;
+    let handshake = async {
+        let tls = uplink::handshake_tls(config, endpoint, tcp, cplink_proto::ALPN_H2).await?;
+        open_stream(shared, index, tls, token).await
+    };
+    tokio::time::timeout(budget, handshake)
+        .await
+        .map_err(|_| LinkError::Timeout {
+            step: "TLS, HTTP/2 and gRPC handshakes",
+            budget,
+        })?
+}
+
+async fn open_stream(
+    shared: &Shared,
+    index: usize,
+    tls: LinkTls,
+    token: Option<MetadataValue<Ascii>>,
+) -> Result<Link, LinkError> {
+    let config = &shared.config;
+    let (send_request, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        // The one stream carries every connection of the link: give it the link's window.
+        .initial_stream_window_size(cplink_proto::CONNECTION_WINDOW)
+        .initial_connection_window_size(cplink_proto::CONNECTION_WINDOW)
+        .max_frame_size(cplink_proto::MAX_FRAME_SIZE)
+        .keep_alive_interval(config.keepalive.interval)
+        .keep_alive_timeout(config.keepalive.timeout)
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(tls))
+        .await
+        .map_err(LinkError::Http2)?;
+    let connection = AbortOnDropHandle::new(tokio::spawn(connection));
+    let origin = origin(&config.servers[index].address)
+        .map_err(|e| LinkError::Header(format!("server address: {e}")))?;
+    let mut client = AgentServiceClient::with_origin(Http2(send_request), origin);
+
+    let (out, out_rx) = mpsc::channel(OUT_QUEUE);
+    let mut request = tonic::Request::new(ReceiverStream::new(out_rx));
+    let metadata = request.metadata_mut();
+    // Checked when the configuration was validated; the identifiers are percent-encoded.
+    let agent_id = agent_id_value(&config.agent_id)
+        .map_err(|e| LinkError::Header(format!("{}: {e}", wire::AGENT_ID)))?;
+    metadata.insert(wire::AGENT_ID, agent_id);
+    let identifiers = agent_identifiers(config.node_name.as_deref(), &config.identifiers);
+    let identifiers = ascii_value(&identifiers)
+        .map_err(|e| LinkError::Header(format!("{}: {e}", wire::AGENT_IDENTIFIERS)))?;
+    metadata.insert(wire::AGENT_IDENTIFIERS, identifiers);
+    if let Some(token) = token {
+        metadata.insert(wire::AUTHORIZATION, token);
+    }
+
+    let response = client
+        .connect(request)
+        .await
+        .map_err(|status| LinkError::from_status(&status))?;
+    let info = server_info(response.metadata())?;
+    tracing::Span::current().record("server_id", info.server_id.as_str());
+    shared.links.set_wanted(index, info.server_count);
+    let held = shared.links.hold(index, info.clone())?;
+    Ok(Link {
+        info,
+        _held: held,
+        _client: client,
+        connection,
+        out,
+        inbound: response.into_inner(),
+    })
+}
+
+/// The `serverid` and `servercount` response headers.
+fn server_info(metadata: &MetadataMap) -> Result<LinkInfo, LinkError> {
+    let text = |key: &str| -> Result<String, LinkError> {
+        let value = metadata
+            .get(key)
+            .ok_or_else(|| LinkError::Header(format!("no {key}")))?;
+        let text = value
+            .to_str()
+            .map_err(|_| LinkError::Header(format!("{key} is not printable ASCII")))?;
+        Ok(text.trim().to_owned())
+    };
+    let server_id = text(wire::SERVER_ID)?;
+    if server_id.is_empty() {
+        return Err(LinkError::Header(format!("empty {}", wire::SERVER_ID)));
+    }
+    let count = text(wire::SERVER_COUNT)?;
+    let server_count = count.parse().map_err(|_| {
+        LinkError::Header(format!("{} {count:?} is not a count", wire::SERVER_COUNT))
+    })?;
+    Ok(LinkInfo {
+        server_id,
+        server_count,
+    })
+}
+
+/// Serves one link until it ends, then says why.
+async fn serve_link(
+    shared: Arc<Shared>,
+    link: Link,
+    streams: TaskTracker,
+    shutdown: CancellationToken,
+    force: CancellationToken,
+) {
+    tracing::info!(server_count = link.info.server_count, "linked");
+    match serve(&shared, link, &streams, &shutdown, &force).await {
+        Ok(()) if shutdown.is_cancelled() => tracing::info!("link closed"),
+        Ok(()) => tracing::info!("link closed by the server"),
+        Err(err) => {
+            uplink::count_attempt(&shared, err.kind());
+            tracing::warn!(%err, "link failed");
+        }
+    }
+}
+
+/// How a link's stream ended.
+enum End {
+    /// Drained: the DRAIN was sent and every connection finished.
+    Drained,
+    /// The server ended the stream, or shutdown forced it closed.
+    Closed,
+    /// The stream or its connection failed.
+    Failed(LinkError),
+}
+
+async fn serve(
+    shared: &Arc<Shared>,
+    link: Link,
+    streams: &TaskTracker,
+    shutdown: &CancellationToken,
+    force: &CancellationToken,
+) -> Result<(), LinkError> {
+    let Link {
+        _held,
+        _client,
+        mut connection,
+        out,
+        mut inbound,
+        ..
+    } = link;
+    let mux = Mux::new(Role::Acceptor, out.clone());
+    let link = LinkTasks {
+        shared: shared.clone(),
+        mux: mux.clone(),
+        pending: PendingDials::default(),
+        tasks: TaskTracker::new(),
+        streams: streams.clone(),
+        cancel: CancellationToken::new(),
+    };
+    let _cancel_dials = link.cancel.clone().drop_guard();
+    let mut draining = false;
+    let mut connection_done = false;
+    let end = loop {
+        tokio::select! {
+            message = inbound.message() => match message {
+                Ok(Some(packet)) => {
+                    // Dispatching waits while a connection's queue is full (the protocol has
+                    // no per-connection window); a forced close must not wait for it.
+                    let unconsumed = tokio::select! {
+                        unconsumed = mux.dispatch(packet) => unconsumed,
+                        () = force.cancelled() => break End::Closed,
+                    };
+                    if let Some(packet) = unconsumed {
+                        link.handle(packet, draining);
+                    }
+                }
+                Ok(None) => break End::Closed,
+                Err(status) if draining => {
+                    tracing::debug!(%status, "stream ended while draining");
+                    break End::Closed;
+                }
+                Err(status) => break End::Failed(LinkError::from_status(&status)),
+            },
+            ended = &mut connection, if !connection_done => match ended {
+                Ok(Err(err)) => break End::Failed(LinkError::Http2(err)),
+                // A GOAWAY from the server only stops new streams; this one goes on until the
+                // server ends it or the connection drops, which the stream then reports.
+                Ok(Ok(())) | Err(_) => {
+                    tracing::debug!("the server accepts no new streams on this connection");
+                    connection_done = true;
+                }
+            },
+            () = shutdown.cancelled(), if !draining => {
+                draining = true;
+                link.tasks.close();
+                tracing::info!(
+                    connections = mux.open_connections(),
+                    dials = link.pending.len(),
+                    "draining: sending DRAIN, refusing new dials"
+                );
+                tokio::select! {
+                    sent = mux.send(Packet::drain()) => if let Err(err) = sent {
+                        tracing::debug!(%err, "cannot send DRAIN");
+                    },
+                    () = force.cancelled() => break End::Closed,
+                }
+            }
+            () = link.tasks.wait(), if draining => break End::Drained,
+            () = force.cancelled() => break End::Closed,
+        }
+    };
+    mux.close("link closed");
+    link.cancel.cancel();
+    match end {
+        End::Drained => {
+            // Ending the request stream (once every sender is gone) tells the server this side
+            // is done; waiting for its end of the stream lets the DRAIN through before the
+            // connection goes.
+            drop((link, mux, out));
+            let finished = async { while let Ok(Some(_)) = inbound.message().await {} };
+            tokio::select! {
+                ended = tokio::time::timeout(CLOSE_GRACE, finished) => if ended.is_err() {
+                    tracing::debug!("the server did not end the stream; closing the link");
+                },
+                () = force.cancelled() => {}
+            }
+            Ok(())
+        }
+        End::Closed => Ok(()),
+        End::Failed(err) => Err(err),
+    }
+}
+
+/// What serves the dial requests of one link.
+struct LinkTasks {
+    shared: Arc<Shared>,
+    mux: Arc<Mux>,
+    pending: PendingDials,
+    /// Dials and connections of this link, so that a drain can wait for them.
+    tasks: TaskTracker,
+    /// Every task of the agent's connections, so that shutdown can wait for them.
+    streams: TaskTracker,
+    /// Cancels the pending dials of this link when it ends.
+    cancel: CancellationToken,
+}
+
+impl LinkTasks {
+    /// Acts on a packet the mux did not consume.
+    fn handle(&self, packet: Packet, draining: bool) {
+        match packet.payload {
+            Some(Payload::DialRequest(request)) => self.dial(request, draining),
+            Some(Payload::CloseDial(close)) => {
+                if self.pending.cancel(close.random) {
+                    tracing::debug!(random = close.random, "dial cancelled by the server");
+                } else {
+                    tracing::debug!(random = close.random, "DIAL_CLS for no pending dial");
+                }
+            }
+            payload => tracing::debug!(
+                packet_type = packet.r#type,
+                payload = payload.is_some(),
+                "ignoring a packet an agent does not expect"
+            ),
+        }
+    }
+
+    /// Starts serving a dial request on its own task.
+    fn dial(&self, request: DialRequest, draining: bool) {
+        let random = request.random;
+        let span = tracing::info_span!(
+            "dial",
+            dest = %request.address,
+            random,
+            connect_id = tracing::field::Empty,
+        );
+        let plan = if draining {
+            Err(DialFailure::NoAgent(DRAINING.into()))
+        } else {
+            parse_request(&request).and_then(|target| {
+                let pending = self.pending.register(random, &self.cancel).ok_or_else(|| {
+                    DialFailure::BadTarget(format!("dial request {random} is already pending"))
+                })?;
+                Ok((target, pending))
+            })
+        };
+        let task = serve_dial(
+            self.shared.clone(),
+            self.mux.clone(),
+            random,
+            plan,
+            self.cancel.clone(),
+        );
+        let task = self.streams.track_future(self.tasks.track_future(task));
+        tokio::spawn(task.instrument(span));
+    }
+}
+
+/// The destination of a dial request; only TCP is supported.
+fn parse_request(request: &DialRequest) -> Result<Target, DialFailure> {
+    if request.protocol != wire::PROTOCOL_TCP {
+        return Err(DialFailure::BadTarget(format!(
+            "protocol {:?} is not supported, only {:?}",
+            request.protocol,
+            wire::PROTOCOL_TCP
+        )));
+    }
+    request
+        .address
+        .parse()
+        .map_err(|e: cplink_proto::target::TargetError| DialFailure::BadTarget(e.to_string()))
+}
+
+/// Serves one dial request: refuses it, or dials and pumps.
+async fn serve_dial(
+    shared: Arc<Shared>,
+    mux: Arc<Mux>,
+    random: i64,
+    plan: Result<(Target, PendingDial), DialFailure>,
+    link_closed: CancellationToken,
+) {
+    match plan {
+        Ok((target, pending)) => {
+            dial_and_pump(shared, mux, target, pending, link_closed).await;
+        }
+        Err(failure) => {
+            dial::count(&shared, failure.kind());
+            tracing::info!(%failure, "dial refused");
+            answer(&mux, Packet::dial_failed(random, failure.reason_line())).await;
+        }
+    }
+}
+
+async fn answer(mux: &Mux, packet: Packet) {
+    if let Err(err) = mux.send(packet).await {
+        tracing::debug!(%err, "link gone before the dial was answered");
+    }
+}
+
+/// Dials, answers, then pumps bytes until either end closes the connection.
+async fn dial_and_pump(
+    shared: Arc<Shared>,
+    mux: Arc<Mux>,
+    target: Target,
+    pending: PendingDial,
+    link_closed: CancellationToken,
+) {
+    let random = pending.random;
+    let dialed = tokio::select! {
+        dialed = dial::open(&shared, &target) => dialed,
+        () = pending.cancel.cancelled() => {
+            dial::count(&shared, "cancelled");
+            tracing::info!("dial cancelled");
+            return;
+        }
+    };
+    // From here on a DIAL_CLS finds nothing: the server closes the answered connection instead.
+    drop(pending);
+    let tcp = match dialed {
+        Ok(tcp) => tcp,
+        Err(failure) => {
+            return answer(&mux, Packet::dial_failed(random, failure.reason_line())).await;
+        }
+    };
+    // Registered before the answer goes out, so that the server's first DATA finds it.
+    let mut conn = mux.accept();
+    let connect_id = conn.connect_id();
+    tracing::Span::current().record("connect_id", connect_id);
+    if let Err(err) = mux.send(Packet::dial_established(random, connect_id)).await {
+        tracing::debug!(%err, "link gone before the dial was answered");
+        return cplink_proto::net::abort_tcp(tcp);
+    }
+    let _active = ActiveStream::new(&shared.metrics.streams_active);
+    let (mut reader, mut writer) = tcp.into_split();
+    // An acceptor never lingers: it is done once it has sent its CLOSE_RSP.
+    let linger = Duration::ZERO;
+    let pumped = tokio::select! {
+        pumped = mux::pump(
+            &mut reader,
+            &mut writer,
+            &mut conn,
+            Bytes::new(),
+            &shared.metrics.bytes,
+            linger,
+        ) => pumped,
+        // A pump blocked writing to a stalled destination would otherwise outlive its link.
+        () = link_closed.cancelled() => {
+            tracing::info!("tunnel aborted: link closed");
+            return abort_tcp_halves(reader, writer);
+        }
+    };
+    match pumped {
+        Ok(stats) => tracing::debug!(
+            to_destination = stats.stream_to_socket,
+            from_destination = stats.socket_to_stream,
+            "tunnel closed"
+        ),
+        Err(err) => {
+            tracing::info!(%err, "tunnel aborted");
+            abort_tcp_halves(reader, writer);
+        }
+    }
+}
+
+/// Dials requested by the server and not answered yet, by their `random`.
+#[derive(Debug, Clone, Default)]
+struct PendingDials(Arc<Mutex<HashMap<i64, CancellationToken>>>);
+
+/// A pending dial; dropping it forgets the dial, whatever became of it.
+struct PendingDial {
+    dials: PendingDials,
+    random: i64,
+    cancel: CancellationToken,
+}
+
+impl Drop for PendingDial {
+    fn drop(&mut self) {
+        self.dials.lock().remove(&self.random);
+    }
+}
+
+impl PendingDials {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, CancellationToken>> {
+        // Every critical section is a single map operation; a panic cannot leave one half done.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers dial `random`, cancelled with `link`; `None` if that dial is already pending.
+    fn register(&self, random: i64, link: &CancellationToken) -> Option<PendingDial> {
+        let mut dials = self.lock();
+        if dials.contains_key(&random) {
+            return None;
+        }
+        let cancel = link.child_token();
+        dials.insert(random, cancel.clone());
+        Some(PendingDial {
+            dials: self.clone(),
+            random,
+            cancel,
+        })
+    }
+
+    /// Cancels dial `random`; whether it was pending.
+    fn cancel(&self, random: i64) -> bool {
+        match self.lock().remove(&random) {
+            Some(cancel) => {
+                cancel.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_use_the_upstream_keys_in_a_query_string() {
+        let identifiers = Identifiers {
+            host_ips: vec!["10.0.0.5".parse().unwrap(), "fd00::5".parse().unwrap()],
+            pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
+            default_route: true,
+        };
+        let value = agent_identifiers(Some("node-1"), &identifiers);
+        assert_eq!(
+            value,
+            "host=node-1&ipv4=10.0.0.5&ipv6=fd00%3A%3A5&cidr=10.244.1.0%2F24&default-route=true"
+        );
+        assert!(ascii_value(&value).is_ok(), "fits in a header as is");
+        assert_eq!(
+            wire::decode_identifiers(&value).unwrap(),
+            (Some("node-1".to_owned()), identifiers)
+        );
+        assert_eq!(agent_identifiers(None, &Identifiers::default()), "");
+    }
+
+    #[test]
+    fn identifier_values_that_would_break_the_query_are_escaped() {
+        let value = agent_identifiers(Some("a&b=c%é"), &Identifiers::default());
+        assert_eq!(value, "host=a%26b%3Dc%25%C3%A9");
+        let (node, _) = wire::decode_identifiers(&value).unwrap();
+        assert_eq!(node.as_deref(), Some("a&b=c%é"));
+    }
+
+    #[test]
+    fn response_headers_name_the_server_and_count_them() {
+        let mut metadata = MetadataMap::new();
+        metadata.insert(wire::SERVER_ID, "server-a".parse().unwrap());
+        metadata.insert(wire::SERVER_COUNT, "3".parse().unwrap());
+        let info = server_info(&metadata).unwrap();
+        assert_eq!(
+            info,
+            LinkInfo {
+                server_id: "server-a".into(),
+                server_count: 3
+            }
+        );
+
+        metadata.insert(wire::SERVER_COUNT, "three".parse().unwrap());
+        let err = server_info(&metadata).unwrap_err();
+        assert!(err.to_string().contains("servercount"), "{err}");
+        metadata.remove(wire::SERVER_ID);
+        let err = server_info(&metadata).unwrap_err();
+        assert!(err.to_string().contains("no serverid"), "{err}");
+    }
+
+    #[test]
+    fn dial_requests_must_be_tcp_to_a_host_and_port() {
+        let request = |protocol: &str, address: &str| DialRequest {
+            protocol: protocol.into(),
+            address: address.into(),
+            random: 1,
+        };
+        assert_eq!(
+            parse_request(&request("tcp", "10.0.0.5:10250"))
+                .unwrap()
+                .to_string(),
+            "10.0.0.5:10250"
+        );
+        let udp = parse_request(&request("udp", "10.0.0.5:53")).unwrap_err();
+        assert_eq!(udp.kind(), "bad_target");
+        assert!(udp.to_string().contains("udp"), "{udp}");
+        let portless = parse_request(&request("tcp", "10.0.0.5")).unwrap_err();
+        assert_eq!(portless.kind(), "bad_target");
+    }
+
+    #[test]
+    fn tokens_are_trimmed_and_sent_as_bearer() {
+        let path = Path::new("/token");
+        let value = bearer_value(path, "abc.def\n").unwrap();
+        assert_eq!(value.to_str().unwrap(), "Bearer abc.def");
+        assert!(value.is_sensitive());
+        assert!(matches!(
+            bearer_value(path, " \n"),
+            Err(TokenError::Empty(_))
+        ));
+        for bad in ["a\u{7f}b", "jeton-é"] {
+            assert!(matches!(
+                bearer_value(path, bad),
+                Err(TokenError::Invalid(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn a_dial_is_pending_until_answered_or_cancelled() {
+        let dials = PendingDials::default();
+        let link = CancellationToken::new();
+        let first = dials.register(7, &link).unwrap();
+        assert!(dials.register(7, &link).is_none(), "randoms are unique");
+        assert!(dials.cancel(7));
+        assert!(first.cancel.is_cancelled());
+        assert!(!dials.cancel(7), "a dial is cancelled once");
+
+        let second = dials.register(8, &link).unwrap();
+        drop(second);
+        assert_eq!(dials.len(), 0, "an answered dial is forgotten");
+        let third = dials.register(9, &link).unwrap();
+        link.cancel();
+        assert!(
+            third.cancel.is_cancelled(),
+            "a link's end cancels its dials"
+        );
+    }
+}
