@@ -168,7 +168,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<
         agent.identifiers.clone(),
         Carrier::Native(sender),
     ));
-    if let Some(previous) = shared.registry.insert(link.clone()) {
+    for previous in shared.registry.insert(link.clone()) {
         tracing::info!(agent_id = %link.id, "agent linked again; closing its previous link");
         previous.closer.cancel();
     }

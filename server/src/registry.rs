@@ -211,9 +211,14 @@ impl Drop for StreamGuard {
 }
 
 /// All agents linked to this server.
+///
+/// A native agent has one link per server: a new link of the same agent replaces the old one
+/// (the agent restarted, or its old link is dying). An upstream konnectivity agent that dials
+/// through a load balancer until it reached every server may land here twice; it closes the
+/// extra link itself, so its links coexist until then and the oldest carries new dials.
 #[derive(Debug, Default)]
 pub struct Registry {
-    agents: RwLock<HashMap<String, Arc<AgentLink>>>,
+    agents: RwLock<HashMap<String, Vec<Arc<AgentLink>>>>,
     next_link_id: AtomicU64,
 }
 
@@ -232,20 +237,36 @@ impl Registry {
         self.next_link_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Adds a link; a previous link of the same agent is returned so the caller can close it.
-    pub fn insert(&self, link: Arc<AgentLink>) -> Option<Arc<AgentLink>> {
-        self.write().insert(link.id.clone(), link)
+    /// Adds a link; the links it replaces are returned so the caller can close them.
+    pub fn insert(&self, link: Arc<AgentLink>) -> Vec<Arc<AgentLink>> {
+        let mut agents = self.write();
+        let links = agents.entry(link.id.clone()).or_default();
+        let replaced = if link.is_konnectivity() {
+            let (kept, replaced) = std::mem::take(links)
+                .into_iter()
+                .partition(|l| l.is_konnectivity());
+            *links = kept;
+            replaced
+        } else {
+            std::mem::take(links)
+        };
+        links.push(link);
+        replaced
     }
 
-    /// Removes the link `link_id` of agent `id`, unless a newer link replaced it.
+    /// Removes the link `link_id` of agent `id`; false when it was already gone (replaced).
     pub fn remove(&self, id: &str, link_id: u64) -> bool {
         let mut agents = self.write();
-        if agents.get(id).is_some_and(|l| l.link_id == link_id) {
+        let Some(links) = agents.get_mut(id) else {
+            return false;
+        };
+        let before = links.len();
+        links.retain(|l| l.link_id != link_id);
+        let removed = links.len() < before;
+        if links.is_empty() {
             agents.remove(id);
-            true
-        } else {
-            false
         }
+        removed
     }
 
     /// Number of linked agents.
@@ -258,14 +279,17 @@ impl Registry {
         self.read().is_empty()
     }
 
-    /// Snapshot of the linked agents.
+    /// Snapshot of the linked agents, one link each (the one new dials go to).
     pub fn agents(&self) -> Vec<Arc<AgentLink>> {
-        self.read().values().cloned().collect()
+        self.read()
+            .values()
+            .filter_map(|links| preferred(links).or_else(|| links.first()).cloned())
+            .collect()
     }
 
     /// Closes every link.
     pub fn close_all(&self) {
-        for link in self.read().values() {
+        for link in self.read().values().flatten() {
             link.closer.cancel();
         }
     }
@@ -273,7 +297,7 @@ impl Registry {
     /// Picks the agent for `target` by walking the strategy chain.
     pub fn route(&self, target: &Target, chain: &[Strategy]) -> Result<Route, DialFailure> {
         let agents = self.read();
-        let candidates = || agents.values().filter(|l| !l.is_draining());
+        let candidates = || agents.values().filter_map(|links| preferred(links));
         for &strategy in chain {
             let chosen = match strategy {
                 Strategy::Node => {
@@ -304,15 +328,20 @@ impl Registry {
         }))
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<AgentLink>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Vec<Arc<AgentLink>>>> {
         // A panic while holding the lock cannot leave the map inconsistent: every critical
         // section is a single map operation.
         self.agents.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<AgentLink>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Vec<Arc<AgentLink>>>> {
         self.agents.write().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The link of an agent that takes new dials: its oldest one that is not draining.
+fn preferred(links: &[Arc<AgentLink>]) -> Option<&Arc<AgentLink>> {
+    links.iter().find(|l| !l.is_draining())
 }
 
 fn least_loaded<'a>(links: impl Iterator<Item = &'a Arc<AgentLink>>) -> Option<&'a Arc<AgentLink>> {
@@ -445,10 +474,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_konnectivity_agent_linked_twice_keeps_both_links_until_it_closes_one() {
+        let registry = Registry::default();
+        let mux = || {
+            let (tx, _rx) = tokio::sync::mpsc::channel(1);
+            Carrier::Konnectivity(Mux::new(cplink_proto::konnectivity::mux::Role::Dialer, tx))
+        };
+        let first = Arc::new(AgentLink::new(
+            "k".into(),
+            registry.next_link_id(),
+            None,
+            Identifiers::default(),
+            mux(),
+        ));
+        let second = Arc::new(AgentLink::new(
+            "k".into(),
+            registry.next_link_id(),
+            None,
+            Identifiers::default(),
+            mux(),
+        ));
+        assert!(registry.insert(first.clone()).is_empty());
+        assert!(
+            registry.insert(second.clone()).is_empty(),
+            "nothing is replaced"
+        );
+        assert_eq!(registry.len(), 1);
+        let route = registry.route(&target("10.1.1.1:80"), &CHAIN).unwrap();
+        assert_eq!(
+            route.guard.link().link_id,
+            first.link_id,
+            "the oldest link is used"
+        );
+        drop(route);
+        // The agent closes its extra link; the first one carries on.
+        assert!(registry.remove("k", second.link_id));
+        assert_eq!(registry.len(), 1);
+        assert!(registry.remove("k", first.link_id));
+        assert!(registry.is_empty());
+    }
+
+    #[tokio::test]
     async fn a_stale_link_does_not_remove_its_replacement() {
         let registry = Registry::default();
         let old = link(&registry, "a", "node-a", "10.0.0.1", "10.244.1.0/24").await;
         let new = link(&registry, "a", "node-a", "10.0.0.1", "10.244.1.0/24").await;
+        assert_eq!(registry.len(), 1, "a native link replaces the previous one");
         assert!(!registry.remove("a", old.link_id));
         assert_eq!(registry.len(), 1);
         assert!(registry.remove("a", new.link_id));

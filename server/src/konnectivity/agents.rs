@@ -118,7 +118,7 @@ impl AgentService for UpstreamAgents {
             identifiers,
             Carrier::Konnectivity(mux.clone()),
         ));
-        if let Some(previous) = shared.registry.insert(link.clone()) {
+        for previous in shared.registry.insert(link.clone()) {
             tracing::info!(agent_id = %link.id, "agent linked again; closing its previous link");
             previous.closer.cancel();
         }
