@@ -1,5 +1,5 @@
 //! The benchmark binary runs end to end (`--quick`) and prints a complete table: every
-//! workload moved all its bytes through both frontends, or the binary would have failed.
+//! workload moved all its bytes through the three frontends, or the binary would have failed.
 
 use std::process::Command;
 
@@ -23,7 +23,7 @@ fn quick_benchmark_prints_a_complete_table() {
         .collect();
     assert_eq!(rows[0][0], "measurement", "{stdout}");
     for row in &rows {
-        assert_eq!(row.len(), 7, "row {row:?} in\n{stdout}");
+        assert_eq!(row.len(), 9, "row {row:?} in\n{stdout}");
     }
     let find = |prefix: &str| {
         rows.iter()
@@ -38,13 +38,13 @@ fn quick_benchmark_prints_a_complete_table() {
     };
     for prefix in ["64 MiB upload, 1 stream", "64 MiB download, 8 streams"] {
         let row = find(prefix);
-        for column in [1, 2, 4] {
+        for column in [1, 2, 4, 6] {
             assert!(number(row[column]) > 0.0, "{row:?}");
         }
     }
     let memory = find("memory per idle connection");
     assert!(
-        number(memory[2]) >= 0.0 && number(memory[4]) >= 0.0,
+        number(memory[2]) >= 0.0 && number(memory[4]) >= 0.0 && number(memory[6]) >= 0.0,
         "{memory:?}"
     );
     let agent = find("agent RSS, linked");

@@ -1,11 +1,20 @@
 //! `cplink-bench`: the tunnel against direct TCP, measured in the same run.
 //!
 //! A destination runs in this process; a cplink-server and a cplink-agent run as child
-//! processes (this binary, re-executed), linked over TLS on loopback. Every workload runs three
-//! ways: straight to the destination, through the server's Unix socket CONNECT frontend, and
-//! through its TLS CONNECT frontend (what kube-apiserver uses). The table shows each figure and
-//! its ratio to direct TCP. Nothing is asserted: these are measurements, and shared machines
-//! are noisy; run it a few times before drawing conclusions.
+//! processes (this binary, re-executed), linked over TLS on loopback. Every workload runs four
+//! ways: straight to the destination, and through each of the server's frontends, the ones
+//! kube-apiserver's egress selector can use:
+//!
+//! - the Unix socket CONNECT frontend (`HTTPConnect` over `UDS`);
+//! - the TLS CONNECT frontend (`HTTPConnect` over `TCP`);
+//! - the konnectivity gRPC frontend on a Unix socket (`GRPC` over `UDS`): one HTTP/2
+//!   connection, a `/ProxyService/Proxy` stream per tunneled connection, as newer
+//!   kube-apiservers do. Each stream is turned back into a byte stream in this process, as
+//!   konnectivity-client does, so that the same workloads run over it.
+//!
+//! The table shows each figure and its ratio to direct TCP. Nothing is asserted: these are
+//! measurements, and shared machines are noisy; run it a few times before drawing conclusions.
+//! A workload that loses bytes on a route fails the run, though.
 //!
 //! ```text
 //! cargo run --release -p cplink-e2e --bin cplink-bench -- [--quick] [--markdown]
@@ -15,6 +24,7 @@ mod procs;
 mod report;
 mod workloads;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use cplink_e2e::client::TlsClient;
 
@@ -148,25 +158,27 @@ async fn run(sizes: &Sizes, only: &[Workload]) -> anyhow::Result<Report> {
     }
     let certs = Certificates::new()?;
     let destination = workloads::destination().await?;
-    let target = destination.to_string();
-    let frontend_client = TlsClient::new(&certs.frontend, certs.ca())?;
+    let tunnel = Tunnel {
+        client: TlsClient::new(&certs.frontend, certs.ca())?,
+        target: destination.to_string(),
+    };
     let mut report = Report::new(sizes.single, sizes.idle);
 
-    // Memory first, each frontend on a fresh server and agent, so that neither inherits the
-    // other's heap.
-    for (column, tls) in [(1, false), (2, true)] {
+    // Memory first, each frontend on a fresh server and agent, so that none inherits another's
+    // heap.
+    for frontend in Frontend::ALL {
         if !wanted(Workload::Memory) {
             break;
         }
-        let pair = Pair::start(&certs, column).await?;
-        if !tls {
+        let pair = Pair::start(&certs).await?;
+        if frontend == Frontend::Uds {
             report.idle_rss(pair.server.rss_kib()?, pair.agent.rss_kib()?);
         }
-        let route = tunnel_route(&pair, tls, &frontend_client, &target);
+        let route = tunnel.route(&pair, frontend).await?;
         progress(&format!(
             "holding {} idle connections ({})",
             sizes.idle,
-            route_name(tls)
+            frontend.name()
         ));
         // Warm up lazily allocated state (TLS sessions, h2 buffers, metric series).
         drop(workloads::hold_idle(&route, 50).await?);
@@ -174,25 +186,25 @@ async fn run(sizes: &Sizes, only: &[Workload]) -> anyhow::Result<Report> {
         let held = workloads::hold_idle(&route, sizes.idle).await?;
         let server = pair.server.rss_kib()?;
         let agent = pair.agent.rss_kib()?;
-        report.held(column, server, agent, before);
+        report.held(frontend.column(), server, agent, before);
         drop(held);
+        drop(route);
         pair.stop().await;
     }
 
-    let pair = Pair::start(&certs, 3).await?;
-    let routes = [
-        Route::Direct(destination),
-        tunnel_route(&pair, false, &frontend_client, &target),
-        tunnel_route(&pair, true, &frontend_client, &target),
-    ];
+    let pair = Pair::start(&certs).await?;
+    let mut routes = vec![(report::DIRECT, Route::Direct(destination))];
+    for frontend in Frontend::ALL {
+        routes.push((frontend.column(), tunnel.route(&pair, frontend).await?));
+    }
 
     if wanted(Workload::Upload) {
         progress(&format!(
             "single-stream upload of {} MiB",
             sizes.single >> 20
         ));
-        for (column, route) in routes.iter().enumerate() {
-            report.upload(column, workloads::upload(route, sizes.single).await?);
+        for (column, route) in &routes {
+            report.upload(*column, workloads::upload(route, sizes.single).await?);
         }
     }
     if wanted(Workload::Download) {
@@ -200,8 +212,8 @@ async fn run(sizes: &Sizes, only: &[Workload]) -> anyhow::Result<Report> {
             "single-stream download of {} MiB",
             sizes.single >> 20
         ));
-        for (column, route) in routes.iter().enumerate() {
-            report.download(column, workloads::download(route, sizes.single).await?);
+        for (column, route) in &routes {
+            report.download(*column, workloads::download(route, sizes.single).await?);
         }
     }
     for direction in [Direction::Up, Direction::Down] {
@@ -213,16 +225,16 @@ async fn run(sizes: &Sizes, only: &[Workload]) -> anyhow::Result<Report> {
             sizes.streams,
             sizes.parallel >> 20
         ));
-        for (column, route) in routes.iter().enumerate() {
+        for (column, route) in &routes {
             let took = workloads::parallel(route, sizes.streams, sizes.parallel, direction).await?;
-            report.parallel(column, direction, sizes.streams, sizes.parallel, took);
+            report.parallel(*column, direction, sizes.streams, sizes.parallel, took);
         }
     }
     if wanted(Workload::Latency) {
         progress(&format!("{} request/response round trips", sizes.samples));
-        for (column, route) in routes.iter().enumerate() {
+        for (column, route) in &routes {
             let times = workloads::round_trips(route, sizes.warmup, sizes.samples).await?;
-            report.latency(column, Stats::of(times));
+            report.latency(*column, Stats::of(times));
         }
     }
     if wanted(Workload::Dials) {
@@ -230,9 +242,9 @@ async fn run(sizes: &Sizes, only: &[Workload]) -> anyhow::Result<Report> {
             "{} new connections, {} at a time",
             sizes.dials, sizes.dial_concurrency
         ));
-        for (column, route) in routes.iter().enumerate() {
+        for (column, route) in &routes {
             let rate = workloads::dial_rate(route, sizes.dials, sizes.dial_concurrency).await?;
-            report.dial_rate(column, rate);
+            report.dial_rate(*column, rate);
         }
     }
     if wanted(Workload::Bulk) {
@@ -240,35 +252,74 @@ async fn run(sizes: &Sizes, only: &[Workload]) -> anyhow::Result<Report> {
             "{} round trips during a bulk upload",
             sizes.bulk_samples
         ));
-        for (column, route) in routes.iter().enumerate() {
+        for (column, route) in &routes {
             let (times, rate) =
                 workloads::round_trips_under_bulk(route, sizes.warmup, sizes.bulk_samples).await?;
-            report.under_bulk(column, Stats::of(times), rate);
+            report.under_bulk(*column, Stats::of(times), rate);
         }
     }
+    drop(routes);
     pair.stop().await;
     Ok(report)
 }
 
-fn route_name(tls: bool) -> &'static str {
-    if tls {
-        "TLS frontend"
-    } else {
-        "Unix socket frontend"
+/// The tunnel's frontends, each a column of the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Frontend {
+    Uds,
+    Tls,
+    Grpc,
+}
+
+impl Frontend {
+    const ALL: [Frontend; 3] = [Frontend::Uds, Frontend::Tls, Frontend::Grpc];
+
+    fn name(self) -> &'static str {
+        match self {
+            Frontend::Uds => "Unix socket frontend",
+            Frontend::Tls => "TLS frontend",
+            Frontend::Grpc => "gRPC frontend",
+        }
+    }
+
+    fn column(self) -> usize {
+        match self {
+            Frontend::Uds => report::UDS,
+            Frontend::Tls => report::TLS,
+            Frontend::Grpc => report::GRPC,
+        }
     }
 }
 
-fn tunnel_route(pair: &Pair, tls: bool, client: &TlsClient, target: &str) -> Route {
-    if tls {
-        Route::Tls {
-            client: client.clone(),
-            frontend: pair.tls_addr,
-            target: target.to_owned(),
-        }
-    } else {
-        Route::Uds {
-            socket: pair.uds.clone(),
-            target: target.to_owned(),
-        }
+/// What every route through the tunnel shares.
+struct Tunnel {
+    /// The client certificate of the TLS frontend.
+    client: TlsClient,
+    /// The destination, as `host:port`.
+    target: String,
+}
+
+impl Tunnel {
+    /// The route to the destination through `frontend` of `pair`; for gRPC, with its
+    /// connection open.
+    async fn route(&self, pair: &Pair, frontend: Frontend) -> anyhow::Result<Route> {
+        let target = self.target.clone();
+        Ok(match frontend {
+            Frontend::Uds => Route::Uds {
+                socket: pair.uds.clone(),
+                target,
+            },
+            Frontend::Tls => Route::Tls {
+                client: self.client.clone(),
+                frontend: pair.tls_addr,
+                target,
+            },
+            Frontend::Grpc => Route::Grpc {
+                channel: cplink_e2e::grpc::uds_channel(&pair.grpc)
+                    .await
+                    .with_context(|| format!("cannot connect to {}", pair.grpc.display()))?,
+                target,
+            },
+        })
     }
 }

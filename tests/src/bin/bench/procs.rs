@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -190,12 +191,18 @@ pub struct Pair {
     pub tls_addr: SocketAddr,
     /// The Unix socket CONNECT frontend.
     pub uds: PathBuf,
+    /// The Unix socket konnectivity gRPC frontend.
+    pub grpc: PathBuf,
 }
 
 impl Pair {
     /// Starts a server and an agent, and waits until both report ready.
-    pub async fn start(certs: &Certificates, n: usize) -> anyhow::Result<Self> {
+    pub async fn start(certs: &Certificates) -> anyhow::Result<Self> {
+        // Sockets of its own, so that no pair meets one left behind by an earlier pair.
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, Ordering::Relaxed);
         let uds = certs.dir.path().join(format!("frontend-{n}.sock"));
+        let grpc = certs.dir.path().join(format!("grpc-{n}.sock"));
         let server_args = [
             "--server-id",
             "bench-server",
@@ -205,6 +212,8 @@ impl Pair {
             "127.0.0.1:0",
             "--frontend-uds",
             &path(&uds),
+            "--grpc-uds",
+            &path(&grpc),
             "--admin-address",
             "127.0.0.1:0",
             "--tls-cert",
@@ -258,6 +267,7 @@ impl Pair {
             agent,
             tls_addr: tls_addr.parse()?,
             uds,
+            grpc,
         })
     }
 

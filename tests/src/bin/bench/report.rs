@@ -5,10 +5,30 @@ use std::time::Duration;
 
 use crate::workloads::Direction;
 
-/// Column of each route in the arrays below.
-const DIRECT: usize = 0;
-const UDS: usize = 1;
-const TLS: usize = 2;
+/// Column of each route in the arrays below, and the order of the table's columns.
+pub const DIRECT: usize = 0;
+/// The Unix socket CONNECT frontend.
+pub const UDS: usize = 1;
+/// The TLS CONNECT frontend.
+pub const TLS: usize = 2;
+/// The konnectivity gRPC frontend.
+pub const GRPC: usize = 3;
+/// How many routes each workload runs over.
+pub const ROUTES: usize = 4;
+
+/// The tunnel's columns, each shown with its ratio to direct TCP.
+const TUNNELS: [usize; ROUTES - 1] = [UDS, TLS, GRPC];
+
+/// Heading of each route's column.
+const HEADINGS: [&str; ROUTES] = [
+    "direct TCP",
+    "tunnel, Unix socket",
+    "tunnel, TLS",
+    "tunnel, gRPC",
+];
+
+/// One figure per route.
+type PerRoute<T> = [T; ROUTES];
 
 /// Median and 99th percentile of a set of samples.
 #[derive(Debug, Clone, Copy)]
@@ -38,23 +58,23 @@ struct Held {
     before: u64,
 }
 
-/// Every measurement of a run; a column per route (direct, Unix socket, TLS).
+/// Every measurement of a run; a column per route (direct, Unix socket, TLS, gRPC).
 #[derive(Debug, Default)]
 pub struct Report {
     single: u64,
     idle: usize,
     streams: usize,
     parallel: u64,
-    upload: [f64; 3],
-    download: [f64; 3],
-    parallel_up: [f64; 3],
-    parallel_down: [f64; 3],
-    latency: [Option<Stats>; 3],
-    dial: [f64; 3],
-    bulk: [Option<(Stats, f64)>; 3],
+    upload: PerRoute<f64>,
+    download: PerRoute<f64>,
+    parallel_up: PerRoute<f64>,
+    parallel_down: PerRoute<f64>,
+    latency: PerRoute<Option<Stats>>,
+    dial: PerRoute<f64>,
+    bulk: PerRoute<Option<(Stats, f64)>>,
     idle_server: u64,
     idle_agent: u64,
-    held: [Option<Held>; 3],
+    held: PerRoute<Option<Held>>,
 }
 
 fn rate(bytes: u64, took: Duration) -> f64 {
@@ -167,19 +187,13 @@ impl Report {
     }
 
     fn rows(&self) -> Vec<Vec<String>> {
-        let mut rows = vec![
-            [
-                "measurement",
-                "direct TCP",
-                "tunnel, Unix socket",
-                "vs direct",
-                "tunnel, TLS",
-                "vs direct",
-                "target",
-            ]
-            .map(str::to_owned)
-            .to_vec(),
-        ];
+        let mut heading = vec!["measurement".to_owned(), HEADINGS[DIRECT].to_owned()];
+        for c in TUNNELS {
+            heading.push(HEADINGS[c].to_owned());
+            heading.push("vs direct".to_owned());
+        }
+        heading.push("target".to_owned());
+        let mut rows = vec![heading];
         self.throughput_rows(&mut rows);
         self.latency_rows(&mut rows);
         self.memory_rows(&mut rows);
@@ -243,7 +257,7 @@ impl Report {
         ];
         for (name, q, target) in quantiles {
             let mut row = vec![name.to_owned()];
-            for c in [DIRECT, UDS, TLS] {
+            for c in [DIRECT].into_iter().chain(TUNNELS) {
                 let busy = self.bulk[c].map_or(f64::NAN, |(s, _)| micros(q(&s)));
                 let idle = self.latency[c].map_or(f64::NAN, |s| micros(q(&s)));
                 let factor = format!("{:.1}× idle", busy / idle);
@@ -272,43 +286,36 @@ impl Report {
             return;
         }
         let idle = self.idle;
-        let per_conn = |c: usize| {
-            self.held[c].map_or(String::new(), |h| {
-                let grown = (h.server + h.agent).saturating_sub(h.before);
-                format!("{:.1} KiB", grown as f64 / idle as f64)
-            })
-        };
         rows.push(tunnel_only(
             "memory per idle connection (server + agent)".into(),
-            per_conn(UDS),
-            per_conn(TLS),
+            |c| {
+                self.held[c].map(|h| {
+                    let grown = (h.server + h.agent).saturating_sub(h.before);
+                    format!("{:.1} KiB", grown as f64 / idle as f64)
+                })
+            },
             "≤ 16 KiB",
         ));
-        let held = |c: usize, which: fn(&Held) -> u64| {
-            self.held[c].map_or(String::new(), |h| mib(which(&h)))
-        };
         rows.push(tunnel_only(
             format!("server RSS, {idle} idle connections"),
-            held(UDS, |h| h.server),
-            held(TLS, |h| h.server),
+            |c| self.held[c].map(|h| mib(h.server)),
             "",
         ));
         rows.push(tunnel_only(
             format!("agent RSS, {idle} idle connections"),
-            held(UDS, |h| h.agent),
-            held(TLS, |h| h.agent),
+            |c| self.held[c].map(|h| mib(h.agent)),
             "",
         ));
+        // Measured once, on the first pair started: the frontend makes no difference yet.
+        let linked = |kib: u64| move |c: usize| (c == UDS).then(|| mib(kib));
         rows.push(tunnel_only(
             "server RSS, linked, no connections".into(),
-            mib(self.idle_server),
-            String::new(),
+            linked(self.idle_server),
             "",
         ));
         rows.push(tunnel_only(
             "agent RSS, linked, no connections".into(),
-            mib(self.idle_agent),
-            String::new(),
+            linked(self.idle_agent),
             "≤ 10 MiB",
         ));
     }
@@ -317,39 +324,31 @@ impl Report {
 /// A row with each route's value and each tunnel's comparison to direct.
 fn compare(
     name: String,
-    values: &[f64; 3],
+    values: &PerRoute<f64>,
     show: fn(f64) -> String,
     versus: fn(f64, f64) -> String,
     target: &str,
 ) -> Vec<String> {
-    vec![
-        name,
-        show(values[DIRECT]),
-        show(values[UDS]),
-        versus(values[UDS], values[DIRECT]),
-        show(values[TLS]),
-        versus(values[TLS], values[DIRECT]),
-        target.to_owned(),
-    ]
+    let mut row = vec![name, show(values[DIRECT])];
+    for c in TUNNELS {
+        row.push(show(values[c]));
+        row.push(versus(values[c], values[DIRECT]));
+    }
+    row.push(target.to_owned());
+    row
 }
 
-fn tunnel_only(name: String, uds: String, tls: String, target: &str) -> Vec<String> {
-    let dash = |s: &str| {
-        if s.is_empty() {
-            "—".to_owned()
-        } else {
-            s.to_owned()
-        }
-    };
-    vec![
-        name,
-        "—".to_owned(),
-        dash(&uds),
-        "—".to_owned(),
-        dash(&tls),
-        "—".to_owned(),
-        target.to_owned(),
-    ]
+/// A row with a figure for some tunnels (`cell` of a column), none for direct TCP and no
+/// comparison: a dash where there is nothing to show.
+fn tunnel_only(name: String, cell: impl Fn(usize) -> Option<String>, target: &str) -> Vec<String> {
+    let dash = || "—".to_owned();
+    let mut row = vec![name, dash()];
+    for c in TUNNELS {
+        row.push(cell(c).unwrap_or_else(dash));
+        row.push(dash());
+    }
+    row.push(target.to_owned());
+    row
 }
 
 fn micros(d: Duration) -> f64 {

@@ -1,5 +1,5 @@
 //! The benchmark's destination and the workloads run against it, each over a [`Route`]:
-//! straight to the destination, or through a CONNECT frontend of the tunnel.
+//! straight to the destination, or through a frontend of the tunnel (CONNECT or gRPC).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use cplink_e2e::client::TlsClient;
+use cplink_e2e::grpc::ProxyStream;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::task::JoinSet;
+use tonic::transport::Channel;
 
 /// Size of the reads and writes of bulk transfers.
 const CHUNK: usize = 256 * 1024;
@@ -95,6 +97,14 @@ pub enum Route {
         /// The destination, as `host:port`.
         target: String,
     },
+    /// A konnectivity Proxy stream per connection, all on one HTTP/2 connection to the
+    /// server's gRPC frontend, as newer kube-apiservers do.
+    Grpc {
+        /// The shared connection; a clone opens a stream on it.
+        channel: Channel,
+        /// The destination, as `host:port`.
+        target: String,
+    },
 }
 
 impl Route {
@@ -119,6 +129,10 @@ impl Route {
                 let mut stream = client.connect(*frontend).await?;
                 connect(&mut stream, target).await?;
                 Box::new(stream)
+            }
+            Route::Grpc { channel, target } => {
+                let (stream, connect_id) = ProxyStream::connect(channel.clone(), target).await?;
+                Box::new(stream.into_io(connect_id))
             }
         })
     }
