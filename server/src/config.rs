@@ -108,6 +108,12 @@ pub struct Args {
     #[arg(long, env = "CPLINK_DIAL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub dial_timeout: Duration,
 
+    /// On SIGTERM, how long to keep accepting frontend connections while already reporting
+    /// not-ready, so that load balancers and Service endpoints stop sending new clients before
+    /// the listeners close (a second signal skips it).
+    #[arg(long, env = "CPLINK_SHUTDOWN_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
+
     /// On SIGTERM, how long in-flight tunneled connections may take to finish.
     #[arg(long, env = "CPLINK_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -154,6 +160,8 @@ pub struct Config {
     pub dial_timeout: Duration,
     /// Drain budget on shutdown.
     pub drain_timeout: Duration,
+    /// How long to keep accepting after SIGTERM, not-ready.
+    pub shutdown_delay: Duration,
     /// CONNECT head budget.
     pub header_timeout: Duration,
     /// Budget for the TLS handshake and hello of an agent link.
@@ -259,6 +267,7 @@ impl Args {
             frontend_tls,
             dial_timeout: self.dial_timeout,
             drain_timeout: self.drain_timeout,
+            shutdown_delay: self.shutdown_delay,
             header_timeout: self.header_timeout,
             handshake_timeout: Duration::from_secs(10),
             keepalive: KeepaliveConfig {

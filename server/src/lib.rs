@@ -226,8 +226,9 @@ impl Server {
         }
     }
 
-    /// Serves until `shutdown` is cancelled, then drains: stops accepting, lets in-flight
-    /// tunneled connections finish up to the drain timeout, closes the agent links.
+    /// Serves until `shutdown` is cancelled, then drains: reports not-ready at once, keeps
+    /// accepting for the shutdown delay, stops accepting, lets in-flight tunneled connections
+    /// finish up to the drain timeout, closes the agent links.
     pub async fn run(self, listeners: Listeners, shutdown: CancellationToken) {
         let shared = self.shared;
         let accepting = TaskTracker::new();
@@ -235,6 +236,8 @@ impl Server {
         let links = TaskTracker::new();
         let force = CancellationToken::new();
         let admin_stop = CancellationToken::new();
+        // Listeners close after the shutdown delay, not at the signal.
+        let stop_accepting = CancellationToken::new();
 
         tracing::info!(
             server_id = %shared.config.server_id,
@@ -245,7 +248,7 @@ impl Server {
             listeners.agent,
             shared.clone(),
             links.clone(),
-            shutdown.clone(),
+            stop_accepting.clone(),
         ));
         if let (Some(listener), Some(tls)) = (listeners.frontend_tls, &shared.config.frontend_tls) {
             accepting.spawn(frontend::accept_tls(
@@ -253,7 +256,7 @@ impl Server {
                 TlsAcceptor::from(tls.clone()),
                 shared.clone(),
                 frontends.clone(),
-                shutdown.clone(),
+                stop_accepting.clone(),
                 force.clone(),
             ));
         }
@@ -267,7 +270,7 @@ impl Server {
                 listener,
                 shared.clone(),
                 frontends.clone(),
-                shutdown.clone(),
+                stop_accepting.clone(),
                 force.clone(),
             ));
         }
@@ -280,7 +283,7 @@ impl Server {
                     force.clone(),
                 ),
                 frontends.clone(),
-                shutdown.clone(),
+                stop_accepting.clone(),
                 force.clone(),
             ));
         }
@@ -296,6 +299,15 @@ impl Server {
 
         shutdown.cancelled().await;
         shared.draining.store(true, Ordering::Relaxed);
+        let delay = shared.config.shutdown_delay;
+        if !delay.is_zero() {
+            tracing::info!(
+                delay = %humantime::format_duration(delay),
+                "not ready; still accepting until endpoints and load balancers have caught up"
+            );
+            tokio::time::sleep(delay).await;
+        }
+        stop_accepting.cancel();
         accepting.close();
         accepting.wait().await;
         for path in uds_paths {

@@ -236,3 +236,39 @@ async fn a_draining_agent_finishes_in_flight_streams_while_new_dials_go_elsewher
     server.wait_for_agents(1).await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn during_the_shutdown_delay_the_server_is_not_ready_but_still_serves() -> anyhow::Result<()>
+{
+    let lo = Loopback::new()?;
+    let server = lo.start_server(&["--shutdown-delay", "5s"]).await?;
+    let _agent = lo.start_agent(&[server.agent_addr], &[]).await?;
+    server.wait_for_agents(1).await?;
+    let echo = targets::echo().await?;
+
+    server.begin_shutdown();
+    let handle = server.handle.clone();
+    wait::until("readiness to drop", Duration::from_secs(10), || {
+        handle.readiness().is_err()
+    })
+    .await?;
+    // Load balancers have not caught up yet: a client they still send here is served.
+    let mut late = client::tunnel_uds(&server.uds, &echo.authority()).await?;
+    round_trip(&mut late, b"late but served").await?;
+    assert!(server.handle.readiness().is_err());
+
+    // Then the listeners close and the drain finishes the connection it still has.
+    let uds = server.uds.clone();
+    wait::until(
+        "the frontend socket to close",
+        Duration::from_secs(20),
+        || !uds.exists(),
+    )
+    .await?;
+    round_trip(&mut late, b"still served").await?;
+    late.shutdown().await?;
+    let mut rest = Vec::new();
+    late.read_to_end(&mut rest).await?;
+    tokio::time::timeout(Duration::from_secs(20), server.join()).await?;
+    Ok(())
+}
