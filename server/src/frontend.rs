@@ -71,18 +71,9 @@ pub(crate) async fn accept_tls(
     stop: CancellationToken,
     force: CancellationToken,
 ) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(%err, "frontend accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = stop.cancelled() => return,
-        };
+    while let Some((tcp, peer)) =
+        crate::next_accepted(|| listener.accept(), &stop, "frontend").await
+    {
         cplink_proto::net::tune_stream(&tcp);
         let shared = shared.clone();
         let acceptor = acceptor.clone();
@@ -121,18 +112,9 @@ pub(crate) async fn accept_uds(
     stop: CancellationToken,
     force: CancellationToken,
 ) {
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(err) => {
-                    tracing::warn!(%err, "frontend accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = stop.cancelled() => return,
-        };
+    while let Some((stream, _)) =
+        crate::next_accepted(|| listener.accept(), &stop, "frontend-uds").await
+    {
         let shared = shared.clone();
         let force = force.clone();
         connections.spawn(

@@ -192,6 +192,48 @@ impl ServerHandle {
     }
 }
 
+/// Waits for the next connection from `accept`, riding out failed accepts (typically EMFILE:
+/// back off instead of spinning); `None` once `stop` fires.
+pub(crate) async fn next_accepted<T, F, Fut>(
+    mut accept: F,
+    stop: &CancellationToken,
+    listener: &'static str,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<T>>,
+{
+    loop {
+        tokio::select! {
+            accepted = accept() => match accepted {
+                Ok(accepted) => return Some(accepted),
+                Err(err) => {
+                    tracing::warn!(%err, listener, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            () = stop.cancelled() => return None,
+        }
+    }
+}
+
+impl Shared {
+    /// Registers a new agent link, closing the links it replaces, and updates the gauge.
+    pub(crate) fn link_up(&self, link: &Arc<registry::AgentLink>) {
+        for previous in self.registry.insert(link.clone()) {
+            tracing::info!(agent_id = %link.id, "agent linked again; closing its previous link");
+            previous.closer.cancel();
+        }
+        self.metrics.agents_linked.set(self.registry.len() as i64);
+    }
+
+    /// Unregisters an agent link that ended and updates the gauge.
+    pub(crate) fn link_down(&self, link: &registry::AgentLink) {
+        self.registry.remove(&link.id, link.link_id);
+        self.metrics.agents_linked.set(self.registry.len() as i64);
+    }
+}
+
 fn readiness(shared: &Shared) -> Result<(), String> {
     if shared.draining.load(Ordering::Relaxed) {
         Err("shutting down".into())

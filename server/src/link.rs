@@ -71,19 +71,7 @@ pub(crate) async fn accept(
     links: TaskTracker,
     stop: CancellationToken,
 ) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    tracing::warn!(%err, "agent listener accept failed");
-                    // Typically EMFILE: back off instead of spinning.
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = stop.cancelled() => return,
-        };
+    while let Some((tcp, peer)) = crate::next_accepted(|| listener.accept(), &stop, "agent").await {
         let shared = shared.clone();
         links.spawn(
             async move {
@@ -168,14 +156,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<
         agent.identifiers.clone(),
         Carrier::Native(sender),
     ));
-    for previous in shared.registry.insert(link.clone()) {
-        tracing::info!(agent_id = %link.id, "agent linked again; closing its previous link");
-        previous.closer.cancel();
-    }
-    shared
-        .metrics
-        .agents_linked
-        .set(shared.registry.len() as i64);
+    shared.link_up(&link);
     tracing::info!(
         agent_id = %link.id,
         node = agent.node_name.as_deref().unwrap_or(""),
@@ -205,11 +186,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<
         () = link.closer.cancelled() => Ok(()),
     };
 
-    shared.registry.remove(&link.id, link.link_id);
-    shared
-        .metrics
-        .agents_linked
-        .set(shared.registry.len() as i64);
+    shared.link_down(&link);
     match &outcome {
         Ok(()) => tracing::info!(agent_id = %link.id, "agent unlinked"),
         Err(err) => tracing::info!(agent_id = %link.id, %err, "agent link lost"),

@@ -118,14 +118,7 @@ impl AgentService for UpstreamAgents {
             identifiers,
             Carrier::Konnectivity(mux.clone()),
         ));
-        for previous in shared.registry.insert(link.clone()) {
-            tracing::info!(agent_id = %link.id, "agent linked again; closing its previous link");
-            previous.closer.cancel();
-        }
-        shared
-            .metrics
-            .agents_linked
-            .set(shared.registry.len() as i64);
+        shared.link_up(&link);
         tracing::info!(
             agent_id = %link.id,
             node = link.node_name.as_deref().unwrap_or(""),
@@ -198,11 +191,7 @@ async fn receive(
         }
     };
     mux.close("agent link closed");
-    shared.registry.remove(&link.id, link.link_id);
-    shared
-        .metrics
-        .agents_linked
-        .set(shared.registry.len() as i64);
+    shared.link_down(&link);
     match outcome {
         Ok(()) => tracing::info!("agent unlinked"),
         Err(status) => tracing::info!(%status, "agent link lost"),

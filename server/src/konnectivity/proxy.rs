@@ -50,18 +50,9 @@ pub(crate) async fn accept_uds(
     stop: CancellationToken,
     force: CancellationToken,
 ) {
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(err) => {
-                    tracing::warn!(%err, "gRPC frontend accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = stop.cancelled() => return,
-        };
+    while let Some((stream, _)) =
+        crate::next_accepted(|| listener.accept(), &stop, "grpc-uds").await
+    {
         let service =
             ProxyServiceServer::new(frontend.clone()).max_decoding_message_size(super::MAX_MESSAGE);
         let stop = stop.clone();
@@ -416,16 +407,7 @@ async fn relay_h2(
             }
             Ok(())
         };
-        tokio::pin!(up, down);
-        tokio::select! {
-            closed = &mut up => match closed {
-                Ok(()) => tokio::time::timeout(CLOSE_LINGER, down)
-                    .await
-                    .unwrap_or(Err(RelayError::Linger)),
-                Err(err) => Err(err),
-            },
-            finished = &mut down => finished,
-        }
+        until_done(up, down).await
     };
     match &result {
         // The agent finished (or both did): end ours too, without a reset.
@@ -470,6 +452,16 @@ async fn relay_mux(
             }
         }
     };
+    until_done(up, down).await
+}
+
+/// Runs both directions of a relay. When the client's side ends first, the agent's gets
+/// [`CLOSE_LINGER`] to finish; when the agent's ends first, the connection is over
+/// (konnectivity has no half-close).
+async fn until_done(
+    up: impl Future<Output = Result<(), RelayError>>,
+    down: impl Future<Output = Result<(), RelayError>>,
+) -> Result<(), RelayError> {
     tokio::pin!(up, down);
     tokio::select! {
         closed = &mut up => match closed {
