@@ -323,3 +323,66 @@ async fn streams_on_one_connection_and_a_connection_per_dial_both_work() -> anyh
     );
     Ok(())
 }
+
+/// An upstream agent that stops reading its stream stalls its own connections only: dials and
+/// bytes through a native agent on the same server carry on.
+#[tokio::test]
+async fn a_stalled_upstream_agent_does_not_stall_native_links() -> anyhow::Result<()> {
+    let lo = Loopback::new()?;
+    let server = lo
+        .start_server(&["--strategies", "node", "--dial-timeout", "30s"])
+        .await?;
+    let _native = lo
+        .start_agent(
+            &[server.agent_addr],
+            &["--node-name", "native", "--host-ip", "127.0.0.1"],
+        )
+        .await?;
+    let tls = grpc::agent_h2_tls(&lo.agent_cert, lo.pki.ca_file())?;
+    let mut upstream =
+        ScriptedAgent::link(server.agent_addr, tls, "upstream", "host=stalled").await?;
+    server.wait_for_agents(2).await?;
+
+    // A connection through the upstream agent, then the agent stops reading.
+    let uds = server.uds.clone();
+    let flood = tokio::spawn(async move {
+        let mut stream = client::tunnel_uds(&uds, "stalled:10250").await?;
+        let chunk = vec![0x42u8; 64 * 1024];
+        // Far more than the server queues for one agent; this blocks once the queue is full.
+        for _ in 0..1024 {
+            stream.write_all(&chunk).await?;
+        }
+        anyhow::Ok(())
+    });
+    let random = match upstream.next().await?.payload {
+        Some(Payload::DialRequest(dial)) => dial.random,
+        other => panic!("expected DIAL_REQ, got {other:?}"),
+    };
+    upstream.send(Packet::dial_established(random, 1)).await?;
+    let handle = server.handle.clone();
+    wait::until(
+        "the upstream connection to be open",
+        Duration::from_secs(10),
+        || handle.active_streams() == 1,
+    )
+    .await?;
+
+    let echo = targets::echo().await?;
+    for i in 0..20u8 {
+        let mut stream = tokio::time::timeout(
+            Duration::from_secs(10),
+            client::tunnel_uds(&server.uds, &echo.authority()),
+        )
+        .await??;
+        stream.write_all(&[i; 1000]).await?;
+        let mut back = [0u8; 1000];
+        tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut back)).await??;
+        assert_eq!(back, [i; 1000]);
+    }
+    assert!(
+        !flood.is_finished(),
+        "the stalled agent's connection is held back"
+    );
+    flood.abort();
+    Ok(())
+}
