@@ -12,6 +12,7 @@
 
 pub(crate) mod agents;
 pub mod auth;
+mod authority;
 pub(crate) mod proxy;
 
 use std::convert::Infallible;

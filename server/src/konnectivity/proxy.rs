@@ -60,7 +60,12 @@ pub(crate) async fn accept_uds(
         connections.spawn(
             async move {
                 tokio::select! {
-                    () = super::serve_connection(stream, service, stop, None) => {}
+                    () = super::serve_connection(
+                        super::authority::AuthorityFix::new(stream),
+                        service,
+                        stop,
+                        None,
+                    ) => {}
                     () = force.cancelled() => {}
                 }
             }
