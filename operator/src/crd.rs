@@ -88,7 +88,8 @@ pub struct ServerSpec {
     /// Compute resources of the server container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Where kube-apiserver reaches the servers (HTTP CONNECT over mutual TLS).
+    /// Where kube-apiserver reaches the servers: HTTP CONNECT over mutual TLS, or konnectivity
+    /// gRPC over a Unix socket on the server's node.
     #[serde(default)]
     pub frontend: FrontendSpec,
     /// Where agents reach the servers.
@@ -100,7 +101,8 @@ pub struct ServerSpec {
     /// Tolerations of server pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
-    /// Affinity of server pods; replaces the default preferred anti-affinity across nodes.
+    /// Affinity of server pods; replaces the default anti-affinity across nodes (preferred, or
+    /// required in `GRPC` mode, where servers on one node would share the socket directory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
 }
@@ -120,10 +122,36 @@ impl Default for ServerSpec {
     }
 }
 
-/// The frontend Service kube-apiserver dials.
+/// Name of the gRPC frontend's socket inside `frontend.socketHostPath`.
+pub const GRPC_SOCKET_FILE: &str = "konnectivity-server.socket";
+
+/// How kube-apiserver reaches the servers.
+///
+/// In `HTTPConnect` mode it dials the frontend Service (or `externalAddress`) with HTTP CONNECT
+/// over mutual TLS. In `GRPC` mode it speaks konnectivity gRPC over a Unix socket that each
+/// server creates in `socketHostPath` on its node; the TLS frontend keeps serving HTTP CONNECT.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = require_socket_host_path_in_grpc_mode)]
 pub struct FrontendSpec {
+    /// Protocol of kube-apiserver's egress selector: `HTTPConnect` (over mutual TLS) or `GRPC`
+    /// (over the Unix socket in `socketHostPath`).
+    #[serde(default)]
+    pub mode: FrontendMode,
+    /// Absolute directory on the node where a `GRPC`-mode server creates
+    /// `konnectivity-server.socket`, mounted as a `DirectoryOrCreate` hostPath volume (the
+    /// namespace must admit hostPath volumes); required in `GRPC` mode, ignored otherwise; at
+    /// most 80 characters, so the socket path fits a Unix socket address. kube-apiserver must run
+    /// on the same node: place the servers on control-plane nodes with `nodeSelector` and
+    /// `tolerations`, at most one per node (`replicas` at most the number of such nodes). The
+    /// server runs as uid 65532: create the directory writable by it, e.g.
+    /// `install -d -o 65532 -g 65532 -m 0750 /etc/kubernetes/cplink-frontend`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        regex(pattern = r"^(/([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+))+$"),
+        length(max = 80)
+    )]
+    pub socket_host_path: Option<String>,
     /// Port of the frontend, on the Service and on the server pods.
     #[serde(default = "default_frontend_port")]
     #[schemars(range(min = 1, max = 65535))]
@@ -140,11 +168,50 @@ pub struct FrontendSpec {
 impl Default for FrontendSpec {
     fn default() -> Self {
         Self {
+            mode: FrontendMode::default(),
+            socket_host_path: None,
             port: default_frontend_port(),
             service_type: ServiceType::default(),
             external_address: None,
         }
     }
+}
+
+/// The protocol kube-apiserver's egress selector speaks to the servers.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum FrontendMode {
+    /// HTTP CONNECT over mutual TLS to the frontend Service.
+    #[default]
+    #[serde(rename = "HTTPConnect")]
+    HttpConnect,
+    /// konnectivity gRPC over a Unix socket on the server's node.
+    #[serde(rename = "GRPC")]
+    Grpc,
+}
+
+impl FrontendMode {
+    /// The name the CRD and the egress selector configuration use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FrontendMode::HttpConnect => "HTTPConnect",
+            FrontendMode::Grpc => "GRPC",
+        }
+    }
+}
+
+/// `socketHostPath` is required in `GRPC` mode: the schema says "not (mode is GRPC and
+/// socketHostPath is missing)". `not` because kube's structural rewrite hoists the properties
+/// of `anyOf`/`oneOf` branches into the parent, which would lose the condition; a structural
+/// schema allows `not` as long as it adds no types, defaults or descriptions.
+fn require_socket_host_path_in_grpc_mode(schema: &mut schemars::Schema) {
+    schema.insert(
+        "not".to_owned(),
+        serde_json::json!({
+            "required": ["mode"],
+            "properties": {"mode": {"enum": [FrontendMode::Grpc.as_str()]}},
+            "not": {"required": ["socketHostPath"]},
+        }),
+    );
 }
 
 /// The Service agents dial.
@@ -426,7 +493,8 @@ pub struct AgentsStatus {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct FrontendStatus {
-    /// `host:port` of the frontend.
+    /// `host:port` of the frontend, or in `GRPC` mode the path of the Unix socket on the nodes
+    /// running a server.
     pub address: String,
     /// Secret holding the `EgressSelectorConfiguration` and kube-apiserver's client certificate.
     pub egress_secret: String,
@@ -505,6 +573,8 @@ mod tests {
         assert_eq!(spec.server.frontend.port, 8090);
         assert_eq!(spec.server.agent_endpoint.port, 8091);
         assert_eq!(spec.server.frontend.service_type, ServiceType::ClusterIP);
+        assert_eq!(spec.server.frontend.mode, FrontendMode::HttpConnect);
+        assert_eq!(spec.server.frontend.socket_host_path, None);
         assert_eq!(spec.agent.priority_class_name, "system-node-critical");
         assert_eq!(spec.agent.tolerations.len(), 1);
         assert_eq!(
@@ -532,6 +602,46 @@ mod tests {
         assert_eq!(spec.server.replicas, 2);
         assert_eq!(spec.server.frontend.port, 8090);
         assert_eq!(spec.server.frontend.service_type, ServiceType::NodePort);
+    }
+
+    #[test]
+    fn the_frontend_mode_uses_the_egress_selector_spelling() {
+        let spec: ControlPlaneLinkSpec = serde_json::from_str(
+            r#"{"server": {"frontend": {"mode": "GRPC", "socketHostPath": "/srv/cplink"}}}"#,
+        )
+        .expect("GRPC mode parses");
+        assert_eq!(spec.server.frontend.mode, FrontendMode::Grpc);
+        assert_eq!(
+            spec.server.frontend.socket_host_path.as_deref(),
+            Some("/srv/cplink")
+        );
+        assert!(
+            serde_json::from_str::<FrontendSpec>(r#"{"mode": "grpc"}"#).is_err(),
+            "mode names are case-sensitive, as in EgressSelectorConfiguration"
+        );
+        let json = serde_json::to_value(FrontendSpec::default()).expect("serializes");
+        assert_eq!(json["mode"], "HTTPConnect");
+    }
+
+    /// The schema's own check, as the API server would apply it: in GRPC mode the socket
+    /// directory is required; a pattern keeps it absolute.
+    #[test]
+    fn the_schema_requires_a_socket_directory_in_grpc_mode() {
+        let schema = serde_json::to_value(schemars::schema_for!(FrontendSpec)).expect("json");
+        assert_eq!(
+            schema["not"],
+            serde_json::json!({
+                "required": ["mode"],
+                "properties": {"mode": {"enum": ["GRPC"]}},
+                "not": {"required": ["socketHostPath"]},
+            })
+        );
+        let path = &schema["properties"]["socketHostPath"];
+        assert_eq!(path["maxLength"], 80);
+        assert_eq!(
+            path["pattern"],
+            r"^(/([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+))+$"
+        );
     }
 
     #[test]

@@ -523,7 +523,7 @@ async fn apply(link: &ControlPlaneLink, ctx: &Context) -> Result<Action, Error> 
         server: Some(status::server_status(&deployment)),
         agents: Some(status::agents_status(&daemonset)),
         frontend: Some(FrontendStatus {
-            address: plan.frontend_address(),
+            address: plan.apiserver_endpoint(),
             egress_secret: names.egress_secret(),
         }),
         certificates: Certificates::Ready {

@@ -11,11 +11,14 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use crate::crd::{AllowedDestination, ControlPlaneLinkSpec};
+use crate::crd::{AllowedDestination, ControlPlaneLinkSpec, FrontendMode, GRPC_SOCKET_FILE};
 
 /// Longest suffix appended to a link name for a namespaced object that must be a DNS label
 /// (Services): `-agent-endpoint`.
 const LONGEST_LABEL_SUFFIX: usize = "-agent-endpoint".len();
+
+/// Longest socket path a Unix socket address holds (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
 
 /// A spec value the operator cannot act on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,6 +52,8 @@ pub struct ValidSpec {
     pub agent_endpoint_external: Option<ExternalAddress>,
     /// Values of the agent's `--allow` flags.
     pub allow: Vec<String>,
+    /// In `GRPC` mode: the socket's path on the node, inside `frontend.socketHostPath`.
+    pub grpc_socket: Option<String>,
 }
 
 /// A host the outside world uses to reach a Service, with an optional port override.
@@ -258,6 +263,47 @@ fn external(field: &str, value: Option<&str>) -> Result<Option<ExternalAddress>,
         .transpose()
 }
 
+/// The host path of the gRPC frontend's socket in `GRPC` mode, `None` in `HTTPConnect` mode.
+fn grpc_socket(spec: &ControlPlaneLinkSpec) -> Result<Option<String>, InvalidSpec> {
+    const FIELD: &str = "spec.server.frontend.socketHostPath";
+    let frontend = &spec.server.frontend;
+    if frontend.mode != FrontendMode::Grpc {
+        return Ok(None);
+    }
+    let Some(dir) = frontend.socket_host_path.as_deref() else {
+        return Err(InvalidSpec::new(
+            FIELD,
+            "required when spec.server.frontend.mode is GRPC: the directory on the node where \
+             the server creates the socket kube-apiserver connects to",
+        ));
+    };
+    // By hand, not with `Path::components`, which silently normalizes "." and "//" away.
+    let mut parts = dir.split('/');
+    let normal = parts.next() == Some("")
+        && dir.len() > 1
+        && !dir.contains('\0')
+        && parts.all(|part| !part.is_empty() && part != "." && part != "..");
+    if !normal {
+        return Err(InvalidSpec::new(
+            FIELD,
+            format!(
+                "{dir:?} must be an absolute directory other than /, without \".\", \"..\" or \
+                 empty components (e.g. \"/etc/kubernetes/cplink-frontend\")"
+            ),
+        ));
+    }
+    let socket = format!("{dir}/{GRPC_SOCKET_FILE}");
+    if socket.len() > MAX_SOCKET_PATH {
+        return Err(InvalidSpec::new(
+            FIELD,
+            format!(
+                "{dir:?} is too long: the socket path {socket} must fit in {MAX_SOCKET_PATH} bytes"
+            ),
+        ));
+    }
+    Ok(Some(socket))
+}
+
 /// Validates a link's name and spec and parses its stringly fields.
 pub fn validate(name: &str, spec: &ControlPlaneLinkSpec) -> Result<ValidSpec, InvalidSpec> {
     if name.len() + LONGEST_LABEL_SUFFIX > 63 {
@@ -315,13 +361,14 @@ pub fn validate(name: &str, spec: &ControlPlaneLinkSpec) -> Result<ValidSpec, In
             spec.server.agent_endpoint.external_address.as_deref(),
         )?,
         allow: allowed_destinations(spec)?,
+        grpc_socket: grpc_socket(spec)?,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::ControlPlaneLinkSpec;
+    use crate::crd::{ControlPlaneLinkSpec, FrontendMode};
 
     fn spec() -> ControlPlaneLinkSpec {
         ControlPlaneLinkSpec::default()
@@ -467,6 +514,62 @@ mod tests {
         let mut s = spec();
         s.log_level = "cplink=loud".into();
         assert_eq!(validate("l", &s).expect_err("").field, "spec.logLevel");
+    }
+
+    #[test]
+    fn grpc_mode_needs_a_socket_directory_named_in_the_message() {
+        let mut s = spec();
+        s.server.frontend.mode = FrontendMode::Grpc;
+        let err = validate("l", &s).expect_err("no socketHostPath");
+        assert_eq!(err.field, "spec.server.frontend.socketHostPath");
+        assert!(
+            err.to_string()
+                .contains("required when spec.server.frontend.mode is GRPC"),
+            "{err}"
+        );
+
+        s.server.frontend.socket_host_path = Some("/etc/kubernetes/cplink-frontend".into());
+        let valid = validate("l", &s).expect("valid");
+        assert_eq!(
+            valid.grpc_socket.as_deref(),
+            Some("/etc/kubernetes/cplink-frontend/konnectivity-server.socket")
+        );
+    }
+
+    #[test]
+    fn the_socket_directory_must_be_a_plain_absolute_path_short_enough_for_a_socket() {
+        for bad in [
+            "relative/dir",
+            "/",
+            "",
+            "/etc/../root",
+            "/etc/./cplink",
+            "/etc//cplink",
+            "/etc/cplink/",
+        ] {
+            let mut s = spec();
+            s.server.frontend.mode = FrontendMode::Grpc;
+            s.server.frontend.socket_host_path = Some(bad.into());
+            let err = validate("l", &s).expect_err(bad);
+            assert_eq!(err.field, "spec.server.frontend.socketHostPath", "{bad}");
+            assert!(err.message.contains("absolute"), "{bad}: {err}");
+        }
+        let mut s = spec();
+        s.server.frontend.mode = FrontendMode::Grpc;
+        s.server.frontend.socket_host_path = Some(format!("/{}", "d".repeat(80)));
+        let err = validate("l", &s).expect_err("too long");
+        assert!(err.message.contains("107 bytes"), "{err}");
+        s.server.frontend.socket_host_path = Some(format!("/{}", "d".repeat(79)));
+        assert!(validate("l", &s).is_ok(), "80 characters fit");
+        s.server.frontend.socket_host_path = Some("/srv/..data/.cplink".into());
+        assert!(validate("l", &s).is_ok(), "dots inside names are fine");
+    }
+
+    #[test]
+    fn the_socket_directory_is_ignored_in_http_connect_mode() {
+        let mut s = spec();
+        s.server.frontend.socket_host_path = Some("/srv/cplink".into());
+        assert_eq!(validate("l", &s).expect("valid").grpc_socket, None);
     }
 
     #[test]

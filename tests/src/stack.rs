@@ -34,6 +34,19 @@ pub const OPERATOR: &str = "cplink";
 /// How long any single step may take.
 pub const STEP: Duration = Duration::from_secs(90);
 
+/// The user id cplink's servers and agents run as (the operator's `RUN_AS_USER`).
+pub const POD_USER: u32 = 65532;
+
+/// How kube-apiserver reaches the link's servers (the link's `spec.server.frontend.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Egress {
+    /// HTTP CONNECT over mutual TLS, through the forwarder to the frontend Service.
+    HttpConnect,
+    /// konnectivity gRPC over the server's Unix socket, in a directory of this run
+    /// ([`Stack::socket_dir`]) that every simulated node shares with kube-apiserver.
+    Grpc,
+}
+
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct StackOptions {
@@ -64,6 +77,7 @@ pub struct Stack {
     /// The control plane.
     pub plane: ControlPlane,
     options: StackOptions,
+    egress: Egress,
 }
 
 /// Chart values for the tests: the image the pod runner accepts, plus `extra` top-level
@@ -112,6 +126,17 @@ impl Stack {
     /// Starts the control plane and the nodes, installs the CRD, starts the operator and the
     /// forwarder for the link's Services. The link itself is applied by [`Stack::apply_link`].
     pub async fn start(options: StackOptions) -> anyhow::Result<Self> {
+        Self::start_with(options, Egress::HttpConnect).await
+    }
+
+    /// [`Stack::start`] for a link whose kube-apiserver connects as `egress` says. `GRPC` mode
+    /// runs one server: the simulated nodes share the host's filesystem, so two servers would
+    /// share the socket directory.
+    pub async fn start_with(options: StackOptions, egress: Egress) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            egress != Egress::Grpc || options.servers == 1,
+            "GRPC mode runs one server: the simulated nodes share one socket directory"
+        );
         let plane = ControlPlane::start(Options::default()).await?;
         let nodes = Nodes::start(
             &plane,
@@ -135,9 +160,32 @@ impl Stack {
             nodes,
             plane,
             options,
+            egress,
         };
+        if stack.egress == Egress::Grpc {
+            stack.prepare_socket_dir()?;
+        }
         stack.wait_operator_ready().await?;
         Ok(stack)
+    }
+
+    /// The link's `socketHostPath` in `GRPC` mode: a directory of this run, never a fixed
+    /// system path.
+    pub fn socket_dir(&self) -> PathBuf {
+        self.plane.dir().join("frontend")
+    }
+
+    /// What a cluster operator does on a control-plane node before a GRPC-mode link: a
+    /// directory the server's user may create its socket in (kubelet would create a missing one
+    /// owned by root, where the unprivileged server cannot).
+    fn prepare_socket_dir(&self) -> anyhow::Result<()> {
+        use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+        let dir = self.socket_dir();
+        std::fs::DirBuilder::new().mode(0o750).create(&dir)?;
+        std::os::unix::fs::chown(&dir, Some(POD_USER), Some(POD_USER))
+            .with_context(|| format!("cannot hand {} to uid {POD_USER}", dir.display()))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750))?;
+        Ok(())
     }
 
     /// Waits until the operator's Deployment has seen its current spec and has one ready pod
@@ -168,9 +216,16 @@ impl Stack {
             .map(drop)
     }
 
-    /// The ControlPlaneLink: the options' server count, Services reached through the
-    /// forwarder, the nodes' range as the pod range.
+    /// The ControlPlaneLink: the options' server count and frontend mode, Services reached
+    /// through the forwarder, the nodes' range as the pod range.
     pub fn link_yaml(&self) -> String {
+        let mode = match self.egress {
+            Egress::HttpConnect => String::new(),
+            Egress::Grpc => format!(
+                "      mode: GRPC\n      socketHostPath: \"{}\"\n",
+                self.socket_dir().display()
+            ),
+        };
         format!(
             "apiVersion: cplink.dev/v1alpha1
 kind: ControlPlaneLink
@@ -181,7 +236,7 @@ spec:
   server:
     replicas: {servers}
     frontend:
-      externalAddress: \"{frontend}\"
+{mode}      externalAddress: \"{frontend}\"
     agentEndpoint:
       externalAddress: \"{agents}\"
   network:
@@ -243,7 +298,8 @@ spec:
     }
 
     /// Restarts kube-apiserver with the egress selector configuration the operator wrote into
-    /// the link's egress Secret, its certificate files next to it.
+    /// the link's egress Secret, its certificate files next to it (`HTTPConnect` mode reads
+    /// them; in `GRPC` mode the file names the server's socket and they go unused).
     pub async fn wire_egress(&mut self) -> anyhow::Result<PathBuf> {
         let secrets: kube::Api<Secret> =
             kube::Api::namespaced(self.plane.client().await?, NAMESPACE);
@@ -262,7 +318,7 @@ spec:
         let config = config.context("the egress Secret holds no configuration")?;
         // Where a cluster operator would copy the files, /etc/kubernetes/cplink, is this
         // run's private directory here.
-        let config = config.replace("/etc/kubernetes/cplink", &dir.display().to_string());
+        let config = config.replace("/etc/kubernetes/cplink/", &format!("{}/", dir.display()));
         let file = dir.join("egress-selector-configuration.yaml");
         std::fs::write(&file, config)?;
         self.plane.restart_apiserver(Some(&file)).await?;

@@ -4,12 +4,14 @@
 //! ControlPlaneLink, and kube-apiserver sending `kubectl logs`, node proxy and service proxy
 //! traffic through the tunnel.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader};
+use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
 use cplink_e2e::cluster::PodAddress;
-use cplink_e2e::stack::{self, LINK, NAMESPACE, STEP, Stack, StackOptions};
+use cplink_e2e::stack::{self, Egress, LINK, NAMESPACE, STEP, Stack, StackOptions};
 use cplink_e2e::wait;
 
 /// A fixture HTTP server on one of the nodes, behind a Service.
@@ -55,16 +57,6 @@ const SERVICE_PROXY: &str = "/api/v1/namespaces/default/services/hello:80/proxy/
 
 fn node_healthz(node: &str) -> String {
     format!("/api/v1/nodes/{node}/proxy/healthz")
-}
-
-/// Successful dials counted by every server pod.
-async fn server_dials(stack: &Stack) -> anyhow::Result<f64> {
-    let mut total = 0.0;
-    for (_, _, ip) in stack.pods("server")? {
-        let metrics = stack::http_get(format!("{ip}:8095").parse()?, "/metrics").await?;
-        total += stack::counter(&metrics, "cplink_server_dials_total", "result=\"ok\"");
-    }
-    Ok(total)
 }
 
 /// Waits until kube-apiserver's node proxy answers `ok` for every node's kubelet `/healthz`.
@@ -158,12 +150,35 @@ impl Drop for Follow {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::Result<()> {
-    let mut stack = Stack::start(StackOptions::default()).await?;
-    let nodes: Vec<String> = stack.nodes.nodes().iter().map(|n| n.name.clone()).collect();
+/// Successful dials counted by every server pod, and tunneled connections accepted by each
+/// frontend (`tls`, `uds`, `grpc`), summed over the server pods.
+async fn server_counts(stack: &Stack) -> anyhow::Result<(f64, BTreeMap<String, f64>)> {
+    let mut dials = 0.0;
+    let mut frontends = BTreeMap::new();
+    for (_, _, ip) in stack.pods("server")? {
+        let metrics = stack::http_get(format!("{ip}:8095").parse()?, "/metrics").await?;
+        dials += stack::counter(&metrics, "cplink_server_dials_total", "result=\"ok\"");
+        for frontend in FRONTENDS {
+            *frontends.entry((*frontend).to_owned()).or_default() += stack::counter(
+                &metrics,
+                "cplink_server_frontend_connections_total",
+                &format!("frontend=\"{frontend}\""),
+            );
+        }
+    }
+    Ok((dials, frontends))
+}
 
-    // 1. The link rolls out: one server, an agent on each of the three nodes, all ready.
+/// The server's frontends, as its metrics label them.
+const FRONTENDS: &[&str] = &["tls", "uds", "grpc"];
+
+/// Applies the link and waits until `kubectl get controlplanelinks` shows it ready with one
+/// server and an agent on every node; returns the node names and the agents as
+/// (pod, node, IP).
+async fn link_rolled_out(
+    stack: &Stack,
+) -> anyhow::Result<(Vec<String>, Vec<(String, String, String)>)> {
+    let nodes: Vec<String> = stack.nodes.nodes().iter().map(|n| n.name.clone()).collect();
     stack.apply_link()?;
     let table = stack.wait_link_ready().await?;
     let header: Vec<&str> = table
@@ -182,7 +197,11 @@ async fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::R
     agent_nodes.sort_unstable();
     assert_eq!(agent_nodes, nodes, "one agent per node: {agents:?}");
     assert_eq!(stack.pods("server")?.len(), 1);
+    Ok((nodes, agents))
+}
 
+/// Runs the hello fixture on a node and writes its Service's Endpoints.
+async fn hello_deployed(stack: &Stack) -> anyhow::Result<()> {
     stack.apply("hello", HELLO)?;
     stack
         .plane
@@ -224,13 +243,22 @@ async fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::R
     stack
         .plane
         .write_endpoints("default", "hello", &hello, &[("http", 8080)])
-        .await?;
+        .await
+}
 
-    // 2. kube-apiserver uses the egress configuration the operator wrote.
-    stack.wire_egress().await?;
-    let dials_before = server_dials(&stack).await?;
-    node_proxy_answers(&stack, &nodes, "node proxy through the tunnel").await?;
-    for (pod, node, _) in &agents {
+/// With kube-apiserver wired to the link: node proxy `healthz` on every node, `kubectl logs`
+/// of every agent, the service proxy and `kubectl logs -f` all work, and the server counted
+/// them as dials through `frontend` and through no other frontend; each node's agent dialed
+/// its kubelet. Returns the marker the followed log showed.
+async fn requests_cross_the_tunnel(
+    stack: &Stack,
+    nodes: &[String],
+    agents: &[(String, String, String)],
+    frontend: &str,
+) -> anyhow::Result<String> {
+    let (dials_before, frontends_before) = server_counts(stack).await?;
+    node_proxy_answers(stack, nodes, "node proxy through the tunnel").await?;
+    for (pod, node, _) in agents {
         let log = stack.plane.kubectl_ok(&["logs", "-n", NAMESPACE, pod])?;
         assert!(
             log.contains("linked"),
@@ -249,7 +277,7 @@ async fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::R
     assert!(greeting.ends_with('\n'), "{greeting:?}");
 
     // `kubectl logs -f` streams lines written after it started.
-    let follow = Follow::start(&stack, &["logs", "-f", "deploy/hello"])?;
+    let follow = Follow::start(stack, &["logs", "-f", "deploy/hello"])?;
     let marker = format!("follow-{}", rand::random::<u32>());
     stack
         .plane
@@ -261,16 +289,44 @@ async fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::R
     drop(follow);
 
     // kube-apiserver keeps connections to a kubelet or pod open and reuses them, so the server
-    // dialed at least once per destination (each node's kubelet and the hello pod), and each
-    // node's own agent made the kubelet dials of that node.
-    let dials_after = server_dials(&stack).await?;
+    // dialed at least once per destination (each node's kubelet and the hello pod), each dial
+    // arriving through the expected frontend, and each node's own agent made the kubelet
+    // dials of that node.
+    let (dials_after, frontends_after) = server_counts(stack).await?;
+    let destinations = (nodes.len() + 1) as f64;
     assert!(
-        dials_after >= dials_before + (nodes.len() + 1) as f64,
+        dials_after >= dials_before + destinations,
         "the server dialed every kubelet and the hello pod: {dials_before} -> {dials_after}"
     );
-    for (node, dials) in agent_dials(&stack).await? {
+    for name in FRONTENDS {
+        let (before, after) = (frontends_before[*name], frontends_after[*name]);
+        if *name == frontend {
+            assert!(
+                after >= before + destinations,
+                "kube-apiserver connected through the {name} frontend: {before} -> {after}"
+            );
+        } else {
+            assert_eq!(before, after, "nothing came through the {name} frontend");
+        }
+    }
+    for (node, dials) in agent_dials(stack).await? {
         assert!(dials >= 1.0, "the agent on {node} dialed its kubelet");
     }
+    Ok(marker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::Result<()> {
+    let mut stack = Stack::start(StackOptions::default()).await?;
+
+    // 1. The link rolls out: one server, an agent on each of the three nodes, all ready.
+    let (nodes, agents) = link_rolled_out(&stack).await?;
+    hello_deployed(&stack).await?;
+
+    // 2. kube-apiserver uses the egress configuration the operator wrote: HTTP CONNECT over
+    // mutual TLS, through the forwarder to the frontend Service.
+    stack.wire_egress().await?;
+    let marker = requests_cross_the_tunnel(&stack, &nodes, &agents, "tls").await?;
 
     // With every agent stopped, tunneled requests fail as the apiserver's dial errors while
     // plain API requests still work.
@@ -436,5 +492,52 @@ async fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::R
     })
     .await
     .map_err(|e| e.context(format!("{} containers still run", stack.nodes.running())))?;
+    Ok(())
+}
+
+/// kube-apiserver in `GRPC` mode: konnectivity gRPC over the Unix socket the server creates in
+/// the link's `socketHostPath` (a directory of this run, shared by every simulated node and
+/// kube-apiserver). The agents-removed and resilience scenarios are the HTTPConnect test's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_apiserver_in_grpc_mode_reaches_nodes_and_pods_through_the_socket()
+-> anyhow::Result<()> {
+    let mut stack = Stack::start_with(StackOptions::default(), Egress::Grpc).await?;
+    let (nodes, agents) = link_rolled_out(&stack).await?;
+    let socket = stack.socket_dir().join("konnectivity-server.socket");
+    let address = stack.plane.kubectl_ok(&[
+        "get",
+        "cpl",
+        LINK,
+        "-n",
+        NAMESPACE,
+        "-o",
+        "jsonpath={.status.frontend.address}",
+    ])?;
+    assert_eq!(
+        address,
+        socket.display().to_string(),
+        "the status names the socket"
+    );
+    // The unprivileged server made the socket in the host directory it was given.
+    let meta = std::fs::symlink_metadata(&socket)?;
+    assert!(
+        meta.file_type().is_socket(),
+        "{} is a socket",
+        socket.display()
+    );
+    assert_eq!(
+        meta.uid(),
+        stack::POD_USER,
+        "the server's user owns the socket"
+    );
+    hello_deployed(&stack).await?;
+
+    let egress = std::fs::read_to_string(stack.wire_egress().await?)?;
+    assert!(egress.contains("proxyProtocol: GRPC"), "{egress}");
+    assert!(
+        egress.contains(&format!("udsName: {}", socket.display())),
+        "{egress}"
+    );
+    requests_cross_the_tunnel(&stack, &nodes, &agents, "grpc").await?;
     Ok(())
 }

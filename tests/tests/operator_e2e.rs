@@ -61,6 +61,32 @@ async fn operator_rolls_out_repairs_and_cleans_up_a_link() -> anyhow::Result<()>
         message.contains("spec.server.replicas"),
         "the rejection names the field: {message}"
     );
+    // GRPC mode needs an absolute socket directory; the schema says so before the operator
+    // would.
+    for (frontend, field) in [
+        ("{mode: GRPC}", "spec.server.frontend"),
+        (
+            "{mode: GRPC, socketHostPath: run/cplink}",
+            "spec.server.frontend.socketHostPath",
+        ),
+    ] {
+        std::fs::write(
+            &invalid,
+            format!(
+                "apiVersion: cplink.dev/v1alpha1\nkind: ControlPlaneLink\nmetadata:\n  name: bad\n  \
+                 namespace: cplink-system\nspec:\n  server:\n    frontend: {frontend}\n"
+            ),
+        )?;
+        let rejected = plane
+            .kubectl(&["apply", "-f", &invalid.display().to_string()])
+            .output()?;
+        let message = String::from_utf8_lossy(&rejected.stderr);
+        assert!(!rejected.status.success(), "{frontend} was accepted");
+        assert!(
+            message.contains(field),
+            "the rejection of {frontend} names {field}: {message}"
+        );
+    }
 
     let _operator = Operator::start(&plane, "cplink:e2e")?;
     let example = repo().join("crds/examples/controlplanelink.yaml");

@@ -547,6 +547,56 @@ async fn an_invalid_spec_reports_ready_false_and_touches_no_child() {
 }
 
 #[tokio::test]
+async fn a_grpc_link_points_kube_apiserver_at_the_socket_in_status_and_egress_file() {
+    let recorded = first_apply(
+        ControlPlaneLink::test()
+            .finalized()
+            .in_grpc_mode("/etc/kubernetes/cplink-frontend"),
+    )
+    .await;
+    let socket = "/etc/kubernetes/cplink-frontend/konnectivity-server.socket";
+    assert_eq!(
+        recorded.status["frontend"],
+        json!({"address": socket, "egressSecret": "link-apiserver-egress"})
+    );
+    let egress = recorded.secret("link-apiserver-egress").expect("egress");
+    let config = decoded(&egress, "egress-selector-configuration.yaml");
+    assert!(config.contains("proxyProtocol: GRPC"), "{config}");
+    assert!(config.contains(&format!("udsName: {socket}")), "{config}");
+    let deployment = &recorded.applied[&format!("{APPS}/deployments/link-server")];
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["volumes"][1]["hostPath"]["path"],
+        "/etc/kubernetes/cplink-frontend"
+    );
+}
+
+#[tokio::test]
+async fn grpc_mode_without_a_socket_directory_is_an_invalid_spec() {
+    let link = ControlPlaneLink::test()
+        .finalized()
+        .with_spec(|s| s.server.frontend.mode = crate::crd::FrontendMode::Grpc);
+    let (result, recorded) = reconcile_with(
+        link,
+        Scenario::InvalidSpec {
+            field: "spec.server.frontend.socketHostPath",
+        },
+    )
+    .await;
+    assert_eq!(result.expect("not an error"), Action::await_change());
+    let message = condition(&recorded.status, "Ready")["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.starts_with(
+            "spec.server.frontend.socketHostPath: required when spec.server.frontend.mode is GRPC"
+        ),
+        "{message}"
+    );
+    assert!(recorded.applied.is_empty());
+}
+
+#[tokio::test]
 async fn a_missing_ca_secret_is_reported_in_status_and_retried() {
     let link = ControlPlaneLink::test().finalized().with_spec(|s| {
         s.tls.ca_secret_ref = Some(SecretRef {

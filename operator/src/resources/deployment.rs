@@ -2,6 +2,12 @@
 //!
 //! Listeners bind the pod IP rather than 0.0.0.0: in the e2e pod runner all pods share the host
 //! network namespace, each with its own loopback IP, and wildcard binds would collide.
+//!
+//! In `GRPC` mode a server also serves konnectivity gRPC on a Unix socket in a hostPath
+//! directory, for the kube-apiserver on its node. Two servers on one node would fight over that
+//! socket, so GRPC-mode servers get a required anti-affinity per node and roll out by replacing
+//! a pod rather than surging one (a surge pod could never schedule when every eligible node
+//! already runs a server).
 
 use std::collections::BTreeMap;
 
@@ -9,18 +15,20 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, ContainerPort, HTTPGetAction, PodAffinityTerm, PodAntiAffinity, PodSpec,
-    PodTemplateSpec, Probe, SecretVolumeSource, Volume, VolumeMount, WeightedPodAffinityTerm,
+    Affinity, Container, ContainerPort, HTTPGetAction, HostPathVolumeSource, PodAffinityTerm,
+    PodAntiAffinity, PodSpec, PodTemplateSpec, Probe, SecretVolumeSource, Volume, VolumeMount,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::services::{AGENT_PORT_NAME, FRONTEND_PORT_NAME};
 use super::{
-    Component, DRAIN_TIMEOUT_SECONDS, Plan, TERMINATION_GRACE_PERIOD_SECONDS,
-    TLS_CHECKSUM_ANNOTATION, TLS_MOUNT_PATH, container_security_context, field_env,
-    pod_security_context,
+    Component, DRAIN_TIMEOUT_SECONDS, GRPC_SOCKET_MOUNT_PATH, Plan,
+    TERMINATION_GRACE_PERIOD_SECONDS, TLS_CHECKSUM_ANNOTATION, TLS_MOUNT_PATH,
+    container_security_context, field_env, pod_security_context,
 };
+use crate::crd::GRPC_SOCKET_FILE;
 use crate::resources::secrets::{CA_CRT, TLS_CRT, TLS_KEY};
 
 /// Admin port of the server (`/healthz`, `/readyz`, `/metrics`).
@@ -28,6 +36,12 @@ pub const SERVER_ADMIN_PORT: i32 = 8095;
 
 /// Name of the server container.
 pub const SERVER_CONTAINER: &str = "server";
+
+/// Name of the hostPath volume holding the gRPC frontend's socket (`GRPC` mode).
+pub const GRPC_SOCKET_VOLUME: &str = "frontend-socket";
+
+/// Node label the server anti-affinity spreads over.
+const HOSTNAME_TOPOLOGY: &str = "kubernetes.io/hostname";
 
 /// Arguments of `cplink-server`, in the order they appear in the pod.
 pub fn server_args(plan: &Plan) -> Vec<String> {
@@ -39,7 +53,7 @@ pub fn server_args(plan: &Plan) -> Vec<String> {
         .iter()
         .map(|s| s.as_str())
         .collect();
-    vec![
+    let mut args = vec![
         format!("--server-count={}", server.replicas),
         format!(
             "--agent-address=$(CPLINK_POD_IP):{}",
@@ -49,6 +63,13 @@ pub fn server_args(plan: &Plan) -> Vec<String> {
             "--frontend-address=$(CPLINK_POD_IP):{}",
             server.frontend.port
         ),
+    ];
+    if plan.valid.grpc_socket.is_some() {
+        args.push(format!(
+            "--grpc-uds={GRPC_SOCKET_MOUNT_PATH}/{GRPC_SOCKET_FILE}"
+        ));
+    }
+    args.extend([
         format!("--admin-address=$(CPLINK_POD_IP):{SERVER_ADMIN_PORT}"),
         format!("--tls-cert={TLS_MOUNT_PATH}/{TLS_CRT}"),
         format!("--tls-key={TLS_MOUNT_PATH}/{TLS_KEY}"),
@@ -57,30 +78,81 @@ pub fn server_args(plan: &Plan) -> Vec<String> {
         format!("--drain-timeout={DRAIN_TIMEOUT_SECONDS}s"),
         format!("--strategies={}", strategies.join(",")),
         format!("--log-level={}", plan.spec.log_level),
-    ]
+    ]);
+    args
 }
 
-/// Spread servers across nodes when possible; a preference, so small clusters still schedule.
+/// Spread servers across nodes: a preference, so small clusters still schedule; in `GRPC` mode
+/// a requirement, since servers on one node would share the socket directory.
 fn default_affinity(plan: &Plan) -> Affinity {
-    Affinity {
-        pod_anti_affinity: Some(PodAntiAffinity {
+    let term = PodAffinityTerm {
+        label_selector: Some(LabelSelector {
+            match_labels: Some(plan.selector(Component::Server)),
+            ..LabelSelector::default()
+        }),
+        topology_key: HOSTNAME_TOPOLOGY.to_owned(),
+        ..PodAffinityTerm::default()
+    };
+    let anti_affinity = if plan.valid.grpc_socket.is_some() {
+        PodAntiAffinity {
+            required_during_scheduling_ignored_during_execution: Some(vec![term]),
+            ..PodAntiAffinity::default()
+        }
+    } else {
+        PodAntiAffinity {
             preferred_during_scheduling_ignored_during_execution: Some(vec![
                 WeightedPodAffinityTerm {
                     weight: 100,
-                    pod_affinity_term: PodAffinityTerm {
-                        label_selector: Some(LabelSelector {
-                            match_labels: Some(plan.selector(Component::Server)),
-                            ..LabelSelector::default()
-                        }),
-                        topology_key: "kubernetes.io/hostname".to_owned(),
-                        ..PodAffinityTerm::default()
-                    },
+                    pod_affinity_term: term,
                 },
             ]),
             ..PodAntiAffinity::default()
-        }),
+        }
+    };
+    Affinity {
+        pod_anti_affinity: Some(anti_affinity),
         ..Affinity::default()
     }
+}
+
+/// How server pods are replaced. A new server must be ready before an old one drains, so
+/// capacity never drops; in `GRPC` mode the new pod may need the old one's node, so the old one
+/// goes first (the kube-apiserver on that node waits for the new socket either way).
+fn rollout_strategy(plan: &Plan) -> DeploymentStrategy {
+    let (max_surge, max_unavailable) = if plan.valid.grpc_socket.is_some() {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    DeploymentStrategy {
+        type_: Some("RollingUpdate".to_owned()),
+        rolling_update: Some(RollingUpdateDeployment {
+            max_surge: Some(IntOrString::Int(max_surge)),
+            max_unavailable: Some(IntOrString::Int(max_unavailable)),
+        }),
+    }
+}
+
+/// The hostPath directory of the gRPC frontend's socket, in `GRPC` mode.
+fn grpc_socket_volume(plan: &Plan) -> Option<(Volume, VolumeMount)> {
+    // Only in GRPC mode: elsewhere `socketHostPath` is ignored.
+    plan.valid.grpc_socket.as_ref()?;
+    let host_path = plan.spec.server.frontend.socket_host_path.clone()?;
+    Some((
+        Volume {
+            name: GRPC_SOCKET_VOLUME.to_owned(),
+            host_path: Some(HostPathVolumeSource {
+                path: host_path,
+                type_: Some("DirectoryOrCreate".to_owned()),
+            }),
+            ..Volume::default()
+        },
+        VolumeMount {
+            name: GRPC_SOCKET_VOLUME.to_owned(),
+            mount_path: GRPC_SOCKET_MOUNT_PATH.to_owned(),
+            ..VolumeMount::default()
+        },
+    ))
 }
 
 pub(crate) fn http_probe(path: &str, port: i32, period: i32, failures: i32) -> Probe {
@@ -127,7 +199,12 @@ fn container_port(name: &str, port: i32) -> ContainerPort {
 /// The server Deployment; `tls_checksum` is [`super::secrets::checksum`] of the server Secret.
 pub fn server_deployment(plan: &Plan, tls_checksum: &str) -> Deployment {
     let server = &plan.spec.server;
-    let (volume, mount) = tls_volume(plan.names().server_tls_secret());
+    let (tls, tls_mount) = tls_volume(plan.names().server_tls_secret());
+    let (mut volumes, mut mounts) = (vec![tls], vec![tls_mount]);
+    if let Some((socket, socket_mount)) = grpc_socket_volume(plan) {
+        volumes.push(socket);
+        mounts.push(socket_mount);
+    }
     let container = Container {
         name: SERVER_CONTAINER.to_owned(),
         image: Some(
@@ -154,7 +231,7 @@ pub fn server_deployment(plan: &Plan, tls_checksum: &str) -> Deployment {
         liveness_probe: Some(http_probe("/healthz", SERVER_ADMIN_PORT, 10, 3)),
         resources: server.resources.clone(),
         security_context: Some(container_security_context()),
-        volume_mounts: Some(vec![mount]),
+        volume_mounts: Some(mounts),
         ..Container::default()
     };
     Deployment {
@@ -165,14 +242,7 @@ pub fn server_deployment(plan: &Plan, tls_checksum: &str) -> Deployment {
                 match_labels: Some(plan.selector(Component::Server)),
                 ..LabelSelector::default()
             },
-            // A new server must be ready before an old one drains, so capacity never drops.
-            strategy: Some(DeploymentStrategy {
-                type_: Some("RollingUpdate".to_owned()),
-                rolling_update: Some(RollingUpdateDeployment {
-                    max_surge: Some(IntOrString::Int(1)),
-                    max_unavailable: Some(IntOrString::Int(0)),
-                }),
-            }),
+            strategy: Some(rollout_strategy(plan)),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(plan.labels(Component::Server)),
@@ -196,7 +266,7 @@ pub fn server_deployment(plan: &Plan, tls_checksum: &str) -> Deployment {
                             .unwrap_or_else(|| default_affinity(plan)),
                     ),
                     containers: vec![container],
-                    volumes: Some(vec![volume]),
+                    volumes: Some(volumes),
                     ..PodSpec::default()
                 }),
             },
@@ -368,6 +438,104 @@ mod tests {
         let mount = &pod.containers[0].volume_mounts.as_ref().expect("mounts")[0];
         assert_eq!(mount.mount_path, "/etc/cplink/tls");
         assert_eq!(mount.read_only, Some(true));
+    }
+
+    #[test]
+    fn in_grpc_mode_servers_serve_a_socket_in_the_host_directory() {
+        let plan = ControlPlaneLink::test()
+            .with_replicas(3)
+            .in_grpc_mode("/etc/kubernetes/cplink-frontend")
+            .plan();
+        let deploy = server_deployment(&plan, "sum");
+        let pod = pod(&deploy);
+        let c = &pod.containers[0];
+        let args = c.args.as_deref().expect("args");
+        assert!(
+            args.contains(&"--grpc-uds=/run/cplink/frontend/konnectivity-server.socket".to_owned()),
+            "{args:?}"
+        );
+        assert!(
+            args.contains(&"--frontend-address=$(CPLINK_POD_IP):8090".to_owned()),
+            "the TLS frontend stays for HTTP CONNECT clients: {args:?}"
+        );
+        assert_eq!(
+            serde_json::to_value(&pod.volumes).expect("json")[1],
+            json!({
+                "name": "frontend-socket",
+                "hostPath": {"path": "/etc/kubernetes/cplink-frontend", "type": "DirectoryOrCreate"}
+            })
+        );
+        assert_eq!(
+            serde_json::to_value(&c.volume_mounts).expect("json")[1],
+            json!({"name": "frontend-socket", "mountPath": "/run/cplink/frontend"})
+        );
+        // Still unprivileged: the directory must be writable by the server's user.
+        assert_eq!(
+            pod.security_context.as_ref().and_then(|s| s.run_as_user),
+            Some(65532)
+        );
+    }
+
+    #[test]
+    fn in_grpc_mode_one_server_per_node_is_required_and_rollouts_replace_in_place() {
+        let plan = ControlPlaneLink::test().in_grpc_mode("/srv/cplink").plan();
+        let deploy = server_deployment(&plan, "sum");
+        let anti = pod(&deploy)
+            .affinity
+            .as_ref()
+            .and_then(|a| a.pod_anti_affinity.as_ref())
+            .expect("anti-affinity");
+        assert_eq!(
+            anti.preferred_during_scheduling_ignored_during_execution,
+            None
+        );
+        let required = anti
+            .required_during_scheduling_ignored_during_execution
+            .as_ref()
+            .expect("required anti-affinity");
+        assert_eq!(required[0].topology_key, "kubernetes.io/hostname");
+        assert_eq!(
+            required[0]
+                .label_selector
+                .as_ref()
+                .and_then(|s| s.match_labels.as_ref())
+                .expect("selector")["app.kubernetes.io/component"],
+            "server"
+        );
+        let rolling = deploy
+            .spec
+            .as_ref()
+            .and_then(|s| s.strategy.as_ref())
+            .and_then(|s| s.rolling_update.as_ref())
+            .expect("rolling update");
+        assert_eq!(rolling.max_surge, Some(IntOrString::Int(0)));
+        assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(1)));
+
+        // The user's affinity wins, as in HTTPConnect mode.
+        let plan = ControlPlaneLink::test()
+            .in_grpc_mode("/srv/cplink")
+            .with_spec(|s| s.server.affinity = Some(Affinity::default()))
+            .plan();
+        assert_eq!(
+            pod(&server_deployment(&plan, "sum")).affinity,
+            Some(Affinity::default())
+        );
+    }
+
+    #[test]
+    fn in_http_connect_mode_no_host_directory_is_mounted() {
+        let deploy = server_deployment(&ControlPlaneLink::test().plan(), "sum");
+        let pod = pod(&deploy);
+        assert!(
+            pod.volumes.iter().flatten().all(|v| v.host_path.is_none()),
+            "{:?}",
+            pod.volumes
+        );
+        let args = pod.containers[0].args.as_deref().expect("args");
+        assert!(
+            !args.iter().any(|a| a.starts_with("--grpc-uds")),
+            "{args:?}"
+        );
     }
 
     #[test]

@@ -37,6 +37,8 @@ pub const LINK_NAMESPACE_LABEL: &str = "cplink.dev/link-namespace";
 pub const TLS_CHECKSUM_ANNOTATION: &str = "cplink.dev/tls-checksum";
 /// Where certificate Secrets are mounted in server and agent containers.
 pub const TLS_MOUNT_PATH: &str = "/etc/cplink/tls";
+/// Where a `GRPC`-mode server mounts `frontend.socketHostPath` and creates its socket.
+pub const GRPC_SOCKET_MOUNT_PATH: &str = "/run/cplink/frontend";
 /// Non-root user the containers run as (the distroless `nonroot` user).
 pub const RUN_AS_USER: i64 = 65532;
 /// Drain timeout passed to servers and agents; pods get longer than this to exit.
@@ -233,6 +235,15 @@ impl Plan {
         }
     }
 
+    /// What kube-apiserver connects to: in `GRPC` mode the socket's path on the server's node,
+    /// else the frontend's `host:port` ([`Plan::frontend_address`]).
+    pub fn apiserver_endpoint(&self) -> String {
+        match &self.valid.grpc_socket {
+            Some(socket) => socket.clone(),
+            None => self.frontend_address(),
+        }
+    }
+
     /// `host:port` agents dial: the external address if set, else the agent Service.
     pub fn agent_endpoint_address(&self) -> String {
         let port = self.spec.server.agent_endpoint.port;
@@ -344,6 +355,13 @@ pub(crate) mod fixtures {
             self
         }
 
+        /// With `server.frontend.mode: GRPC` and its socket in `socket_host_path`.
+        pub fn in_grpc_mode(mut self, socket_host_path: &str) -> Self {
+            self.spec.server.frontend.mode = crate::crd::FrontendMode::Grpc;
+            self.spec.server.frontend.socket_host_path = Some(socket_host_path.into());
+            self
+        }
+
         /// With `metadata.generation`.
         pub fn with_generation(mut self, generation: i64) -> Self {
             self.metadata.generation = Some(generation);
@@ -420,6 +438,19 @@ mod tests {
         assert_eq!(
             plan.agent_endpoint_address(),
             "link-agent-endpoint.tunnels.svc:8091"
+        );
+    }
+
+    #[test]
+    fn kube_apiserver_connects_to_the_socket_in_grpc_mode() {
+        assert_eq!(
+            ControlPlaneLink::test().plan().apiserver_endpoint(),
+            "link-frontend.tunnels.svc:8090"
+        );
+        let plan = ControlPlaneLink::test().in_grpc_mode("/srv/cplink").plan();
+        assert_eq!(
+            plan.apiserver_endpoint(),
+            "/srv/cplink/konnectivity-server.socket"
         );
     }
 

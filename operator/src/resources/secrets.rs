@@ -1,8 +1,9 @@
 //! Certificate Secrets and the kube-apiserver egress selector configuration.
 //!
 //! Every certificate Secret holds `tls.crt`, `tls.key` and `ca.crt`. The egress Secret adds
-//! `egress-selector-configuration.yaml`, which expects the three PEM files under
-//! [`EGRESS_DIR`] on the control plane host, i.e. the Secret's keys copied (or mounted) there.
+//! `egress-selector-configuration.yaml`. In `HTTPConnect` mode it expects the three PEM files
+//! under [`EGRESS_DIR`] on the control plane host, i.e. the Secret's keys copied (or mounted)
+//! there; in `GRPC` mode it names the server's Unix socket on that host and needs no files.
 
 use std::collections::BTreeMap;
 
@@ -13,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Component, Plan};
 use crate::certs::{CertPair, StoredLeaf};
+use crate::crd::FrontendMode;
 
 /// Key of the certificate.
 pub const TLS_CRT: &str = "tls.crt";
@@ -126,9 +128,13 @@ struct Connection {
     transport: Transport,
 }
 
+/// Exactly one of `tcp` and `uds`.
 #[derive(Serialize)]
 struct Transport {
-    tcp: Tcp,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tcp: Option<Tcp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uds: Option<Uds>,
 }
 
 #[derive(Serialize)]
@@ -146,27 +152,50 @@ struct TlsConfig {
     client_key: String,
 }
 
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Uds {
+    uds_name: String,
+}
+
 /// The `EgressSelectorConfiguration` (apiserver.k8s.io/v1beta1, as kube-apiserver 1.20 reads
-/// it) that sends kube-apiserver's cluster traffic (kubelet, pods, services) through the
-/// frontend with HTTP CONNECT over mutual TLS.
+/// it) that sends kube-apiserver's cluster traffic (kubelet, pods, services) through the link:
+/// HTTP CONNECT over mutual TLS to the frontend, or in `GRPC` mode konnectivity gRPC over the
+/// server's Unix socket on the same host.
 pub fn egress_configuration(plan: &Plan) -> Result<String, serde_yaml::Error> {
+    let (proxy_protocol, transport) = match &plan.valid.grpc_socket {
+        Some(socket) => (
+            FrontendMode::Grpc,
+            Transport {
+                tcp: None,
+                uds: Some(Uds {
+                    uds_name: socket.clone(),
+                }),
+            },
+        ),
+        None => (
+            FrontendMode::HttpConnect,
+            Transport {
+                tcp: Some(Tcp {
+                    url: format!("https://{}", plan.frontend_address()),
+                    tls_config: TlsConfig {
+                        ca_bundle: format!("{EGRESS_DIR}/{CA_CRT}"),
+                        client_cert: format!("{EGRESS_DIR}/{TLS_CRT}"),
+                        client_key: format!("{EGRESS_DIR}/{TLS_KEY}"),
+                    },
+                }),
+                uds: None,
+            },
+        ),
+    };
     serde_yaml::to_string(&EgressSelectorConfiguration {
         api_version: "apiserver.k8s.io/v1beta1",
         kind: "EgressSelectorConfiguration",
         egress_selections: vec![EgressSelection {
             name: "cluster",
             connection: Connection {
-                proxy_protocol: "HTTPConnect",
-                transport: Transport {
-                    tcp: Tcp {
-                        url: format!("https://{}", plan.frontend_address()),
-                        tls_config: TlsConfig {
-                            ca_bundle: format!("{EGRESS_DIR}/{CA_CRT}"),
-                            client_cert: format!("{EGRESS_DIR}/{TLS_CRT}"),
-                            client_key: format!("{EGRESS_DIR}/{TLS_KEY}"),
-                        },
-                    },
-                },
+                proxy_protocol: proxy_protocol.as_str(),
+                transport,
             },
         }],
     })
@@ -289,6 +318,30 @@ egressSelections:
             .plan();
         let config = egress_configuration(&plan).expect("yaml");
         assert!(config.contains("url: https://[fd00::7]:9443\n"), "{config}");
+    }
+
+    #[test]
+    fn in_grpc_mode_the_egress_file_names_the_socket_on_the_host() {
+        let plan = ControlPlaneLink::test()
+            .in_grpc_mode("/etc/kubernetes/cplink-frontend")
+            .plan();
+        let secret = egress_secret(&plan, &pair("apiserver"), "CA").expect("yaml");
+        assert_eq!(
+            value(&secret, "egress-selector-configuration.yaml"),
+            "\
+apiVersion: apiserver.k8s.io/v1beta1
+kind: EgressSelectorConfiguration
+egressSelections:
+- name: cluster
+  connection:
+    proxyProtocol: GRPC
+    transport:
+      uds:
+        udsName: /etc/kubernetes/cplink-frontend/konnectivity-server.socket
+"
+        );
+        // The client certificate stays, for clients of the TLS frontend.
+        assert_eq!(value(&secret, "tls.crt"), "CERT apiserver");
     }
 
     #[test]

@@ -1,14 +1,17 @@
 //! A pod's volumes materialized as directories: Secret, ConfigMap, projected (Secret,
 //! ConfigMap, service account token, downward API), downward API and emptyDir volumes, with
-//! their `items` and file modes. The pod runner bind-mounts each at its `mountPath`.
+//! their `items` and file modes, and hostPath directories as they are on the host. The pod
+//! runner bind-mounts each at its `mountPath`.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::Context as _;
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{DownwardAPIVolumeFile, KeyToPath, ServiceAccount, Volume};
+use k8s_openapi::api::core::v1::{
+    DownwardAPIVolumeFile, HostPathVolumeSource, KeyToPath, ServiceAccount, Volume,
+};
 use kube::Api;
 use kube::api::PostParams;
 
@@ -16,9 +19,11 @@ use super::env::{Lookup, PodFacts};
 
 /// Kubelet's default file mode of projected keys (0644).
 const DEFAULT_MODE: i32 = 0o644;
+/// Mode of a directory kubelet creates for a `DirectoryOrCreate` hostPath.
+const HOST_DIR_MODE: u32 = 0o755;
 
 /// Writes every volume of the pod under `dir/<volume name>` and returns the directories by
-/// volume name.
+/// volume name; a hostPath volume is its directory on the host, checked or created.
 pub async fn materialize(
     client: &kube::Client,
     lookup: &Lookup,
@@ -28,6 +33,11 @@ pub async fn materialize(
 ) -> anyhow::Result<BTreeMap<String, PathBuf>> {
     let mut out = BTreeMap::new();
     for volume in volumes {
+        if let Some(host) = &volume.host_path {
+            let path = host_directory(host).with_context(|| format!("volume {:?}", volume.name))?;
+            out.insert(volume.name.clone(), path);
+            continue;
+        }
         let target = dir.join(&volume.name);
         std::fs::create_dir_all(&target)?;
         write_volume(client, lookup, facts, volume, &target)
@@ -102,8 +112,53 @@ async fn write_volume(
     }
     anyhow::bail!(
         "unsupported volume type (the pod runner handles secret, configMap, projected, \
-         downwardAPI and emptyDir)"
+         downwardAPI, emptyDir and hostPath)"
     )
+}
+
+/// The host directory of a hostPath volume, as kubelet prepares it: `DirectoryOrCreate`
+/// creates it (mode 0755, owned by the runner, like kubelet), `Directory` (or no type) needs
+/// it to exist. Files, sockets and devices are refused: the runner mounts directories only.
+fn host_directory(source: &HostPathVolumeSource) -> anyhow::Result<PathBuf> {
+    let path = Path::new(&source.path);
+    anyhow::ensure!(
+        path.is_absolute()
+            && path
+                .components()
+                .skip(1)
+                .all(|c| matches!(c, Component::Normal(_))),
+        "hostPath {:?} must be an absolute path without \"..\"",
+        source.path
+    );
+    match source.type_.as_deref().unwrap_or_default() {
+        "DirectoryOrCreate" => {
+            if !path.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(HOST_DIR_MODE)
+                    .create(path)
+                    .and_then(|()| {
+                        // Whatever the umask says.
+                        std::fs::set_permissions(
+                            path,
+                            std::fs::Permissions::from_mode(HOST_DIR_MODE),
+                        )
+                    })
+                    .with_context(|| format!("cannot create hostPath {}", path.display()))?;
+            }
+        }
+        "" | "Directory" => {}
+        other => anyhow::bail!(
+            "hostPath type {other:?} is not supported by the pod runner (only Directory and \
+             DirectoryOrCreate)"
+        ),
+    }
+    anyhow::ensure!(
+        path.is_dir(),
+        "hostPath {} is not a directory on the host",
+        path.display()
+    );
+    Ok(path.to_owned())
 }
 
 /// A bound token of the pod's service account, as kubelet requests it for projected volumes.
@@ -242,6 +297,65 @@ mod tests {
             b"CERT"
         );
         assert!(!picked.path().join("tls.key").exists());
+    }
+
+    fn host_path(path: &Path, type_: Option<&str>) -> HostPathVolumeSource {
+        HostPathVolumeSource {
+            path: path.display().to_string(),
+            type_: type_.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn host_directories_are_created_for_directory_or_create_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("run/cplink");
+        let err = host_directory(&host_path(&missing, Some("Directory"))).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+        assert!(!missing.exists());
+
+        let created = host_directory(&host_path(&missing, Some("DirectoryOrCreate"))).unwrap();
+        assert_eq!(created, missing);
+        let mode = std::fs::metadata(&missing).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o755);
+        // An existing directory is used as it is.
+        std::fs::set_permissions(&missing, std::fs::Permissions::from_mode(0o750)).unwrap();
+        host_directory(&host_path(&missing, Some("DirectoryOrCreate"))).unwrap();
+        host_directory(&host_path(&missing, None)).unwrap();
+        let mode = std::fs::metadata(&missing).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o750);
+    }
+
+    #[test]
+    fn host_paths_other_than_plain_directories_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        for type_ in [
+            "File",
+            "FileOrCreate",
+            "Socket",
+            "CharDevice",
+            "BlockDevice",
+        ] {
+            let err = host_directory(&host_path(&file, Some(type_))).unwrap_err();
+            assert!(err.to_string().contains(type_), "{type_}: {err}");
+        }
+        let err = host_directory(&host_path(&file, Some("DirectoryOrCreate"))).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
+        let escape = format!("{}/../etc", dir.path().display());
+        let err = host_directory(&HostPathVolumeSource {
+            path: escape,
+            type_: Some("DirectoryOrCreate".into()),
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains(".."), "{err}");
+        let err = host_directory(&HostPathVolumeSource {
+            path: "relative/dir".into(),
+            type_: None,
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("absolute"), "{err}");
     }
 
     #[test]
