@@ -1,7 +1,7 @@
 //! Command line and validated configuration of `cplink-agent`.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,18 +49,43 @@ pub struct Args {
     #[arg(long, env = "CPLINK_DEFAULT_ROUTE")]
     pub default_route: bool,
 
-    /// Address (host:port) of a cplink server to link to; repeat for several.
-    #[arg(
-        long,
-        env = "CPLINK_SERVER_ADDRESS",
-        value_delimiter = ',',
-        required = true
-    )]
+    /// Address (host:port) of a cplink server to link to; repeat for several. A sole address
+    /// may front several servers (a load balancer, a headless Service name): the agent keeps
+    /// dialing it until it is linked to as many distinct servers as they report. Several
+    /// addresses are one server each. Required unless --server-service is given; not combined
+    /// with it.
+    #[arg(long, env = "CPLINK_SERVER_ADDRESS", value_delimiter = ',')]
     pub server_address: Vec<String>,
 
-    /// Name expected in the server certificate. Defaults to the host of each --server-address.
+    /// Name expected in the server certificate. Defaults to the host of each --server-address,
+    /// or to <service>.<namespace>.svc with --server-service.
     #[arg(long, env = "CPLINK_SERVER_NAME")]
     pub server_name: Option<String>,
+
+    /// Find the servers in the EndpointSlices of this Service (label
+    /// kubernetes.io/service-name), watched, instead of --server-address: one link to every
+    /// endpoint listed and not terminating, ready or not (a server becomes ready once agents
+    /// link to it). An endpoint that leaves the slices is no longer dialed; its link stays
+    /// until the server closes it. The port is the slices' only port, else their port named
+    /// `agents`. Needs list and watch on endpointslices.
+    #[arg(long, env = "CPLINK_SERVER_SERVICE")]
+    pub server_service: Option<String>,
+
+    /// Namespace of --server-service. Defaults to the agent pod's namespace (read from its
+    /// service-account mount).
+    #[arg(long, env = "CPLINK_SERVER_NAMESPACE")]
+    pub server_namespace: Option<String>,
+
+    /// At start-up, read the pod ranges of the Node named by --node-name (spec.podCIDRs) and
+    /// announce them with --pod-cidr's. Retried for up to 30s while the API is unreachable,
+    /// then the agent starts without them. Needs get on nodes.
+    #[arg(long, env = "CPLINK_POD_CIDR_FROM_NODE")]
+    pub pod_cidr_from_node: bool,
+
+    /// kubeconfig for --server-service and --pod-cidr-from-node; the in-cluster service
+    /// account when unset.
+    #[arg(long, env = "CPLINK_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
 
     /// Agent client certificate chain (PEM).
     #[arg(long, env = "CPLINK_TLS_CERT")]
@@ -171,6 +196,49 @@ pub struct ServerEndpoint {
     pub server_name: ServerName<'static>,
 }
 
+/// Where the servers are found through EndpointSlices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerDiscovery {
+    /// The servers' Service.
+    pub service: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Name to verify in the certificate of every server found.
+    pub server_name: ServerName<'static>,
+}
+
+impl ServerDiscovery {
+    /// `namespace/service`, for logs and readiness.
+    pub fn qualified_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.service)
+    }
+}
+
+/// How the agent reaches the Kubernetes API.
+#[derive(Clone)]
+pub enum ApiSource {
+    /// The pod's service account and the in-cluster address.
+    InCluster(Box<kube::Config>),
+    /// A kubeconfig file, already read.
+    Kubeconfig(PathBuf, Box<kube::config::Kubeconfig>),
+}
+
+impl std::fmt::Debug for ApiSource {
+    // Both hold credentials: only where they come from is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApiSource::InCluster(_) => f.write_str("InCluster"),
+            ApiSource::Kubeconfig(path, _) => f.debug_tuple("Kubeconfig").field(path).finish(),
+        }
+    }
+}
+
+/// Where the pod's namespace is mounted with its service-account token.
+pub const POD_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
+
+/// How long the agent tries to read its Node's pod ranges before starting without them.
+pub const NODE_LOOKUP_BUDGET: Duration = Duration::from_secs(30);
+
 /// Backoff between link attempts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackoffConfig {
@@ -189,8 +257,16 @@ pub struct Config {
     pub node_name: Option<String>,
     /// Routing identifiers.
     pub identifiers: Identifiers,
-    /// Servers to link to.
+    /// Fixed server addresses to link to (none with [`Config::discovery`]).
     pub servers: Vec<ServerEndpoint>,
+    /// Servers found through EndpointSlices instead of fixed addresses.
+    pub discovery: Option<ServerDiscovery>,
+    /// Add the pod ranges of the agent's Node to [`Config::identifiers`] at start-up.
+    pub pod_cidr_from_node: bool,
+    /// How long to try reading the Node before starting without its pod ranges.
+    pub node_lookup_budget: Duration,
+    /// The Kubernetes API, when discovery or the Node lookup needs it.
+    pub api: Option<ApiSource>,
     /// Protocol spoken on links.
     pub protocol: Protocol,
     /// TLS for links, offering the ALPN id of [`Config::protocol`].
@@ -218,6 +294,9 @@ impl std::fmt::Debug for Config {
             .field("node_name", &self.node_name)
             .field("identifiers", &self.identifiers)
             .field("servers", &self.servers)
+            .field("discovery", &self.discovery)
+            .field("pod_cidr_from_node", &self.pod_cidr_from_node)
+            .field("api", &self.api)
             .field("protocol", &self.protocol)
             .field(
                 "service_account_token_path",
@@ -232,6 +311,7 @@ impl std::fmt::Debug for Config {
 impl Args {
     /// Checks every flag and loads the TLS material, before anything connects or listens.
     pub fn into_config(self) -> Result<Config, ConfigError> {
+        self.check_server_source()?;
         let identity = Identity::from_pem_files(&self.tls_cert, &self.tls_key)
             .map_err(|e| ConfigError::tls(e, "tls-cert", "tls-key"))?;
         let server_ca = TrustAnchors::from_pem_file(&self.server_ca)
@@ -276,6 +356,15 @@ impl Args {
                 return Err(ConfigError::new(flag, "must be greater than zero"));
             }
         }
+        let discovery = match &self.server_service {
+            Some(service) => Some(self.discovery(service, Path::new(POD_NAMESPACE_FILE))?),
+            None => None,
+        };
+        let api = if discovery.is_some() || self.pod_cidr_from_node {
+            Some(self.api_source()?)
+        } else {
+            None
+        };
         let agent_id = match (self.agent_id, &self.node_name) {
             (Some(id), _) if id.trim().is_empty() => {
                 return Err(ConfigError::new("agent-id", "must not be empty"));
@@ -320,6 +409,10 @@ impl Args {
                 default_route: self.default_route,
             },
             servers,
+            discovery,
+            pod_cidr_from_node: self.pod_cidr_from_node,
+            node_lookup_budget: NODE_LOOKUP_BUDGET,
+            api,
             protocol: self.protocol,
             tls,
             service_account_token_path: self.service_account_token_path,
@@ -339,6 +432,123 @@ impl Args {
     }
 }
 
+impl Args {
+    /// Fixed addresses or discovery, one of them, and the flags that only make sense with one.
+    fn check_server_source(&self) -> Result<(), ConfigError> {
+        let node_name = self.node_name.as_deref().filter(|n| !n.is_empty());
+        match (&self.server_service, self.server_address.is_empty()) {
+            (Some(_), false) => {
+                return Err(ConfigError::new(
+                    "server-service",
+                    "cannot be combined with --server-address: discovery finds every server \
+                     itself; give one or the other",
+                ));
+            }
+            (None, true) => {
+                return Err(ConfigError::new(
+                    "server-address",
+                    "required: give the servers' address, or --server-service to find them",
+                ));
+            }
+            _ => {}
+        }
+        if self.server_service.is_none() && self.server_namespace.is_some() {
+            return Err(ConfigError::new(
+                "server-namespace",
+                "only used with --server-service",
+            ));
+        }
+        if self.pod_cidr_from_node && node_name.is_none() {
+            return Err(ConfigError::new(
+                "pod-cidr-from-node",
+                "needs --node-name: the Node whose pod ranges to read",
+            ));
+        }
+        if self.kubeconfig.is_some() && self.server_service.is_none() && !self.pod_cidr_from_node {
+            return Err(ConfigError::new(
+                "kubeconfig",
+                "only used with --server-service or --pod-cidr-from-node",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The Service to discover the servers from; the namespace defaults to the one in
+    /// `namespace_file`.
+    fn discovery(
+        &self,
+        service: &str,
+        namespace_file: &Path,
+    ) -> Result<ServerDiscovery, ConfigError> {
+        check_dns_label(service).map_err(|e| ConfigError::new("server-service", e))?;
+        let namespace = match &self.server_namespace {
+            Some(namespace) => namespace.clone(),
+            None => std::fs::read_to_string(namespace_file)
+                .map(|text| text.trim().to_owned())
+                .map_err(|e| {
+                    ConfigError::new(
+                        "server-namespace",
+                        format!(
+                            "not set, and the pod's namespace cannot be read from {}: {e}",
+                            namespace_file.display()
+                        ),
+                    )
+                })?,
+        };
+        check_dns_label(&namespace).map_err(|e| ConfigError::new("server-namespace", e))?;
+        let name = match &self.server_name {
+            Some(name) => name.clone(),
+            None => format!("{service}.{namespace}.svc"),
+        };
+        let server_name = ServerName::try_from(name.clone())
+            .map_err(|e| ConfigError::new("server-name", format!("{name:?}: {e}")))?;
+        Ok(ServerDiscovery {
+            service: service.to_owned(),
+            namespace,
+            server_name,
+        })
+    }
+
+    /// The kubeconfig file, read now so that a bad one fails the start, else the in-cluster
+    /// configuration.
+    fn api_source(&self) -> Result<ApiSource, ConfigError> {
+        match &self.kubeconfig {
+            Some(path) => {
+                let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| {
+                    ConfigError::new("kubeconfig", format!("{}: {e}", path.display()))
+                })?;
+                Ok(ApiSource::Kubeconfig(path.clone(), Box::new(kubeconfig)))
+            }
+            None => kube::Config::incluster()
+                .map(|config| ApiSource::InCluster(Box::new(config)))
+                .map_err(|e| {
+                    ConfigError::new(
+                        "kubeconfig",
+                        format!("not set, and no in-cluster configuration: {e}"),
+                    )
+                }),
+        }
+    }
+}
+
+/// Checks a Kubernetes object name that must be a DNS label (RFC 1123).
+fn check_dns_label(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a valid name (lowercase letters, digits and '-', at most 63)"
+        ))
+    }
+}
+
 fn hostname() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -351,17 +561,18 @@ mod tests {
     use super::*;
 
     fn args(extra: &[&str]) -> Result<Args, clap::Error> {
-        let mut argv = vec![
-            "cplink-agent",
-            "--server-address",
-            "cplink.example:8091",
+        let mut argv = vec!["cplink-agent"];
+        if !extra.contains(&"--server-service") {
+            argv.extend_from_slice(&["--server-address", "cplink.example:8091"]);
+        }
+        argv.extend_from_slice(&[
             "--tls-cert",
             "/nonexistent/tls.crt",
             "--tls-key",
             "/nonexistent/tls.key",
             "--server-ca",
             "/nonexistent/ca.crt",
-        ];
+        ]);
         argv.extend_from_slice(extra);
         Args::try_parse_from(argv)
     }
@@ -407,17 +618,11 @@ mod tests {
 
     fn config(dir: &std::path::Path, extra: &[&str]) -> Result<Config, ConfigError> {
         let [crt, key, ca] = tls_files(dir);
-        let mut argv = vec![
-            "cplink-agent",
-            "--server-address",
-            "cplink.example:8091",
-            "--tls-cert",
-            &crt,
-            "--tls-key",
-            &key,
-            "--server-ca",
-            &ca,
-        ];
+        let mut argv = vec!["cplink-agent"];
+        if !extra.contains(&"--server-service") {
+            argv.extend_from_slice(&["--server-address", "cplink.example:8091"]);
+        }
+        argv.extend_from_slice(&["--tls-cert", &crt, "--tls-key", &key, "--server-ca", &ca]);
         if !extra.contains(&"--agent-id") {
             argv.extend_from_slice(&["--agent-id", "node-1"]);
         }
@@ -508,18 +713,179 @@ mod tests {
     }
 
     #[test]
-    fn a_server_address_is_required() {
-        assert!(
-            Args::try_parse_from([
-                "cplink-agent",
-                "--tls-cert",
-                "a",
-                "--tls-key",
-                "b",
-                "--server-ca",
-                "c"
-            ])
-            .is_err()
+    fn a_server_address_or_a_service_is_required_but_not_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let [crt, key, ca] = tls_files(dir.path());
+        let bare = Args::try_parse_from([
+            "cplink-agent",
+            "--tls-cert",
+            &crt,
+            "--tls-key",
+            &key,
+            "--server-ca",
+            &ca,
+        ])
+        .unwrap();
+        let err = bare.into_config().unwrap_err();
+        assert_eq!(err.flag, "server-address");
+        assert!(err.message.contains("--server-service"), "{err}");
+
+        let err = config(
+            dir.path(),
+            &[
+                "--server-service",
+                "link-agent-endpoint",
+                "--server-address",
+                "10.0.0.1:8091",
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(err.flag, "server-service");
+        assert!(err.message.contains("--server-address"), "{err}");
+    }
+
+    /// A kubeconfig holding a token, for flags that need the API.
+    fn kubeconfig(dir: &std::path::Path) -> String {
+        let path = dir.join("kubeconfig");
+        std::fs::write(
+            &path,
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: c
+  cluster: {server: \"https://127.0.0.1:6443\"}
+users:
+- name: u
+  user: {token: sekrit-token}
+contexts:
+- name: x
+  context: {cluster: c, user: u}
+current-context: x
+",
+        )
+        .unwrap();
+        path.display().to_string()
+    }
+
+    #[test]
+    fn discovery_names_the_service_and_defaults_the_server_name_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = kubeconfig(dir.path());
+        let flags = [
+            "--server-service",
+            "link-agent-endpoint",
+            "--server-namespace",
+            "tunnels",
+            "--kubeconfig",
+            kubeconfig.as_str(),
+        ];
+        let found = config(dir.path(), &flags).unwrap();
+        assert!(found.servers.is_empty());
+        let discovery = found.discovery.clone().unwrap();
+        assert_eq!(discovery.qualified_name(), "tunnels/link-agent-endpoint");
+        assert_eq!(
+            discovery.server_name.to_str(),
+            "link-agent-endpoint.tunnels.svc"
         );
+        assert!(matches!(found.api, Some(ApiSource::Kubeconfig(..))));
+        assert!(
+            !format!("{found:?}").contains("sekrit"),
+            "credentials are not printed"
+        );
+
+        let named = config(
+            dir.path(),
+            &[&flags[..], &["--server-name", "servers.example"]].concat(),
+        )
+        .unwrap();
+        assert_eq!(
+            named.discovery.unwrap().server_name.to_str(),
+            "servers.example"
+        );
+        let konnectivity = config(
+            dir.path(),
+            &[&flags[..], &["--protocol", "konnectivity"]].concat(),
+        );
+        assert!(konnectivity.is_ok(), "discovery works with both protocols");
+
+        for (flag, bad) in [
+            ("server-service", "Agent_Endpoint"),
+            ("server-namespace", "Tunnels"),
+        ] {
+            let mut bad_flags = flags;
+            let at = bad_flags
+                .iter()
+                .position(|f| *f == format!("--{flag}"))
+                .unwrap();
+            bad_flags[at + 1] = bad;
+            let err = config(dir.path(), &bad_flags).unwrap_err();
+            assert_eq!(err.flag, flag);
+            assert!(err.message.contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_namespace_defaults_to_the_pods() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("namespace");
+        let parsed = args(&["--server-service", "link-agent-endpoint"]).unwrap();
+        let err = parsed.discovery("link-agent-endpoint", &file).unwrap_err();
+        assert_eq!(err.flag, "server-namespace");
+        assert!(err.message.contains(&file.display().to_string()), "{err}");
+        std::fs::write(&file, "tunnels\n").unwrap();
+        let found = parsed.discovery("link-agent-endpoint", &file).unwrap();
+        assert_eq!(found.namespace, "tunnels");
+    }
+
+    #[test]
+    fn kubernetes_flags_need_what_they_serve() {
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = kubeconfig(dir.path());
+        let err = config(dir.path(), &["--server-namespace", "tunnels"]).unwrap_err();
+        assert_eq!(err.flag, "server-namespace");
+        let err = config(dir.path(), &["--kubeconfig", &kubeconfig]).unwrap_err();
+        assert_eq!(err.flag, "kubeconfig");
+        let err = config(dir.path(), &["--pod-cidr-from-node"]).unwrap_err();
+        assert_eq!(err.flag, "pod-cidr-from-node");
+        assert!(err.message.contains("--node-name"), "{err}");
+
+        let from_node = config(
+            dir.path(),
+            &[
+                "--pod-cidr-from-node",
+                "--node-name",
+                "node-1",
+                "--kubeconfig",
+                &kubeconfig,
+            ],
+        )
+        .unwrap();
+        assert!(from_node.pod_cidr_from_node);
+        assert!(from_node.api.is_some());
+        assert_eq!(from_node.servers.len(), 1, "fixed addresses still work");
+
+        let err = config(
+            dir.path(),
+            &[
+                "--pod-cidr-from-node",
+                "--node-name",
+                "node-1",
+                "--kubeconfig",
+                "/nonexistent",
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(err.flag, "kubeconfig");
+        assert!(err.message.contains("/nonexistent"), "{err}");
+
+        if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
+            let err = config(
+                dir.path(),
+                &["--pod-cidr-from-node", "--node-name", "node-1"],
+            )
+            .unwrap_err();
+            assert_eq!(err.flag, "kubeconfig");
+            assert!(err.message.contains("in-cluster"), "{err}");
+        }
     }
 }

@@ -1,10 +1,10 @@
 //! Links to konnectivity servers: the gRPC `AgentService/Connect` stream of apiserver-network-proxy
 //! (and of cplink-server), over TLS with ALPN `h2`.
 //!
-//! A server address may hide several servers behind a load balancer, each answering with its
+//! A sole server address may hide several servers behind a load balancer, each answering with its
 //! `serverid` and how many servers there are (`servercount`). The agent keeps dialing the
 //! address until it holds links to that many distinct server ids, closing links that land on a
-//! server it already has.
+//! server it already has (see [`crate::pool`] and [`crate::links`]).
 //!
 //! One link is one bidirectional stream carrying every tunneled connection, multiplexed by
 //! [`Mux`]. Each dial request runs on its own task, so a slow dial never holds up the stream;
@@ -29,16 +29,15 @@ use cplink_proto::pump::ActiveStream;
 use cplink_proto::target::Target;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
 use tracing::Instrument;
 
-use crate::links::HeldLink;
-use crate::uplink::{self, Backoff, LinkError, LinkTls};
+use crate::links::{HeldLink, OnDuplicate};
+use crate::pool::{LinkContext, ServerSlot};
+use crate::uplink::{self, LinkError, LinkTls};
 use crate::{LinkInfo, Shared, dial};
 
 /// Packets queued towards the server before the tasks sending them wait.
@@ -132,80 +131,6 @@ fn bearer_value(path: &Path, text: &str) -> Result<MetadataValue<Ascii>, TokenEr
     Ok(value)
 }
 
-/// Keeps links to every server behind address `index` until shutdown, then waits for them to
-/// drain.
-pub(crate) async fn maintain(
-    shared: Arc<Shared>,
-    index: usize,
-    streams: TaskTracker,
-    shutdown: CancellationToken,
-    force: CancellationToken,
-) {
-    let address = shared.config.servers[index].address.clone();
-    let mut links = JoinSet::new();
-    let mut backoff = Backoff::new(shared.config.backoff);
-    let mut next_attempt = Instant::now();
-    loop {
-        let short = shared.links.short_of(index);
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            Some(_) = links.join_next() => {
-                // A link ended (its task said why); a replacement waits for a pause.
-                next_attempt = Instant::now() + backoff.next_delay();
-            }
-            () = tokio::time::sleep_until(next_attempt), if short => {
-                let span = tracing::info_span!(
-                    "link",
-                    server = %address,
-                    server_id = tracing::field::Empty,
-                );
-                let attempt = tokio::select! {
-                    attempt = connect(&shared, index).instrument(span.clone()) => attempt,
-                    () = shutdown.cancelled() => break,
-                };
-                match attempt {
-                    Ok(link) => {
-                        uplink::count_attempt(&shared, "ok");
-                        backoff.reset();
-                        // More servers may be wanted: the next attempt may start at once.
-                        next_attempt = Instant::now();
-                        let serve = serve_link(
-                            shared.clone(),
-                            link,
-                            streams.clone(),
-                            shutdown.clone(),
-                            force.clone(),
-                        );
-                        links.spawn(serve.instrument(span));
-                    }
-                    Err(err) => {
-                        uplink::count_attempt(&shared, err.kind());
-                        let delay = backoff.next_delay();
-                        let delay_text = humantime::format_duration(delay);
-                        let _enter = span.enter();
-                        if let LinkError::Duplicate(_) = err {
-                            tracing::info!(
-                                %err,
-                                delay = %delay_text,
-                                "link closed: dialing again after a pause for another server"
-                            );
-                        } else {
-                            tracing::warn!(
-                                %err,
-                                delay = %delay_text,
-                                "link failed; relinking after a pause"
-                            );
-                        }
-                        next_attempt = Instant::now() + delay;
-                    }
-                }
-            }
-        }
-    }
-    // Each link drains on `shutdown` by itself, or closes on `force`.
-    while links.join_next().await.is_some() {}
-}
-
 /// tonic's client side over one hyper HTTP/2 connection: no pool and no reconnection, since a
 /// link is exactly one connection.
 #[derive(Debug, Clone)]
@@ -227,7 +152,7 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Http2 {
 }
 
 /// An established link: its stream, and what keeps the connection under it alive.
-struct Link {
+pub(crate) struct Link {
     info: LinkInfo,
     _held: HeldLink,
     /// Kept so that the connection stays open for the stream's lifetime.
@@ -238,9 +163,9 @@ struct Link {
 }
 
 /// Establishes one link: TCP, TLS, HTTP/2, then the `Connect` stream and its response headers.
-async fn connect(shared: &Shared, index: usize) -> Result<Link, LinkError> {
+pub(crate) async fn connect(shared: &Shared, target: &ServerSlot) -> Result<Link, LinkError> {
     let config = &shared.config;
-    let endpoint = &config.servers[index];
+    let endpoint = &target.endpoint;
     // Read before dialing: an unreadable token fails the attempt without bothering the server.
     let token = match &config.service_account_token_path {
         Some(path) => Some(read_bearer_token(path).await?),
@@ -250,7 +175,7 @@ async fn connect(shared: &Shared, index: usize) -> Result<Link, LinkError> {
     let budget = config.link_timeout;
     let handshake = async {
         let tls = uplink::handshake_tls(config, endpoint, tcp, cplink_proto::ALPN_H2).await?;
-        open_stream(shared, index, tls, token).await
+        open_stream(shared, target, tls, token).await
     };
     tokio::time::timeout(budget, handshake)
         .await
@@ -262,7 +187,7 @@ async fn connect(shared: &Shared, index: usize) -> Result<Link, LinkError> {
 
 async fn open_stream(
     shared: &Shared,
-    index: usize,
+    target: &ServerSlot,
     tls: LinkTls,
     token: Option<MetadataValue<Ascii>>,
 ) -> Result<Link, LinkError> {
@@ -280,7 +205,7 @@ async fn open_stream(
         .await
         .map_err(LinkError::Http2)?;
     let connection = AbortOnDropHandle::new(tokio::spawn(connection));
-    let origin = origin(&config.servers[index].address)
+    let origin = origin(&target.endpoint.address)
         .map_err(|e| LinkError::Header(format!("server address: {e}")))?;
     let mut client = AgentServiceClient::with_origin(Http2(send_request), origin);
 
@@ -291,7 +216,7 @@ async fn open_stream(
     let agent_id = agent_id_value(&config.agent_id)
         .map_err(|e| LinkError::Header(format!("{}: {e}", wire::AGENT_ID)))?;
     metadata.insert(wire::AGENT_ID, agent_id);
-    let identifiers = agent_identifiers(config.node_name.as_deref(), &config.identifiers);
+    let identifiers = agent_identifiers(config.node_name.as_deref(), shared.identifiers());
     let identifiers = ascii_value(&identifiers)
         .map_err(|e| LinkError::Header(format!("{}: {e}", wire::AGENT_IDENTIFIERS)))?;
     metadata.insert(wire::AGENT_IDENTIFIERS, identifiers);
@@ -305,8 +230,14 @@ async fn open_stream(
         .map_err(|status| LinkError::from_status(&status))?;
     let info = server_info(response.metadata())?;
     tracing::Span::current().record("server_id", info.server_id.as_str());
-    shared.links.set_wanted(index, info.server_count);
-    let held = shared.links.hold(index, info.clone())?;
+    shared
+        .links
+        .set_server_count(target.slot, info.server_count);
+    // Konnectivity servers keep every link of an agent: a second link to the same server is
+    // closed here.
+    let held = shared
+        .links
+        .hold(target.slot, info.clone(), OnDuplicate::Refuse)?;
     Ok(Link {
         info,
         _held: held,
@@ -343,15 +274,14 @@ fn server_info(metadata: &MetadataMap) -> Result<LinkInfo, LinkError> {
 }
 
 /// Serves one link until it ends, then says why.
-async fn serve_link(
-    shared: Arc<Shared>,
-    link: Link,
-    streams: TaskTracker,
-    shutdown: CancellationToken,
-    force: CancellationToken,
-) {
+pub(crate) async fn serve_link(shared: Arc<Shared>, link: Link, context: LinkContext) {
     tracing::info!(server_count = link.info.server_count, "linked");
-    match serve(&shared, link, &streams, &shutdown, &force).await {
+    let LinkContext {
+        streams,
+        shutdown,
+        force,
+    } = &context;
+    match serve(&shared, link, streams, shutdown, force).await {
         Ok(()) if shutdown.is_cancelled() => tracing::info!("link closed"),
         Ok(()) => tracing::info!("link closed by the server"),
         Err(err) => {

@@ -2,10 +2,14 @@
 //!
 //! - [`config`]: command line and validated configuration.
 //! - [`policy`]: which destinations may be dialed.
-//! - `uplink`: native links to servers, with keepalive, drain and redial with backoff.
-//! - `konnectivity`: links to konnectivity servers (gRPC `AgentService/Connect`), as many as
-//!   the servers behind an address report, each serving dials on one multiplexed stream.
+//! - `pool`: keeping the links of one server address up, for either protocol: dial while
+//!   short of servers, backoff, stop dialing an address no longer wanted.
+//! - `uplink`: native links to servers, with keepalive and drain; backoff and link errors.
+//! - `konnectivity`: links to konnectivity servers (gRPC `AgentService/Connect`), each serving
+//!   dials on one multiplexed stream.
 //! - `links`: the links up per server address, and the readiness they make.
+//! - `discovery`: the server addresses from the EndpointSlices of the servers' Service.
+//! - `node`: the pod ranges of the agent's Node; `kubeapi`: the Kubernetes client both use.
 //! - `dial`: dialing a destination (policy, timeout, metrics) and serving one native tunnel
 //!   stream (dial, answer, pump).
 //! - [`metrics`]: Prometheus metrics.
@@ -15,23 +19,30 @@
 
 pub mod config;
 mod dial;
+mod discovery;
 mod konnectivity;
+mod kubeapi;
 mod links;
 pub mod metrics;
+mod node;
 pub mod policy;
+mod pool;
 mod uplink;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use cplink_proto::admin;
+use cplink_proto::hello::Identifiers;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{Args, Config, ConfigError, Protocol};
-use links::Links;
+use kubeapi::KubeApi;
+use links::{Links, SlotId, Source, Wants};
 use metrics::Metrics;
+use pool::{LinkContext, Uplinks};
 
 /// What the agent knows about an established link.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +57,10 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) metrics: Metrics,
     pub(crate) links: Arc<Links>,
+    /// The Kubernetes API, for discovery and the Node lookup.
+    pub(crate) kube: Option<KubeApi>,
+    /// The identifiers sent in hellos, once the Node's pod ranges joined them.
+    identifiers: OnceLock<Identifiers>,
     draining: AtomicBool,
 }
 
@@ -54,8 +69,48 @@ impl Shared {
         if self.draining.load(Ordering::Relaxed) {
             return Err("shutting down".into());
         }
-        self.links
-            .readiness(self.config.servers.iter().map(|s| s.address.as_str()))
+        self.links.readiness()
+    }
+
+    /// The identifiers announced to servers: the configured ones, plus the Node's pod
+    /// ranges with `--pod-cidr-from-node`.
+    pub(crate) fn identifiers(&self) -> &Identifiers {
+        self.identifiers.get().unwrap_or(&self.config.identifiers)
+    }
+}
+
+/// Adds the pod ranges of the agent's Node to the identifiers, as far as the API tells them
+/// within the lookup budget.
+async fn pod_cidrs_from_node(shared: &Shared) {
+    let config = &shared.config;
+    let (Some(api), Some(node)) = (&shared.kube, config.node_name.as_deref()) else {
+        return;
+    };
+    match node::lookup(api, node, config.node_lookup_budget, config.backoff).await {
+        Ok(cidrs) if cidrs.is_empty() => {
+            tracing::info!(node, "the Node has no pod CIDR: none added");
+        }
+        Ok(cidrs) => {
+            let mut identifiers = config.identifiers.clone();
+            for cidr in cidrs {
+                if !identifiers.pod_cidrs.contains(&cidr) {
+                    identifiers.pod_cidrs.push(cidr);
+                }
+            }
+            let all: Vec<_> = identifiers
+                .pod_cidrs
+                .iter()
+                .map(|c| c.to_string())
+                .collect();
+            tracing::info!(node, pod_cidrs = %all.join(","), "pod CIDRs from the Node");
+            // Set once, before any link says hello.
+            let _ = shared.identifiers.set(identifiers);
+        }
+        Err(err) => tracing::warn!(
+            node,
+            %err,
+            "starting without the Node's pod CIDRs: dials into them are not routed here by CIDR"
+        ),
     }
 }
 
@@ -63,6 +118,8 @@ impl Shared {
 pub struct Agent {
     shared: Arc<Shared>,
     prometheus: Arc<prometheus_client::registry::Registry>,
+    /// The slots of the fixed server addresses, in their order.
+    fixed: Vec<SlotId>,
 }
 
 /// A cheap handle to observe a running agent.
@@ -83,10 +140,22 @@ impl AgentHandle {
         self.shared.metrics.streams_active.get()
     }
 
-    /// Whether the agent is linked to every server it knows: one link per native server
-    /// address, as many distinct servers as reported (`servercount`) per konnectivity address.
+    /// Whether the agent is linked to every server it knows: every discovered endpoint (and
+    /// at least one), or every fixed address, a sole one to as many distinct servers as they
+    /// report.
     pub fn readiness(&self) -> Result<(), String> {
         self.shared.readiness()
+    }
+
+    /// The server addresses the agent links to: fixed, or discovered (endpoints removed from
+    /// the slices aside, even while their links last).
+    pub fn server_addresses(&self) -> Vec<String> {
+        self.shared.links.addresses()
+    }
+
+    /// The identifiers the agent announces to servers.
+    pub fn identifiers(&self) -> Identifiers {
+        self.shared.identifiers().clone()
     }
 
     /// Metrics in the OpenMetrics text format.
@@ -103,16 +172,35 @@ impl Agent {
     pub fn new(config: Config) -> Self {
         let mut prometheus = prometheus_client::registry::Registry::default();
         let metrics = Metrics::new(&mut prometheus);
+        let source = match &config.discovery {
+            Some(discovery) => Source::Discovering(discovery.qualified_name()),
+            None => Source::Fixed,
+        };
         let links = Links::new(
-            config.servers.len(),
+            source,
             metrics.links_up.clone(),
             metrics.servers_known.clone(),
         );
+        // Known before the agent runs, so that readiness names them from the start. A sole
+        // address may front every server; several addresses are one server each.
+        let wants = match config.servers.len() {
+            1 => Wants::ServerCount,
+            _ => Wants::One,
+        };
+        let fixed = config
+            .servers
+            .iter()
+            .map(|endpoint| links.add(endpoint.address.clone(), wants))
+            .collect();
+        let kube = config.api.clone().map(KubeApi::new);
         Agent {
+            fixed,
             shared: Arc::new(Shared {
                 config,
                 metrics,
                 links,
+                kube,
+                identifiers: OnceLock::new(),
                 draining: AtomicBool::new(false),
             }),
             prometheus: Arc::new(prometheus),
@@ -155,28 +243,6 @@ impl Agent {
                  that ping this often (too_many_pings); cplink-server does not"
             );
         }
-        tracing::info!(
-            agent_id = %config.agent_id,
-            servers = config.servers.len(),
-            protocol = %config.protocol,
-            "cplink-agent started"
-        );
-
-        let uplinks = TaskTracker::new();
-        let streams = TaskTracker::new();
-        let force = CancellationToken::new();
-        for index in 0..config.servers.len() {
-            let (shared, streams) = (shared.clone(), streams.clone());
-            let (shutdown, force) = (shutdown.clone(), force.clone());
-            match config.protocol {
-                Protocol::Cplink => {
-                    uplinks.spawn(uplink::maintain(shared, index, streams, shutdown, force))
-                }
-                Protocol::Konnectivity => uplinks.spawn(konnectivity::maintain(
-                    shared, index, streams, shutdown, force,
-                )),
-            };
-        }
         let admin_stop = CancellationToken::new();
         let admin_task = admin_listener.map(|listener| {
             let probe = shared.clone();
@@ -187,6 +253,43 @@ impl Agent {
                 admin_stop.clone(),
             ))
         });
+        match &config.discovery {
+            Some(discovery) => tracing::info!(
+                agent_id = %config.agent_id,
+                service = %discovery.qualified_name(),
+                protocol = %config.protocol,
+                "cplink-agent started: finding the servers in the Service's EndpointSlices"
+            ),
+            None => tracing::info!(
+                agent_id = %config.agent_id,
+                servers = config.servers.len(),
+                protocol = %config.protocol,
+                "cplink-agent started"
+            ),
+        }
+
+        if config.pod_cidr_from_node {
+            tokio::select! {
+                () = pod_cidrs_from_node(&shared) => {}
+                () = shutdown.cancelled() => {}
+            }
+        }
+
+        let uplinks = TaskTracker::new();
+        let context = LinkContext {
+            streams: TaskTracker::new(),
+            shutdown: shutdown.clone(),
+            force: CancellationToken::new(),
+        };
+        let starter = Uplinks::new(shared.clone(), uplinks.clone(), context.clone());
+        for (slot, endpoint) in self.fixed.iter().zip(&config.servers) {
+            // Fixed addresses are dialed until shutdown.
+            drop(starter.start_slot(*slot, endpoint.clone()));
+        }
+        if config.discovery.is_some() {
+            uplinks.spawn(discovery::run(shared.clone(), starter, shutdown.clone()));
+        }
+        let (streams, force) = (context.streams, context.force);
 
         shutdown.cancelled().await;
         shared.draining.store(true, Ordering::Relaxed);

@@ -1,16 +1,61 @@
-//! The links the agent holds, per configured server address, and the readiness they make.
+//! The links the agent holds, per server address, and the readiness they make.
 //!
-//! A native server address gets one link. Behind a konnectivity address sit `servercount`
-//! servers that a load balancer picks by chance: the agent holds one link to each distinct
-//! server id it meets there and is ready once it holds as many as the servers say exist.
+//! Each address the agent dials is a slot. A slot fed by discovery is one server (an endpoint
+//! of the servers' Service) and wants one link. A sole fixed `--server-address` may front
+//! several servers (a load balancer, a headless Service name) that a connection reaches by
+//! chance: the slot wants as many distinct server ids as the servers report (`server_count`),
+//! and the agent keeps dialing it until it holds them. Several fixed addresses are one server
+//! each.
+//!
+//! A link reaching a server the slot already holds is a duplicate. Konnectivity servers keep
+//! both links of an agent, so the new one is refused (closed). A cplink server replaces an
+//! agent's previous link with the new one, so the new one is held and the old one is told to
+//! drain ([`HeldLink::superseded`]).
+//!
+//! A slot that discovery no longer lists is retired: it no longer counts for readiness nor in
+//! `servers_known`, but its links stay (and count in `links_up`) until their servers close them.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use prometheus_client::metrics::gauge::Gauge;
+use tokio_util::sync::CancellationToken;
 
 use crate::LinkInfo;
 
-/// The links up, per configured server address.
+/// Identifies a slot in [`Links`].
+pub(crate) type SlotId = u64;
+
+/// How many distinct servers a slot wants links to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wants {
+    /// One: the address is one server.
+    One,
+    /// As many as the servers behind the address report, at least one.
+    ServerCount,
+}
+
+/// What to do with a link to a server the slot already holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OnDuplicate {
+    /// Refuse the new link (the server keeps both until the agent closes one).
+    Refuse,
+    /// Hold the new link and supersede the old one (the server already replaced it).
+    Replace,
+}
+
+/// Where the server addresses come from, as far as readiness is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// Fixed addresses, known from the start.
+    Fixed,
+    /// EndpointSlices of the Service named here (`namespace/name`), not listed yet.
+    Discovering(String),
+    /// EndpointSlices of the Service named here, listed at least once.
+    Discovered(String),
+}
+
+/// The links up, per server address.
 #[derive(Debug)]
 pub(crate) struct Links {
     table: Mutex<Table>,
@@ -21,17 +66,37 @@ pub(crate) struct Links {
 #[derive(Debug)]
 struct Table {
     next_id: u64,
-    servers: Vec<ServerLinks>,
+    source: Source,
+    slots: BTreeMap<SlotId, Slot>,
 }
 
-#[derive(Debug, Clone)]
-struct ServerLinks {
-    up: Vec<(u64, LinkInfo)>,
-    /// Distinct servers to link to behind the address.
-    wanted: u32,
+#[derive(Debug)]
+struct Slot {
+    address: String,
+    wants: Wants,
+    /// The server count the servers last reported, at least one.
+    server_count: u32,
+    retired: bool,
+    up: Vec<Held>,
 }
 
-/// A link whose server id is already linked behind the same address.
+#[derive(Debug)]
+struct Held {
+    id: u64,
+    info: LinkInfo,
+    superseded: CancellationToken,
+}
+
+impl Slot {
+    fn wanted(&self) -> u32 {
+        match self.wants {
+            Wants::One => 1,
+            Wants::ServerCount => self.server_count,
+        }
+    }
+}
+
+/// A link whose server id is already linked through the same address.
 #[derive(Debug, thiserror::Error)]
 #[error("already linked to server {0}")]
 pub(crate) struct AlreadyLinked(pub(crate) String);
@@ -40,34 +105,43 @@ pub(crate) struct AlreadyLinked(pub(crate) String);
 #[derive(Debug)]
 pub(crate) struct HeldLink {
     links: Arc<Links>,
-    server: usize,
+    slot: SlotId,
     id: u64,
+    superseded: CancellationToken,
+    replaced: bool,
+}
+
+impl HeldLink {
+    /// Whether this link replaced an older link to the same server.
+    pub(crate) fn replaced(&self) -> bool {
+        self.replaced
+    }
+
+    /// Cancelled once a newer link to the same server replaced this one: it should drain.
+    pub(crate) fn superseded(&self) -> &CancellationToken {
+        &self.superseded
+    }
 }
 
 impl Drop for HeldLink {
     fn drop(&mut self) {
         let mut table = self.links.lock();
-        table.servers[self.server]
-            .up
-            .retain(|(id, _)| *id != self.id);
+        if let Some(slot) = table.slots.get_mut(&self.slot) {
+            slot.up.retain(|held| held.id != self.id);
+        }
         self.links.publish(&table);
     }
 }
 
 impl Links {
-    /// Tracks `servers` addresses, each wanting one link until told otherwise. The gauges are
-    /// kept equal to the links up and the servers the agent should be linked to.
-    pub(crate) fn new(servers: usize, links_up: Gauge, servers_known: Gauge) -> Arc<Self> {
+    /// An empty table for addresses from `source`. The gauges are kept equal to the links up
+    /// and the servers the agent should be linked to.
+    pub(crate) fn new(source: Source, links_up: Gauge, servers_known: Gauge) -> Arc<Self> {
         let links = Links {
             table: Mutex::new(Table {
                 next_id: 0,
-                servers: vec![
-                    ServerLinks {
-                        up: Vec::new(),
-                        wanted: 1,
-                    };
-                    servers
-                ],
+                source,
+                slots: BTreeMap::new(),
             }),
             links_up,
             servers_known,
@@ -82,73 +156,164 @@ impl Links {
     }
 
     fn publish(&self, table: &Table) {
-        let up: usize = table.servers.iter().map(|s| s.up.len()).sum();
-        let known: u64 = table.servers.iter().map(|s| u64::from(s.wanted)).sum();
+        let up: usize = table.slots.values().map(|s| s.up.len()).sum();
+        let known: u64 = table
+            .slots
+            .values()
+            .filter(|s| !s.retired)
+            .map(|s| u64::from(s.wanted()))
+            .sum();
         self.links_up.set(i64::try_from(up).unwrap_or(i64::MAX));
         self.servers_known
             .set(i64::try_from(known).unwrap_or(i64::MAX));
     }
 
-    /// Registers a link to `info.server_id` behind address `server`, unless one is already up.
-    pub(crate) fn hold(
-        self: &Arc<Self>,
-        server: usize,
-        info: LinkInfo,
-    ) -> Result<HeldLink, AlreadyLinked> {
+    /// Adds a slot for `address`.
+    pub(crate) fn add(&self, address: String, wants: Wants) -> SlotId {
         let mut table = self.lock();
-        if table.servers[server]
-            .up
-            .iter()
-            .any(|(_, up)| up.server_id == info.server_id)
-        {
-            return Err(AlreadyLinked(info.server_id));
-        }
         table.next_id += 1;
         let id = table.next_id;
-        table.servers[server].up.push((id, info));
+        table.slots.insert(
+            id,
+            Slot {
+                address,
+                wants,
+                server_count: 1,
+                retired: false,
+                up: Vec::new(),
+            },
+        );
+        self.publish(&table);
+        id
+    }
+
+    /// Stops counting `slot` for readiness and as a known server; its links stay.
+    pub(crate) fn retire(&self, slot: SlotId) {
+        let mut table = self.lock();
+        if let Some(slot) = table.slots.get_mut(&slot) {
+            slot.retired = true;
+        }
+        self.publish(&table);
+    }
+
+    /// Forgets `slot`, once nothing dials it and its links are gone.
+    pub(crate) fn remove(&self, slot: SlotId) {
+        let mut table = self.lock();
+        table.slots.remove(&slot);
+        self.publish(&table);
+    }
+
+    /// Records that discovery listed the server endpoints at least once.
+    pub(crate) fn discovered(&self) {
+        let mut table = self.lock();
+        if let Source::Discovering(service) = &table.source {
+            table.source = Source::Discovered(service.clone());
+        }
+    }
+
+    /// Registers a link to `info.server_id` through `slot`. A link to a server the slot
+    /// already holds is refused or replaces the old one, as `on_duplicate` says.
+    pub(crate) fn hold(
+        self: &Arc<Self>,
+        slot: SlotId,
+        info: LinkInfo,
+        on_duplicate: OnDuplicate,
+    ) -> Result<HeldLink, AlreadyLinked> {
+        let mut table = self.lock();
+        table.next_id += 1;
+        let id = table.next_id;
+        let Some(entry) = table.slots.get_mut(&slot) else {
+            // Unreachable: a slot is removed only after every link of its task has ended.
+            return Err(AlreadyLinked(info.server_id));
+        };
+        let duplicate = entry
+            .up
+            .iter()
+            .position(|held| held.info.server_id == info.server_id);
+        if let Some(at) = duplicate {
+            match on_duplicate {
+                OnDuplicate::Refuse => return Err(AlreadyLinked(info.server_id)),
+                OnDuplicate::Replace => entry.up.remove(at).superseded.cancel(),
+            }
+        }
+        let superseded = CancellationToken::new();
+        entry.up.push(Held {
+            id,
+            info,
+            superseded: superseded.clone(),
+        });
         self.publish(&table);
         Ok(HeldLink {
             links: self.clone(),
-            server,
+            slot,
             id,
+            superseded,
+            replaced: duplicate.is_some(),
         })
     }
 
-    /// Records how many distinct servers sit behind address `server`; at least one.
-    pub(crate) fn set_wanted(&self, server: usize, count: u32) {
+    /// Records how many servers the servers behind `slot` report; at least one.
+    pub(crate) fn set_server_count(&self, slot: SlotId, count: u32) {
         let mut table = self.lock();
-        table.servers[server].wanted = count.max(1);
+        if let Some(slot) = table.slots.get_mut(&slot) {
+            slot.server_count = count.max(1);
+        }
         self.publish(&table);
     }
 
-    /// Whether address `server` has fewer links up than servers behind it.
-    pub(crate) fn short_of(&self, server: usize) -> bool {
-        let table = self.lock();
-        let links = &table.servers[server];
-        links.up.len() < links.wanted as usize
+    /// Whether `slot` has fewer links up than distinct servers it wants.
+    pub(crate) fn short_of(&self, slot: SlotId) -> bool {
+        self.lock()
+            .slots
+            .get(&slot)
+            .is_some_and(|s| s.up.len() < s.wanted() as usize)
     }
 
-    /// Every link up, address by address.
+    /// Every link up, slot by slot.
     pub(crate) fn all(&self) -> Vec<LinkInfo> {
         self.lock()
-            .servers
-            .iter()
-            .flat_map(|s| s.up.iter().map(|(_, info)| info.clone()))
+            .slots
+            .values()
+            .flat_map(|s| s.up.iter().map(|held| held.info.clone()))
             .collect()
     }
 
-    /// `Ok` when every address has as many links as it wants; otherwise what is missing,
-    /// naming each address with `names`.
-    pub(crate) fn readiness<'a>(&self, names: impl Iterator<Item = &'a str>) -> Result<(), String> {
+    /// The addresses the agent links to (retired ones aside), in the order they were added.
+    pub(crate) fn addresses(&self) -> Vec<String> {
+        self.lock()
+            .slots
+            .values()
+            .filter(|s| !s.retired)
+            .map(|s| s.address.clone())
+            .collect()
+    }
+
+    /// `Ok` when every address has as many links as it wants, and discovery found at least
+    /// one; otherwise what is missing.
+    pub(crate) fn readiness(&self) -> Result<(), String> {
         let table = self.lock();
+        let active = || table.slots.values().filter(|s| !s.retired);
+        match &table.source {
+            Source::Discovering(service) => {
+                return Err(format!(
+                    "no server endpoints known yet: the EndpointSlices of service {service} \
+                     have not been listed"
+                ));
+            }
+            Source::Discovered(service) if active().next().is_none() => {
+                return Err(format!("service {service} has no server endpoints"));
+            }
+            _ => {}
+        }
         let mut down = Vec::new();
         let mut short = Vec::new();
-        for (links, name) in table.servers.iter().zip(names) {
-            match (links.up.len(), links.wanted) {
-                (0, _) => down.push(name),
-                (up, wanted) if up < wanted as usize => {
-                    short.push(format!("linked to {up} of {wanted} servers behind {name}"));
-                }
+        for slot in active() {
+            match (slot.up.len(), slot.wanted()) {
+                (0, _) => down.push(slot.address.as_str()),
+                (up, wanted) if up < wanted as usize => short.push(format!(
+                    "linked to {up} of {wanted} servers behind {}",
+                    slot.address
+                )),
                 _ => {}
             }
         }
@@ -175,58 +340,129 @@ mod tests {
         }
     }
 
-    fn links(servers: usize) -> (Arc<Links>, Gauge, Gauge) {
+    fn links(source: Source) -> (Arc<Links>, Gauge, Gauge) {
         let (up, known) = (Gauge::default(), Gauge::default());
-        (Links::new(servers, up.clone(), known.clone()), up, known)
+        (Links::new(source, up.clone(), known.clone()), up, known)
     }
 
     #[test]
-    fn a_native_address_is_ready_with_one_link() {
-        let (links, up, known) = links(2);
+    fn an_address_that_is_one_server_is_ready_with_one_link() {
+        let (links, up, known) = links(Source::Fixed);
+        let a = links.add("a:1".into(), Wants::One);
+        let b = links.add("b:1".into(), Wants::One);
         assert_eq!(known.get(), 2);
-        let names = || ["a:1", "b:1"].into_iter();
+        assert_eq!(links.readiness().unwrap_err(), "not linked to a:1, b:1");
+        let _a = links.hold(a, info("s1", 3), OnDuplicate::Refuse).unwrap();
+        links.set_server_count(b, 3);
         assert_eq!(
-            links.readiness(names()).unwrap_err(),
-            "not linked to a:1, b:1"
+            known.get(),
+            2,
+            "the server count does not apply to one server"
         );
-        let _a = links.hold(0, info("s1", 3)).unwrap();
-        let b = links.hold(1, info("s1", 3)).unwrap();
+        let held_b = links.hold(b, info("s2", 3), OnDuplicate::Refuse).unwrap();
         assert_eq!(up.get(), 2);
-        assert!(links.readiness(names()).is_ok());
-        drop(b);
+        assert!(links.readiness().is_ok());
+        assert!(!links.short_of(b));
+        drop(held_b);
         assert_eq!(up.get(), 1);
-        assert_eq!(links.readiness(names()).unwrap_err(), "not linked to b:1");
+        assert_eq!(links.readiness().unwrap_err(), "not linked to b:1");
     }
 
     #[test]
-    fn a_konnectivity_address_wants_distinct_servers_up_to_the_count() {
-        let (links, up, known) = links(1);
-        let names = || std::iter::once("lb:8091");
-        let first = links.hold(0, info("s1", 2)).unwrap();
-        links.set_wanted(0, 2);
+    fn a_balanced_address_wants_distinct_servers_up_to_the_count() {
+        let (links, up, known) = links(Source::Fixed);
+        let lb = links.add("lb:8091".into(), Wants::ServerCount);
+        let first = links.hold(lb, info("s1", 2), OnDuplicate::Refuse).unwrap();
+        links.set_server_count(lb, 2);
         assert_eq!(known.get(), 2);
-        assert!(links.short_of(0));
+        assert!(links.short_of(lb));
         assert_eq!(
-            links.readiness(names()).unwrap_err(),
+            links.readiness().unwrap_err(),
             "linked to 1 of 2 servers behind lb:8091"
         );
-        let err = links.hold(0, info("s1", 2)).unwrap_err();
+        let err = links
+            .hold(lb, info("s1", 2), OnDuplicate::Refuse)
+            .unwrap_err();
         assert_eq!(err.0, "s1");
         assert_eq!(up.get(), 1, "a duplicate is not counted");
-        let _second = links.hold(0, info("s2", 2)).unwrap();
-        assert!(!links.short_of(0));
-        assert!(links.readiness(names()).is_ok());
+        let _second = links.hold(lb, info("s2", 2), OnDuplicate::Refuse).unwrap();
+        assert!(!links.short_of(lb));
+        assert!(links.readiness().is_ok());
         drop(first);
-        assert!(links.short_of(0));
+        assert!(links.short_of(lb));
         let ids: Vec<_> = links.all().into_iter().map(|l| l.server_id).collect();
         assert_eq!(ids, ["s2"]);
     }
 
     #[test]
+    fn a_replacing_duplicate_supersedes_the_old_link() {
+        let (links, up, _) = links(Source::Fixed);
+        let lb = links.add("lb:8091".into(), Wants::ServerCount);
+        links.set_server_count(lb, 2);
+        let old = links.hold(lb, info("s1", 2), OnDuplicate::Replace).unwrap();
+        let new = links.hold(lb, info("s1", 2), OnDuplicate::Replace).unwrap();
+        assert!(old.superseded().is_cancelled());
+        assert!(!new.superseded().is_cancelled());
+        assert!(!old.replaced() && new.replaced());
+        assert_eq!(up.get(), 1, "one server, one link counted");
+        assert!(links.short_of(lb), "still one distinct server of two");
+        drop(old);
+        assert_eq!(
+            up.get(),
+            1,
+            "the old link's end does not unregister the new one"
+        );
+        assert_eq!(links.all(), [info("s1", 2)]);
+        drop(new);
+        assert_eq!(up.get(), 0);
+    }
+
+    #[test]
     fn a_server_count_of_zero_still_wants_a_link() {
-        let (links, _, known) = links(1);
-        links.set_wanted(0, 0);
+        let (links, _, known) = links(Source::Fixed);
+        let lb = links.add("lb:8091".into(), Wants::ServerCount);
+        links.set_server_count(lb, 0);
         assert_eq!(known.get(), 1);
-        assert!(links.short_of(0));
+        assert!(links.short_of(lb));
+    }
+
+    #[test]
+    fn discovery_is_ready_once_linked_to_every_listed_endpoint() {
+        let (links, up, known) = links(Source::Discovering("ns/svc".into()));
+        let err = links.readiness().unwrap_err();
+        assert!(err.contains("ns/svc have not been listed"), "{err}");
+        links.discovered();
+        assert_eq!(
+            links.readiness().unwrap_err(),
+            "service ns/svc has no server endpoints"
+        );
+
+        let a = links.add("10.0.0.1:8091".into(), Wants::One);
+        let b = links.add("10.0.0.2:8091".into(), Wants::One);
+        assert_eq!(known.get(), 2);
+        let _a = links.hold(a, info("s1", 2), OnDuplicate::Replace).unwrap();
+        assert_eq!(
+            links.readiness().unwrap_err(),
+            "not linked to 10.0.0.2:8091"
+        );
+        let held_b = links.hold(b, info("s2", 2), OnDuplicate::Replace).unwrap();
+        assert!(links.readiness().is_ok());
+
+        // b leaves the slices: no longer wanted, but its link stays until its server closes it.
+        links.retire(b);
+        assert_eq!(known.get(), 1);
+        assert_eq!(up.get(), 2);
+        assert!(links.readiness().is_ok());
+        assert_eq!(links.addresses(), ["10.0.0.1:8091"]);
+        assert_eq!(links.all().len(), 2);
+        drop(held_b);
+        links.remove(b);
+        assert_eq!(up.get(), 1);
+
+        links.retire(a);
+        assert_eq!(
+            links.readiness().unwrap_err(),
+            "service ns/svc has no server endpoints"
+        );
     }
 }

@@ -1,5 +1,5 @@
-//! Links to servers: dial, TLS, hello, then HTTP/2 with the agent as the server; redial with
-//! backoff when a link fails.
+//! Native links to servers: dial, TLS, hello, then HTTP/2 with the agent as the server; the
+//! backoff between attempts and the link errors both protocols share.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,14 +11,12 @@ use cplink_proto::readahead::ReadAhead;
 use rand::Rng;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 use crate::config::{BackoffConfig, Config, ServerEndpoint};
 use crate::konnectivity::TokenError;
-use crate::links::AlreadyLinked;
+use crate::links::{AlreadyLinked, HeldLink, OnDuplicate};
 use crate::metrics::ResultLabels;
+use crate::pool::{LinkContext, ServerSlot};
 use crate::{LinkInfo, Shared, dial};
 
 /// A link's TLS stream, over a read-ahead buffer.
@@ -142,44 +140,6 @@ impl Backoff {
     }
 }
 
-/// Keeps the link to server `index` up until shutdown.
-pub(crate) async fn maintain(
-    shared: Arc<Shared>,
-    index: usize,
-    streams: TaskTracker,
-    shutdown: CancellationToken,
-    force: CancellationToken,
-) {
-    let endpoint = &shared.config.servers[index];
-    let span =
-        tracing::info_span!("link", server = %endpoint.address, server_id = tracing::field::Empty);
-    let mut backoff = Backoff::new(shared.config.backoff);
-    loop {
-        let result = link_once(&shared, index, &streams, &shutdown, &force, &mut backoff)
-            .instrument(span.clone())
-            .await;
-        let _enter = span.enter();
-        match result {
-            Ok(()) if shutdown.is_cancelled() => {
-                tracing::info!("link closed");
-                return;
-            }
-            Ok(()) => tracing::info!("link closed by the server"),
-            Err(err) => {
-                count_attempt(&shared, err.kind());
-                tracing::warn!(%err, "link failed");
-            }
-        }
-        let delay = backoff.next_delay();
-        tracing::info!(delay = %humantime::format_duration(delay), "relinking after a pause");
-        drop(_enter);
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = shutdown.cancelled() => return,
-        }
-    }
-}
-
 /// Counts a link attempt by result: `ok` or a [`LinkError::kind`].
 pub(crate) fn count_attempt(shared: &Shared, result: &'static str) {
     shared
@@ -225,9 +185,13 @@ pub(crate) async fn handshake_tls(
     Ok(tls)
 }
 
-async fn connect(shared: &Shared, index: usize) -> Result<(LinkTls, ServerHello), LinkError> {
+/// TCP, TLS and the hello exchange, within the link budget.
+async fn handshake(
+    shared: &Shared,
+    target: &ServerSlot,
+) -> Result<(LinkTls, ServerHello), LinkError> {
     let config = &shared.config;
-    let endpoint = &config.servers[index];
+    let endpoint = &target.endpoint;
     let budget = config.link_timeout;
     let tcp = connect_tcp(config, endpoint).await?;
     let handshake = async {
@@ -235,7 +199,7 @@ async fn connect(shared: &Shared, index: usize) -> Result<(LinkTls, ServerHello)
         let ours = AgentHello {
             agent_id: config.agent_id.clone(),
             node_name: config.node_name.clone(),
-            identifiers: config.identifiers.clone(),
+            identifiers: shared.identifiers().clone(),
             software_version: cplink_proto::SOFTWARE_VERSION.to_owned(),
         };
         hello::write(&mut tls, &ours).await?;
@@ -250,19 +214,28 @@ async fn connect(shared: &Shared, index: usize) -> Result<(LinkTls, ServerHello)
         })?
 }
 
-async fn link_once(
-    shared: &Arc<Shared>,
-    index: usize,
-    streams: &TaskTracker,
-    shutdown: &CancellationToken,
-    force: &CancellationToken,
-    backoff: &mut Backoff,
-) -> Result<(), LinkError> {
-    let (tls, server) = connect(shared, index).await?;
+/// An established native link: the HTTP/2 connection on which the server opens streams.
+pub(crate) struct Link {
+    info: LinkInfo,
+    held: HeldLink,
+    connection: h2::server::Connection<LinkTls, Bytes>,
+}
+
+impl Link {
+    /// Whether this link replaced an older link to the same server.
+    pub(crate) fn replaced(&self) -> bool {
+        self.held.replaced()
+    }
+}
+
+/// Establishes one link: TCP, TLS, hello, HTTP/2. A link reaching a server already linked
+/// through the same address replaces the older link: the server has already dropped it.
+pub(crate) async fn connect(shared: &Shared, target: &ServerSlot) -> Result<Link, LinkError> {
+    let (tls, server) = handshake(shared, target).await?;
     if let HelloOutcome::Rejected { reason } = server.outcome {
         return Err(LinkError::Rejected(reason));
     }
-    let mut connection = h2::server::Builder::new()
+    let connection = h2::server::Builder::new()
         .initial_window_size(cplink_proto::STREAM_WINDOW)
         .initial_connection_window_size(cplink_proto::CONNECTION_WINDOW)
         .max_frame_size(cplink_proto::MAX_FRAME_SIZE)
@@ -272,18 +245,43 @@ async fn link_once(
         .await?;
 
     tracing::Span::current().record("server_id", server.server_id.as_str());
-    // One link per native address at a time: the previous one was released before this one.
-    let _held = shared.links.hold(
-        index,
-        LinkInfo {
-            server_id: server.server_id.clone(),
-            server_count: server.server_count,
-        },
-    )?;
-    count_attempt(shared, "ok");
-    backoff.reset();
-    tracing::info!(server_count = server.server_count, "linked");
+    let info = LinkInfo {
+        server_id: server.server_id,
+        server_count: server.server_count,
+    };
+    shared
+        .links
+        .set_server_count(target.slot, info.server_count);
+    let held = shared
+        .links
+        .hold(target.slot, info.clone(), OnDuplicate::Replace)?;
+    Ok(Link {
+        info,
+        held,
+        connection,
+    })
+}
 
+/// Serves one link until it ends, then says why.
+pub(crate) async fn serve_link(shared: Arc<Shared>, link: Link, context: LinkContext) {
+    tracing::info!(server_count = link.info.server_count, "linked");
+    match serve(&shared, link, &context).await {
+        Ok(()) if context.shutdown.is_cancelled() => tracing::info!("link closed"),
+        Ok(()) => tracing::info!("link closed by the server"),
+        Err(err) => {
+            count_attempt(&shared, err.kind());
+            tracing::warn!(%err, "link failed");
+        }
+    }
+}
+
+async fn serve(shared: &Arc<Shared>, link: Link, context: &LinkContext) -> Result<(), LinkError> {
+    let Link {
+        held,
+        mut connection,
+        ..
+    } = link;
+    let superseded = held.superseded().clone();
     let ping_pong = connection.ping_pong();
     let keepalive = async {
         match ping_pong {
@@ -299,7 +297,9 @@ async fn link_once(
             accepted = connection.accept() => match accepted {
                 Some(Ok((request, respond))) => {
                     let shared = shared.clone();
-                    streams.spawn(async move { dial::serve(&shared, request, respond).await });
+                    context
+                        .streams
+                        .spawn(async move { dial::serve(&shared, request, respond).await });
                 }
                 // While draining, the server may close the link as soon as it has seen the
                 // GOAWAY, before h2 finishes its closing handshake: that is the expected end.
@@ -311,13 +311,18 @@ async fn link_once(
                 None => return Ok(()),
             },
             err = &mut keepalive => return Err(err.into()),
-            () = shutdown.cancelled(), if !draining => {
+            () = context.shutdown.cancelled(), if !draining => {
                 // GOAWAY: the server routes new dials elsewhere; streams in flight finish.
                 draining = true;
                 connection.graceful_shutdown();
                 tracing::info!("draining: no new streams accepted");
             }
-            () = force.cancelled() => return Ok(()),
+            () = superseded.cancelled(), if !draining => {
+                draining = true;
+                connection.graceful_shutdown();
+                tracing::info!("a newer link to the same server replaced this one: draining");
+            }
+            () = context.force.cancelled() => return Ok(()),
         }
     }
 }

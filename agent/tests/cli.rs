@@ -18,11 +18,19 @@ fn configuration_errors_name_the_flag() {
         "--server-ca",
         "/ca",
     ];
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["--allow", "10.0.0.0/33"], "--allow"),
         (&["--protocol", "grpc"], "--protocol"),
         (&["--pod-cidr", "10.0.0.0"], "--pod-cidr"),
         (&["--dial-timeout", "soon"], "--dial-timeout"),
+        (
+            &["--server-service", "link-agent-endpoint"],
+            "--server-service: cannot be combined with --server-address",
+        ),
+        (
+            &["--pod-cidr-from-node"],
+            "--pod-cidr-from-node: needs --node-name",
+        ),
         (
             &[],
             "--tls-cert: cannot read certificate from /nonexistent.crt",
@@ -53,6 +61,14 @@ fn every_flag_is_explained_with_its_environment_variable() {
         "CPLINK_PROTOCOL",
         "--service-account-token-path",
         "CPLINK_SERVICE_ACCOUNT_TOKEN_PATH",
+        "--server-service",
+        "CPLINK_SERVER_SERVICE",
+        "--server-namespace",
+        "CPLINK_SERVER_NAMESPACE",
+        "--pod-cidr-from-node",
+        "CPLINK_POD_CIDR_FROM_NODE",
+        "--kubeconfig",
+        "CPLINK_KUBECONFIG",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
