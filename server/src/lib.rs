@@ -218,11 +218,15 @@ where
 }
 
 impl Shared {
-    /// Registers a new agent link, closing the links it replaces, and updates the gauge.
+    /// Registers a new agent link and updates the gauge.
     pub(crate) fn link_up(&self, link: &Arc<registry::AgentLink>) {
-        for previous in self.registry.insert(link.clone()) {
-            tracing::info!(agent_id = %link.id, "agent linked again; closing its previous link");
-            previous.closer.cancel();
+        let links = self.registry.insert(link.clone());
+        if links > 1 {
+            tracing::info!(
+                agent_id = %link.id,
+                links,
+                "agent linked again; new dials take the new link until the agent closes one"
+            );
         }
         self.metrics.agents_linked.set(self.registry.len() as i64);
     }

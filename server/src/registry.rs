@@ -212,10 +212,11 @@ impl Drop for StreamGuard {
 
 /// All agents linked to this server.
 ///
-/// A native agent has one link per server: a new link of the same agent replaces the old one
-/// (the agent restarted, or its old link is dying). An upstream konnectivity agent that dials
-/// through a load balancer until it reached every server may land here twice; it closes the
-/// extra link itself, so its links coexist until then and the oldest carries new dials.
+/// An agent may hold more than one link to a server for a while: an agent that dials through a
+/// load balancer until it reached every server lands on one it already has, and closes one of
+/// the two itself (a native agent drains the older with GOAWAY, a konnectivity agent closes
+/// the newer); an agent that restarted links again before its old link is found dead. So links
+/// of one agent coexist, and new dials go to its newest link that is not draining.
 #[derive(Debug, Default)]
 pub struct Registry {
     agents: RwLock<HashMap<String, Vec<Arc<AgentLink>>>>,
@@ -237,24 +238,15 @@ impl Registry {
         self.next_link_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Adds a link; the links it replaces are returned so the caller can close them.
-    pub fn insert(&self, link: Arc<AgentLink>) -> Vec<Arc<AgentLink>> {
+    /// Adds a link; returns how many links the agent now has.
+    pub fn insert(&self, link: Arc<AgentLink>) -> usize {
         let mut agents = self.write();
         let links = agents.entry(link.id.clone()).or_default();
-        let replaced = if link.is_konnectivity() {
-            let (kept, replaced) = std::mem::take(links)
-                .into_iter()
-                .partition(|l| l.is_konnectivity());
-            *links = kept;
-            replaced
-        } else {
-            std::mem::take(links)
-        };
         links.push(link);
-        replaced
+        links.len()
     }
 
-    /// Removes the link `link_id` of agent `id`; false when it was already gone (replaced).
+    /// Removes the link `link_id` of agent `id`; false when it was already gone.
     pub fn remove(&self, id: &str, link_id: u64) -> bool {
         let mut agents = self.write();
         let Some(links) = agents.get_mut(id) else {
@@ -283,7 +275,7 @@ impl Registry {
     pub fn agents(&self) -> Vec<Arc<AgentLink>> {
         self.read()
             .values()
-            .filter_map(|links| preferred(links).or_else(|| links.first()).cloned())
+            .filter_map(|links| preferred(links).or_else(|| links.last()).cloned())
             .collect()
     }
 
@@ -339,9 +331,9 @@ impl Registry {
     }
 }
 
-/// The link of an agent that takes new dials: its oldest one that is not draining.
+/// The link of an agent that takes new dials: its newest one that is not draining.
 fn preferred(links: &[Arc<AgentLink>]) -> Option<&Arc<AgentLink>> {
-    links.iter().find(|l| !l.is_draining())
+    links.iter().rev().find(|l| !l.is_draining())
 }
 
 fn least_loaded<'a>(links: impl Iterator<Item = &'a Arc<AgentLink>>) -> Option<&'a Arc<AgentLink>> {
@@ -474,40 +466,42 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_konnectivity_agent_linked_twice_keeps_both_links_until_it_closes_one() {
+    async fn an_agent_linked_twice_keeps_both_links_until_it_closes_one() {
         let registry = Registry::default();
         let mux = || {
             let (tx, _rx) = tokio::sync::mpsc::channel(1);
             Carrier::Konnectivity(Mux::new(cplink_proto::konnectivity::mux::Role::Dialer, tx))
         };
-        let first = Arc::new(AgentLink::new(
-            "k".into(),
-            registry.next_link_id(),
-            None,
-            Identifiers::default(),
-            mux(),
-        ));
-        let second = Arc::new(AgentLink::new(
-            "k".into(),
-            registry.next_link_id(),
-            None,
-            Identifiers::default(),
-            mux(),
-        ));
-        assert!(registry.insert(first.clone()).is_empty());
-        assert!(
-            registry.insert(second.clone()).is_empty(),
-            "nothing is replaced"
-        );
+        let konnectivity = |registry: &Registry| {
+            Arc::new(AgentLink::new(
+                "k".into(),
+                registry.next_link_id(),
+                None,
+                Identifiers::default(),
+                mux(),
+            ))
+        };
+        let first = konnectivity(&registry);
+        let second = konnectivity(&registry);
+        assert_eq!(registry.insert(first.clone()), 1);
+        assert_eq!(registry.insert(second.clone()), 2, "nothing is replaced");
         assert_eq!(registry.len(), 1);
         let route = registry.route(&target("10.1.1.1:80"), &CHAIN).unwrap();
         assert_eq!(
             route.guard.link().link_id,
-            first.link_id,
-            "the oldest link is used"
+            second.link_id,
+            "the newest link is used"
         );
         drop(route);
-        // The agent closes its extra link; the first one carries on.
+        second.mark_draining();
+        let route = registry.route(&target("10.1.1.1:80"), &CHAIN).unwrap();
+        assert_eq!(
+            route.guard.link().link_id,
+            first.link_id,
+            "unless it is draining"
+        );
+        drop(route);
+        // The agent closes one link; the other carries on.
         assert!(registry.remove("k", second.link_id));
         assert_eq!(registry.len(), 1);
         assert!(registry.remove("k", first.link_id));
@@ -515,12 +509,17 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_stale_link_does_not_remove_its_replacement() {
+    async fn a_native_agent_linked_again_is_routed_through_its_new_link() {
         let registry = Registry::default();
         let old = link(&registry, "a", "node-a", "10.0.0.1", "10.244.1.0/24").await;
         let new = link(&registry, "a", "node-a", "10.0.0.1", "10.244.1.0/24").await;
-        assert_eq!(registry.len(), 1, "a native link replaces the previous one");
-        assert!(!registry.remove("a", old.link_id));
+        assert_eq!(registry.len(), 1);
+        let route = registry.route(&target("node-a:10250"), &CHAIN).unwrap();
+        assert_eq!(route.guard.link().link_id, new.link_id);
+        drop(route);
+        // The old link ends (the agent drained it, or the keepalive found it dead).
+        assert!(registry.remove("a", old.link_id));
+        assert!(!registry.remove("a", old.link_id), "removed once");
         assert_eq!(registry.len(), 1);
         assert!(registry.remove("a", new.link_id));
         assert!(registry.is_empty());
