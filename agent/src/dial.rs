@@ -71,16 +71,29 @@ async fn dial_and_pump(
     )
     .await
     {
-        Ok(stats) => tracing::debug!(
-            to_destination = stats.stream_to_socket,
-            from_destination = stats.socket_to_stream,
-            "tunnel closed"
-        ),
-        Err(err) => {
-            tracing::info!(%err, "tunnel aborted");
-            abort_tcp_halves(reader, writer);
-        }
+        Ok(stats) => closed(stats),
+        Err(err) => aborted(&err, reader, writer),
     }
+}
+
+/// Logs a tunneled connection that ended cleanly.
+pub(crate) fn closed(stats: pump::PumpStats) {
+    tracing::debug!(
+        to_destination = stats.stream_to_socket,
+        from_destination = stats.socket_to_stream,
+        "tunnel closed"
+    );
+}
+
+/// Logs a tunneled connection that failed and resets its destination socket, so that the
+/// destination sees an error rather than a clean end.
+pub(crate) fn aborted(
+    err: &dyn std::fmt::Display,
+    reader: tokio::net::tcp::OwnedReadHalf,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+) {
+    tracing::info!(%err, "tunnel aborted");
+    abort_tcp_halves(reader, writer);
 }
 
 fn parse_target(method: &Method, uri: &http::Uri) -> Result<Target, DialFailure> {

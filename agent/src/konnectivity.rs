@@ -557,15 +557,8 @@ async fn dial_and_pump(
         }
     };
     match pumped {
-        Ok(stats) => tracing::debug!(
-            to_destination = stats.stream_to_socket,
-            from_destination = stats.socket_to_stream,
-            "tunnel closed"
-        ),
-        Err(err) => {
-            tracing::info!(%err, "tunnel aborted");
-            abort_tcp_halves(reader, writer);
-        }
+        Ok(stats) => dial::closed(stats),
+        Err(err) => dial::aborted(&err, reader, writer),
     }
 }
 

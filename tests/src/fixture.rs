@@ -124,6 +124,18 @@ impl RunningAgent {
         }
     }
 
+    /// Ids of the servers the agent is linked to, sorted (an id twice when linked twice).
+    pub fn server_ids(&self) -> Vec<String> {
+        let mut ids: Vec<_> = self
+            .handle
+            .links()
+            .into_iter()
+            .map(|l| l.server_id)
+            .collect();
+        ids.sort();
+        ids
+    }
+
     /// Waits until the agent is linked to every server it knows.
     pub async fn wait_ready(&self) -> anyhow::Result<()> {
         let handle = self.handle.clone();

@@ -62,17 +62,6 @@ fn unpublish(plane: &ControlPlane, slice: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn server_ids(agent: &RunningAgent) -> Vec<String> {
-    let mut ids: Vec<_> = agent
-        .handle
-        .links()
-        .into_iter()
-        .map(|l| l.server_id)
-        .collect();
-    ids.sort();
-    ids
-}
-
 fn metric(agent: &RunningAgent, name: &str, labels: &str) -> f64 {
     counter(&agent.handle.metrics_text(), name, labels)
 }
@@ -188,7 +177,7 @@ spec:
         )
         .await?;
     agent.wait_ready().await?;
-    assert_eq!(server_ids(&agent), ["server-0", "server-1", "server-2"]);
+    assert_eq!(agent.server_ids(), ["server-0", "server-1", "server-2"]);
     for server in &servers {
         server.wait_for_agents(1).await?;
     }
@@ -246,7 +235,7 @@ spec:
         .await?;
     konnectivity.wait_ready().await?;
     assert_eq!(
-        server_ids(&konnectivity),
+        konnectivity.server_ids(),
         ["server-0", "server-1", "server-2"]
     );
     konnectivity.stop().await;
@@ -291,7 +280,7 @@ spec:
     .await?;
     assert!(agent.handle.readiness().is_ok());
     assert_eq!(metric(&agent, "cplink_agent_servers_known", ""), 3.0);
-    assert!(server_ids(&agent).contains(&"server-1".to_owned()));
+    assert!(agent.server_ids().contains(&"server-1".to_owned()));
     assert_eq!(servers[1].handle.linked_agents(), 1);
 
     let server1 = servers.remove(1);
@@ -339,7 +328,7 @@ spec:
     plane.restart_apiserver(None).await?;
     watching.cancel();
     assert_eq!(unready.await?, Vec::<String>::new(), "never unready");
-    assert_eq!(server_ids(&agent), ["server-0", "server-2", "server-5"]);
+    assert_eq!(agent.server_ids(), ["server-0", "server-2", "server-5"]);
     publish(&plane, "nobody-home", closed, false)?;
     wait_for_readiness(&agent, "the watch to resume", |r| {
         r.as_ref().is_err_and(|e| e.contains(&closed_name))
@@ -385,7 +374,7 @@ async fn a_native_agent_links_to_every_server_behind_a_balanced_address() -> any
     let (address, accepted) = balancer(servers.iter().map(|s| s.agent_addr).collect()).await?;
     let agent = lo.start_agent(&[address], &[]).await?;
     agent.wait_ready().await?;
-    assert_eq!(server_ids(&agent), ["server-0", "server-1"]);
+    assert_eq!(agent.server_ids(), ["server-0", "server-1"]);
     for server in &servers {
         server.wait_for_agents(1).await?;
     }
@@ -412,7 +401,7 @@ async fn a_link_landing_on_a_server_already_linked_replaces_the_old_one() -> any
     let (address, accepted) = balancer(rotation).await?;
     let agent = lo.start_agent(&[address], &[]).await?;
     agent.wait_ready().await?;
-    assert_eq!(server_ids(&agent), ["server-0", "server-1"]);
+    assert_eq!(agent.server_ids(), ["server-0", "server-1"]);
     assert_eq!(
         accepted.load(Ordering::Relaxed),
         3,

@@ -87,13 +87,7 @@ async fn every_agent_links_to_every_server_and_dials_reach_the_right_node() -> a
     let lo = Loopback::new()?;
     let (servers, agents) = start(&lo).await?;
     for agent in &agents {
-        let mut ids: Vec<_> = agent
-            .handle
-            .links()
-            .into_iter()
-            .map(|l| l.server_id)
-            .collect();
-        ids.sort();
+        let mut ids = agent.server_ids();
         assert_eq!(ids.len(), SERVERS, "{ids:?}");
         ids.dedup();
         assert_eq!(ids.len(), SERVERS, "links to distinct servers: {ids:?}");

@@ -64,13 +64,7 @@ async fn a_konnectivity_mode_agent_links_to_every_server_behind_a_balancer() -> 
         )
         .await?;
     agent.wait_ready().await?;
-    let mut ids: Vec<_> = agent
-        .handle
-        .links()
-        .into_iter()
-        .map(|l| l.server_id)
-        .collect();
-    ids.sort();
+    let ids = agent.server_ids();
     assert_eq!(ids, vec!["server-0".to_owned(), "server-1".to_owned()]);
     for server in &servers {
         server.wait_for_agents(1).await?;
