@@ -225,8 +225,11 @@ pub struct AgentEndpointSpec {
     /// Type of the agent Service; `ClusterIP` makes it headless so agents find every server.
     #[serde(default)]
     pub service_type: ServiceType,
-    /// Host (DNS name or IP), optionally `host:port`, at which agents reach the servers when it
-    /// is not the Service DNS name. Added to the server certificate.
+    /// Host (DNS name or IP), optionally `host:port`, at which agents reach the servers from
+    /// outside the cluster network, typically a load balancer in front of every replica. Added
+    /// to the server certificate. Agents dial it until they are linked to as many servers as
+    /// `replicas`. When unset, agents find the servers in the EndpointSlices of the agent
+    /// Service and link to each.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_address: Option<String>,
 }
@@ -353,7 +356,12 @@ pub struct SecretRef {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RoutingSpec {
-    /// Strategies tried in order for each destination.
+    /// Strategies tried in order for each destination (`--strategies` of the servers), each at
+    /// most once: `node` (the destination is an agent's node name or host IP), `cidr` (it lies
+    /// in an agent's pod range, read from its Node), `default-route` (agents that offer
+    /// themselves for destinations nobody claims, such as upstream konnectivity agents linked
+    /// with `default-route=true`; the operator's agents do not), `any` (the least-loaded
+    /// agent).
     #[serde(default = "default_strategies")]
     pub strategies: Vec<RoutingStrategy>,
 }
@@ -374,6 +382,9 @@ pub enum RoutingStrategy {
     Node,
     /// The destination lies in an agent's pod CIDR.
     Cidr,
+    /// An agent that offers itself for destinations no other agent claims.
+    #[serde(rename = "default-route")]
+    DefaultRoute,
     /// Any healthy agent, least loaded first.
     Any,
 }
@@ -384,6 +395,7 @@ impl RoutingStrategy {
         match self {
             RoutingStrategy::Node => "node",
             RoutingStrategy::Cidr => "cidr",
+            RoutingStrategy::DefaultRoute => "default-route",
             RoutingStrategy::Any => "any",
         }
     }
@@ -475,6 +487,23 @@ pub struct ServerStatus {
     pub ready_replicas: i32,
     /// `ready/desired`, for `kubectl get`.
     pub summary: String,
+    /// Agents linked to each running server pod, by pod name, as the pod's admin endpoint
+    /// (metric `cplink_server_agents_linked`) reported it at the last reconcile. With every
+    /// agent linked to every server, each count equals `agents.desired`. A pod whose endpoint
+    /// did not answer is listed without a count.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub linked_agents: Vec<ServerLinks>,
+}
+
+/// Agents linked to one server pod.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerLinks {
+    /// Name of the server pod.
+    pub pod: String,
+    /// Agents linked to it; absent when its admin endpoint could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agents: Option<i64>,
 }
 
 /// Agents.
@@ -641,6 +670,31 @@ mod tests {
         assert_eq!(
             path["pattern"],
             r"^(/([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+))+$"
+        );
+    }
+
+    #[test]
+    fn strategies_use_the_server_flag_spelling_default_route_included() {
+        let spec: ControlPlaneLinkSpec = serde_json::from_str(
+            r#"{"routing": {"strategies": ["node", "default-route", "cidr", "any"]}}"#,
+        )
+        .expect("strategies parse");
+        let names: Vec<&str> = spec.routing.strategies.iter().map(|s| s.as_str()).collect();
+        assert_eq!(names, ["node", "default-route", "cidr", "any"]);
+        assert_eq!(
+            serde_json::to_value(&spec.routing).expect("serializes")["strategies"],
+            serde_json::json!(["node", "default-route", "cidr", "any"])
+        );
+        assert!(
+            serde_json::from_str::<RoutingSpec>(r#"{"strategies": ["defaultRoute"]}"#).is_err()
+        );
+        // What the apiserver enforces: the enum in the generated CRD.
+        let crd = serde_json::to_value(<ControlPlaneLink as kube::CustomResourceExt>::crd())
+            .expect("json");
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert_eq!(
+            spec["properties"]["routing"]["properties"]["strategies"]["items"]["enum"],
+            serde_json::json!(["node", "cidr", "default-route", "any"])
         );
     }
 

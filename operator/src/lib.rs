@@ -7,6 +7,7 @@
 //! - [`certs`]: CA generation, leaf issuance, reuse-or-renew decisions (pure)
 //! - [`resources`]: pure builders of every child object
 //! - [`status`]: conditions and the Events changes of state deserve (pure)
+//! - [`linked`]: how many agents each server pod has linked, read from its admin endpoint
 //! - [`reconciler`]: `Context`, `reconcile` (finalizer → apply/cleanup), `error_policy`, `run`
 //! - [`metrics`], [`admin`]: Prometheus metrics and the `/healthz` `/readyz` `/metrics` server
 //! - [`app`]: command-line configuration and the operator's `run`
@@ -15,6 +16,7 @@ pub mod admin;
 pub mod app;
 pub mod certs;
 pub mod crd;
+pub mod linked;
 pub mod metrics;
 pub mod reconciler;
 pub mod resources;

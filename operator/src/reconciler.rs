@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{self, Event as Finalizer, finalizer};
@@ -32,10 +32,12 @@ use serde_json::json;
 use time::OffsetDateTime;
 
 use crate::certs::{self, CertError, CertPair, Profile};
-use crate::crd::{ControlPlaneLink, ControlPlaneLinkStatus, FrontendStatus};
+use crate::crd::{ControlPlaneLink, ControlPlaneLinkStatus, FrontendStatus, ServerLinks};
+use crate::linked;
 use crate::metrics::Metrics;
+use crate::resources::deployment::SERVER_ADMIN_PORT;
 use crate::resources::{
-    MANAGED_BY, Plan, PlanError, daemonset, deployment, rbac, secrets, services,
+    Component, MANAGED_BY, Plan, PlanError, daemonset, deployment, rbac, secrets, services,
 };
 use crate::status::{self, Certificates, Observed, Transition};
 use crate::validate::validate;
@@ -51,10 +53,19 @@ pub const CONTROLLER_NAME: &str = "cplink-operator";
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(5 * 60);
 /// Re-check a link whose CA Secret is missing or unusable (that Secret is not watched).
 pub const CA_RETRY_INTERVAL: Duration = Duration::from_secs(60);
+/// Re-read the servers' linked agents this often until every server has every agent: links
+/// come and go without any object changing.
+pub const LINKS_RECHECK_INTERVAL: Duration = Duration::from_secs(15);
 /// First retry delay after a failed reconcile; doubles per consecutive failure.
 pub const ERROR_BACKOFF_BASE: Duration = Duration::from_secs(5);
 /// Longest retry delay after failed reconciles.
 pub const ERROR_BACKOFF_MAX: Duration = Duration::from_secs(5 * 60);
+
+/// [`SERVER_ADMIN_PORT`] as a port number, checked when compiling.
+const SERVER_ADMIN_PORT_NUMBER: u16 = {
+    assert!(SERVER_ADMIN_PORT > 0 && SERVER_ADMIN_PORT <= u16::MAX as i32);
+    SERVER_ADMIN_PORT as u16
+};
 
 /// Why a reconcile failed. Every variant is retried with backoff by [`error_policy`].
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +151,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Image for servers and agents when the spec names none (the operator's own image).
     pub default_image: String,
+    /// Port of the server pods' admin endpoint, where their linked agents are counted.
+    server_admin_port: u16,
     /// Consecutive failures per link (`namespace/name`), for retry backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -156,8 +169,16 @@ impl Context {
             client,
             metrics,
             default_image,
+            server_admin_port: SERVER_ADMIN_PORT_NUMBER,
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Reads the servers' linked agents on `port` instead of their admin port (tests serve
+    /// metrics on a port of their own).
+    pub fn with_server_admin_port(mut self, port: u16) -> Self {
+        self.server_admin_port = port;
+        self
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
@@ -518,10 +539,14 @@ async fn apply(link: &ControlPlaneLink, ctx: &Context) -> Result<Action, Error> 
     )
     .await?;
 
+    let mut server = status::server_status(&deployment);
+    server.linked_agents = server_links(ctx, &plan).await;
+    let agents = status::agents_status(&daemonset);
+    let links_settled = status::links_settled(&server, &agents);
     let observed = Observed {
         generation,
-        server: Some(status::server_status(&deployment)),
-        agents: Some(status::agents_status(&daemonset)),
+        server: Some(server),
+        agents: Some(agents),
         frontend: Some(FrontendStatus {
             address: plan.apiserver_endpoint(),
             egress_secret: names.egress_secret(),
@@ -534,7 +559,39 @@ async fn apply(link: &ControlPlaneLink, ctx: &Context) -> Result<Action, Error> 
     write_status(&links, &name, &status).await?;
     publish(ctx, link, status::transitions(old, &status, issued.renewed)).await;
 
-    Ok(Action::requeue(next_check(issued.renew_at, now)))
+    let next = next_check(issued.renew_at, now);
+    Ok(Action::requeue(if links_settled {
+        next
+    } else {
+        next.min(LINKS_RECHECK_INTERVAL)
+    }))
+}
+
+/// Agents linked to each running server pod. Advisory: when the pods cannot be listed the
+/// status lists none, and the reconcile goes on.
+async fn server_links(ctx: &Context, plan: &Plan) -> Vec<ServerLinks> {
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &plan.namespace);
+    let selector: Vec<String> = plan
+        .selector(Component::Server)
+        .into_iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect();
+    match pods
+        .list(&ListParams::default().labels(&selector.join(",")))
+        .await
+    {
+        Ok(list) => {
+            linked::linked_agents(&list.items, ctx.server_admin_port, linked::SCRAPE_TIMEOUT).await
+        }
+        Err(error) => {
+            tracing::warn!(
+                namespace = %plan.namespace,
+                %error,
+                "cannot list server pods; their linked agents go unreported"
+            );
+            Vec::new()
+        }
+    }
 }
 
 /// When to look at the link again: the resync interval, or sooner when a renewal is due.

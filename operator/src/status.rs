@@ -70,6 +70,7 @@ pub fn server_status(deploy: &Deployment) -> ServerStatus {
         replicas,
         ready_replicas,
         summary: format!("{ready_replicas}/{replicas}"),
+        linked_agents: Vec::new(),
     }
 }
 
@@ -84,6 +85,15 @@ pub fn agents_status(ds: &DaemonSet) -> AgentsStatus {
         ready,
         summary: format!("{ready}/{desired}"),
     }
+}
+
+/// Whether every listed server pod reported every desired agent linked (or none is listed,
+/// when nothing more can be learned by asking again).
+pub fn links_settled(server: &ServerStatus, agents: &AgentsStatus) -> bool {
+    server
+        .linked_agents
+        .iter()
+        .all(|l| l.agents == Some(i64::from(agents.desired)))
 }
 
 fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
@@ -363,6 +373,7 @@ mod tests {
     use k8s_openapi::jiff::Timestamp;
 
     use super::*;
+    use crate::crd::ServerLinks;
 
     fn at(secs: i64) -> Time {
         Time(Timestamp::from_second(secs).expect("valid"))
@@ -375,6 +386,7 @@ mod tests {
                 replicas: 2,
                 ready_replicas: server_ready,
                 summary: format!("{server_ready}/2"),
+                linked_agents: Vec::new(),
             }),
             agents: Some(AgentsStatus {
                 desired: 3,
@@ -530,5 +542,65 @@ mod tests {
             transitions(Some(&first), &fixed, false)[0].reason,
             "Created"
         );
+    }
+
+    fn links(counts: &[Option<i64>]) -> Vec<ServerLinks> {
+        counts
+            .iter()
+            .enumerate()
+            .map(|(n, agents)| ServerLinks {
+                pod: format!("link-server-{n}"),
+                agents: *agents,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn links_settle_once_every_server_counts_every_agent() {
+        let obs = observed(2, 3);
+        let agents = obs.agents.clone().expect("agents");
+        let mut server = obs.server.clone().expect("server");
+        assert!(
+            links_settled(&server, &agents),
+            "nothing listed, nothing to wait for"
+        );
+        server.linked_agents = links(&[Some(3), Some(3)]);
+        assert!(links_settled(&server, &agents));
+        server.linked_agents = links(&[Some(3), Some(2)]);
+        assert!(
+            !links_settled(&server, &agents),
+            "one agent missing on a server"
+        );
+        server.linked_agents = links(&[Some(3), None]);
+        assert!(!links_settled(&server, &agents), "a server did not answer");
+    }
+
+    #[test]
+    fn linked_agents_reach_the_status_and_changing_counts_publish_no_event() {
+        let mut obs = observed(2, 3);
+        if let Some(server) = obs.server.as_mut() {
+            server.linked_agents = links(&[Some(3), Some(1)]);
+        }
+        let first = desired_status(None, &obs, &at(1));
+        let listed = &first.server.as_ref().expect("server").linked_agents;
+        assert_eq!(listed[1].agents, Some(1));
+        let json = serde_json::to_value(&first).expect("json");
+        assert_eq!(
+            json["server"]["linkedAgents"],
+            serde_json::json!([
+                {"pod": "link-server-0", "agents": 3},
+                {"pod": "link-server-1", "agents": 1},
+            ])
+        );
+        if let Some(server) = obs.server.as_mut() {
+            server.linked_agents = links(&[Some(3), None]);
+        }
+        let second = desired_status(Some(&first), &obs, &at(2));
+        assert_eq!(
+            serde_json::to_value(&second).expect("json")["server"]["linkedAgents"][1],
+            serde_json::json!({"pod": "link-server-1"}),
+            "a server that did not answer is listed without a count"
+        );
+        assert_eq!(transitions(Some(&first), &second, false), []);
     }
 }

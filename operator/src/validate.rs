@@ -343,6 +343,16 @@ pub fn validate(name: &str, spec: &ControlPlaneLinkSpec) -> Result<ValidSpec, In
             "at least one strategy is required",
         ));
     }
+    // The server refuses a chain naming a strategy twice; say so here rather than let every
+    // server pod fail to start.
+    for (n, strategy) in spec.routing.strategies.iter().enumerate() {
+        if spec.routing.strategies[..n].contains(strategy) {
+            return Err(InvalidSpec::new(
+                format!("spec.routing.strategies[{n}]"),
+                format!("{} is listed twice", strategy.as_str()),
+            ));
+        }
+    }
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&spec.log_level) {
         return Err(InvalidSpec::new(
             "spec.logLevel",
@@ -368,7 +378,7 @@ pub fn validate(name: &str, spec: &ControlPlaneLinkSpec) -> Result<ValidSpec, In
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{ControlPlaneLinkSpec, FrontendMode};
+    use crate::crd::{ControlPlaneLinkSpec, FrontendMode, RoutingStrategy};
 
     fn spec() -> ControlPlaneLinkSpec {
         ControlPlaneLinkSpec::default()
@@ -511,6 +521,20 @@ mod tests {
             validate("l", &s).expect_err("").field,
             "spec.routing.strategies"
         );
+        let mut s = spec();
+        s.routing.strategies = vec![
+            RoutingStrategy::Node,
+            RoutingStrategy::DefaultRoute,
+            RoutingStrategy::Node,
+        ];
+        let err = validate("l", &s).expect_err("node twice");
+        assert_eq!(err.field, "spec.routing.strategies[2]");
+        assert_eq!(
+            err.to_string(),
+            "spec.routing.strategies[2]: node is listed twice"
+        );
+        s.routing.strategies.pop();
+        validate("l", &s).expect("node,default-route is a valid chain");
         let mut s = spec();
         s.log_level = "cplink=loud".into();
         assert_eq!(validate("l", &s).expect_err("").field, "spec.logLevel");

@@ -6,12 +6,19 @@
 //! over the ready endpoints. Like cloud load balancers, it fails open: while no endpoint is
 //! ready, every endpoint takes connections (so a client meets the backend's own answer, not
 //! a closed connection). A connection that finds no endpoint at all is closed at once.
+//!
+//! It follows readiness as the watch reports it (no polling): a server marked not ready in its
+//! Service's slices, or removed from them as it starts terminating, takes no new connection
+//! from then on.
+//! Connections already forwarded stay piped until either end closes; a backend that closes or
+//! resets its side closes the client's too, so a client never waits on a dead backend.
+//! Tests read [`Forwarder::history`] and [`Forwarder::connections`] to check both.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures_util::StreamExt as _;
@@ -31,6 +38,10 @@ struct Backends {
     /// Endpoints by EndpointSlice name.
     by_slice: HashMap<String, Vec<Endpoint>>,
     next: usize,
+    /// Every change of [`Backends::all`], with when the watch reported it.
+    history: Vec<(Instant, Vec<SocketAddr>)>,
+    /// Every forwarded connection: when, and to which endpoint.
+    opened: Vec<(Instant, SocketAddr)>,
 }
 
 impl Backends {
@@ -44,6 +55,14 @@ impl Backends {
             .collect();
         all.sort_unstable();
         all
+    }
+
+    /// Records the endpoints taking connections if they changed.
+    fn note_change(&mut self) {
+        let now = self.all();
+        if self.history.last().is_none_or(|(_, last)| *last != now) {
+            self.history.push((Instant::now(), now));
+        }
     }
 
     /// The endpoints in the order to try them, starting at the next in turn.
@@ -136,6 +155,43 @@ impl Forwarder {
     pub fn backends(&self, service: &str) -> Vec<SocketAddr> {
         self.backends[service].lock().expect("backends").all()
     }
+
+    /// Every change of the endpoints of `service` that take connections, with when the
+    /// EndpointSlice watch reported it.
+    pub fn history(&self, service: &str) -> Vec<(Instant, Vec<SocketAddr>)> {
+        self.backends[service]
+            .lock()
+            .expect("backends")
+            .history
+            .clone()
+    }
+
+    /// When `endpoint` last stopped taking connections for `service`, if it did and has not
+    /// taken them again since.
+    pub fn dropped_at(&self, service: &str, endpoint: SocketAddr) -> Option<Instant> {
+        let history = self.history(service);
+        let mut dropped = None;
+        let mut present = false;
+        for (at, endpoints) in &history {
+            let now_present = endpoints.contains(&endpoint);
+            if present && !now_present {
+                dropped = Some(*at);
+            } else if now_present {
+                dropped = None;
+            }
+            present = now_present;
+        }
+        dropped
+    }
+
+    /// Every connection forwarded for `service`: when it was opened, and to which endpoint.
+    pub fn connections(&self, service: &str) -> Vec<(Instant, SocketAddr)> {
+        self.backends[service]
+            .lock()
+            .expect("backends")
+            .opened
+            .clone()
+    }
 }
 
 fn endpoint_slices() -> ApiResource {
@@ -179,6 +235,7 @@ async fn watch_slices(
             Ok(watcher::Event::InitDone) => {}
             Err(err) => tracing::debug!(%service, %err, "EndpointSlice watch failed"),
         }
+        backends.note_change();
     }
 }
 
@@ -220,11 +277,17 @@ async fn accept(listener: TcpListener, table: Arc<Mutex<Backends>>, shutdown: Ca
         };
         let candidates = table.lock().expect("backends").rotation();
         let shutdown = shutdown.clone();
+        let table = Arc::clone(&table);
         tokio::spawn(async move {
             for backend in candidates {
                 let connect =
                     tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(backend));
                 if let Ok(Ok(upstream)) = connect.await {
+                    table
+                        .lock()
+                        .expect("backends")
+                        .opened
+                        .push((Instant::now(), backend));
                     tokio::select! {
                         _ = pipe(client, upstream) => {}
                         () = shutdown.cancelled() => {}
@@ -274,6 +337,59 @@ mod tests {
         backends.by_slice.insert("b".into(), endpoints(&unready));
         assert_eq!(backends.all(), [addr("127.9.4.2:8090")]);
         assert!(endpoints(&json!({ "endpoints": [] })).is_empty());
+    }
+
+    #[test]
+    fn changes_of_the_ready_endpoints_are_recorded_once_each() {
+        let a: SocketAddr = "127.0.0.2:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.3:1".parse().unwrap();
+        let mut backends = Backends::default();
+        backends
+            .by_slice
+            .insert("one".into(), vec![(a, true), (b, true)]);
+        backends.note_change();
+        backends.note_change();
+        backends
+            .by_slice
+            .insert("one".into(), vec![(a, true), (b, false)]);
+        backends.note_change();
+        let history: Vec<Vec<SocketAddr>> =
+            backends.history.iter().map(|(_, e)| e.clone()).collect();
+        assert_eq!(history, [vec![a, b], vec![a]]);
+    }
+
+    /// A connection to a server that goes away: the client sees its end promptly, whether the
+    /// server closes (drain over) or resets (killed).
+    #[tokio::test]
+    async fn a_backend_that_closes_or_resets_ends_the_client_connection_too() {
+        for reset in [false, true] {
+            let backend = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let backend_address = backend.local_addr().unwrap();
+            let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let front_address = front.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (client, _) = front.accept().await.unwrap();
+                let upstream = TcpStream::connect(backend_address).await.unwrap();
+                let _ = pipe(client, upstream).await;
+            });
+            let mut client = TcpStream::connect(front_address).await.unwrap();
+            let (server_side, _) = backend.accept().await.unwrap();
+            if reset {
+                server_side.set_zero_linger().unwrap();
+            }
+            drop(server_side);
+            let mut buf = [0u8; 16];
+            let read = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::io::AsyncReadExt::read(&mut client, &mut buf),
+            )
+            .await
+            .expect("the client learns of the backend's end, it does not hang");
+            assert!(
+                matches!(read, Ok(0) | Err(_)),
+                "reset={reset}: end of stream or an error, got {read:?}"
+            );
+        }
     }
 
     #[test]

@@ -3,9 +3,12 @@
 //! a ControlPlaneLink, and kube-apiserver sending its node and pod traffic through the
 //! tunnel. Shared by the end-to-end tests and `make demo`.
 
+use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1::Secret;
@@ -47,6 +50,17 @@ pub enum Egress {
     Grpc,
 }
 
+/// How the link's agents reach its servers (the link's `spec.server.agentEndpoint`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentEndpoint {
+    /// `externalAddress` set to the forwarder in front of the agent Service, as a load balancer
+    /// would be: agents dial it until linked to every server.
+    Forwarder,
+    /// No `externalAddress`: agents watch the EndpointSlices of the agent Service and link to
+    /// each server pod directly, as they do in a cluster.
+    Discovery,
+}
+
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct StackOptions {
@@ -78,6 +92,7 @@ pub struct Stack {
     pub plane: ControlPlane,
     options: StackOptions,
     egress: Egress,
+    agent_endpoint: AgentEndpoint,
 }
 
 /// Chart values for the tests: the image the pod runner accepts, plus `extra` top-level
@@ -161,12 +176,20 @@ impl Stack {
             plane,
             options,
             egress,
+            agent_endpoint: AgentEndpoint::Forwarder,
         };
         if stack.egress == Egress::Grpc {
             stack.prepare_socket_dir()?;
         }
         stack.wait_operator_ready().await?;
         Ok(stack)
+    }
+
+    /// The stack with its link's agents reaching the servers as `endpoint` says (by default
+    /// through the forwarder); takes effect at [`Stack::apply_link`].
+    pub fn with_agent_endpoint(mut self, endpoint: AgentEndpoint) -> Self {
+        self.agent_endpoint = endpoint;
+        self
     }
 
     /// The link's `socketHostPath` in `GRPC` mode: a directory of this run, never a fixed
@@ -216,8 +239,9 @@ impl Stack {
             .map(drop)
     }
 
-    /// The ControlPlaneLink: the options' server count and frontend mode, Services reached
-    /// through the forwarder, the nodes' range as the pod range.
+    /// The ControlPlaneLink: the options' server count and frontend mode, the frontend
+    /// Service reached through the forwarder, the agent Service as [`AgentEndpoint`] says, the
+    /// nodes' range as the pod range.
     pub fn link_yaml(&self) -> String {
         let mode = match self.egress {
             Egress::HttpConnect => String::new(),
@@ -225,6 +249,13 @@ impl Stack {
                 "      mode: GRPC\n      socketHostPath: \"{}\"\n",
                 self.socket_dir().display()
             ),
+        };
+        let agent_endpoint = match self.agent_endpoint {
+            AgentEndpoint::Forwarder => format!(
+                "    agentEndpoint:\n      externalAddress: \"{}\"\n",
+                self.forwarder.address(AGENT_SERVICE)
+            ),
+            AgentEndpoint::Discovery => String::new(),
         };
         format!(
             "apiVersion: cplink.dev/v1alpha1
@@ -237,14 +268,11 @@ spec:
     replicas: {servers}
     frontend:
 {mode}      externalAddress: \"{frontend}\"
-    agentEndpoint:
-      externalAddress: \"{agents}\"
-  network:
+{agent_endpoint}  network:
     podCIDRs: [\"{range}\"]
 ",
             servers = self.options.servers,
             frontend = self.forwarder.address(FRONTEND_SERVICE),
-            agents = self.forwarder.address(AGENT_SERVICE),
             range = self.nodes.range(),
         )
     }
@@ -380,6 +408,76 @@ spec:
             self.plane.log_tail("kube-scheduler"),
             self.plane.log_tail("kube-apiserver")
         )
+    }
+}
+
+/// `kubectl logs -f` (or any long-running `kubectl`), its output lines collected as they
+/// arrive with the time each arrived; killed when dropped.
+pub struct Follow {
+    child: std::process::Child,
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+impl Follow {
+    /// Starts `kubectl args...` against the stack's control plane.
+    pub fn start(stack: &Stack, args: &[&str]) -> anyhow::Result<Self> {
+        let mut child = stack
+            .plane
+            .kubectl(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().context("piped stdout")?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock()
+                    .expect("follow output")
+                    .push((Instant::now(), line));
+            }
+        });
+        Ok(Follow { child, lines })
+    }
+
+    /// Whether some line contains `text`.
+    pub fn contains(&self, text: &str) -> bool {
+        self.lines
+            .lock()
+            .expect("follow output")
+            .iter()
+            .any(|(_, line)| line.contains(text))
+    }
+
+    /// How many lines arrived before `at`.
+    pub fn lines_before(&self, at: Instant) -> usize {
+        self.lines
+            .lock()
+            .expect("follow output")
+            .iter()
+            .take_while(|(arrived, _)| *arrived < at)
+            .count()
+    }
+
+    /// When the last line arrived.
+    pub fn last_line_at(&self) -> Option<Instant> {
+        self.lines
+            .lock()
+            .expect("follow output")
+            .last()
+            .map(|(at, _)| *at)
+    }
+
+    /// The exit status, once `kubectl` has ended.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

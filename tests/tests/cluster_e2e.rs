@@ -5,13 +5,10 @@
 //! traffic through the tunnel.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead as _, BufReader};
 use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 
 use cplink_e2e::cluster::PodAddress;
-use cplink_e2e::stack::{self, Egress, LINK, NAMESPACE, STEP, Stack, StackOptions};
+use cplink_e2e::stack::{self, Egress, Follow, LINK, NAMESPACE, STEP, Stack, StackOptions};
 use cplink_e2e::wait;
 
 /// A fixture HTTP server on one of the nodes, behind a Service.
@@ -108,45 +105,6 @@ fn kubectl_err(stack: &Stack, args: &[&str]) -> String {
         Ok(out) if out.status.success() => String::new(),
         Ok(out) => String::from_utf8_lossy(&out.stderr).into_owned(),
         Err(err) => err.to_string(),
-    }
-}
-
-/// `kubectl logs -f`, its output collected as it arrives; killed when dropped.
-struct Follow {
-    child: std::process::Child,
-    output: Arc<Mutex<String>>,
-}
-
-impl Follow {
-    fn start(stack: &Stack, args: &[&str]) -> anyhow::Result<Self> {
-        let mut child = stack
-            .plane
-            .kubectl(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let stdout = child.stdout.take().expect("piped stdout");
-        let output = Arc::new(Mutex::new(String::new()));
-        let sink = Arc::clone(&output);
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let mut out = sink.lock().expect("follow output");
-                out.push_str(&line);
-                out.push('\n');
-            }
-        });
-        Ok(Follow { child, output })
-    }
-
-    fn contains(&self, text: &str) -> bool {
-        self.output.lock().expect("follow output").contains(text)
-    }
-}
-
-impl Drop for Follow {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -104,9 +104,11 @@ enum Scenario {
     /// No finalizer yet: a JSON patch adding it, nothing else.
     FinalizerCreation,
     /// Reads the Secrets (`stored` answers them; missing ones are 404), applies every child,
+    /// lists the server pods (answered with `server_pods`, or refused with 403 for `None`),
     /// writes status, publishes Events with these reasons.
     Apply {
         stored: Recorded,
+        server_pods: Option<Vec<Value>>,
         events: Vec<&'static str>,
     },
     /// Writes a `Ready=False`/`InvalidSpec` status naming `field`, publishes one Warning.
@@ -128,7 +130,11 @@ impl ApiServerVerifier {
             let mut recorded = Recorded::default();
             match scenario {
                 Scenario::FinalizerCreation => verifier.finalizer_added(&link).await,
-                Scenario::Apply { stored, events } => {
+                Scenario::Apply {
+                    stored,
+                    server_pods,
+                    events,
+                } => {
                     for name in SECRETS {
                         verifier.get_secret(name, stored.secret(name)).await;
                     }
@@ -137,6 +143,7 @@ impl ApiServerVerifier {
                         recorded.order.push(path.clone());
                         recorded.applied.insert(path, body);
                     }
+                    verifier.list_server_pods(server_pods).await;
                     recorded.status = verifier.status(&link).await;
                     for reason in events {
                         recorded.events.push(verifier.event(reason).await);
@@ -241,6 +248,27 @@ impl ApiServerVerifier {
         stored["metadata"]["uid"] = json!(format!("uid-{name}"));
         send.send_response(json_response(&stored));
         body
+    }
+
+    /// Expects the server pods to be listed by their labels; answers with `pods`, or 403.
+    async fn list_server_pods(&mut self, pods: Option<Vec<Value>>) {
+        let (request, send) = self.next().await;
+        assert_eq!(request.method(), Method::GET);
+        assert_eq!(request.uri().path(), format!("{CORE}/pods"));
+        let query = request.uri().query().unwrap_or_default();
+        assert!(
+            query.contains(
+                "labelSelector=app.kubernetes.io%2Fcomponent%3Dserver%2C\
+                 app.kubernetes.io%2Finstance%3Dlink%2Capp.kubernetes.io%2Fname%3Dcplink"
+            ),
+            "{query}"
+        );
+        send.send_response(match pods {
+            Some(items) => json_response(&json!({
+                "apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items
+            })),
+            None => status_response(StatusCode::FORBIDDEN, "Forbidden"),
+        });
     }
 
     /// Expects a server-side apply of the link's status; answers with the updated link.
@@ -353,14 +381,22 @@ fn status_response(code: StatusCode, reason: &str) -> Response<Body> {
 }
 
 fn test_context() -> (Arc<Context>, ApiServerVerifier) {
+    let (ctx, verifier) = context_reading_servers_on(SERVER_ADMIN_PORT_NUMBER);
+    (Arc::new(ctx), verifier)
+}
+
+/// A context whose client talks to the verifier and which reads the server pods' metrics on
+/// `admin_port`.
+fn context_reading_servers_on(admin_port: u16) -> (Context, ApiServerVerifier) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(service, "default");
     let ctx = Context::new(
         client,
         Arc::new(Metrics::default()),
         DEFAULT_IMAGE.to_owned(),
-    );
-    (Arc::new(ctx), ApiServerVerifier(handle))
+    )
+    .with_server_admin_port(admin_port);
+    (ctx, ApiServerVerifier(handle))
 }
 
 /// Runs one reconcile of `link` against `scenario`; returns its result and what was seen.
@@ -369,6 +405,16 @@ async fn reconcile_with(
     scenario: Scenario,
 ) -> (Result<Action, Error>, Recorded) {
     let (ctx, verifier) = test_context();
+    reconcile_in(ctx, verifier, link, scenario).await
+}
+
+/// [`reconcile_with`] in a context of the test's making.
+async fn reconcile_in(
+    ctx: Arc<Context>,
+    verifier: ApiServerVerifier,
+    link: ControlPlaneLink,
+    scenario: Scenario,
+) -> (Result<Action, Error>, Recorded) {
     let server = verifier.run(link.clone(), scenario);
     let result = reconcile(Arc::new(link), ctx).await;
     // The context (and with it the client) is gone now: the verifier sees the end of calls.
@@ -381,6 +427,7 @@ async fn first_apply(link: ControlPlaneLink) -> Recorded {
         link,
         Scenario::Apply {
             stored: Recorded::default(),
+            server_pods: Some(vec![]),
             events: vec!["Created"],
         },
     )
@@ -485,6 +532,7 @@ async fn a_second_reconcile_with_nothing_changed_reapplies_identical_bodies_and_
         first.link_after(link),
         Scenario::Apply {
             stored: first.clone(),
+            server_pods: Some(vec![]),
             events: vec![],
         },
     )
@@ -508,6 +556,7 @@ async fn a_replica_change_updates_only_the_deployment() {
         scaled,
         Scenario::Apply {
             stored: first.clone(),
+            server_pods: Some(vec![]),
             events: vec!["Updated"],
         },
     )
@@ -524,6 +573,68 @@ async fn a_replica_change_updates_only_the_deployment() {
     }
     assert_eq!(second.status["observedGeneration"], 2);
     assert_eq!(second.status["server"]["replicas"], 3);
+}
+
+fn server_pod(name: &str, phase: &str, ip: &str) -> Value {
+    json!({
+        "metadata": {"name": name, "namespace": NS},
+        "status": {"phase": phase, "podIP": ip},
+    })
+}
+
+#[tokio::test]
+async fn the_status_counts_the_agents_linked_to_each_running_server() {
+    let metrics = "# TYPE cplink_server_agents_linked gauge\ncplink_server_agents_linked 3\n";
+    let admin = crate::linked::fixtures::admin_endpoint(200, metrics).await;
+    let (ctx, verifier) = context_reading_servers_on(admin.port());
+    let link = ControlPlaneLink::test().finalized();
+    let (result, recorded) = reconcile_in(
+        Arc::new(ctx),
+        verifier,
+        link,
+        Scenario::Apply {
+            stored: Recorded::default(),
+            // The admin endpoint listens on 127.0.0.1 only: the pod on 127.0.0.2 refuses.
+            server_pods: Some(vec![
+                server_pod("link-server-b", "Running", "127.0.0.2"),
+                server_pod("link-server-a", "Running", "127.0.0.1"),
+                server_pod("link-server-c", "Pending", ""),
+            ]),
+            events: vec!["Created"],
+        },
+    )
+    .await;
+    assert_eq!(
+        recorded.status["server"]["linkedAgents"],
+        json!([
+            {"pod": "link-server-a", "agents": 3},
+            {"pod": "link-server-b"},
+        ])
+    );
+    assert_eq!(
+        result.expect("an unreadable server fails nothing"),
+        Action::requeue(LINKS_RECHECK_INTERVAL),
+        "links are read again soon while a server is unaccounted for"
+    );
+}
+
+#[tokio::test]
+async fn server_pods_that_cannot_be_listed_leave_the_counts_out_and_fail_nothing() {
+    let (result, recorded) = reconcile_with(
+        ControlPlaneLink::test().finalized(),
+        Scenario::Apply {
+            stored: Recorded::default(),
+            server_pods: None,
+            events: vec!["Created"],
+        },
+    )
+    .await;
+    assert_eq!(
+        result.expect("reconcile succeeds"),
+        Action::requeue(RESYNC_INTERVAL)
+    );
+    assert_eq!(recorded.status["server"].get("linkedAgents"), None);
+    assert_eq!(recorded.status["server"]["summary"], "0/2");
 }
 
 #[tokio::test]
@@ -731,6 +842,7 @@ async fn a_certificate_due_for_renewal_is_reissued_and_rolls_only_its_pods() {
         first.link_after(link),
         Scenario::Apply {
             stored,
+            server_pods: Some(vec![]),
             events: vec!["CertificatesRenewed"],
         },
     )

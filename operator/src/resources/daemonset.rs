@@ -1,4 +1,12 @@
-//! The agent DaemonSet: one agent per node, dialing every server.
+//! The agent DaemonSet: one agent per node, linked to every server.
+//!
+//! In the cluster, agents find the servers themselves: they watch the EndpointSlices of the
+//! headless agent Service (not-ready servers included, since a server becomes ready only once
+//! agents link to it) and keep one link per server, so a surged or replaced server is linked
+//! within moments. Behind `agentEndpoint.externalAddress` they dial that one address until
+//! they are linked to as many servers as the servers announce. Either way they read their
+//! Node's pod ranges, so servers route pod addresses to the agent of the pod's node; both need
+//! the ServiceAccount token, which is mounted for that.
 
 use std::collections::BTreeMap;
 
@@ -11,7 +19,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::deployment::{http_probe, tls_volume};
 use super::{
-    Component, DRAIN_TIMEOUT_SECONDS, Plan, TERMINATION_GRACE_PERIOD_SECONDS,
+    AGENT_TERMINATION_GRACE_PERIOD_SECONDS, Component, DRAIN_TIMEOUT_SECONDS, Plan,
     TLS_CHECKSUM_ANNOTATION, TLS_MOUNT_PATH, container_security_context, field_env,
     pod_security_context,
 };
@@ -25,23 +33,32 @@ pub const AGENT_CONTAINER: &str = "agent";
 
 /// Arguments of `cplink-agent`, in the order they appear in the pod.
 pub fn agent_args(plan: &Plan) -> Vec<String> {
+    let agent_service = plan.names().agent_service();
     let mut args = vec![
         "--node-name=$(CPLINK_NODE_NAME)".to_owned(),
         "--host-ip=$(CPLINK_HOST_IP)".to_owned(),
-        format!("--server-address={}", plan.agent_endpoint_address()),
+        "--pod-cidr-from-node".to_owned(),
+    ];
+    if plan.valid.agent_endpoint_external.is_some() {
+        args.push(format!(
+            "--server-address={}",
+            plan.agent_endpoint_address()
+        ));
+    } else {
+        args.push(format!("--server-service={agent_service}"));
+        args.push(format!("--server-namespace={}", plan.namespace));
+    }
+    args.extend([
         // The in-cluster Service name is always in the server certificate, whichever address
         // agents dial.
-        format!(
-            "--server-name={}",
-            plan.service_dns(&plan.names().agent_service())
-        ),
+        format!("--server-name={}", plan.service_dns(&agent_service)),
         format!("--server-ca={TLS_MOUNT_PATH}/{CA_CRT}"),
         format!("--tls-cert={TLS_MOUNT_PATH}/{TLS_CRT}"),
         format!("--tls-key={TLS_MOUNT_PATH}/{TLS_KEY}"),
         format!("--admin-address=$(CPLINK_POD_IP):{AGENT_ADMIN_PORT}"),
         format!("--drain-timeout={DRAIN_TIMEOUT_SECONDS}s"),
         format!("--log-level={}", plan.spec.log_level),
-    ];
+    ]);
     args.extend(
         plan.valid
             .allow
@@ -109,8 +126,10 @@ pub fn agent_daemonset(plan: &Plan, tls_checksum: &str) -> DaemonSet {
                 }),
                 spec: Some(PodSpec {
                     service_account_name: Some(plan.names().agent()),
+                    // Server discovery and the Node's pod ranges read the API as this account.
+                    automount_service_account_token: Some(true),
                     priority_class_name: Some(agent.priority_class_name.clone()),
-                    termination_grace_period_seconds: Some(TERMINATION_GRACE_PERIOD_SECONDS),
+                    termination_grace_period_seconds: Some(AGENT_TERMINATION_GRACE_PERIOD_SECONDS),
                     security_context: Some(pod_security_context()),
                     node_selector: agent.node_selector.clone(),
                     tolerations: Some(agent.tolerations.clone()),
@@ -140,7 +159,7 @@ mod tests {
     }
 
     #[test]
-    fn the_default_agent_dials_the_headless_service_and_reaches_only_its_kubelet() {
+    fn the_default_agent_finds_the_servers_in_the_headless_service_and_reaches_only_its_kubelet() {
         let ds = agent_daemonset(&ControlPlaneLink::test().plan(), "sum");
         assert_eq!(ds.metadata.name.as_deref(), Some("link-agent"));
         let c = &pod(&ds).containers[0];
@@ -151,7 +170,9 @@ mod tests {
             [
                 "--node-name=$(CPLINK_NODE_NAME)",
                 "--host-ip=$(CPLINK_HOST_IP)",
-                "--server-address=link-agent-endpoint.tunnels.svc:8091",
+                "--pod-cidr-from-node",
+                "--server-service=link-agent-endpoint",
+                "--server-namespace=tunnels",
                 "--server-name=link-agent-endpoint.tunnels.svc",
                 "--server-ca=/etc/cplink/tls/ca.crt",
                 "--tls-cert=/etc/cplink/tls/tls.crt",
@@ -192,6 +213,11 @@ mod tests {
             json!([{"operator": "Exists"}])
         );
         assert_eq!(pod.service_account_name.as_deref(), Some("link-agent"));
+        assert_eq!(
+            pod.automount_service_account_token,
+            Some(true),
+            "discovery and --pod-cidr-from-node need the token"
+        );
         let rolling = ds
             .spec
             .as_ref()
@@ -199,6 +225,21 @@ mod tests {
             .and_then(|s| s.rolling_update.as_ref())
             .expect("rolling update");
         assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(1)));
+    }
+
+    #[test]
+    fn a_stopping_agent_may_drain_before_it_is_killed() {
+        let ds = agent_daemonset(&ControlPlaneLink::test().plan(), "sum");
+        let strategy = ds
+            .spec
+            .as_ref()
+            .and_then(|s| s.update_strategy.as_ref())
+            .expect("update strategy");
+        assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+        let grace = pod(&ds).termination_grace_period_seconds.expect("grace");
+        assert!(grace > DRAIN_TIMEOUT_SECONDS, "{grace}s");
+        let args = pod(&ds).containers[0].args.clone().expect("args");
+        assert!(args.contains(&format!("--drain-timeout={DRAIN_TIMEOUT_SECONDS}s")));
     }
 
     #[test]
@@ -260,7 +301,14 @@ mod tests {
         assert_eq!(c.image.as_deref(), Some("registry.local/cplink:2"));
         let args = c.args.as_deref().expect("args");
         assert!(args.contains(&"--server-address=tunnel.example.com:443".to_owned()));
+        assert!(
+            !args
+                .iter()
+                .any(|a| a.starts_with("--server-service") || a.starts_with("--server-namespace")),
+            "one fixed address, no discovery: {args:?}"
+        );
         assert!(args.contains(&"--server-name=link-agent-endpoint.tunnels.svc".to_owned()));
+        assert!(args.contains(&"--pod-cidr-from-node".to_owned()));
         assert!(args.contains(&"--allow=10.0.0.0/8:10250".to_owned()));
         assert!(!args.iter().any(|a| a.contains("CPLINK_HOST_IP)/32")));
     }

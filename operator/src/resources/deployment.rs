@@ -3,6 +3,12 @@
 //! Listeners bind the pod IP rather than 0.0.0.0: in the e2e pod runner all pods share the host
 //! network namespace, each with its own loopback IP, and wildcard binds would collide.
 //!
+//! Servers stop without dropping a connection: on SIGTERM a server reports not-ready at once
+//! but keeps accepting for the shutdown delay, while the endpoints of its Services (and load
+//! balancers behind them) catch up; then it stops accepting and lets tunneled connections
+//! finish for the drain timeout. The grace period covers both. Rollouts surge a new server
+//! before an old one goes, so capacity never drops.
+//!
 //! In `GRPC` mode a server also serves konnectivity gRPC on a Unix socket in a hostPath
 //! directory, for the kube-apiserver on its node. Two servers on one node would fight over that
 //! socket, so GRPC-mode servers get a required anti-affinity per node and roll out by replacing
@@ -24,9 +30,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::services::{AGENT_PORT_NAME, FRONTEND_PORT_NAME};
 use super::{
-    Component, DRAIN_TIMEOUT_SECONDS, GRPC_SOCKET_MOUNT_PATH, Plan,
-    TERMINATION_GRACE_PERIOD_SECONDS, TLS_CHECKSUM_ANNOTATION, TLS_MOUNT_PATH,
-    container_security_context, field_env, pod_security_context,
+    Component, DRAIN_TIMEOUT_SECONDS, GRPC_SOCKET_MOUNT_PATH, Plan, SERVER_READINESS_FAILURES,
+    SERVER_READINESS_PERIOD_SECONDS, SERVER_TERMINATION_GRACE_PERIOD_SECONDS,
+    SHUTDOWN_DELAY_SECONDS, TLS_CHECKSUM_ANNOTATION, TLS_MOUNT_PATH, container_security_context,
+    field_env, pod_security_context,
 };
 use crate::crd::GRPC_SOCKET_FILE;
 use crate::resources::secrets::{CA_CRT, TLS_CRT, TLS_KEY};
@@ -75,6 +82,7 @@ pub fn server_args(plan: &Plan) -> Vec<String> {
         format!("--tls-key={TLS_MOUNT_PATH}/{TLS_KEY}"),
         format!("--agent-ca={TLS_MOUNT_PATH}/{CA_CRT}"),
         format!("--frontend-ca={TLS_MOUNT_PATH}/{CA_CRT}"),
+        format!("--shutdown-delay={SHUTDOWN_DELAY_SECONDS}s"),
         format!("--drain-timeout={DRAIN_TIMEOUT_SECONDS}s"),
         format!("--strategies={}", strategies.join(",")),
         format!("--log-level={}", plan.spec.log_level),
@@ -227,7 +235,12 @@ pub fn server_deployment(plan: &Plan, tls_checksum: &str) -> Deployment {
             container_port(AGENT_PORT_NAME, server.agent_endpoint.port),
             container_port("admin", SERVER_ADMIN_PORT),
         ]),
-        readiness_probe: Some(http_probe("/readyz", SERVER_ADMIN_PORT, 5, 2)),
+        readiness_probe: Some(http_probe(
+            "/readyz",
+            SERVER_ADMIN_PORT,
+            SERVER_READINESS_PERIOD_SECONDS,
+            SERVER_READINESS_FAILURES,
+        )),
         liveness_probe: Some(http_probe("/healthz", SERVER_ADMIN_PORT, 10, 3)),
         resources: server.resources.clone(),
         security_context: Some(container_security_context()),
@@ -255,7 +268,7 @@ pub fn server_deployment(plan: &Plan, tls_checksum: &str) -> Deployment {
                 spec: Some(PodSpec {
                     service_account_name: Some(plan.names().server()),
                     automount_service_account_token: Some(false),
-                    termination_grace_period_seconds: Some(TERMINATION_GRACE_PERIOD_SECONDS),
+                    termination_grace_period_seconds: Some(SERVER_TERMINATION_GRACE_PERIOD_SECONDS),
                     security_context: Some(pod_security_context()),
                     node_selector: server.node_selector.clone(),
                     tolerations: server.tolerations.clone(),
@@ -315,6 +328,7 @@ mod tests {
                 "--tls-key=/etc/cplink/tls/tls.key",
                 "--agent-ca=/etc/cplink/tls/ca.crt",
                 "--frontend-ca=/etc/cplink/tls/ca.crt",
+                "--shutdown-delay=5s",
                 "--drain-timeout=30s",
                 "--strategies=node,cidr,any",
                 "--log-level=info",
@@ -354,7 +368,7 @@ mod tests {
     }
 
     #[test]
-    fn rollouts_never_lose_capacity_and_pods_outlive_the_drain() {
+    fn rollouts_never_lose_capacity_and_pods_outlive_the_shutdown_delay_and_drain() {
         let deploy = server_deployment(&ControlPlaneLink::test().plan(), "sum");
         let strategy = deploy
             .spec
@@ -363,12 +377,31 @@ mod tests {
             .expect("strategy");
         assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
         let rolling = strategy.rolling_update.as_ref().expect("rolling");
+        assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
         assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
+        let grace = pod(&deploy)
+            .termination_grace_period_seconds
+            .expect("grace");
         assert!(
-            pod(&deploy)
-                .termination_grace_period_seconds
-                .expect("grace")
-                > DRAIN_TIMEOUT_SECONDS
+            grace > SHUTDOWN_DELAY_SECONDS + DRAIN_TIMEOUT_SECONDS,
+            "SIGKILL only after the shutdown delay and the drain: {grace}s"
+        );
+        assert_eq!(grace, 50);
+    }
+
+    #[test]
+    fn a_stopping_server_leaves_the_endpoints_before_it_stops_accepting() {
+        let deploy = server_deployment(&ControlPlaneLink::test().plan(), "sum");
+        let c = &pod(&deploy).containers[0];
+        let args = c.args.as_deref().expect("args");
+        assert!(args.contains(&"--shutdown-delay=5s".to_owned()), "{args:?}");
+        let readiness = c.readiness_probe.as_ref().expect("readiness");
+        let unready_after = readiness.period_seconds.expect("period")
+            * readiness.failure_threshold.expect("threshold");
+        assert_eq!(unready_after, 4);
+        assert!(
+            i64::from(unready_after) < SHUTDOWN_DELAY_SECONDS,
+            "readiness notices a not-ready server ({unready_after}s) within the shutdown delay"
         );
     }
 

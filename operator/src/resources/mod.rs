@@ -43,8 +43,24 @@ pub const GRPC_SOCKET_MOUNT_PATH: &str = "/run/cplink/frontend";
 pub const RUN_AS_USER: i64 = 65532;
 /// Drain timeout passed to servers and agents; pods get longer than this to exit.
 pub const DRAIN_TIMEOUT_SECONDS: i64 = 30;
-/// Grace period of server and agent pods: the drain timeout plus time to close links.
-pub const TERMINATION_GRACE_PERIOD_SECONDS: i64 = DRAIN_TIMEOUT_SECONDS + 15;
+/// How long a server keeps accepting after SIGTERM while already reporting not-ready
+/// (`--shutdown-delay`): a deleted pod leaves its Services' endpoints at once, and a pod that
+/// just turned unready within [`SERVER_READINESS_PERIOD_SECONDS`] ×
+/// [`SERVER_READINESS_FAILURES`]; then endpoint watchers (kube-proxy, load balancers) need a
+/// moment to act on it. Until they have, new frontend connections must still be served.
+pub const SHUTDOWN_DELAY_SECONDS: i64 = 5;
+/// Period of the server's readiness probe on `/readyz`.
+pub const SERVER_READINESS_PERIOD_SECONDS: i32 = 2;
+/// Failed readiness probes before a server leaves its Services' endpoints.
+pub const SERVER_READINESS_FAILURES: i32 = 2;
+/// Time to close links and exit once the drain is over.
+const EXIT_MARGIN_SECONDS: i64 = 15;
+/// Grace period of server pods: the shutdown delay, the drain, then time to close links.
+pub const SERVER_TERMINATION_GRACE_PERIOD_SECONDS: i64 =
+    SHUTDOWN_DELAY_SECONDS + DRAIN_TIMEOUT_SECONDS + EXIT_MARGIN_SECONDS;
+/// Grace period of agent pods: the drain (they stop taking dials at once), then time to close
+/// links.
+pub const AGENT_TERMINATION_GRACE_PERIOD_SECONDS: i64 = DRAIN_TIMEOUT_SECONDS + EXIT_MARGIN_SECONDS;
 
 /// Which half of the link an object belongs to (`app.kubernetes.io/component`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -244,7 +260,8 @@ impl Plan {
         }
     }
 
-    /// `host:port` agents dial: the external address if set, else the agent Service.
+    /// `host:port` of the servers' agent endpoint: the external address if set (agents dial
+    /// it), else the agent Service (agents find the servers in its EndpointSlices instead).
     pub fn agent_endpoint_address(&self) -> String {
         let port = self.spec.server.agent_endpoint.port;
         match &self.valid.agent_endpoint_external {

@@ -1,0 +1,529 @@
+//! High availability end to end: a link with three servers on four nodes, agents finding the
+//! servers through the EndpointSlices of the agent Service and linking to each, and rolling
+//! restarts of the servers and then of the agents while kube-apiserver keeps sending node
+//! proxy requests through the tunnel. Not one of them may fail.
+//!
+//! kube-apiserver reaches the frontend Service through the test forwarder (the load
+//! balancer's role), which follows the Service's EndpointSlices; the test also checks that it
+//! stopped sending connections to each old server well within the server's shutdown delay.
+//!
+//! The link's network range holds every node and pod address, so while a node's agent is
+//! replaced (a Kubernetes 1.20 DaemonSet cannot surge: the new agent starts only once the old
+//! one has drained and exited) another agent may carry that node's new connections; the test
+//! prints how many did. With each agent limited to its own kubelet, such a connection is
+//! refused (403) instead.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::watcher;
+use serde_json::Value;
+
+use cplink_e2e::stack::{
+    self, AgentEndpoint, FRONTEND_SERVICE, Follow, LINK, NAMESPACE, STEP, Stack, StackOptions,
+};
+use cplink_e2e::wait;
+
+const NODES: usize = 4;
+const SERVERS: u32 = 3;
+/// The link's frontend port (the CRD's default).
+const FRONTEND_PORT: u16 = 8090;
+/// The operator's `--shutdown-delay` of servers: the forwarder must have dropped a stopping
+/// server before it stops accepting.
+const SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
+/// The operator's `--drain-timeout`: what a stopping server or agent gives its connections.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Pause between two node proxy requests.
+const REQUEST_INTERVAL: Duration = Duration::from_millis(50);
+/// How long one node proxy request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a rollout may take: four agents draining one after the other.
+const ROLLOUT: Duration = Duration::from_secs(240);
+
+/// A pod on some node writing a line every 200 ms, for `kubectl logs -f`.
+const TICKER: &str = "apiVersion: v1
+kind: Pod
+metadata:
+  name: ticker
+  namespace: default
+spec:
+  containers:
+  - name: ticker
+    image: ticker:e2e
+    command: [sh, -c, 'i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done']
+";
+
+/// One node proxy request: when it started, which node, how long it took, and its error.
+#[derive(Debug, Clone)]
+struct Outcome {
+    at: Instant,
+    node: String,
+    took: Duration,
+    error: Option<String>,
+}
+
+/// Node proxy `healthz` requests in a loop, rotating over the nodes, on a thread and runtime
+/// of their own (the test blocks on `kubectl`); a kube client straight to kube-apiserver, no
+/// process per request.
+struct Prober {
+    outcomes: Arc<Mutex<Vec<Outcome>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Prober {
+    fn start(stack: &Stack, nodes: Vec<String>) -> anyhow::Result<Self> {
+        let kubeconfig = stack.plane.kubeconfig.clone();
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (sink, stopped) = (Arc::clone(&outcomes), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            runtime.block_on(async move {
+                let client = cplink_e2e::cluster::client_for(&kubeconfig).await?;
+                let mut tick = tokio::time::interval(REQUEST_INTERVAL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                for node in nodes.iter().cycle() {
+                    if stopped.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    tick.tick().await;
+                    let outcome = healthz(&client, node).await;
+                    sink.lock().expect("outcomes").push(outcome);
+                }
+                anyhow::Ok(())
+            })
+        });
+        Ok(Prober {
+            outcomes,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn outcomes(&self) -> Vec<Outcome> {
+        self.outcomes.lock().expect("outcomes").clone()
+    }
+
+    fn succeeded(&self) -> usize {
+        self.outcomes().iter().filter(|o| o.error.is_none()).count()
+    }
+
+    fn finish(mut self) -> anyhow::Result<Vec<Outcome>> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("prober panicked"))??;
+        }
+        Ok(self.outcomes())
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// kube-apiserver's node proxy to the kubelet's `/healthz`, through the tunnel.
+async fn healthz(client: &kube::Client, node: &str) -> Outcome {
+    let at = Instant::now();
+    let request = http::Request::get(format!("/api/v1/nodes/{node}/proxy/healthz"))
+        .body(Vec::new())
+        .expect("a valid request");
+    let error = match tokio::time::timeout(REQUEST_TIMEOUT, client.request_text(request)).await {
+        Ok(Ok(body)) if body.trim() == "ok" => None,
+        Ok(Ok(body)) => Some(format!("unexpected answer {body:?}")),
+        Ok(Err(err)) => Some(err.to_string()),
+        Err(_) => Some(format!("no answer within {REQUEST_TIMEOUT:?}")),
+    };
+    Outcome {
+        at,
+        node: node.to_owned(),
+        took: at.elapsed(),
+        error,
+    }
+}
+
+/// When the test first saw each server pod terminating, by pod IP.
+#[derive(Default, Clone)]
+struct Terminations(Arc<Mutex<HashMap<IpAddr, Instant>>>);
+
+impl Terminations {
+    /// Watches the link's server pods until the runtime stops.
+    async fn watch(stack: &Stack) -> anyhow::Result<Self> {
+        let seen = Terminations::default();
+        let pods: kube::Api<Pod> = kube::Api::namespaced(stack.plane.client().await?, NAMESPACE);
+        let config = watcher::Config::default().labels(&format!(
+            "app.kubernetes.io/instance={LINK},app.kubernetes.io/component=server"
+        ));
+        let record = seen.clone();
+        tokio::spawn(async move {
+            let mut events = watcher::watcher(pods, config).boxed();
+            while let Some(event) = events.next().await {
+                let pod = match event {
+                    Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => pod,
+                    _ => continue,
+                };
+                let ip = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref());
+                if let (Some(_), Some(Ok(ip))) = (
+                    pod.metadata.deletion_timestamp,
+                    ip.map(str::parse::<IpAddr>),
+                ) {
+                    record
+                        .0
+                        .lock()
+                        .expect("terminations")
+                        .entry(ip)
+                        .or_insert_with(Instant::now);
+                }
+            }
+        });
+        Ok(seen)
+    }
+
+    fn at(&self, ip: IpAddr) -> Option<Instant> {
+        self.0.lock().expect("terminations").get(&ip).copied()
+    }
+}
+
+/// `status.server.linkedAgents` of the link, as (pod, agents).
+fn linked_agents(stack: &Stack) -> anyhow::Result<Vec<(String, Option<i64>)>> {
+    let out = stack.plane.kubectl_ok(&[
+        "get",
+        "cpl",
+        LINK,
+        "-n",
+        NAMESPACE,
+        "-o",
+        "jsonpath={.status.server.linkedAgents}",
+    ])?;
+    if out.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let links: Vec<Value> = serde_json::from_str(&out).with_context(|| out.clone())?;
+    Ok(links
+        .iter()
+        .map(|l| {
+            (
+                l["pod"].as_str().unwrap_or_default().to_owned(),
+                l["agents"].as_i64(),
+            )
+        })
+        .collect())
+}
+
+/// The link's server pods that are not terminating, as (name, pod IP).
+fn live_servers(stack: &Stack) -> anyhow::Result<Vec<(String, String)>> {
+    let out = stack.plane.kubectl_ok(&[
+        "get",
+        "pods",
+        "-n",
+        NAMESPACE,
+        "-l",
+        &format!("app.kubernetes.io/instance={LINK},app.kubernetes.io/component=server"),
+        "-o",
+        "jsonpath={range .items[*]}{.metadata.name} {.status.podIP} \
+         {.metadata.deletionTimestamp}{\"\\n\"}{end}",
+    ])?;
+    Ok(out
+        .lines()
+        .filter_map(
+            |line| match line.split_whitespace().collect::<Vec<_>>()[..] {
+                [name, ip] => Some((name.to_owned(), ip.to_owned())),
+                _ => None,
+            },
+        )
+        .collect())
+}
+
+/// Waits until the link's status shows every live server linked to every agent, and checks
+/// each server's own metrics say the same; returns the server pods.
+async fn every_server_links_every_agent(stack: &Stack) -> anyhow::Result<Vec<String>> {
+    let mut servers = Vec::new();
+    let mut last = Vec::new();
+    wait::until("every server to report every agent linked", STEP, || {
+        servers = live_servers(stack)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        last = linked_agents(stack).unwrap_or_default();
+        let mut pods: Vec<&String> = last.iter().map(|(pod, _)| pod).collect();
+        pods.sort();
+        let mut expected: Vec<&String> = servers.iter().collect();
+        expected.sort();
+        pods.len() == SERVERS as usize
+            && pods == expected
+            && last.iter().all(|(_, n)| *n == Some(NODES as i64))
+    })
+    .await
+    .map_err(|e| {
+        e.context(format!(
+            "status.server.linkedAgents: {last:?}, servers {servers:?}"
+        ))
+    })?;
+    for (pod, ip) in live_servers(stack)? {
+        let metrics = stack::http_get(format!("{ip}:8095").parse()?, "/metrics").await?;
+        let linked = stack::counter(&metrics, "cplink_server_agents_linked", "");
+        assert_eq!(linked, NODES as f64, "{pod} counts every agent itself");
+    }
+    Ok(servers)
+}
+
+/// Dials routed by each strategy, summed over the live servers.
+async fn routed(stack: &Stack) -> anyhow::Result<BTreeMap<&'static str, f64>> {
+    let mut routed = BTreeMap::new();
+    for (_, ip) in live_servers(stack)? {
+        let metrics = stack::http_get(format!("{ip}:8095").parse()?, "/metrics").await?;
+        for strategy in ["node", "cidr", "default-route", "any"] {
+            *routed.entry(strategy).or_default() += stack::counter(
+                &metrics,
+                "cplink_server_routed_dials_total",
+                &format!("strategy=\"{strategy}\""),
+            );
+        }
+    }
+    Ok(routed)
+}
+
+/// `kubectl rollout restart` of `what`, then `kubectl rollout status` until it is done.
+fn roll(stack: &Stack, what: &str) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    stack
+        .plane
+        .kubectl_ok(&["rollout", "restart", what, "-n", NAMESPACE])?;
+    stack.plane.kubectl_ok(&[
+        "rollout",
+        "status",
+        what,
+        "-n",
+        NAMESPACE,
+        &format!("--timeout={}s", ROLLOUT.as_secs()),
+    ])?;
+    Ok(started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restarts_of_servers_and_agents_lose_no_tunneled_request() -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let since = |at: Instant| at.saturating_duration_since(t0).as_secs_f64();
+    let mut stack = Stack::start(StackOptions {
+        nodes: NODES,
+        servers: SERVERS,
+    })
+    .await?
+    .with_agent_endpoint(AgentEndpoint::Discovery);
+    let nodes: Vec<String> = stack.nodes.nodes().iter().map(|n| n.name.clone()).collect();
+
+    // 1. Three servers on four nodes; every agent finds every server and links to it.
+    stack.apply_link()?;
+    let table = stack.wait_link_ready().await?;
+    println!("{table}");
+    let agent_args = stack.plane.kubectl_ok(&[
+        "get",
+        "ds",
+        &format!("{LINK}-agent"),
+        "-n",
+        NAMESPACE,
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].args}",
+    ])?;
+    assert!(
+        agent_args.contains("--server-service=edge-agent-endpoint")
+            && !agent_args.contains("--server-address"),
+        "agents discover the servers: {agent_args}"
+    );
+    let servers = every_server_links_every_agent(&stack).await?;
+    println!(
+        "[{:6.1}s] linked: every one of {servers:?} has {NODES} agents",
+        since(Instant::now())
+    );
+
+    stack.apply("ticker", TICKER)?;
+    stack
+        .plane
+        .wait_kubectl(
+            "the ticker pod to run",
+            STEP,
+            &["get", "pod", "ticker", "-o", "jsonpath={.status.phase}"],
+            |phase| phase == "Running",
+        )
+        .await?;
+    stack.wire_egress().await?;
+    for node in &nodes {
+        stack
+            .plane
+            .wait_kubectl(
+                "node proxy through the tunnel",
+                STEP,
+                &[
+                    "get",
+                    "--raw",
+                    &format!("/api/v1/nodes/{node}/proxy/healthz"),
+                ],
+                |out| out.trim() == "ok",
+            )
+            .await?;
+    }
+
+    // 2. Requests in a loop and a followed log, across both rollouts.
+    let terminations = Terminations::watch(&stack).await?;
+    let prober = Prober::start(&stack, nodes.clone())?;
+    let mut follow = Follow::start(&stack, &["logs", "-f", "ticker"])?;
+    wait::until("node proxy requests and followed lines", STEP, || {
+        prober.succeeded() >= 2 * NODES && follow.contains("tick")
+    })
+    .await?;
+
+    let old_servers = stack.pods("server")?;
+    let servers_restarted = Instant::now();
+    let took = roll(&stack, &format!("deployment/{LINK}-server"))?;
+    println!(
+        "[{:6.1}s] servers rolled in {:.1}s",
+        since(Instant::now()),
+        took.as_secs_f64()
+    );
+    let before = follow.lines_before(servers_restarted);
+    assert!(
+        before > 0,
+        "kubectl logs -f delivered lines before the restart"
+    );
+    stack.wait_link_ready().await?;
+    let new_servers = every_server_links_every_agent(&stack).await?;
+    assert!(
+        new_servers
+            .iter()
+            .all(|s| old_servers.iter().all(|(old, _, _)| old != s)),
+        "every server was replaced: {old_servers:?} -> {new_servers:?}"
+    );
+
+    // The forwarder stopped sending connections to each old server soon after it began to
+    // terminate, well before the server stopped accepting.
+    let mut report = String::new();
+    for (pod, _, ip) in &old_servers {
+        let ip: IpAddr = ip.parse()?;
+        let endpoint = SocketAddr::new(ip, FRONTEND_PORT);
+        let terminating = terminations
+            .at(ip)
+            .with_context(|| format!("{pod} was seen terminating"))?;
+        let dropped = stack
+            .forwarder
+            .dropped_at(FRONTEND_SERVICE, endpoint)
+            .with_context(|| format!("the forwarder dropped {pod} ({endpoint})"))?;
+        let lag = dropped.saturating_duration_since(terminating);
+        let late: Vec<f64> = stack
+            .forwarder
+            .connections(FRONTEND_SERVICE)
+            .into_iter()
+            .filter(|(at, to)| *to == endpoint && *at > dropped)
+            .map(|(at, _)| since(at))
+            .collect();
+        let _ = writeln!(
+            report,
+            "  {pod}: terminating at {:.2}s, out of the forwarder {:.3}s later",
+            since(terminating),
+            lag.as_secs_f64()
+        );
+        assert!(
+            lag < SHUTDOWN_DELAY,
+            "the forwarder dropped {pod} {lag:?} after it began terminating, not within the \
+             shutdown delay"
+        );
+        assert!(
+            late.is_empty(),
+            "connections to {pod} after it was dropped: {late:?}"
+        );
+    }
+    print!("forwarder:\n{report}");
+
+    let routed_before = routed(&stack).await?;
+    let agents_restarted = Instant::now();
+    let took = roll(&stack, &format!("daemonset/{LINK}-agent"))?;
+    println!(
+        "[{:6.1}s] agents rolled in {:.1}s",
+        since(Instant::now()),
+        took.as_secs_f64()
+    );
+    stack.wait_link_ready().await?;
+    every_server_links_every_agent(&stack).await?;
+    // A few more requests through the new agents.
+    let done = prober.succeeded() + 2 * NODES;
+    wait::until("requests through the new agents", STEP, || {
+        prober.succeeded() >= done
+    })
+    .await?;
+    let outcomes = prober.finish()?;
+    // While a node's agent drains and before its replacement links, no agent serves that
+    // node: its kubelet is reached through another agent (`any`), which the link's network
+    // range (every node and pod address) allows. The servers lived through the agent rollout,
+    // so their counters show how often that happened.
+    let routed_after = routed(&stack).await?;
+    let during: Vec<String> = routed_after
+        .iter()
+        .map(|(strategy, n)| format!("{strategy} {}", n - routed_before[strategy]))
+        .collect();
+    println!(
+        "dials routed during the agent rollout: {}",
+        during.join(", ")
+    );
+
+    // 3. What the client saw.
+    let phase = |at: Instant| {
+        if at >= agents_restarted {
+            "agent rollout"
+        } else if at >= servers_restarted {
+            "server rollout"
+        } else {
+            "before the rollouts"
+        }
+    };
+    let failures: Vec<&Outcome> = outcomes.iter().filter(|o| o.error.is_some()).collect();
+    let slowest = outcomes.iter().map(|o| o.took).max().unwrap_or_default();
+    println!(
+        "node proxy: {} requests, {} failed, slowest {:.3}s",
+        outcomes.len(),
+        failures.len(),
+        slowest.as_secs_f64()
+    );
+    for failure in &failures {
+        println!(
+            "  FAILED at {:.3}s ({}), {} after {:.3}s: {}",
+            since(failure.at),
+            phase(failure.at),
+            failure.node,
+            failure.took.as_secs_f64(),
+            failure.error.as_deref().unwrap_or_default()
+        );
+    }
+    let ended = follow.exited();
+    println!(
+        "kubectl logs -f: {before} lines before the server restart, last line at {:.1}s, {}",
+        follow.last_line_at().map_or(0.0, since),
+        match ended {
+            Some(status) => format!(
+                "ended ({status}): its tunnel was cut when the server or agent carrying it \
+                 finished draining ({DRAIN_TIMEOUT:?} drain timeout)"
+            ),
+            None => "still following".to_owned(),
+        }
+    );
+    println!("total {:.1}s", since(Instant::now()));
+    assert!(
+        failures.is_empty(),
+        "{} of {} node proxy requests failed during the rollouts",
+        failures.len(),
+        outcomes.len()
+    );
+    Ok(())
+}
