@@ -299,6 +299,19 @@ spec:
         ])
     }
 
+    /// The link's fields selected by a kubectl `jsonpath` template.
+    pub fn link_jsonpath(&self, template: &str) -> anyhow::Result<String> {
+        self.plane.kubectl_ok(&[
+            "get",
+            "controlplanelink",
+            LINK,
+            "-n",
+            NAMESPACE,
+            "-o",
+            &format!("jsonpath={template}"),
+        ])
+    }
+
     /// Applies the link.
     pub fn apply_link(&self) -> anyhow::Result<()> {
         self.apply("link", &self.link_yaml()).map(drop)

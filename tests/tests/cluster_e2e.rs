@@ -85,16 +85,10 @@ async fn agent_dials(stack: &Stack) -> anyhow::Result<Vec<(String, f64)>> {
 
 /// The Ready condition's (status, lastTransitionTime) of the link.
 fn ready_condition(stack: &Stack) -> anyhow::Result<(String, String)> {
-    let out = stack.plane.kubectl_ok(&[
-        "get",
-        "cpl",
-        LINK,
-        "-n",
-        NAMESPACE,
-        "-o",
-        "jsonpath={.status.conditions[?(@.type==\"Ready\")].status} \
+    let out = stack.link_jsonpath(
+        "{.status.conditions[?(@.type==\"Ready\")].status} \
          {.status.conditions[?(@.type==\"Ready\")].lastTransitionTime}",
-    ])?;
+    )?;
     let (status, time) = out.trim().split_once(' ').unwrap_or((out.trim(), ""));
     Ok((status.to_owned(), time.to_owned()))
 }
@@ -462,15 +456,7 @@ async fn kube_apiserver_in_grpc_mode_reaches_nodes_and_pods_through_the_socket()
     let mut stack = Stack::start_with(StackOptions::default(), Egress::Grpc).await?;
     let (nodes, agents) = link_rolled_out(&stack).await?;
     let socket = stack.socket_dir().join("konnectivity-server.socket");
-    let address = stack.plane.kubectl_ok(&[
-        "get",
-        "cpl",
-        LINK,
-        "-n",
-        NAMESPACE,
-        "-o",
-        "jsonpath={.status.frontend.address}",
-    ])?;
+    let address = stack.link_jsonpath("{.status.frontend.address}")?;
     assert_eq!(
         address,
         socket.display().to_string(),

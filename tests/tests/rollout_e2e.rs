@@ -199,15 +199,7 @@ impl Terminations {
 
 /// `status.server.linkedAgents` of the link, as (pod, agents).
 fn linked_agents(stack: &Stack) -> anyhow::Result<Vec<(String, Option<i64>)>> {
-    let out = stack.plane.kubectl_ok(&[
-        "get",
-        "cpl",
-        LINK,
-        "-n",
-        NAMESPACE,
-        "-o",
-        "jsonpath={.status.server.linkedAgents}",
-    ])?;
+    let out = stack.link_jsonpath("{.status.server.linkedAgents}")?;
     if out.trim().is_empty() {
         return Ok(Vec::new());
     }
