@@ -47,7 +47,17 @@ async fn dial_and_pump(
     recv: RecvStream,
     mut respond: SendResponse<Bytes>,
 ) {
-    let tcp = match open(shared, &target).await {
+    let dialed = tokio::select! {
+        dialed = open(shared, &target) => dialed,
+        // The server gave up on the dial (its client cancelled or left): stop dialing rather
+        // than finish a connection nobody will use.
+        _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+            count(shared, "cancelled");
+            tracing::info!("dial cancelled by the server");
+            return;
+        }
+    };
+    let tcp = match dialed {
         Ok(tcp) => tcp,
         Err(failure) => return refuse(&mut respond, &failure),
     };

@@ -143,7 +143,7 @@ async fn unknown_connect_ids_are_refused_and_the_connection_survives() -> anyhow
 #[tokio::test]
 async fn dial_cls_cancels_a_pending_dial() -> anyhow::Result<()> {
     let lo = Loopback::new()?;
-    let (server, _agent) = lo.pair().await?;
+    let (server, agent) = lo.pair().await?;
     let hole = targets::black_hole()?;
     let channel = grpc::uds_channel(&server.grpc_uds).await?;
     // The dial hangs at the black hole until the client cancels it.
@@ -159,6 +159,18 @@ async fn dial_cls_cancels_a_pending_dial() -> anyhow::Result<()> {
             .metrics_text()
             .contains("cplink_server_dials_total{result=\"cancelled\"} 1")
     })
+    .await?;
+    // The agent stops dialing the black hole too, long before its dial timeout.
+    let agent_handle = agent.handle.clone();
+    wait::until(
+        "the agent to give up the dial",
+        Duration::from_secs(3),
+        || {
+            agent_handle
+                .metrics_text()
+                .contains("cplink_agent_dials_total{result=\"cancelled\"} 1")
+        },
+    )
     .await?;
     Ok(())
 }
