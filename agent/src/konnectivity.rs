@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cplink_proto::dial::DialFailure;
-use cplink_proto::hello::Identifiers;
 use cplink_proto::konnectivity::mux::{self, Mux, Role};
 use cplink_proto::konnectivity::{self as wire, AgentServiceClient, DialRequest, Packet, Payload};
 use cplink_proto::net::abort_tcp_halves;
@@ -71,12 +70,6 @@ fn ascii_value(text: &str) -> Result<MetadataValue<Ascii>, NotPrintableAscii> {
 /// The `agentid` metadata value.
 pub(crate) fn agent_id_value(agent_id: &str) -> Result<MetadataValue<Ascii>, NotPrintableAscii> {
     ascii_value(agent_id)
-}
-
-/// The `agentidentifiers` metadata value: the upstream keys `host` (the node name), `ipv4` and
-/// `ipv6` (the host IPs), `cidr` (the pod ranges) and `default-route=true`, URL-query encoded.
-pub(crate) fn agent_identifiers(node_name: Option<&str>, identifiers: &Identifiers) -> String {
-    wire::encode_identifiers(node_name, identifiers)
 }
 
 /// Why the service-account token cannot be sent.
@@ -216,7 +209,7 @@ async fn open_stream(
     let agent_id = agent_id_value(&config.agent_id)
         .map_err(|e| LinkError::Header(format!("{}: {e}", wire::AGENT_ID)))?;
     metadata.insert(wire::AGENT_ID, agent_id);
-    let identifiers = agent_identifiers(config.node_name.as_deref(), shared.identifiers());
+    let identifiers = wire::encode_identifiers(config.node_name.as_deref(), shared.identifiers());
     let identifiers = ascii_value(&identifiers)
         .map_err(|e| LinkError::Header(format!("{}: {e}", wire::AGENT_IDENTIFIERS)))?;
     metadata.insert(wire::AGENT_IDENTIFIERS, identifiers);
@@ -618,6 +611,8 @@ impl PendingDials {
 
 #[cfg(test)]
 mod tests {
+    use cplink_proto::hello::Identifiers;
+
     use super::*;
 
     #[test]
@@ -627,7 +622,7 @@ mod tests {
             pod_cidrs: vec!["10.244.1.0/24".parse().unwrap()],
             default_route: true,
         };
-        let value = agent_identifiers(Some("node-1"), &identifiers);
+        let value = wire::encode_identifiers(Some("node-1"), &identifiers);
         assert_eq!(
             value,
             "host=node-1&ipv4=10.0.0.5&ipv6=fd00%3A%3A5&cidr=10.244.1.0%2F24&default-route=true"
@@ -637,12 +632,12 @@ mod tests {
             wire::decode_identifiers(&value).unwrap(),
             (Some("node-1".to_owned()), identifiers)
         );
-        assert_eq!(agent_identifiers(None, &Identifiers::default()), "");
+        assert_eq!(wire::encode_identifiers(None, &Identifiers::default()), "");
     }
 
     #[test]
     fn identifier_values_that_would_break_the_query_are_escaped() {
-        let value = agent_identifiers(Some("a&b=c%é"), &Identifiers::default());
+        let value = wire::encode_identifiers(Some("a&b=c%é"), &Identifiers::default());
         assert_eq!(value, "host=a%26b%3Dc%25%C3%A9");
         let (node, _) = wire::decode_identifiers(&value).unwrap();
         assert_eq!(node.as_deref(), Some("a&b=c%é"));
