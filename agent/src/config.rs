@@ -135,6 +135,18 @@ pub struct Args {
     #[arg(long, env = "CPLINK_RECONNECT_MAX_BACKOFF", default_value = "30s", value_parser = humantime::parse_duration)]
     pub reconnect_max_backoff: Duration,
 
+    /// Most tunneled connections one native link carries at once (HTTP/2
+    /// SETTINGS_MAX_CONCURRENT_STREAMS). Each may buffer up to 256 KiB per direction when its
+    /// reader stalls, so this bounds a link's memory: 1024 streams, 256 MiB at worst. Dials
+    /// beyond it wait for a stream to end, up to the server's dial timeout.
+    #[arg(
+        long,
+        env = "CPLINK_MAX_STREAMS_PER_LINK",
+        default_value_t = cplink_proto::DEFAULT_MAX_STREAMS_PER_LINK,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(cplink_proto::MAX_STREAMS_PER_LINK_LIMIT))
+    )]
+    pub max_streams_per_link: u32,
+
     /// Log output format.
     #[arg(long, env = "CPLINK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -285,6 +297,8 @@ pub struct Config {
     pub keepalive: KeepaliveConfig,
     /// Pauses between link attempts.
     pub backoff: BackoffConfig,
+    /// Concurrent tunneled connections per native link.
+    pub max_streams_per_link: u32,
 }
 
 impl std::fmt::Debug for Config {
@@ -428,6 +442,7 @@ impl Args {
                 initial: Duration::from_millis(250).min(self.reconnect_max_backoff),
                 max: self.reconnect_max_backoff,
             },
+            max_streams_per_link: self.max_streams_per_link,
         })
     }
 }

@@ -140,6 +140,16 @@ impl AgentHandle {
         self.shared.metrics.streams_active.get()
     }
 
+    /// Tunneled bytes so far over native links: destination to server (read from destinations
+    /// and sent on), and server to destination (written to destinations).
+    pub fn tunneled_bytes(&self) -> cplink_proto::pump::PumpStats {
+        let bytes = &self.shared.metrics.bytes;
+        cplink_proto::pump::PumpStats {
+            socket_to_stream: bytes.socket_to_stream.get(),
+            stream_to_socket: bytes.stream_to_socket.get(),
+        }
+    }
+
     /// Whether the agent is linked to every server it knows: every discovered endpoint (and
     /// at least one), or every fixed address, a sole one to as many distinct servers as they
     /// report.

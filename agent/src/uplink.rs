@@ -239,7 +239,9 @@ pub(crate) async fn connect(shared: &Shared, target: &ServerSlot) -> Result<Link
         .initial_window_size(cplink_proto::STREAM_WINDOW)
         .initial_connection_window_size(cplink_proto::CONNECTION_WINDOW)
         .max_frame_size(cplink_proto::MAX_FRAME_SIZE)
-        .max_concurrent_streams(cplink_proto::MAX_STREAMS_PER_LINK)
+        // The connection window never binds; the stream limit bounds what the link buffers
+        // (see `cplink_proto::CONNECTION_WINDOW`).
+        .max_concurrent_streams(shared.config.max_streams_per_link)
         .max_send_buffer_size(cplink_proto::STREAM_WINDOW as usize / 2)
         .handshake::<_, Bytes>(tls)
         .await?;

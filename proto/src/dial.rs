@@ -26,6 +26,9 @@ pub enum DialFailure {
     /// No linked agent can take the dial.
     #[error("no agent available: {0}")]
     NoAgent(String),
+    /// The server carries as many tunneled connections as it is allowed to.
+    #[error("server at capacity: {0}")]
+    Busy(String),
     /// The destination actively refused the connection.
     #[error("connection refused: {0}")]
     Refused(String),
@@ -46,7 +49,7 @@ impl DialFailure {
         match self {
             DialFailure::BadTarget(_) => StatusCode::BAD_REQUEST,
             DialFailure::Forbidden(_) => StatusCode::FORBIDDEN,
-            DialFailure::NoAgent(_) => StatusCode::SERVICE_UNAVAILABLE,
+            DialFailure::NoAgent(_) | DialFailure::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             DialFailure::Refused(_) | DialFailure::Unreachable(_) | DialFailure::Link(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -60,6 +63,7 @@ impl DialFailure {
             DialFailure::BadTarget(_) => "bad_target",
             DialFailure::Forbidden(_) => "forbidden",
             DialFailure::NoAgent(_) => "no_agent",
+            DialFailure::Busy(_) => "busy",
             DialFailure::Refused(_) => "refused",
             DialFailure::Unreachable(_) => "unreachable",
             DialFailure::Timeout(_) => "timeout",
@@ -68,11 +72,20 @@ impl DialFailure {
     }
 
     /// Rebuilds a failure reported by a peer from its status, kind header and reason.
+    ///
+    /// The reason is the peer's [`DialFailure::reason_line`], which already starts with the
+    /// kind's words ("destination not allowed: ..."); they are taken off so that the rebuilt
+    /// failure does not say them twice.
     pub fn from_response(status: StatusCode, kind: Option<&str>, reason: String) -> Self {
+        let reason = match kind.and_then(prefix_of_kind) {
+            Some(prefix) => strip_prefix(prefix, reason),
+            None => reason,
+        };
         match kind {
             Some("bad_target") => DialFailure::BadTarget(reason),
             Some("forbidden") => DialFailure::Forbidden(reason),
             Some("no_agent") => DialFailure::NoAgent(reason),
+            Some("busy") => DialFailure::Busy(reason),
             Some("refused") => DialFailure::Refused(reason),
             Some("unreachable") => DialFailure::Unreachable(reason),
             Some("link_error") => DialFailure::Link(reason),
@@ -104,6 +117,8 @@ impl DialFailure {
             DialFailure::BadTarget(rest("bad destination"))
         } else if text.starts_with("no agent available") {
             DialFailure::NoAgent(rest("no agent available"))
+        } else if text.starts_with("server at capacity") {
+            DialFailure::Busy(rest("server at capacity"))
         } else if text.starts_with("dial timed out") {
             timeout_from_reason(text)
         } else if text.starts_with("connection refused") {
@@ -136,6 +151,28 @@ impl DialFailure {
             line.truncate(cut);
         }
         line
+    }
+}
+
+/// The words [`DialFailure`]'s `Display` puts before the detail, by kind.
+fn prefix_of_kind(kind: &str) -> Option<&'static str> {
+    match kind {
+        "bad_target" => Some("bad destination"),
+        "forbidden" => Some("destination not allowed"),
+        "no_agent" => Some("no agent available"),
+        "busy" => Some("server at capacity"),
+        "refused" => Some("connection refused"),
+        "unreachable" => Some("destination unreachable"),
+        "link_error" => Some("tunnel link failed"),
+        _ => None,
+    }
+}
+
+/// `reason` without a leading `prefix` and the colon after it; unchanged when it lacks them.
+fn strip_prefix(prefix: &str, reason: String) -> String {
+    match reason.strip_prefix(prefix) {
+        Some(rest) if rest.starts_with(':') => rest[1..].trim().to_owned(),
+        _ => reason,
     }
 }
 
@@ -173,6 +210,7 @@ mod tests {
             DialFailure::BadTarget("x".into()),
             DialFailure::Forbidden("10.0.0.1:22".into()),
             DialFailure::NoAgent("none".into()),
+            DialFailure::Busy("16384 tunneled connections".into()),
             DialFailure::Refused("10.0.0.1:10250".into()),
             DialFailure::Unreachable("10.0.0.1:10250: no route".into()),
             DialFailure::Timeout(Duration::from_secs(5)),
@@ -197,6 +235,7 @@ mod tests {
             (DialFailure::BadTarget("x".into()), 400),
             (DialFailure::Forbidden("x".into()), 403),
             (DialFailure::NoAgent("x".into()), 503),
+            (DialFailure::Busy("x".into()), 503),
             (DialFailure::Refused("x".into()), 502),
             (DialFailure::Unreachable("x".into()), 502),
             (DialFailure::Link("x".into()), 502),
@@ -214,6 +253,9 @@ mod tests {
             DialFailure::Forbidden("b".into()),
             DialFailure::Refused("c".into()),
             DialFailure::Unreachable("d".into()),
+            DialFailure::NoAgent("e".into()),
+            DialFailure::Busy("g".into()),
+            DialFailure::Link("f".into()),
             DialFailure::Timeout(Duration::from_secs(5)),
         ];
         for failure in failures {
@@ -222,9 +264,18 @@ mod tests {
                 Some(failure.kind()),
                 failure.reason_line(),
             );
-            assert_eq!(back.kind(), failure.kind());
+            assert_eq!(back, failure, "rebuilt from {:?}", failure.reason_line());
             assert_eq!(back.status(), failure.status());
+            // The words of the kind appear once, not once per hop.
+            let line = back.reason_line();
+            let words = line.split(':').next().unwrap_or_default();
+            assert_eq!(line.matches(words).count(), 1, "{line}");
         }
+        // A reason without the kind's words (an older peer, a hand-written answer) is kept.
+        assert_eq!(
+            DialFailure::from_response(StatusCode::FORBIDDEN, Some("forbidden"), "port 22".into()),
+            DialFailure::Forbidden("port 22".into())
+        );
         assert_eq!(
             DialFailure::from_response(
                 StatusCode::GATEWAY_TIMEOUT,

@@ -6,32 +6,36 @@ use socket2::{SockRef, TcpKeepalive};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-/// Unsent bytes a link socket may hold before it stops reporting writable.
+/// Unsent bytes a link or tunneled-connection socket may hold before it stops taking writes.
 ///
-/// Keeping the kernel's unsent queue short leaves queued frames in HTTP/2's scheduler, which
-/// interleaves streams; a small request then waits behind at most this much bulk data instead of
-/// the whole socket buffer.
-pub const LINK_NOTSENT_LOWAT: u32 = 128 * 1024;
+/// On a link, keeping the kernel's unsent queue short leaves queued frames in HTTP/2's
+/// scheduler, which interleaves streams; a small request then waits behind at most this much
+/// bulk data instead of the whole socket buffer. On a tunneled connection (a frontend client,
+/// a destination) it bounds what a peer that stops reading holds in the kernel: without it the
+/// send buffer grows to `net.ipv4.tcp_wmem`'s maximum (4 MiB by default) per connection, the
+/// bytes leave the stream window behind, and the window no longer tells how much a stalled
+/// connection holds.
+pub const NOTSENT_LOWAT: u32 = 128 * 1024;
 
-/// Tunes a socket carrying one tunneled connection (frontend client or destination).
+/// Tunes a socket carrying one tunneled connection (frontend client or destination): no Nagle
+/// delay, short unsent queue.
 pub fn tune_stream(stream: &TcpStream) {
     if let Err(err) = stream.set_nodelay(true) {
         tracing::debug!(%err, "cannot set TCP_NODELAY");
     }
-}
-
-/// Tunes a link socket: no Nagle delay, short unsent queue, TCP keepalive as a backstop for the
-/// HTTP/2 PING liveness check.
-pub fn tune_link(stream: &TcpStream) {
-    tune_stream(stream);
-    let sock = SockRef::from(stream);
-    if let Err(err) = sock.set_tcp_notsent_lowat(LINK_NOTSENT_LOWAT) {
+    if let Err(err) = SockRef::from(stream).set_tcp_notsent_lowat(NOTSENT_LOWAT) {
         tracing::debug!(%err, "cannot set TCP_NOTSENT_LOWAT");
     }
+}
+
+/// Tunes a link socket: as [`tune_stream`], plus TCP keepalive as a backstop for the HTTP/2
+/// PING liveness check.
+pub fn tune_link(stream: &TcpStream) {
+    tune_stream(stream);
     let keepalive = TcpKeepalive::new()
         .with_time(Duration::from_secs(30))
         .with_interval(Duration::from_secs(10));
-    if let Err(err) = sock.set_tcp_keepalive(&keepalive) {
+    if let Err(err) = SockRef::from(stream).set_tcp_keepalive(&keepalive) {
         tracing::debug!(%err, "cannot enable TCP keepalive");
     }
 }

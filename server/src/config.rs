@@ -130,6 +130,13 @@ pub struct Args {
     #[arg(long, env = "CPLINK_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
     pub keepalive_timeout: Duration,
 
+    /// Most tunneled connections this server carries at once, over all frontends; more are
+    /// answered 503 (`server at capacity`). A connection whose reader stalls buffers up to
+    /// 256 KiB here, so this bounds the server's memory: 16384 connections, 4 GiB at worst.
+    #[arg(long, env = "CPLINK_MAX_TUNNELS", default_value_t = 16384,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tunnels: u32,
+
     /// Ordered routing strategies: node (destination is an agent's node name or host IP),
     /// cidr (destination is in an agent's pod CIDR), default-route (agents started with
     /// --default-route), any (least-loaded agent).
@@ -170,6 +177,8 @@ pub struct Config {
     pub keepalive: KeepaliveConfig,
     /// Routing chain.
     pub strategies: Vec<Strategy>,
+    /// Tunneled connections carried at once, at most.
+    pub max_tunnels: u32,
     /// Token authentication of upstream agents without a client certificate, when enabled.
     pub token_auth: Option<Arc<TokenAuth>>,
 }
@@ -275,6 +284,7 @@ impl Args {
                 timeout: self.keepalive_timeout,
             },
             strategies,
+            max_tunnels: self.max_tunnels,
             token_auth: token_auth.map(Arc::new),
         })
     }

@@ -43,6 +43,8 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) registry: Registry,
     pub(crate) metrics: Metrics,
+    /// One permit per tunneled connection: `--max-tunnels`.
+    pub(crate) tunnels: Arc<tokio::sync::Semaphore>,
     draining: AtomicBool,
 }
 
@@ -178,6 +180,16 @@ impl ServerHandle {
         self.shared.metrics.streams_active.get()
     }
 
+    /// Tunneled bytes so far: frontend to agent (read from clients and sent on), and agent to
+    /// frontend (written to clients).
+    pub fn tunneled_bytes(&self) -> cplink_proto::pump::PumpStats {
+        let bytes = &self.shared.metrics.bytes;
+        cplink_proto::pump::PumpStats {
+            socket_to_stream: bytes.socket_to_stream.get(),
+            stream_to_socket: bytes.stream_to_socket.get(),
+        }
+    }
+
     /// Metrics in the OpenMetrics text format.
     pub fn metrics_text(&self) -> String {
         let mut text = String::new();
@@ -253,11 +265,13 @@ impl Server {
     pub fn new(config: Config) -> Self {
         let mut prometheus = prometheus_client::registry::Registry::default();
         let metrics = Metrics::new(&mut prometheus);
+        let tunnels = Arc::new(tokio::sync::Semaphore::new(config.max_tunnels as usize));
         Server {
             shared: Arc::new(Shared {
                 config,
                 registry: Registry::default(),
                 metrics,
+                tunnels,
                 draining: AtomicBool::new(false),
             }),
             prometheus: Arc::new(prometheus),

@@ -27,6 +27,8 @@ pub(crate) struct Tunnel {
     pub carried: Carried,
     /// The route, holding the link's stream count.
     pub route: Route,
+    /// This connection's share of `--max-tunnels`.
+    pub _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// The agent's end of an established tunneled connection.
@@ -48,7 +50,13 @@ pub(crate) enum Carried {
 pub(crate) async fn open_counted(shared: &Shared, target: &Target) -> Result<Tunnel, DialFailure> {
     let metrics = &shared.metrics;
     let started = Instant::now();
-    let tunnel = open(shared, target).await;
+    let tunnel = match shared.tunnels.clone().try_acquire_owned() {
+        Ok(permit) => open(shared, target, permit).await,
+        Err(_) => Err(DialFailure::Busy(format!(
+            "{} tunneled connections open (--max-tunnels)",
+            shared.config.max_tunnels
+        ))),
+    };
     metrics
         .dial_duration
         .observe(started.elapsed().as_secs_f64());
@@ -89,7 +97,11 @@ enum Attempt {
 }
 
 /// Routes `target` and dials it through the chosen agent, within the dial timeout.
-pub(crate) async fn open(shared: &Shared, target: &Target) -> Result<Tunnel, DialFailure> {
+pub(crate) async fn open(
+    shared: &Shared,
+    target: &Target,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<Tunnel, DialFailure> {
     let budget = shared.config.dial_timeout;
     let deadline = tokio::time::Instant::now() + budget;
     let mut last_error = None;
@@ -99,7 +111,13 @@ pub(crate) async fn open(shared: &Shared, target: &Target) -> Result<Tunnel, Dia
         let link = route.guard.link().clone();
         match tokio::time::timeout_at(deadline, attempt(&link, target)).await {
             Err(_elapsed) => return Err(DialFailure::Timeout(budget)),
-            Ok(Ok(carried)) => return Ok(Tunnel { carried, route }),
+            Ok(Ok(carried)) => {
+                return Ok(Tunnel {
+                    carried,
+                    route,
+                    _permit: permit,
+                });
+            }
             Ok(Err(Attempt::Answered(failure))) => return Err(failure),
             Ok(Err(Attempt::LinkUnavailable(reason))) => {
                 tracing::debug!(agent_id = %link.id, %reason, "link unavailable, rerouting");

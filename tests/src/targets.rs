@@ -164,3 +164,69 @@ pub fn black_hole() -> anyhow::Result<BlackHole> {
         _queued: queued,
     })
 }
+
+/// `len` bytes that depend on `seed` and on their offset, so that a lost, repeated or
+/// misplaced chunk changes the checksum.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    // xorshift64*: cheap, and every seed gives its own sequence.
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Reads an 8-byte seed from each client, then writes `len` bytes of [`pattern`] for that seed
+/// as fast as the reader takes them, and closes.
+pub async fn pattern_source(len: usize) -> anyhow::Result<Target> {
+    serve(move |mut stream| async move {
+        let Ok(seed) = stream.read_u64().await else {
+            return;
+        };
+        if stream.write_all(&pattern(seed, len)).await.is_ok() {
+            let _ = stream.shutdown().await;
+        }
+    })
+    .await
+}
+
+/// Accepts and reads nothing until `release` turns true; then reads to the end, answers with
+/// the SHA-256 of what it read (32 bytes) and closes. Its sockets have a small receive buffer,
+/// so that a writer stalls at once instead of filling the kernel's buffers.
+pub async fn gated_sink(release: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<Target> {
+    use sha2::Digest;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    // Inherited by accepted sockets; the kernel doubles it and keeps a floor.
+    socket.set_recv_buffer_size(4096)?;
+    socket.bind("127.0.0.1:0".parse()?)?;
+    let listener = socket.listen(1024)?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut release = release.clone();
+            tokio::spawn(async move {
+                if release.wait_for(|open| *open).await.is_err() {
+                    return;
+                }
+                let mut hasher = sha2::Sha256::new();
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(n) => hasher.update(&buf[..n]),
+                        Err(_) => return,
+                    }
+                }
+                if stream.write_all(&hasher.finalize()).await.is_ok() {
+                    let _ = stream.shutdown().await;
+                }
+            });
+        }
+    });
+    Ok(Target { addr, task })
+}

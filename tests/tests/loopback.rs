@@ -1,7 +1,5 @@
 //! Server, agent and destinations in-process on loopback: the tunnel's behaviour end to end.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cplink_e2e::client::{self, TlsClient};
@@ -153,7 +151,8 @@ async fn a_closed_port_answers_502() -> anyhow::Result<()> {
     let mut stream = UnixStream::connect(&server.uds).await?;
     let answer = client::handshake(&mut stream, &closed.to_string()).await?;
     assert_eq!(answer.status, 502, "{answer:?}");
-    assert!(answer.body.contains("connection refused"), "{answer:?}");
+    // The agent's reason, passed on once: not "connection refused: connection refused: ...".
+    assert_eq!(answer.body, format!("connection refused: {closed}\n"));
     Ok(())
 }
 
@@ -195,6 +194,46 @@ async fn no_agent_answers_503() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn dials_beyond_max_tunnels_answer_503_until_a_tunnel_ends() -> anyhow::Result<()> {
+    let lo = Loopback::new()?;
+    let server = lo.start_server(&["--max-tunnels", "2"]).await?;
+    let _agent = lo.start_agent(&[server.agent_addr], &[]).await?;
+    server.wait_for_agents(1).await?;
+    let echo = targets::echo().await?;
+    let mut first = client::tunnel_uds(&server.uds, &echo.authority()).await?;
+    let mut second = client::tunnel_uds(&server.uds, &echo.authority()).await?;
+    echo_round_trip(&mut first, b"one").await?;
+    echo_round_trip(&mut second, b"two").await?;
+
+    let mut stream = UnixStream::connect(&server.uds).await?;
+    let answer = client::handshake(&mut stream, &echo.authority()).await?;
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert_eq!(
+        answer.body,
+        "server at capacity: 2 tunneled connections open (--max-tunnels)\n"
+    );
+    assert!(
+        server
+            .handle
+            .metrics_text()
+            .contains("cplink_server_dials_total{result=\"busy\"} 1"),
+        "{}",
+        server.handle.metrics_text()
+    );
+
+    // A tunnel that ends gives its place back.
+    drop(first);
+    let handle = server.handle.clone();
+    wait::until("the first tunnel closed", Duration::from_secs(10), || {
+        handle.active_streams() == 1
+    })
+    .await?;
+    let mut third = client::tunnel_uds(&server.uds, &echo.authority()).await?;
+    echo_round_trip(&mut third, b"three").await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_denied_destination_answers_403_with_the_reason() -> anyhow::Result<()> {
     let lo = Loopback::new()?;
     let server = lo.start_server(&[]).await?;
@@ -218,6 +257,11 @@ async fn a_denied_destination_answers_403_with_the_reason() -> anyhow::Result<()
         answer
             .body
             .contains("not in the agent's allowed destinations"),
+        "{answer:?}"
+    );
+    assert_eq!(
+        answer.body.matches("destination not allowed").count(),
+        1,
         "{answer:?}"
     );
     // Link-local metadata is refused even without rules.
@@ -403,48 +447,5 @@ async fn admin_endpoints_report_health_readiness_and_metrics() -> anyhow::Result
             .await?
             .starts_with("HTTP/1.1 404")
     );
-    Ok(())
-}
-
-#[tokio::test]
-async fn a_stalled_reader_does_not_slow_other_streams() -> anyhow::Result<()> {
-    let lo = Loopback::new()?;
-    let (server, _agent) = lo.pair().await?;
-    let written = Arc::new(AtomicU64::new(0));
-    let source = targets::source(256 * 1024 * 1024, written.clone()).await?;
-    let echo = targets::echo().await?;
-
-    // Several readers that never read while their destinations push megabytes at them.
-    let mut stalled = Vec::new();
-    for _ in 0..4 {
-        let stream = client::tunnel_uds(&server.uds, &source.authority()).await?;
-        stalled.push(stream);
-    }
-    wait::until(
-        "megabytes pending behind the stalled readers",
-        Duration::from_secs(20),
-        || written.load(Ordering::Relaxed) >= 2 * 1024 * 1024,
-    )
-    .await?;
-    let pending = written.load(Ordering::Relaxed);
-
-    let mut active = client::tunnel_uds(&server.uds, &echo.authority()).await?;
-    let mut latencies = Vec::new();
-    for i in 0..200u32 {
-        let started = Instant::now();
-        echo_round_trip(&mut active, &i.to_be_bytes()).await?;
-        latencies.push(started.elapsed());
-    }
-    latencies.sort();
-    eprintln!(
-        "request/response next to {} stalled streams holding {} KiB: p50 {:?}, p99 {:?}",
-        stalled.len(),
-        pending / 1024,
-        latencies[latencies.len() / 2],
-        latencies[latencies.len() * 99 / 100]
-    );
-    // The stalled streams really were stalled: their destinations could not finish.
-    assert!(written.load(Ordering::Relaxed) < 256 * 1024 * 1024);
-    drop(stalled);
     Ok(())
 }

@@ -48,9 +48,12 @@ pub(crate) async fn serve_connection<IO, S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    // Each Proxy stream is one tunneled connection with its own window; the connection window
+    // never binds (see `cplink_proto::CONNECTION_WINDOW`), so a client that stops reading one
+    // stream holds back that stream only. `--max-tunnels` bounds how many there are at once.
     builder
         .timer(TokioTimer::new())
-        .max_concurrent_streams(cplink_proto::MAX_STREAMS_PER_LINK)
+        .max_concurrent_streams(cplink_proto::MAX_STREAMS_PER_LINK_LIMIT)
         .initial_stream_window_size(cplink_proto::STREAM_WINDOW)
         .initial_connection_window_size(cplink_proto::CONNECTION_WINDOW)
         .max_frame_size(cplink_proto::MAX_FRAME_SIZE);
