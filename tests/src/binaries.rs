@@ -61,7 +61,6 @@ impl Operator {
 
 impl Drop for Operator {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        crate::harness::stop_child(&mut self.0, std::time::Duration::ZERO);
     }
 }

@@ -54,8 +54,8 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // SIGKILL at once (a test's control plane has nothing to save), reaped within a bound.
+        crate::harness::stop_child(&mut self.child, Duration::ZERO);
     }
 }
 
@@ -316,9 +316,8 @@ impl ControlPlane {
             .position(|p| p.name == "kube-apiserver")
             .context("kube-apiserver is not running")?;
         // Killed and reaped before the new one binds the same port.
-        let old = &mut self.processes[at].child;
-        let _ = old.kill();
-        let _ = old.wait();
+        crate::harness::stop_child(&mut self.processes[at].child, Duration::ZERO)
+            .context("the old kube-apiserver could not be reaped")?;
         self.processes[at] = Process::spawn(
             "kube-apiserver",
             self.dir.path(),
@@ -342,7 +341,9 @@ impl ControlPlane {
             for process in &mut self.processes {
                 process.check_running()?;
             }
-            let output = self.kubectl(&["get", "--raw", "/readyz"]).output()?;
+            let output = self
+                .kubectl(&["get", "--raw", "/readyz", "--request-timeout=5s"])
+                .output()?;
             if output.status.success() && String::from_utf8_lossy(&output.stdout).trim() == "ok" {
                 return Ok(());
             }

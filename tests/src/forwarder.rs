@@ -263,6 +263,9 @@ fn endpoints(slice: &serde_json::Value) -> Vec<Endpoint> {
         .collect()
 }
 
+/// The pause after a failed `accept`.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 async fn accept(listener: TcpListener, table: Arc<Mutex<Backends>>, shutdown: CancellationToken) {
     loop {
         let (client, _) = tokio::select! {
@@ -270,7 +273,12 @@ async fn accept(listener: TcpListener, table: Arc<Mutex<Backends>>, shutdown: Ca
                 Ok(accepted) => accepted,
                 Err(err) => {
                     tracing::warn!(%err, "forwarder accept failed");
-                    continue;
+                    // Out of descriptors, most likely: a pause lets connections close instead
+                    // of spinning on the same error.
+                    tokio::select! {
+                        () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                        () = shutdown.cancelled() => return,
+                    }
                 }
             },
             () = shutdown.cancelled() => return,

@@ -15,6 +15,8 @@
 //! - [`grpc`]: konnectivity gRPC peers: a Proxy client and a scripted upstream agent.
 //! - [`targets`]: destinations: echo, source, sink, a closed port and a black hole.
 //! - [`wait`]: polling a condition until a deadline.
+//! - [`harness`]: a test body under a deadline, named steps, bounded runtime shutdown and
+//!   bounded process stops.
 
 pub mod binaries;
 pub mod client;
@@ -22,6 +24,7 @@ pub mod cluster;
 pub mod fixture;
 pub mod forwarder;
 pub mod grpc;
+pub mod harness;
 pub mod helm;
 pub mod kubelet;
 pub mod pki;

@@ -489,8 +489,8 @@ impl Follow {
 
 impl Drop for Follow {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Its reader thread ends with the pipe, once kubectl is gone.
+        crate::harness::stop_child(&mut self.child, Duration::ZERO);
     }
 }
 

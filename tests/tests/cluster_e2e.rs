@@ -7,7 +7,10 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
 
+use std::time::Duration;
+
 use cplink_e2e::cluster::PodAddress;
+use cplink_e2e::harness::{self, Steps};
 use cplink_e2e::stack::{self, Egress, Follow, LINK, NAMESPACE, STEP, Stack, StackOptions};
 use cplink_e2e::wait;
 
@@ -49,6 +52,9 @@ spec:
     port: 80
     targetPort: 8080
 ";
+
+/// How long each test may take: both take about 120 s, side by side.
+const DEADLINE: Duration = Duration::from_secs(480);
 
 const SERVICE_PROXY: &str = "/api/v1/namespaces/default/services/hello:80/proxy/";
 
@@ -267,21 +273,35 @@ async fn requests_cross_the_tunnel(
     Ok(marker)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::Result<()> {
+#[test]
+fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::Result<()> {
+    harness::run(
+        "kube_apiserver_reaches_nodes_and_pods_through_the_tunnel",
+        DEADLINE,
+        http_connect,
+    )
+}
+
+async fn http_connect(steps: Steps) -> anyhow::Result<()> {
+    steps.enter("starting the control plane, nodes, forwarder and operator");
     let mut stack = Stack::start(StackOptions::default()).await?;
 
     // 1. The link rolls out: one server, an agent on each of the three nodes, all ready.
+    steps.enter("rolling out the link");
     let (nodes, agents) = link_rolled_out(&stack).await?;
+    steps.enter("running the hello fixture");
     hello_deployed(&stack).await?;
 
     // 2. kube-apiserver uses the egress configuration the operator wrote: HTTP CONNECT over
     // mutual TLS, through the forwarder to the frontend Service.
+    steps.enter("restarting kube-apiserver with the egress configuration");
     stack.wire_egress().await?;
+    steps.enter("requests through the tunnel");
     let marker = requests_cross_the_tunnel(&stack, &nodes, &agents, "tls").await?;
 
     // With every agent stopped, tunneled requests fail as the apiserver's dial errors while
     // plain API requests still work.
+    steps.enter("requests with every agent stopped");
     stack.patch_link(r#"{"spec":{"agent":{"nodeSelector":{"cplink.dev/e2e":"no-such-node"}}}}"#)?;
     stack
         .plane
@@ -331,6 +351,7 @@ async fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::R
         .plane
         .kubectl_ok(&["delete", "configmap", "crud-check"])?;
 
+    steps.enter("the agents returning");
     stack.patch_link(r#"{"spec":{"agent":{"nodeSelector":null}}}"#)?;
     stack.wait_link_ready().await?;
     stack
@@ -353,6 +374,7 @@ async fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::R
         .await?;
 
     // 3. Resilience: a deleted server pod is replaced; the link degrades, then recovers.
+    steps.enter("a deleted server pod replaced");
     let (status, since) = ready_condition(&stack)?;
     assert_eq!(status, "True");
     let (old_server, _, _) = stack.pods("server")?.remove(0);
@@ -382,6 +404,7 @@ async fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::R
     node_proxy_answers(&stack, &nodes, "node proxy through the new server").await?;
 
     // A DaemonSet deleted by hand is restored by the operator, with agents on every node.
+    steps.enter("a deleted agent DaemonSet restored");
     let agents_uid = [
         "get",
         "ds",
@@ -409,6 +432,7 @@ async fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::R
     stack.wait_link_ready().await?;
 
     // 4. Deleting the link removes everything it created, and its pods stop.
+    steps.enter("deleting the link");
     stack
         .plane
         .kubectl_ok(&["delete", "cpl", LINK, "-n", NAMESPACE, "--timeout=90s"])?;
@@ -444,16 +468,27 @@ async fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::R
     })
     .await
     .map_err(|e| e.context(format!("{} containers still run", stack.nodes.running())))?;
+    steps.enter("stopping the stack");
+    drop(stack);
     Ok(())
 }
 
 /// kube-apiserver in `GRPC` mode: konnectivity gRPC over the Unix socket the server creates in
 /// the link's `socketHostPath` (a directory of this run, shared by every simulated node and
 /// kube-apiserver). The agents-removed and resilience scenarios are the HTTPConnect test's.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kube_apiserver_in_grpc_mode_reaches_nodes_and_pods_through_the_socket()
--> anyhow::Result<()> {
+#[test]
+fn kube_apiserver_in_grpc_mode_reaches_nodes_and_pods_through_the_socket() -> anyhow::Result<()> {
+    harness::run(
+        "kube_apiserver_in_grpc_mode_reaches_nodes_and_pods_through_the_socket",
+        DEADLINE,
+        grpc,
+    )
+}
+
+async fn grpc(steps: Steps) -> anyhow::Result<()> {
+    steps.enter("starting the control plane, nodes, forwarder and operator");
     let mut stack = Stack::start_with(StackOptions::default(), Egress::Grpc).await?;
+    steps.enter("rolling out the link");
     let (nodes, agents) = link_rolled_out(&stack).await?;
     let socket = stack.socket_dir().join("konnectivity-server.socket");
     let address = stack.link_jsonpath("{.status.frontend.address}")?;
@@ -474,14 +509,19 @@ async fn kube_apiserver_in_grpc_mode_reaches_nodes_and_pods_through_the_socket()
         stack::POD_USER,
         "the server's user owns the socket"
     );
+    steps.enter("running the hello fixture");
     hello_deployed(&stack).await?;
 
+    steps.enter("restarting kube-apiserver with the egress configuration");
     let egress = std::fs::read_to_string(stack.wire_egress().await?)?;
     assert!(egress.contains("proxyProtocol: GRPC"), "{egress}");
     assert!(
         egress.contains(&format!("udsName: {}", socket.display())),
         "{egress}"
     );
+    steps.enter("requests through the tunnel");
     requests_cross_the_tunnel(&stack, &nodes, &agents, "grpc").await?;
+    steps.enter("stopping the stack");
+    drop(stack);
     Ok(())
 }

@@ -9,14 +9,19 @@ use std::time::Duration;
 
 use cplink_e2e::cluster::{ControlPlane, Options};
 use cplink_e2e::fixture::{Loopback, RunningAgent, RunningServer};
+use cplink_e2e::harness::{self, Steps};
 use cplink_e2e::stack::counter;
 use cplink_e2e::{client, targets, wait};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
 
 const NAMESPACE: &str = "default";
 const SERVICE: &str = "cplink-servers";
 const DEADLINE: Duration = Duration::from_secs(20);
+/// How long the test with a control plane may take: it takes well under a minute.
+const TEST_DEADLINE: Duration = Duration::from_secs(240);
 
 /// The agent's node, and its pod range as the Node object says (the agent is not told).
 const NODE: &str = "node-1";
@@ -109,9 +114,18 @@ async fn start_server(lo: &Loopback) -> anyhow::Result<RunningServer> {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agents_follow_the_servers_endpoint_slices_and_announce_their_nodes_pod_range()
+#[test]
+fn agents_follow_the_servers_endpoint_slices_and_announce_their_nodes_pod_range()
 -> anyhow::Result<()> {
+    harness::run(
+        "agents_follow_the_servers_endpoint_slices_and_announce_their_nodes_pod_range",
+        TEST_DEADLINE,
+        follow_the_slices,
+    )
+}
+
+async fn follow_the_slices(steps: Steps) -> anyhow::Result<()> {
+    steps.enter("starting the control plane");
     let mut plane = ControlPlane::start(Options::default()).await?;
     let kubeconfig = plane.kubeconfig.display().to_string();
     kubectl_apply(
@@ -147,6 +161,7 @@ spec:
         ),
     )?;
 
+    steps.enter("three servers in the slices, an agent discovering them");
     let lo = Loopback::new()?;
     let mut servers = Vec::new();
     for i in 0..3 {
@@ -202,16 +217,10 @@ spec:
         .map(ToString::to_string)
         .collect();
     assert_eq!(announced, [POD_CIDR]);
+    steps.enter("dials routed by the Node's pod CIDR");
     let pod = TcpListener::bind((POD_IP, 0)).await?;
     let pod_addr = pod.local_addr()?.to_string();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = pod.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = stream.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
+    let _pod = echo_on(pod);
     for server in &servers {
         echo_through(server, &pod_addr).await?;
         let routed = counter(
@@ -227,6 +236,7 @@ spec:
     );
 
     // Discovery works for konnectivity links too.
+    steps.enter("a konnectivity agent discovering the servers");
     let konnectivity = lo
         .start_agent(
             &[],
@@ -240,6 +250,7 @@ spec:
     );
     konnectivity.stop().await;
 
+    steps.enter("a fourth server joining the slices");
     // A fourth server joins the slices and gets linked. (Servers and agents of a Loopback
     // draw their ids from one counter: three servers, two agents, then server-5.)
     let fourth = start_server(&lo).await?;
@@ -251,6 +262,7 @@ spec:
     assert_eq!(metric(&agent, "cplink_agent_servers_known", ""), 4.0);
 
     // An endpoint nothing answers on makes the agent not ready, naming it, until it leaves.
+    steps.enter("a dead endpoint in the slices");
     let closed = targets::closed_port()?;
     publish(&plane, "nobody-home", closed, false)?;
     let closed_name = closed.to_string();
@@ -269,6 +281,7 @@ spec:
     unpublish(&plane, "nobody-home")?;
     agent.wait_ready().await?;
 
+    steps.enter("server-1 leaving the slices");
     // server-1 leaves the slices: no longer needed for readiness, but its link stays until
     // the server closes it (as a draining server does in a rolling update).
     unpublish(&plane, &format!("{SERVICE}-1"))?;
@@ -312,10 +325,11 @@ spec:
 
     // The API goes away and comes back: the links and the readiness stay all along, and the
     // watch resumes.
+    steps.enter("restarting kube-apiserver under the agent");
     let watching = tokio_util::sync::CancellationToken::new();
     let handle = agent.handle.clone();
     let watch = watching.clone();
-    let unready = tokio::spawn(async move {
+    let unready = AbortOnDropHandle::new(tokio::spawn(async move {
         let mut seen = Vec::new();
         while !watch.is_cancelled() {
             if let Err(reason) = handle.readiness() {
@@ -324,7 +338,7 @@ spec:
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         seen
-    });
+    }));
     plane.restart_apiserver(None).await?;
     watching.cancel();
     assert_eq!(unready.await?, Vec::<String>::new(), "never unready");
@@ -337,27 +351,56 @@ spec:
     unpublish(&plane, "nobody-home")?;
     agent.wait_ready().await?;
 
+    steps.enter("stopping the agent");
     agent.stop().await;
     Ok(())
 }
 
-/// A TCP balancer handing connections to `rotation` in turn; counts the connections.
-async fn balancer(rotation: Vec<SocketAddr>) -> anyhow::Result<(SocketAddr, Arc<AtomicUsize>)> {
+/// Echoes every connection `listener` accepts, until the returned handle is dropped (its
+/// connections with it).
+fn echo_on(listener: TcpListener) -> AbortOnDropHandle<()> {
+    AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut connections = JoinSet::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            while connections.try_join_next().is_some() {}
+            connections.spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    }))
+}
+
+/// A TCP balancer handing connections to `rotation` in turn, until the returned handle is
+/// dropped; counts the connections.
+struct Balancer {
+    address: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    _task: AbortOnDropHandle<()>,
+}
+
+async fn balancer(rotation: Vec<SocketAddr>) -> anyhow::Result<Balancer> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
+    let address = listener.local_addr()?;
     let accepted = Arc::new(AtomicUsize::new(0));
     let count = accepted.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
+        let mut connections = JoinSet::new();
         while let Ok((mut inbound, _)) = listener.accept().await {
+            while connections.try_join_next().is_some() {}
             let backend = rotation[count.fetch_add(1, Ordering::Relaxed) % rotation.len()];
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 if let Ok(mut outbound) = TcpStream::connect(backend).await {
                     let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                 }
             });
         }
     });
-    Ok((addr, accepted))
+    Ok(Balancer {
+        address,
+        accepted,
+        _task: AbortOnDropHandle::new(task),
+    })
 }
 
 async fn two_servers(lo: &Loopback) -> anyhow::Result<[RunningServer; 2]> {
@@ -371,8 +414,8 @@ async fn two_servers(lo: &Loopback) -> anyhow::Result<[RunningServer; 2]> {
 async fn a_native_agent_links_to_every_server_behind_a_balanced_address() -> anyhow::Result<()> {
     let lo = Loopback::new()?;
     let servers = two_servers(&lo).await?;
-    let (address, accepted) = balancer(servers.iter().map(|s| s.agent_addr).collect()).await?;
-    let agent = lo.start_agent(&[address], &[]).await?;
+    let balancer = balancer(servers.iter().map(|s| s.agent_addr).collect()).await?;
+    let agent = lo.start_agent(&[balancer.address], &[]).await?;
     agent.wait_ready().await?;
     assert_eq!(agent.server_ids(), ["server-0", "server-1"]);
     for server in &servers {
@@ -380,7 +423,7 @@ async fn a_native_agent_links_to_every_server_behind_a_balanced_address() -> any
     }
     assert_eq!(metric(&agent, "cplink_agent_servers_known", ""), 2.0);
     assert_eq!(
-        accepted.load(Ordering::Relaxed),
+        balancer.accepted.load(Ordering::Relaxed),
         2,
         "linked to both, the agent stops dialing"
     );
@@ -398,12 +441,12 @@ async fn a_link_landing_on_a_server_already_linked_replaces_the_old_one() -> any
         servers[0].agent_addr,
         servers[1].agent_addr,
     ];
-    let (address, accepted) = balancer(rotation).await?;
-    let agent = lo.start_agent(&[address], &[]).await?;
+    let balancer = balancer(rotation).await?;
+    let agent = lo.start_agent(&[balancer.address], &[]).await?;
     agent.wait_ready().await?;
     assert_eq!(agent.server_ids(), ["server-0", "server-1"]);
     assert_eq!(
-        accepted.load(Ordering::Relaxed),
+        balancer.accepted.load(Ordering::Relaxed),
         3,
         "no dial beyond the third"
     );

@@ -8,6 +8,8 @@ use cplink_e2e::stack::counter;
 use cplink_e2e::{client, targets, wait};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
 
 const SERVERS: usize = 3;
 const AGENTS: usize = 5;
@@ -21,19 +23,22 @@ fn pod_ip(i: usize) -> String {
     format!("127.2.{}.5", i + 1)
 }
 
-/// An echo server on `ip`, port chosen by the kernel.
-async fn echo_on(ip: &str) -> anyhow::Result<(String, tokio::task::JoinHandle<()>)> {
+/// An echo server on `ip`, port chosen by the kernel; stopped, its connections with it,
+/// when the handle is dropped.
+async fn echo_on(ip: &str) -> anyhow::Result<(String, AbortOnDropHandle<()>)> {
     let listener = TcpListener::bind((ip, 0)).await?;
     let addr = listener.local_addr()?.to_string();
     let task = tokio::spawn(async move {
+        let mut connections = JoinSet::new();
         while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
+            while connections.try_join_next().is_some() {}
+            connections.spawn(async move {
                 let (mut r, mut w) = stream.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
             });
         }
     });
-    Ok((addr, task))
+    Ok((addr, AbortOnDropHandle::new(task)))
 }
 
 fn dials(agent: &RunningAgent) -> f64 {

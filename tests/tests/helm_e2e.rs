@@ -3,6 +3,9 @@
 //! Ready; `upgrade` with a changed value rolls the operator; `uninstall` (after the link is
 //! removed, as the chart's NOTES say) leaves none of the release's objects behind.
 
+use std::time::Duration;
+
+use cplink_e2e::harness::{self, Steps};
 use cplink_e2e::stack::{
     self, AGENT_SERVICE, FRONTEND_SERVICE, LINK, NAMESPACE, OPERATOR, RELEASE, STEP, Stack,
     StackOptions,
@@ -49,9 +52,21 @@ fn operator_pods(stack: &Stack) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chart_installs_upgrades_and_uninstalls() -> anyhow::Result<()> {
+/// How long the test may take: it takes 30 to 90 s.
+const DEADLINE: Duration = Duration::from_secs(300);
+
+#[test]
+fn chart_installs_upgrades_and_uninstalls() -> anyhow::Result<()> {
+    harness::run(
+        "chart_installs_upgrades_and_uninstalls",
+        DEADLINE,
+        install_upgrade_uninstall,
+    )
+}
+
+async fn install_upgrade_uninstall(steps: Steps) -> anyhow::Result<()> {
     // Stack::start installs the chart with default values and waits for the operator pod.
+    steps.enter("starting the stack: installing the chart");
     let stack = Stack::start(StackOptions {
         nodes: 2,
         servers: 1,
@@ -69,6 +84,7 @@ async fn chart_installs_upgrades_and_uninstalls() -> anyhow::Result<()> {
     assert_eq!(first.len(), 1, "{first:?}");
 
     // A link from values: the operator, holding only the chart's permissions, rolls it out.
+    steps.enter("upgrading with a link in the values");
     stack.helm.upgrade(
         NAMESPACE,
         RELEASE,
@@ -99,6 +115,7 @@ async fn chart_installs_upgrades_and_uninstalls() -> anyhow::Result<()> {
     );
 
     // Upgrade with a changed value: the Deployment changes and a new operator pod takes over.
+    steps.enter("upgrading with changed logging values");
     stack.helm.upgrade(
         NAMESPACE,
         RELEASE,
@@ -128,6 +145,7 @@ async fn chart_installs_upgrades_and_uninstalls() -> anyhow::Result<()> {
 
     // The NOTES' way out: drop the link (the operator removes its cluster-scoped RBAC), then
     // uninstall.
+    steps.enter("dropping the link from the values");
     stack.helm.upgrade(
         NAMESPACE,
         RELEASE,
@@ -150,6 +168,7 @@ async fn chart_installs_upgrades_and_uninstalls() -> anyhow::Result<()> {
             |out| out.trim().is_empty(),
         )
         .await?;
+    steps.enter("uninstalling the release");
     stack.helm.uninstall(NAMESPACE, RELEASE)?;
     stack
         .plane
@@ -175,5 +194,7 @@ async fn chart_installs_upgrades_and_uninstalls() -> anyhow::Result<()> {
         !releases.contains("sh.helm.release"),
         "release history removed: {releases}"
     );
+    steps.enter("stopping the stack");
+    drop(stack);
     Ok(())
 }

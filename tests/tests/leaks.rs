@@ -6,15 +6,28 @@ use std::time::Duration;
 
 use cplink_e2e::client;
 use cplink_e2e::fixture::Loopback;
+use cplink_e2e::harness::{self, Steps};
 use cplink_e2e::{targets, wait};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::task::AbortOnDropHandle;
 
 fn open_fds() -> anyhow::Result<usize> {
     Ok(std::fs::read_dir("/proc/self/fd")?.count())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ten_thousand_connections_leave_nothing_behind() -> anyhow::Result<()> {
+/// How long the test may take.
+const DEADLINE: Duration = Duration::from_secs(300);
+
+#[test]
+fn ten_thousand_connections_leave_nothing_behind() -> anyhow::Result<()> {
+    harness::run(
+        "ten_thousand_connections_leave_nothing_behind",
+        DEADLINE,
+        ten_thousand_connections,
+    )
+}
+
+async fn ten_thousand_connections(steps: Steps) -> anyhow::Result<()> {
     const CONNECTIONS: usize = 10_000;
     const PARALLEL: usize = 16;
     let lo = Loopback::new()?;
@@ -23,6 +36,7 @@ async fn ten_thousand_connections_leave_nothing_behind() -> anyhow::Result<()> {
     let refused = targets::closed_port()?;
 
     // Warm up once so that lazily created state is part of the baseline.
+    steps.enter("warming up");
     let mut warm = client::tunnel_uds(&server.uds, &echo.authority()).await?;
     warm.write_all(b"w").await?;
     warm.read_exact(&mut [0u8; 1]).await?;
@@ -34,12 +48,13 @@ async fn ten_thousand_connections_leave_nothing_behind() -> anyhow::Result<()> {
     .await?;
     let baseline = open_fds()?;
 
+    steps.enter("opening and closing the connections");
     let mut workers = Vec::new();
     for w in 0..PARALLEL {
         let uds = server.uds.clone();
         let target = echo.authority();
         let refused = refused.to_string();
-        workers.push(tokio::spawn(async move {
+        workers.push(AbortOnDropHandle::new(tokio::spawn(async move {
             for i in (w..CONNECTIONS).step_by(PARALLEL) {
                 match i % 10 {
                     // Some dials fail: failures must not leak either.
@@ -67,12 +82,13 @@ async fn ten_thousand_connections_leave_nothing_behind() -> anyhow::Result<()> {
                 }
             }
             anyhow::Ok(())
-        }));
+        })));
     }
     for worker in workers {
         worker.await??;
     }
 
+    steps.enter("every stream and descriptor to be released");
     let (s, a) = (server.handle.clone(), agent.handle.clone());
     wait::until("every stream to close", Duration::from_secs(30), || {
         s.active_streams() == 0 && a.active_streams() == 0

@@ -7,10 +7,14 @@ use std::time::Duration;
 
 use cplink_e2e::binaries::Operator;
 use cplink_e2e::cluster::{ControlPlane, Options};
+use cplink_e2e::harness::{self, Steps};
 use cplink_e2e::stack::{self, repo};
 
 const NAMESPACE: &str = "cplink-system";
+/// How long one wait for the operator may take.
 const DEADLINE: Duration = Duration::from_secs(60);
+/// How long the whole test may take: it takes 30 to 90 s.
+const TEST_DEADLINE: Duration = Duration::from_secs(300);
 
 fn get_json(plane: &ControlPlane, args: &[&str]) -> serde_json::Value {
     let mut all = args.to_vec();
@@ -39,13 +43,23 @@ const CLUSTER_CHILDREN: &[&str] = &[
     "clusterrolebinding/cplink:cplink-system:edge:agent",
 ];
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn operator_rolls_out_repairs_and_cleans_up_a_link() -> anyhow::Result<()> {
+#[test]
+fn operator_rolls_out_repairs_and_cleans_up_a_link() -> anyhow::Result<()> {
+    harness::run(
+        "operator_rolls_out_repairs_and_cleans_up_a_link",
+        TEST_DEADLINE,
+        roll_out_repair_clean_up,
+    )
+}
+
+async fn roll_out_repair_clean_up(steps: Steps) -> anyhow::Result<()> {
+    steps.enter("starting the control plane and installing the CRD");
     let mut plane = ControlPlane::start(Options::default()).await?;
     stack::install_crd(&plane).await?;
     plane.kubectl_ok(&["create", "namespace", NAMESPACE])?;
 
     // The schema rejects an invalid link before any controller sees it.
+    steps.enter("invalid links rejected by the schema");
     let invalid = plane.dir().join("invalid.yaml");
     std::fs::write(
         &invalid,
@@ -88,7 +102,8 @@ async fn operator_rolls_out_repairs_and_cleans_up_a_link() -> anyhow::Result<()>
         );
     }
 
-    let _operator = Operator::start(&plane, "cplink:e2e")?;
+    steps.enter("the operator rolling out the example link");
+    let operator = Operator::start(&plane, "cplink:e2e")?;
     let example = repo().join("crds/examples/controlplanelink.yaml");
     plane.kubectl_ok(&["apply", "-f", &example.display().to_string()])?;
 
@@ -104,6 +119,7 @@ async fn operator_rolls_out_repairs_and_cleans_up_a_link() -> anyhow::Result<()>
     }
 
     // Children are owned by the link, and the link's status is written for its generation.
+    steps.enter("owners and status of the link");
     let deployment = get_json(&plane, &["get", "-n", NAMESPACE, "deployment/edge-server"]);
     assert_eq!(
         deployment["metadata"]["ownerReferences"][0]["kind"], "ControlPlaneLink",
@@ -153,6 +169,7 @@ async fn operator_rolls_out_repairs_and_cleans_up_a_link() -> anyhow::Result<()>
     assert!(config.contains("HTTPConnect"), "{config}");
 
     // Damage is repaired: a deleted DaemonSet comes back, a hand-scaled Deployment is reset.
+    steps.enter("damage repaired");
     let uid =
         get_json(&plane, &["get", "-n", NAMESPACE, "daemonset/edge-agent"])["metadata"]["uid"]
             .clone();
@@ -203,6 +220,7 @@ async fn operator_rolls_out_repairs_and_cleans_up_a_link() -> anyhow::Result<()>
         .await?;
 
     // Deleting the link removes everything it created, cluster-scoped objects included.
+    steps.enter("deleting the link");
     plane.kubectl_ok(&["delete", "-n", NAMESPACE, "cpl/edge", "--timeout", "60s"])?;
     for child in CHILDREN {
         plane
@@ -227,5 +245,7 @@ async fn operator_rolls_out_repairs_and_cleans_up_a_link() -> anyhow::Result<()>
         assert!(left.trim().is_empty(), "{child} left behind");
     }
     plane.check_running()?;
+    steps.enter("stopping the operator and the control plane");
+    drop((operator, plane));
     Ok(())
 }

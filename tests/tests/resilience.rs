@@ -8,6 +8,8 @@ use cplink_e2e::{targets, wait};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
 
 async fn round_trip(stream: &mut tokio::net::UnixStream, msg: &[u8]) -> anyhow::Result<()> {
     stream.write_all(msg).await?;
@@ -53,25 +55,37 @@ async fn the_agent_relinks_after_the_server_restarts() -> anyhow::Result<()> {
 }
 
 /// A TCP relay that can be frozen: it keeps both connections open but stops forwarding, as a
-/// broken middlebox or a partitioned network does.
-async fn freezable_relay(
-    upstream: std::net::SocketAddr,
-) -> anyhow::Result<(std::net::SocketAddr, watch::Sender<bool>)> {
+/// broken middlebox or a partitioned network does. It stops, its connections with it, when
+/// the [`Relay`] is dropped.
+struct Relay {
+    address: std::net::SocketAddr,
+    freeze: watch::Sender<bool>,
+    _task: AbortOnDropHandle<()>,
+}
+
+async fn freezable_relay(upstream: std::net::SocketAddr) -> anyhow::Result<Relay> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (frozen_tx, frozen_rx) = watch::channel(false);
-    tokio::spawn(async move {
+    let address = listener.local_addr()?;
+    let (freeze, frozen) = watch::channel(false);
+    let task = tokio::spawn(async move {
+        let mut connections = JoinSet::new();
         while let Ok((inbound, _)) = listener.accept().await {
+            while connections.try_join_next().is_some() {}
+            // A refused upstream closes this connection; the next accept waits for the next.
             let Ok(outbound) = TcpStream::connect(upstream).await else {
                 continue;
             };
             let (ir, iw) = inbound.into_split();
             let (or, ow) = outbound.into_split();
-            tokio::spawn(forward(ir, ow, frozen_rx.clone()));
-            tokio::spawn(forward(or, iw, frozen_rx.clone()));
+            connections.spawn(forward(ir, ow, frozen.clone()));
+            connections.spawn(forward(or, iw, frozen.clone()));
         }
     });
-    Ok((addr, frozen_tx))
+    Ok(Relay {
+        address,
+        freeze,
+        _task: AbortOnDropHandle::new(task),
+    })
 }
 
 async fn forward(
@@ -91,7 +105,14 @@ async fn forward(
                 Ok(0) | Err(_) => return,
                 Ok(n) => if to.write_all(&buf[..n]).await.is_err() { return },
             },
-            _ = frozen.changed() => {}
+            changed = frozen.changed() => {
+                if changed.is_err() {
+                    // Nobody can freeze it any more: plain forwarding from here (waiting on
+                    // `changed` again would return at once, forever).
+                    let _ = tokio::io::copy(&mut from, &mut to).await;
+                    return;
+                }
+            }
         }
     }
 }
@@ -106,12 +127,12 @@ async fn a_silent_link_is_declared_dead_by_the_keepalive() -> anyhow::Result<()>
         "400ms",
     ];
     let server = lo.start_server(&keepalive).await?;
-    let (relay, freeze) = freezable_relay(server.agent_addr).await?;
-    let agent = lo.start_agent(&[relay], &keepalive).await?;
+    let relay = freezable_relay(server.agent_addr).await?;
+    let agent = lo.start_agent(&[relay.address], &keepalive).await?;
     server.wait_for_agents(1).await?;
     agent.wait_ready().await?;
 
-    freeze.send(true)?;
+    relay.freeze.send(true)?;
     // TCP stays up; only the PINGs go unanswered.
     server.wait_for_agents(0).await?;
     let handle = agent.handle.clone();

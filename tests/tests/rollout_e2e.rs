@@ -16,16 +16,19 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher;
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
+use cplink_e2e::harness::{self, Steps};
 use cplink_e2e::stack::{
     self, AgentEndpoint, FRONTEND_SERVICE, Follow, LINK, NAMESPACE, STEP, Stack, StackOptions,
 };
@@ -46,6 +49,8 @@ const REQUEST_INTERVAL: Duration = Duration::from_millis(50);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a rollout may take: four agents draining one after the other.
 const ROLLOUT: Duration = Duration::from_secs(240);
+/// How long the whole test may take: it takes 150 to 190 s.
+const DEADLINE: Duration = Duration::from_secs(600);
 
 /// A pod on some node writing a line every 200 ms, for `kubectl logs -f`.
 const TICKER: &str = "apiVersion: v1
@@ -71,10 +76,10 @@ struct Outcome {
 
 /// Node proxy `healthz` requests in a loop, rotating over the nodes, on a thread and runtime
 /// of their own (the test blocks on `kubectl`); a kube client straight to kube-apiserver, no
-/// process per request.
+/// process per request. Stopped, and its thread joined, when finished or dropped.
 struct Prober {
     outcomes: Arc<Mutex<Vec<Outcome>>>,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
     thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
 }
 
@@ -82,26 +87,27 @@ impl Prober {
     fn start(stack: &Stack, nodes: Vec<String>) -> anyhow::Result<Self> {
         let kubeconfig = stack.plane.kubeconfig.clone();
         let outcomes = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = CancellationToken::new();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let (sink, stopped) = (Arc::clone(&outcomes), Arc::clone(&stop));
+        let (sink, stopped) = (Arc::clone(&outcomes), stop.clone());
+        // A failed request is an outcome to count, not a reason to pause: the pace is the
+        // interval's either way.
         let thread = std::thread::spawn(move || {
-            runtime.block_on(async move {
-                let client = cplink_e2e::cluster::client_for(&kubeconfig).await?;
-                let mut tick = tokio::time::interval(REQUEST_INTERVAL);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                for node in nodes.iter().cycle() {
-                    if stopped.load(Ordering::Relaxed) {
-                        break;
+            runtime
+                .block_on(stopped.run_until_cancelled_owned(async move {
+                    let client = cplink_e2e::cluster::client_for(&kubeconfig).await?;
+                    let mut tick = tokio::time::interval(REQUEST_INTERVAL);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    for node in nodes.iter().cycle() {
+                        tick.tick().await;
+                        let outcome = healthz(&client, node).await;
+                        sink.lock().expect("outcomes").push(outcome);
                     }
-                    tick.tick().await;
-                    let outcome = healthz(&client, node).await;
-                    sink.lock().expect("outcomes").push(outcome);
-                }
-                anyhow::Ok(())
-            })
+                    anyhow::Ok(())
+                }))
+                .unwrap_or(Ok(()))
         });
         Ok(Prober {
             outcomes,
@@ -119,7 +125,7 @@ impl Prober {
     }
 
     fn finish(mut self) -> anyhow::Result<Vec<Outcome>> {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop.cancel();
         if let Some(thread) = self.thread.take() {
             thread
                 .join()
@@ -131,7 +137,11 @@ impl Prober {
 
 impl Drop for Prober {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        // Cancelled, the thread's runtime returns at once.
+        self.stop.cancel();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -155,25 +165,32 @@ async fn healthz(client: &kube::Client, node: &str) -> Outcome {
     }
 }
 
-/// When the test first saw each server pod terminating, by pod IP.
-#[derive(Default, Clone)]
-struct Terminations(Arc<Mutex<HashMap<IpAddr, Instant>>>);
+/// When the test first saw each server pod terminating, by pod IP; watched until dropped.
+struct Terminations {
+    seen: Arc<Mutex<HashMap<IpAddr, Instant>>>,
+    _watch: AbortOnDropHandle<()>,
+}
 
 impl Terminations {
-    /// Watches the link's server pods until the runtime stops.
+    /// Watches the link's server pods; failed watches are retried with backoff (the control
+    /// plane may restart or be gone), and the watch stops when this is dropped.
     async fn watch(stack: &Stack) -> anyhow::Result<Self> {
-        let seen = Terminations::default();
+        let seen = Arc::new(Mutex::new(HashMap::new()));
         let pods: kube::Api<Pod> = kube::Api::namespaced(stack.plane.client().await?, NAMESPACE);
         let config = watcher::Config::default().labels(&format!(
             "app.kubernetes.io/instance={LINK},app.kubernetes.io/component=server"
         ));
-        let record = seen.clone();
-        tokio::spawn(async move {
-            let mut events = watcher::watcher(pods, config).boxed();
+        let record = Arc::clone(&seen);
+        let watch = tokio::spawn(async move {
+            let mut events = watcher::watcher(pods, config).default_backoff().boxed();
             while let Some(event) = events.next().await {
                 let pod = match event {
                     Ok(watcher::Event::Apply(pod) | watcher::Event::InitApply(pod)) => pod,
-                    _ => continue,
+                    Ok(_) => continue,
+                    Err(err) => {
+                        tracing::debug!(%err, "server pod watch failed; retrying with backoff");
+                        continue;
+                    }
                 };
                 let ip = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref());
                 if let (Some(_), Some(Ok(ip))) = (
@@ -181,7 +198,6 @@ impl Terminations {
                     ip.map(str::parse::<IpAddr>),
                 ) {
                     record
-                        .0
                         .lock()
                         .expect("terminations")
                         .entry(ip)
@@ -189,11 +205,14 @@ impl Terminations {
                 }
             }
         });
-        Ok(seen)
+        Ok(Terminations {
+            seen,
+            _watch: AbortOnDropHandle::new(watch),
+        })
     }
 
     fn at(&self, ip: IpAddr) -> Option<Instant> {
-        self.0.lock().expect("terminations").get(&ip).copied()
+        self.seen.lock().expect("terminations").get(&ip).copied()
     }
 }
 
@@ -306,10 +325,19 @@ fn roll(stack: &Stack, what: &str) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rolling_restarts_of_servers_and_agents_lose_no_tunneled_request() -> anyhow::Result<()> {
+#[test]
+fn rolling_restarts_of_servers_and_agents_lose_no_tunneled_request() -> anyhow::Result<()> {
+    harness::run(
+        "rolling_restarts_of_servers_and_agents_lose_no_tunneled_request",
+        DEADLINE,
+        rolling_restarts,
+    )
+}
+
+async fn rolling_restarts(steps: Steps) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let since = |at: Instant| at.saturating_duration_since(t0).as_secs_f64();
+    steps.enter("starting the control plane, nodes, forwarder and operator");
     let mut stack = Stack::start(StackOptions {
         nodes: NODES,
         servers: SERVERS,
@@ -319,6 +347,7 @@ async fn rolling_restarts_of_servers_and_agents_lose_no_tunneled_request() -> an
     let nodes: Vec<String> = stack.nodes.nodes().iter().map(|n| n.name.clone()).collect();
 
     // 1. Three servers on four nodes; every agent finds every server and links to it.
+    steps.enter("rolling out the link");
     stack.apply_link()?;
     let table = stack.wait_link_ready().await?;
     println!("{table}");
@@ -336,12 +365,14 @@ async fn rolling_restarts_of_servers_and_agents_lose_no_tunneled_request() -> an
             && !agent_args.contains("--server-address"),
         "agents discover the servers: {agent_args}"
     );
+    steps.enter("every server linking every agent");
     let servers = every_server_links_every_agent(&stack).await?;
     println!(
         "[{:6.1}s] linked: every one of {servers:?} has {NODES} agents",
         since(Instant::now())
     );
 
+    steps.enter("running the ticker pod");
     stack.apply("ticker", TICKER)?;
     stack
         .plane
@@ -352,7 +383,9 @@ async fn rolling_restarts_of_servers_and_agents_lose_no_tunneled_request() -> an
             |phase| phase == "Running",
         )
         .await?;
+    steps.enter("restarting kube-apiserver with the egress configuration");
     stack.wire_egress().await?;
+    steps.enter("node proxy through the tunnel");
     for node in &nodes {
         stack
             .plane
@@ -370,6 +403,7 @@ async fn rolling_restarts_of_servers_and_agents_lose_no_tunneled_request() -> an
     }
 
     // 2. Requests in a loop and a followed log, across both rollouts.
+    steps.enter("starting node proxy requests and kubectl logs -f");
     let terminations = Terminations::watch(&stack).await?;
     let prober = Prober::start(&stack, nodes.clone())?;
     let mut follow = Follow::start(&stack, &["logs", "-f", "ticker"])?;
@@ -378,6 +412,7 @@ async fn rolling_restarts_of_servers_and_agents_lose_no_tunneled_request() -> an
     })
     .await?;
 
+    steps.enter("rolling restart of the servers");
     let old_servers = stack.pods("server")?;
     let servers_restarted = Instant::now();
     let took = roll(&stack, &format!("deployment/{LINK}-server"))?;
@@ -391,6 +426,7 @@ async fn rolling_restarts_of_servers_and_agents_lose_no_tunneled_request() -> an
         before > 0,
         "kubectl logs -f delivered lines before the restart"
     );
+    steps.enter("the new servers linking every agent");
     stack.wait_link_ready().await?;
     let new_servers = every_server_links_every_agent(&stack).await?;
     assert!(
@@ -402,6 +438,7 @@ async fn rolling_restarts_of_servers_and_agents_lose_no_tunneled_request() -> an
 
     // The forwarder stopped sending connections to each old server soon after it began to
     // terminate, well before the server stopped accepting.
+    steps.enter("checking the forwarder dropped the old servers in time");
     let mut report = String::new();
     for (pod, _, ip) in &old_servers {
         let ip: IpAddr = ip.parse()?;
@@ -439,6 +476,7 @@ async fn rolling_restarts_of_servers_and_agents_lose_no_tunneled_request() -> an
     }
     print!("forwarder:\n{report}");
 
+    steps.enter("rolling restart of the agents");
     let routed_before = routed(&stack).await?;
     let agents_restarted = Instant::now();
     let took = roll(&stack, &format!("daemonset/{LINK}-agent"))?;
@@ -447,9 +485,11 @@ async fn rolling_restarts_of_servers_and_agents_lose_no_tunneled_request() -> an
         since(Instant::now()),
         took.as_secs_f64()
     );
+    steps.enter("the new agents linking every server");
     stack.wait_link_ready().await?;
     every_server_links_every_agent(&stack).await?;
     // A few more requests through the new agents.
+    steps.enter("requests through the new agents");
     let done = prober.succeeded() + 2 * NODES;
     wait::until("requests through the new agents", STEP, || {
         prober.succeeded() >= done
@@ -471,6 +511,7 @@ async fn rolling_restarts_of_servers_and_agents_lose_no_tunneled_request() -> an
     );
 
     // 3. What the client saw.
+    steps.enter("checking what the client saw");
     let phase = |at: Instant| {
         if at >= agents_restarted {
             "agent rollout"
@@ -517,5 +558,7 @@ async fn rolling_restarts_of_servers_and_agents_lose_no_tunneled_request() -> an
         failures.len(),
         outcomes.len()
     );
+    steps.enter("stopping the stack");
+    drop((follow, terminations, stack));
     Ok(())
 }

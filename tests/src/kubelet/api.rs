@@ -36,7 +36,11 @@ pub async fn serve(
                 Ok((stream, _)) => stream,
                 Err(err) => {
                     tracing::warn!(%err, "kubelet accept failed");
-                    continue;
+                    // Out of descriptors, most likely: pause instead of spinning on it.
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                        () = shutdown.cancelled() => break,
+                    }
                 }
             },
             () = shutdown.cancelled() => break,

@@ -24,6 +24,7 @@ use nix::unistd::Pid;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::watch;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::env::{self, Lookup, PodFacts};
 use super::{NodeCtx, Runtime, volumes};
@@ -35,6 +36,9 @@ const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// A container that ran this long restarts without accumulated backoff.
 const BACKOFF_RESET: Duration = Duration::from_secs(60);
+/// First and longest pause before writing a pod status again after a failed write.
+const STATUS_RETRY_START: Duration = Duration::from_millis(200);
+const STATUS_RETRY_MAX: Duration = Duration::from_secs(5);
 /// The sandbox every container runs in (Debian's `bubblewrap`).
 const SANDBOX: &str = "bwrap";
 
@@ -214,11 +218,12 @@ impl Worker {
             changed: watch::Sender::new(0),
         });
         let api: Api<Pod> = Api::namespaced(self.rt.client.clone(), self.namespace());
-        let writer = tokio::spawn(write_status(
+        // Aborted with this worker, whichever way it ends.
+        let writer = AbortOnDropHandle::new(tokio::spawn(write_status(
             api.clone(),
             self.name().to_owned(),
             Arc::clone(&shared),
-        ));
+        )));
         let (stop_tx, stop_rx) = watch::channel(Stop::No);
 
         let containers = tokio::task::JoinSet::new();
@@ -294,7 +299,7 @@ impl Worker {
         &self,
         api: &Api<Pod>,
         stop: Stop,
-        writer: tokio::task::JoinHandle<()>,
+        writer: AbortOnDropHandle<()>,
         mut containers: tokio::task::JoinSet<()>,
         stop_tx: &watch::Sender<Stop>,
     ) -> anyhow::Result<()> {
@@ -476,7 +481,8 @@ fn resolve(program: &str, path: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// The bubblewrap command line: the host's root, fresh `/dev` and `/proc`, a tmpfs where a
-/// mount point's parents are missing on the host, each volume at its mount path, then the
+/// mount point's parents are missing on the host (directories below it mode 0755), each
+/// volume at its mount path, then the
 /// program (as the pod's user when one is set).
 fn sandbox_args(prepared: &Prepared, exists: impl Fn(&Path) -> bool) -> Vec<OsString> {
     let mut args: Vec<OsString> = [
@@ -511,6 +517,24 @@ fn sandbox_args(prepared: &Prepared, exists: impl Fn(&Path) -> bool) -> Vec<OsSt
     }
     for dir in &tmpfs {
         args.push("--tmpfs".into());
+        args.push(dir.into());
+    }
+    // Directories between a tmpfs and a mount point: bubblewrap would create them as root
+    // with mode 0700, which a pod running as another user cannot traverse.
+    let mut parents: Vec<PathBuf> = Vec::new();
+    for mount in &prepared.mounts {
+        let mut at = mount.target.clone();
+        while at.pop() && at.parent().is_some() {
+            if !exists(&at) && !tmpfs.contains(&at) && !parents.contains(&at) {
+                parents.push(at.clone());
+            }
+        }
+    }
+    parents.sort_by_key(|p| p.components().count());
+    for dir in parents {
+        for arg in ["--perms", "0755", "--dir"] {
+            args.push(arg.into());
+        }
         args.push(dir.into());
     }
     let mut mounts = prepared.mounts.clone();
@@ -626,13 +650,13 @@ async fn supervise(
         });
         shared.update(|s| s.phase = "Running");
         let (liveness_tx, mut liveness_failed) = watch::channel(false);
-        let probes = tokio::spawn(probe_loop(
+        let probes = AbortOnDropHandle::new(tokio::spawn(probe_loop(
             Arc::clone(&shared),
             index,
             container.clone(),
             pod_ip,
             liveness_tx,
-        ));
+        )));
         let ran_since = tokio::time::Instant::now();
         let exit = tokio::select! {
             status = child.wait() => status.ok(),
@@ -868,9 +892,10 @@ async fn check(probe: &Probe, container: &Container, pod_ip: Ipv4Addr) -> anyhow
         .context("probe timed out")?
 }
 
-/// Writes the pod status whenever it changes, retrying failed writes.
+/// Writes the pod status whenever it changes, retrying failed writes with backoff.
 async fn write_status(api: Api<Pod>, name: String, shared: Arc<Shared>) {
     let mut changed = shared.changed.subscribe();
+    let mut pause = STATUS_RETRY_START;
     loop {
         let status = status_json(&shared.status.lock().expect("pod status"));
         changed.mark_unchanged();
@@ -883,9 +908,11 @@ async fn write_status(api: Api<Pod>, name: String, shared: Arc<Shared>) {
             if matches!(&err, kube::Error::Api(s) if s.code == 404) {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(STATUS_RETRY_MAX);
             continue;
         }
+        pause = STATUS_RETRY_START;
         if changed.changed().await.is_err() {
             return;
         }
@@ -1000,6 +1027,17 @@ mod tests {
             .map(|w| &w[1])
             .collect();
         assert_eq!(tmpfs, ["/run/secrets"], "{args:?}");
+        // Directories below it are made traversable for users other than root.
+        let dirs: Vec<&String> = args
+            .windows(4)
+            .filter(|w| w[0] == "--perms" && w[2] == "--dir")
+            .map(|w| &w[3])
+            .collect();
+        assert_eq!(dirs, ["/run/secrets/kubernetes.io"], "{args:?}");
+        assert_eq!(
+            args[args.iter().position(|a| a == "--perms").unwrap() + 1],
+            "0755"
+        );
         let etc = args.iter().position(|a| a == "/etc/tls").unwrap();
         let token = args
             .iter()
