@@ -70,6 +70,9 @@ pub struct Metrics {
     pub link_errors: Family<LinkErrorLabels, Counter>,
     /// Tunneled bytes: `socket_to_stream` is frontend → agent, `stream_to_socket` the reverse.
     pub bytes: ByteCounters,
+    /// Connections through upstream konnectivity agents closed because their frontend client
+    /// fell more than the per-connection budget behind the agent.
+    pub konnectivity_overflows: Counter,
 }
 
 impl Metrics {
@@ -96,6 +99,7 @@ impl Metrics {
             frontend_connections: Family::default(),
             request_errors: Family::default(),
             link_errors: Family::default(),
+            konnectivity_overflows: Counter::default(),
             bytes: ByteCounters {
                 socket_to_stream,
                 stream_to_socket,
@@ -141,6 +145,12 @@ impl Metrics {
             "link_errors",
             "Agent links that failed to establish",
             metrics.link_errors.clone(),
+        );
+        r.register(
+            "konnectivity_overflows",
+            "Connections through upstream konnectivity agents closed because their client fell \
+             more than the per-connection budget behind",
+            metrics.konnectivity_overflows.clone(),
         );
         r.register(
             "tunnel_bytes",

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use cplink_proto::konnectivity::mux::{Mux, Role};
+use cplink_proto::konnectivity::mux::{CONN_BUDGET, Mux, MuxLimits, Role};
 use cplink_proto::konnectivity::{
     self, AGENT_ID, AGENT_IDENTIFIERS, AUTHORIZATION, AgentService, AgentServiceServer, Packet,
     Payload, SERVER_COUNT, SERVER_ID,
@@ -110,7 +110,14 @@ impl AgentService for UpstreamAgents {
         let inbound = request.into_inner();
 
         let (out_tx, out_rx) = mpsc::channel(OUTBOUND_QUEUE);
-        let mux = Mux::new(Role::Dialer, out_tx);
+        let mux = Mux::with_limits(
+            Role::Dialer,
+            out_tx,
+            MuxLimits {
+                conn_budget: CONN_BUDGET,
+                overflows: shared.metrics.konnectivity_overflows.clone(),
+            },
+        );
         let link = Arc::new(AgentLink::new(
             agent_id,
             shared.registry.next_link_id(),
@@ -157,6 +164,12 @@ impl AgentService for UpstreamAgents {
 }
 
 /// Takes the agent's packets until its stream ends or the server closes the link.
+///
+/// Nothing in this loop waits for a connection or for the agent to read: dispatching queues
+/// each connection's bytes (closing one that falls too far behind) and answers the agent
+/// without waiting. An upstream agent stops reading our packets while its own sends are
+/// blocked; a loop that waited for a slow connection stopped reading its sends, and both ends
+/// then waited for each other for good (issue 13).
 async fn receive(
     shared: Arc<Shared>,
     link: Arc<AgentLink>,
@@ -170,7 +183,7 @@ async fn receive(
             () = link.closer.cancelled() => break Ok(()),
         };
         match packet {
-            Ok(Some(packet)) => match mux.dispatch(packet).await {
+            Ok(Some(packet)) => match mux.dispatch(packet) {
                 Some(Packet {
                     payload: Some(Payload::Drain(_)),
                     ..
