@@ -117,7 +117,9 @@ pub struct Args {
     pub drain_timeout: Duration,
 
     /// Interval between HTTP/2 PINGs on each link. Defaults to 30s with --protocol
-    /// konnectivity: upstream konnectivity servers close links that ping more often while idle.
+    /// konnectivity. Upstream konnectivity servers older than v0.0.33 accept a PING only every
+    /// 5 minutes on a link they send nothing on: they answer with GOAWAY too_many_pings and
+    /// close the link; the agent then doubles the interval for that server (at most 10 minutes).
     #[arg(
         long,
         env = "CPLINK_KEEPALIVE_INTERVAL",
@@ -167,8 +169,10 @@ pub struct Args {
     pub service_account_token_path: Option<PathBuf>,
 }
 
-/// The shortest PING interval upstream konnectivity servers tolerate on an idle link: more
-/// frequent PINGs earn a GOAWAY `too_many_pings` (gRPC keepalive enforcement, `MinTime` 30s).
+/// The default PING interval of konnectivity links. Newer upstream servers accept it; those
+/// older than v0.0.33 enforce grpc-go's default `MinTime` of 5 minutes on links they send
+/// nothing on and answer with GOAWAY `too_many_pings`, after which the agent doubles its
+/// interval for that server.
 pub const KONNECTIVITY_MIN_PING_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The protocol links speak.

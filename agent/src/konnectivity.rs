@@ -8,8 +8,15 @@
 //!
 //! One link is one bidirectional stream carrying every tunneled connection, multiplexed by
 //! [`Mux`]. Each dial request runs on its own task, so a slow dial never holds up the stream;
-//! every outbound packet goes through one bounded queue feeding the request stream. Liveness is
-//! HTTP/2 PING keepalive on the client connection.
+//! every outbound packet goes through one bounded queue feeding the request stream. The receive
+//! loop never waits for one connection nor for the server to read (see [`Mux::dispatch`]).
+//!
+//! Liveness is HTTP/2 PING keepalive on the client connection. Upstream servers older than
+//! v0.0.33 run grpc-go's default keepalive enforcement (`MinTime` 5 minutes, two strikes, the
+//! strikes cleared only when the server sends something): an idle link pinged every 30 s gets
+//! GOAWAY `ENHANCE_YOUR_CALM` "too_many_pings" after about two minutes, and the server closes
+//! the connection. As grpc-go's clients do, the agent then doubles its PING interval for that
+//! server (see [`ping_backoff`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,7 +28,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cplink_proto::dial::DialFailure;
-use cplink_proto::konnectivity::mux::{self, Mux, Role};
+use cplink_proto::konnectivity::mux::{self, CONN_BUDGET, Mux, MuxLimits, Role};
 use cplink_proto::konnectivity::{self as wire, AgentServiceClient, DialRequest, Packet, Payload};
 use cplink_proto::net::abort_tcp_halves;
 use cplink_proto::pump::ActiveStream;
@@ -34,7 +41,7 @@ use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
 use tracing::Instrument;
 
-use crate::links::{HeldLink, OnDuplicate};
+use crate::links::{HeldLink, OnDuplicate, SlotId};
 use crate::pool::{LinkContext, ServerSlot};
 use crate::uplink::{self, LinkError, LinkTls};
 use crate::{LinkInfo, Shared, dial};
@@ -147,6 +154,10 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for Http2 {
 /// An established link: its stream, and what keeps the connection under it alive.
 pub(crate) struct Link {
     info: LinkInfo,
+    /// The server slot, whose PING interval a `too_many_pings` doubles.
+    slot: SlotId,
+    /// The GOAWAY the server sent, if any.
+    goaway: ping_backoff::GoAwayWatch,
     _held: HeldLink,
     /// Kept so that the connection stays open for the stream's lifetime.
     _client: AgentServiceClient<Http2>,
@@ -185,13 +196,16 @@ async fn open_stream(
     token: Option<MetadataValue<Ascii>>,
 ) -> Result<Link, LinkError> {
     let config = &shared.config;
+    let ping_interval = ping_backoff::interval(shared, target.slot);
+    let goaway = ping_backoff::GoAwayWatch::default();
+    let tls = goaway.watch(tls);
     let (send_request, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         // The one stream carries every connection of the link: give it the link's window.
         .initial_stream_window_size(cplink_proto::CONNECTION_WINDOW)
         .initial_connection_window_size(cplink_proto::CONNECTION_WINDOW)
         .max_frame_size(cplink_proto::MAX_FRAME_SIZE)
-        .keep_alive_interval(config.keepalive.interval)
+        .keep_alive_interval(ping_interval)
         .keep_alive_timeout(config.keepalive.timeout)
         .keep_alive_while_idle(true)
         .handshake(TokioIo::new(tls))
@@ -233,6 +247,8 @@ async fn open_stream(
         .hold(target.slot, info.clone(), OnDuplicate::Refuse)?;
     Ok(Link {
         info,
+        slot: target.slot,
+        goaway,
         _held: held,
         _client: client,
         connection,
@@ -274,7 +290,16 @@ pub(crate) async fn serve_link(shared: Arc<Shared>, link: Link, context: LinkCon
         shutdown,
         force,
     } = &context;
-    match serve(&shared, link, streams, shutdown, force).await {
+    let (slot, goaway) = (link.slot, link.goaway.clone());
+    let served = serve(&shared, link, streams, shutdown, force).await;
+    if let Some(frame) = goaway.get() {
+        if frame.is_too_many_pings() {
+            ping_backoff::back_off(&shared, slot);
+        } else {
+            tracing::debug!(%frame, "the server sent GOAWAY");
+        }
+    }
+    match served {
         Ok(()) if shutdown.is_cancelled() => tracing::info!("link closed"),
         Ok(()) => tracing::info!("link closed by the server"),
         Err(err) => {
@@ -309,7 +334,14 @@ async fn serve(
         mut inbound,
         ..
     } = link;
-    let mux = Mux::new(Role::Acceptor, out.clone());
+    let mux = Mux::with_limits(
+        Role::Acceptor,
+        out.clone(),
+        MuxLimits {
+            conn_budget: CONN_BUDGET,
+            overflows: shared.metrics.konnectivity_overflows.clone(),
+        },
+    );
     let link = LinkTasks {
         shared: shared.clone(),
         mux: mux.clone(),
@@ -325,13 +357,10 @@ async fn serve(
         tokio::select! {
             message = inbound.message() => match message {
                 Ok(Some(packet)) => {
-                    // Dispatching waits while a connection's queue is full (the protocol has
-                    // no per-connection window); a forced close must not wait for it.
-                    let unconsumed = tokio::select! {
-                        unconsumed = mux.dispatch(packet) => unconsumed,
-                        () = force.cancelled() => break End::Closed,
-                    };
-                    if let Some(packet) = unconsumed {
+                    // Never waits: a connection whose destination falls too far behind is
+                    // closed instead of holding up the stream (and with it the server, which
+                    // may be waiting for this end to read before it reads our packets).
+                    if let Some(packet) = mux.dispatch(packet) {
                         link.handle(packet, draining);
                     }
                 }
@@ -359,12 +388,8 @@ async fn serve(
                     dials = link.pending.len(),
                     "draining: sending DRAIN, refusing new dials"
                 );
-                tokio::select! {
-                    sent = mux.send(Packet::drain()) => if let Err(err) = sent {
-                        tracing::debug!(%err, "cannot send DRAIN");
-                    },
-                    () = force.cancelled() => break End::Closed,
-                }
+                // Not awaited: the loop keeps reading while the DRAIN waits for room.
+                mux.send_detached(Packet::drain());
             }
             () = link.tasks.wait(), if draining => break End::Drained,
             () = force.cancelled() => break End::Closed,
@@ -606,6 +631,352 @@ impl PendingDials {
 
     fn len(&self) -> usize {
         self.lock().len()
+    }
+}
+
+/// Backing off PINGs for servers that answer them with GOAWAY `too_many_pings`.
+///
+/// grpc-go servers enforce a minimum PING interval (`MinTime`, 5 minutes by default in the
+/// versions upstream konnectivity servers before v0.0.33 use). A PING earlier than that, while
+/// the server has sent nothing since the last one, is a strike; the third strike gets GOAWAY
+/// `ENHANCE_YOUR_CALM` with debug data "too_many_pings", and the server closes the connection
+/// in the same step. grpc-go's own clients then double their keepalive time; the agent does the
+/// same, per server slot and across relinks, up to [`MAX_INTERVAL`].
+///
+/// hyper reports neither the GOAWAY's code nor its debug data once the connection is gone (the
+/// stream ends with a broken pipe), so [`GoAwayWatch`] reads them off the frames the server
+/// sends, under the TLS layer's plaintext.
+pub(crate) mod ping_backoff {
+    use std::io;
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex, Weak};
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    use crate::Shared;
+    use crate::links::{Links, SlotId};
+
+    /// The longest PING interval a server's `too_many_pings` can push the agent to. Above
+    /// grpc-go's default `MinTime` of 5 minutes (doubling from 30 s gets there in four steps,
+    /// at 8 minutes), and short enough that a dead link is still noticed within minutes.
+    pub(crate) const MAX_INTERVAL: Duration = Duration::from_secs(10 * 60);
+
+    /// GOAWAY error code `ENHANCE_YOUR_CALM` (RFC 9113, section 7).
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+    /// The debug data grpc-go sends with a GOAWAY for too frequent PINGs.
+    const TOO_MANY_PINGS: &[u8] = b"too_many_pings";
+
+    /// HTTP/2 frame type of GOAWAY.
+    const GOAWAY: u8 = 0x7;
+
+    /// How much GOAWAY debug data is kept.
+    const MAX_DEBUG_DATA: usize = 256;
+
+    /// The PING interval of each server slot a `too_many_pings` lengthened, per agent.
+    ///
+    /// The agent's per-slot state lives in `Links`, which knows nothing of keepalive; this table
+    /// sits beside it, keyed by the agent's `Links` (a `Weak`, which keeps its allocation, so a
+    /// later agent can never be mistaken for a dropped one) and the slot.
+    static INTERVALS: Mutex<Vec<SlotInterval>> = Mutex::new(Vec::new());
+
+    struct SlotInterval {
+        links: Weak<Links>,
+        slot: SlotId,
+        interval: Duration,
+    }
+
+    fn table() -> std::sync::MutexGuard<'static, Vec<SlotInterval>> {
+        // Every critical section leaves the table whole; a panic cannot leave one half done.
+        INTERVALS.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The PING interval for links to `slot`: the configured one unless the server asked for
+    /// less.
+    pub(crate) fn interval(shared: &Shared, slot: SlotId) -> Duration {
+        let links = Arc::downgrade(&shared.links);
+        let configured = shared.config.keepalive.interval;
+        let table = table();
+        let interval = table
+            .iter()
+            .find(|entry| entry.slot == slot && entry.links.ptr_eq(&links))
+            .map_or(configured, |entry| entry.interval);
+        let longest = table
+            .iter()
+            .filter(|entry| entry.links.ptr_eq(&links))
+            .map(|entry| entry.interval)
+            .fold(configured, Duration::max);
+        shared.metrics.keepalive_interval.set(longest.as_secs_f64());
+        interval
+    }
+
+    /// Doubles the PING interval of `slot` after a `too_many_pings`; returns the new one.
+    pub(crate) fn back_off(shared: &Shared, slot: SlotId) -> Duration {
+        let links = Arc::downgrade(&shared.links);
+        let configured = shared.config.keepalive.interval;
+        let mut table = table();
+        table.retain(|entry| entry.links.strong_count() > 0);
+        let position = table
+            .iter()
+            .position(|entry| entry.slot == slot && entry.links.ptr_eq(&links));
+        let current = position.map_or(configured, |i| table[i].interval);
+        let doubled = doubled(current);
+        match position {
+            Some(i) => table[i].interval = doubled,
+            None => table.push(SlotInterval {
+                links,
+                slot,
+                interval: doubled,
+            }),
+        }
+        drop(table);
+        shared.metrics.keepalive_backoffs.inc();
+        tracing::warn!(
+            interval = %humantime::format_duration(doubled),
+            previous = %humantime::format_duration(current),
+            "the server closed the link for pinging too often (GOAWAY too_many_pings): \
+             pinging it less often from the next link on"
+        );
+        doubled
+    }
+
+    /// Twice `interval`, but not above [`MAX_INTERVAL`] unless it already was.
+    pub(crate) fn doubled(interval: Duration) -> Duration {
+        interval.saturating_mul(2).min(MAX_INTERVAL.max(interval))
+    }
+
+    /// A GOAWAY frame as received.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub(crate) struct GoAwayFrame {
+        /// The error code.
+        pub(crate) code: u32,
+        /// The debug data, truncated to [`MAX_DEBUG_DATA`] bytes.
+        pub(crate) debug_data: Vec<u8>,
+    }
+
+    impl GoAwayFrame {
+        /// Whether this is grpc-go's answer to too frequent PINGs.
+        pub(crate) fn is_too_many_pings(&self) -> bool {
+            self.code == ENHANCE_YOUR_CALM && self.debug_data == TOO_MANY_PINGS
+        }
+    }
+
+    impl std::fmt::Display for GoAwayFrame {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(
+                f,
+                "code {:#x}, debug data {:?}",
+                self.code,
+                String::from_utf8_lossy(&self.debug_data)
+            )
+        }
+    }
+
+    /// The last GOAWAY a server sent on one connection.
+    #[derive(Debug, Clone, Default)]
+    pub(crate) struct GoAwayWatch(Arc<Mutex<Option<GoAwayFrame>>>);
+
+    impl GoAwayWatch {
+        /// `io`, with the frames read from it watched for GOAWAY.
+        pub(crate) fn watch<IO>(&self, io: IO) -> Watched<IO> {
+            Watched {
+                io,
+                frames: FrameReader::default(),
+                watch: self.clone(),
+            }
+        }
+
+        /// The last GOAWAY received.
+        pub(crate) fn get(&self) -> Option<GoAwayFrame> {
+            self.lock().clone()
+        }
+
+        fn lock(&self) -> std::sync::MutexGuard<'_, Option<GoAwayFrame>> {
+            // A single assignment; a panic cannot leave it half done.
+            self.0.lock().unwrap_or_else(|e| e.into_inner())
+        }
+    }
+
+    /// A connection whose inbound HTTP/2 frames are watched for GOAWAY.
+    #[derive(Debug)]
+    pub(crate) struct Watched<IO> {
+        io: IO,
+        frames: FrameReader,
+        watch: GoAwayWatch,
+    }
+
+    impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = &mut *self;
+            let before = buf.filled().len();
+            let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+            if let Some(frame) = this.frames.feed(&buf.filled()[before..]) {
+                *this.watch.lock() = Some(frame);
+            }
+            polled
+        }
+    }
+
+    impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.io).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.io).poll_shutdown(cx)
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.io.is_write_vectored()
+        }
+    }
+
+    /// Follows the frame boundaries of a server's HTTP/2 byte stream (which, unlike a
+    /// client's, starts with a frame) and collects GOAWAY payloads.
+    #[derive(Debug, Default)]
+    pub(crate) struct FrameReader {
+        header: [u8; 9],
+        header_len: usize,
+        /// Payload bytes of the current frame still to come.
+        remaining: usize,
+        /// The current frame's payload, when it is a GOAWAY.
+        goaway: Option<Vec<u8>>,
+    }
+
+    impl FrameReader {
+        /// Takes the next bytes of the stream; returns a GOAWAY completed by them.
+        pub(crate) fn feed(&mut self, mut bytes: &[u8]) -> Option<GoAwayFrame> {
+            let mut found = None;
+            while !bytes.is_empty() {
+                if self.remaining == 0 {
+                    let take = (9 - self.header_len).min(bytes.len());
+                    self.header[self.header_len..self.header_len + take]
+                        .copy_from_slice(&bytes[..take]);
+                    self.header_len += take;
+                    bytes = &bytes[take..];
+                    if self.header_len < 9 {
+                        break;
+                    }
+                    self.header_len = 0;
+                    let [l0, l1, l2, kind, ..] = self.header;
+                    self.remaining = usize::from(l0) << 16 | usize::from(l1) << 8 | usize::from(l2);
+                    self.goaway = (kind == GOAWAY).then(Vec::new);
+                    if self.remaining == 0 {
+                        found = self.finish().or(found);
+                    }
+                    continue;
+                }
+                let take = self.remaining.min(bytes.len());
+                if let Some(payload) = &mut self.goaway {
+                    let room = (8 + MAX_DEBUG_DATA).saturating_sub(payload.len());
+                    payload.extend_from_slice(&bytes[..take.min(room)]);
+                }
+                self.remaining -= take;
+                bytes = &bytes[take..];
+                if self.remaining == 0 {
+                    found = self.finish().or(found);
+                }
+            }
+            found
+        }
+
+        fn finish(&mut self) -> Option<GoAwayFrame> {
+            let payload = self.goaway.take()?;
+            // Last stream id (4 bytes), error code (4 bytes), debug data.
+            let code = payload.get(4..8)?;
+            Some(GoAwayFrame {
+                code: u32::from_be_bytes([code[0], code[1], code[2], code[3]]),
+                debug_data: payload[8..].to_vec(),
+            })
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+            let len = payload.len();
+            let mut out = vec![
+                (len >> 16) as u8,
+                (len >> 8) as u8,
+                len as u8,
+                kind,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ];
+            out.extend_from_slice(payload);
+            out
+        }
+
+        fn goaway(code: u32, debug: &[u8]) -> Vec<u8> {
+            let mut payload = 1u32.to_be_bytes().to_vec();
+            payload.extend_from_slice(&code.to_be_bytes());
+            payload.extend_from_slice(debug);
+            frame(GOAWAY, &payload)
+        }
+
+        #[test]
+        fn a_too_many_pings_goaway_is_found_between_other_frames_however_the_bytes_are_cut() {
+            let mut stream = frame(0x4, &[0; 12]); // SETTINGS
+            stream.extend(frame(0x0, &[7; 40_000])); // DATA
+            stream.extend(frame(0x6, &[1; 8])); // PING
+            stream.extend(goaway(ENHANCE_YOUR_CALM, TOO_MANY_PINGS));
+            for cut in [1, 3, 9, 10, 4096, stream.len()] {
+                let mut reader = FrameReader::default();
+                let found: Vec<_> = stream.chunks(cut).filter_map(|c| reader.feed(c)).collect();
+                assert_eq!(found.len(), 1, "cut {cut}");
+                assert!(found[0].is_too_many_pings(), "cut {cut}: {}", found[0]);
+            }
+        }
+
+        #[test]
+        fn other_goaways_are_not_too_many_pings() {
+            let mut reader = FrameReader::default();
+            let graceful = reader.feed(&goaway(0, b"")).unwrap();
+            assert!(!graceful.is_too_many_pings());
+            let calm = reader.feed(&goaway(ENHANCE_YOUR_CALM, b"other")).unwrap();
+            assert!(!calm.is_too_many_pings());
+            assert!(reader.feed(&frame(0x0, &[0; 9])).is_none());
+        }
+
+        #[test]
+        fn the_interval_doubles_up_to_ten_minutes() {
+            let mut interval = Duration::from_secs(30);
+            let mut steps = Vec::new();
+            for _ in 0..6 {
+                interval = doubled(interval);
+                steps.push(interval.as_secs());
+            }
+            assert_eq!(steps, [60, 120, 240, 480, 600, 600]);
+            let long = Duration::from_secs(3600);
+            assert_eq!(doubled(long), long, "a longer configured interval is kept");
+        }
     }
 }
 

@@ -4,6 +4,8 @@ use cplink_proto::pump::ByteCounters;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
@@ -38,6 +40,14 @@ pub struct Metrics {
     /// Tunneled bytes: `socket_to_stream` is destination → server, `stream_to_socket` the
     /// reverse.
     pub bytes: ByteCounters,
+    /// Connections on konnectivity links closed because their destination fell more than the
+    /// per-connection budget behind the server.
+    pub konnectivity_overflows: Counter,
+    /// Times a konnectivity server answered PINGs with GOAWAY `too_many_pings` and the agent
+    /// doubled its PING interval for that server.
+    pub keepalive_backoffs: Counter,
+    /// The longest PING interval in use on konnectivity links, in seconds.
+    pub keepalive_interval: Gauge<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -62,6 +72,9 @@ impl Metrics {
             streams_active: Gauge::default(),
             dials: Family::default(),
             dial_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            konnectivity_overflows: Counter::default(),
+            keepalive_backoffs: Counter::default(),
+            keepalive_interval: Gauge::default(),
             bytes: ByteCounters {
                 socket_to_stream,
                 stream_to_socket,
@@ -97,6 +110,23 @@ impl Metrics {
             "dial_duration_seconds",
             "Time to connect to a destination",
             metrics.dial_duration.clone(),
+        );
+        r.register(
+            "konnectivity_overflows",
+            "Connections on konnectivity links closed because their destination fell more than \
+             the per-connection budget behind",
+            metrics.konnectivity_overflows.clone(),
+        );
+        r.register(
+            "keepalive_backoffs",
+            "Times a konnectivity server answered PINGs with too_many_pings and the agent \
+             doubled its PING interval for it",
+            metrics.keepalive_backoffs.clone(),
+        );
+        r.register(
+            "keepalive_interval_seconds",
+            "Longest HTTP/2 PING interval in use on konnectivity links",
+            metrics.keepalive_interval.clone(),
         );
         r.register(
             "tunnel_bytes",

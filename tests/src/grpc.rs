@@ -320,3 +320,92 @@ impl ScriptedAgent {
         Ok(())
     }
 }
+
+/// Port of a dial a [`CoupledAgent`] answers by echoing the connection's bytes.
+pub const ECHO_PORT: u16 = 7;
+/// Port of a dial a [`CoupledAgent`] answers by sending [`FLOOD_BYTES`] bytes at once, whatever
+/// the client reads (chargen's port).
+pub const FLOOD_PORT: u16 = 19;
+/// How much a flooded connection is sent at most.
+pub const FLOOD_BYTES: usize = 64 * 1024 * 1024;
+
+/// A scripted agent serving dials the way an upstream `proxy-agent` does as far as the stream is
+/// concerned: one loop reads the server's packets and sends the answers, so while one of its
+/// sends waits for the server (HTTP/2 flow control), it reads nothing — its two directions are
+/// coupled. A server that stops reading the agent for one connection then deadlocks with it.
+///
+/// Dials to port [`ECHO_PORT`] echo, dials to [`FLOOD_PORT`] flood; the destination lives in
+/// the agent itself.
+pub struct CoupledAgent {
+    closed: Arc<std::sync::Mutex<Vec<i64>>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl CoupledAgent {
+    /// Serves `agent`'s stream until the server ends it.
+    pub fn serve(agent: ScriptedAgent) -> Self {
+        let closed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let task = tokio::spawn(coupled_loop(agent, closed.clone()));
+        CoupledAgent { closed, task }
+    }
+
+    /// The connections the server closed (CLOSE_REQ), in order.
+    pub fn closed_by_server(&self) -> Vec<i64> {
+        self.closed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether the agent's loop ended (the stream ended or failed).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl Drop for CoupledAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn coupled_loop(
+    mut agent: ScriptedAgent,
+    closed: Arc<std::sync::Mutex<Vec<i64>>>,
+) -> anyhow::Result<()> {
+    let mut next_id = 0;
+    while let Some(packet) = agent.rx.message().await? {
+        match packet.payload {
+            Some(Payload::DialRequest(dial)) => {
+                next_id += 1;
+                agent
+                    .send(Packet::dial_established(dial.random, next_id))
+                    .await?;
+                if dial.address.ends_with(&format!(":{FLOOD_PORT}")) {
+                    // From the loop too: nothing is read until the flood is out.
+                    let chunk = Bytes::from(vec![0x46u8; 32 * 1024]);
+                    for _ in 0..FLOOD_BYTES / chunk.len() {
+                        agent.send(Packet::data(next_id, chunk.clone())).await?;
+                    }
+                }
+            }
+            // Echoed from the loop itself: while this send waits, nothing is read.
+            Some(Payload::Data(data)) => {
+                agent
+                    .send(Packet::data(data.connect_id, Bytes::from(data.data)))
+                    .await?;
+            }
+            Some(Payload::CloseRequest(close)) => {
+                closed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(close.connect_id);
+                agent
+                    .send(Packet::close_response(close.connect_id, ""))
+                    .await?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
