@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use cplink_proto::dial::{DialFailure, ERROR_KIND_HEADER, classify_connect_error};
-use cplink_proto::net::{abort_tcp_halves, tune_stream};
+use cplink_proto::net::{abort_tcp_halves, abort_tcp_halves_after_sent, tune_stream};
 use cplink_proto::pump;
 use cplink_proto::target::{Host, Target};
 use h2::RecvStream;
@@ -82,6 +82,10 @@ async fn dial_and_pump(
     .await
     {
         Ok(stats) => closed(stats),
+        Err(err) if err.delivered_then_aborted() => {
+            tracing::info!(%err, "tunnel aborted after its bytes were written");
+            abort_tcp_halves_after_sent(reader, writer, pump::ABORT_LINGER).await;
+        }
         Err(err) => aborted(&err, reader, writer),
     }
 }

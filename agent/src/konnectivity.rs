@@ -202,8 +202,8 @@ async fn open_stream(
     let (send_request, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         // The one stream carries every connection of the link: give it the link's window.
-        .initial_stream_window_size(cplink_proto::CONNECTION_WINDOW)
-        .initial_connection_window_size(cplink_proto::CONNECTION_WINDOW)
+        .initial_stream_window_size(cplink_proto::MUX_STREAM_WINDOW)
+        .initial_connection_window_size(cplink_proto::MUX_STREAM_WINDOW)
         .max_frame_size(cplink_proto::MAX_FRAME_SIZE)
         .keep_alive_interval(ping_interval)
         .keep_alive_timeout(config.keepalive.timeout)

@@ -69,6 +69,11 @@ pub fn route<B>(state: &AdminState, req: &Request<B>) -> Response<Full<Bytes>> {
     }
 }
 
+/// First pause after a failed accept.
+const ACCEPT_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
+/// Longest pause between failed accepts.
+const MAX_ACCEPT_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Serves admin requests on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
@@ -76,18 +81,26 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     tokio::pin!(shutdown);
+    let mut pause = ACCEPT_PAUSE;
     loop {
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => return Ok(()),
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(error) => {
-                    // Per-connection accept errors (e.g. EMFILE) must not end the server.
-                    tracing::warn!(%error, "admin accept failed");
+                    // Accept errors (e.g. EMFILE) must not end the server, nor spin it: pause,
+                    // longer while they last, and log each pause once.
+                    tracing::warn!(%error, pause = ?pause, "admin accept failed");
+                    tokio::select! {
+                        () = &mut shutdown => return Ok(()),
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(MAX_ACCEPT_PAUSE);
                     continue;
                 }
             },
         };
+        pause = ACCEPT_PAUSE;
         let state = state.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {

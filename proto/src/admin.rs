@@ -10,10 +10,16 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::accept::Acceptor;
+
+/// Admin connections open at once, at most.
+const MAX_CONNECTIONS: usize = 64;
 
 /// Content type of the OpenMetrics text exposition.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -41,21 +47,14 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let connections = TaskTracker::new();
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(err) => {
-                    tracing::warn!(%err, "admin accept failed");
-                    continue;
-                }
-            },
-            () = shutdown.cancelled() => break,
-        };
+    // Probes and scrapes are few and short; the cap keeps a flood from taking every descriptor.
+    let acceptor = Acceptor::new("admin", MAX_CONNECTIONS, Counter::default());
+    while let Some(((stream, _), held)) = acceptor.next(|| listener.accept(), &shutdown).await {
         let metrics = metrics.clone();
         let readiness = readiness.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
+            let _held = held;
             let service = service_fn(move |req| {
                 let response = respond(&req, &metrics, readiness.as_ref());
                 async move { Ok::<_, Infallible>(response) }

@@ -9,10 +9,12 @@
 //! - [`konnectivity`]: the konnectivity gRPC protocol (generated), its metadata and packets.
 //! - [`net`]: socket tuning and abortive close.
 //! - [`config`]: configuration errors naming the flag at fault.
+//! - [`accept`]: accept loops with backoff, a rate-limited error log and a handshake cap.
 //! - [`admin`]: the `/healthz`, `/readyz`, `/metrics` HTTP endpoint.
 //! - [`telemetry`]: log setup (text or JSON).
 //! - [`shutdown`]: SIGTERM/SIGINT handling.
 
+pub mod accept;
 pub mod admin;
 pub mod config;
 pub mod dial;

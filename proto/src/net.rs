@@ -48,6 +48,52 @@ pub fn abort_tcp(stream: TcpStream) {
     drop(stream);
 }
 
+/// Resets a TCP connection once the bytes already written to it have left this host, or after
+/// `budget` (a peer that reads nothing keeps them unsent): the peer receives them, then an
+/// error instead of a clean end.
+///
+/// A reset discards what the kernel has not sent yet, so it waits for an empty unsent queue
+/// first: with `TCP_NOTSENT_LOWAT` at 1 the socket turns writable only then, and registering it
+/// anew makes that the first readiness it reports.
+pub async fn abort_tcp_after_sent(stream: TcpStream, budget: Duration) {
+    let std = match stream.into_std() {
+        Ok(std) => std,
+        Err(err) => {
+            tracing::debug!(%err, "cannot take the socket out of the runtime");
+            return;
+        }
+    };
+    if let Err(err) = SockRef::from(&std).set_tcp_notsent_lowat(1) {
+        tracing::debug!(%err, "cannot set TCP_NOTSENT_LOWAT");
+    }
+    let stream = match TcpStream::from_std(std) {
+        Ok(stream) => stream,
+        Err(err) => {
+            tracing::debug!(%err, "cannot register the socket again");
+            return;
+        }
+    };
+    if tokio::time::timeout(budget, stream.writable())
+        .await
+        .is_err()
+    {
+        tracing::debug!("bytes still unsent at the abort: the peer is not reading");
+    }
+    abort_tcp(stream);
+}
+
+/// [`abort_tcp_after_sent`] for a stream that was split into owned halves.
+pub async fn abort_tcp_halves_after_sent(
+    read: OwnedReadHalf,
+    write: OwnedWriteHalf,
+    budget: Duration,
+) {
+    match read.reunite(write) {
+        Ok(stream) => abort_tcp_after_sent(stream, budget).await,
+        Err(err) => drop(err),
+    }
+}
+
 /// [`abort_tcp`] for a stream that was split into owned halves.
 pub fn abort_tcp_halves(read: OwnedReadHalf, write: OwnedWriteHalf) {
     match read.reunite(write) {

@@ -5,19 +5,31 @@
 //! written to the socket. A reader that stops reading therefore stalls its own stream and nothing
 //! else. An idle connection holds no buffer: sockets are read only once they are readable.
 //!
-//! Half-close maps to END_STREAM and back; any failure resets the stream (RST_STREAM CANCEL) and
-//! is returned so that the caller closes its socket abortively. A stream either delivers every byte
-//! or fails visibly.
+//! Half-close maps to END_STREAM and back. A socket that fails while reading (a reset, a TLS
+//! peer gone without close_notify) has its bytes delivered first: they were sent before, and the
+//! stream ends with an [`ABORT_TRAILER`] instead of a plain END_STREAM, so that the other end
+//! writes them out and then aborts its socket. Any other failure resets the stream (RST_STREAM
+//! CANCEL), which drops what is still buffered. Either way the error is returned so that the
+//! caller closes its socket abortively. A stream either delivers every byte or fails visibly.
 
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::task::Poll;
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Trailer ending a stream whose sending socket failed after the bytes before it were sent; its
+/// value says why. The receiving end writes every byte, then aborts its socket.
+pub const ABORT_TRAILER: &str = "cplink-abort";
+
+/// How long an end that sent an [`ABORT_TRAILER`] waits for the other end to finish the
+/// stream, so that the bytes and the trailer are not dropped with the stream.
+pub const ABORT_LINGER: Duration = Duration::from_secs(5);
 
 /// Smallest read issued on a socket.
 const MIN_READ: usize = 4 * 1024;
@@ -115,6 +127,18 @@ pub enum PumpError {
     /// The peer reset the HTTP/2 stream.
     #[error("tunnel stream reset by peer ({0:?})")]
     Reset(Reason),
+    /// The other end's socket failed after sending what arrived here, all of which was written
+    /// to the socket.
+    #[error("the other end of the tunnel failed: {0}")]
+    PeerAborted(String),
+}
+
+impl PumpError {
+    /// Whether every byte that arrived was written out before the failure: the socket should
+    /// be aborted only once its kernel has sent them.
+    pub fn delivered_then_aborted(&self) -> bool {
+        matches!(self, PumpError::PeerAborted(_))
+    }
 }
 
 /// Pumps bytes both ways until both directions ended cleanly or one failed.
@@ -143,11 +167,41 @@ where
             socket_to_stream,
             stream_to_socket,
         }),
+        Err(PumpError::SocketRead(err)) => {
+            // Everything read before the failure is on the stream; end it with the abort
+            // trailer and keep the stream until the other end has taken it and finished
+            // (dropping it sooner would reset it and discard the queued bytes).
+            let mut trailers = http::HeaderMap::new();
+            let reason = http::HeaderValue::from_str(&one_line(&err.to_string()))
+                .unwrap_or_else(|_| http::HeaderValue::from_static("socket read failed"));
+            trailers.insert(ABORT_TRAILER, reason);
+            if send.send_trailers(trailers).is_ok() {
+                let drained = async {
+                    while let Some(Ok(data)) = recv.data().await {
+                        let _ = recv.flow_control().release_capacity(data.len());
+                    }
+                };
+                if tokio::time::timeout(ABORT_LINGER, drained).await.is_err() {
+                    send.send_reset(Reason::CANCEL);
+                }
+            } else {
+                send.send_reset(Reason::CANCEL);
+            }
+            Err(PumpError::SocketRead(err))
+        }
         Err(err) => {
             send.send_reset(Reason::CANCEL);
             Err(err)
         }
     }
+}
+
+/// `text` on one line, printable ASCII only, bounded: fit for a header value.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_ascii_graphic() { c } else { ' ' })
+        .take(256)
+        .collect()
 }
 
 async fn socket_to_stream<R: ReadChunk>(
@@ -235,6 +289,18 @@ async fn stream_to_socket<W: AsyncWrite + Unpin>(
             .map_err(PumpError::Stream)?;
         total += len as u64;
         counter.inc_by(len as u64);
+    }
+    let trailers =
+        poll_fn(|cx| recv.poll_trailers(cx))
+            .await
+            .map_err(|err| match err.reason() {
+                Some(reason) if err.is_reset() => PumpError::Reset(reason),
+                _ => PumpError::Stream(err),
+            })?;
+    if let Some(abort) = trailers.as_ref().and_then(|t| t.get(ABORT_TRAILER)) {
+        return Err(PumpError::PeerAborted(
+            String::from_utf8_lossy(abort.as_bytes()).into_owned(),
+        ));
     }
     writer.shutdown().await.map_err(PumpError::SocketWrite)?;
     Ok(total)

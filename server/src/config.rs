@@ -137,6 +137,15 @@ pub struct Args {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_tunnels: u32,
 
+    /// Connections each listener takes at once while they are still in their TLS handshake,
+    /// hello or CONNECT head; more are closed at once and counted in
+    /// `cplink_server_connections_shed_total`. Keeps silent or slow clients from taking the
+    /// descriptors established connections and the admin port need. Defaults to an eighth of
+    /// the open-files limit, at most 1024.
+    #[arg(long, env = "CPLINK_MAX_PENDING_CONNECTIONS",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_connections: Option<u32>,
+
     /// Ordered routing strategies: node (destination is an agent's node name or host IP),
     /// cidr (destination is in an agent's pod CIDR), default-route (agents started with
     /// --default-route), any (least-loaded agent).
@@ -179,6 +188,8 @@ pub struct Config {
     pub strategies: Vec<Strategy>,
     /// Tunneled connections carried at once, at most.
     pub max_tunnels: u32,
+    /// Connections per listener in their handshake or header phase, at most.
+    pub max_pending_connections: usize,
     /// Token authentication of upstream agents without a client certificate, when enabled.
     pub token_auth: Option<Arc<TokenAuth>>,
 }
@@ -285,6 +296,9 @@ impl Args {
             },
             strategies,
             max_tunnels: self.max_tunnels,
+            max_pending_connections: self
+                .max_pending_connections
+                .map_or_else(cplink_proto::accept::default_max_pending, |n| n as usize),
             token_auth: token_auth.map(Arc::new),
         })
     }

@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
+use cplink_proto::accept::Pending;
 use cplink_proto::konnectivity::mux;
-use cplink_proto::net::abort_tcp;
+use cplink_proto::net::{abort_tcp, abort_tcp_after_sent};
 use cplink_proto::pump::{self, Buffered, ReadChunk};
 use cplink_proto::readahead::ReadAhead;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -29,6 +30,15 @@ pub(crate) trait FrontendStream: AsyncRead + AsyncWrite + Unpin + Send + 'static
     fn split(self) -> (Self::Reader, Self::Writer);
     /// Closes the connection so that the client sees an error rather than a clean end.
     fn abort(reader: Self::Reader, writer: Self::Writer);
+    /// [`FrontendStream::abort`] once the bytes already written have been sent, where the
+    /// transport can tell.
+    fn abort_after_sent(
+        reader: Self::Reader,
+        writer: Self::Writer,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        Self::abort(reader, writer);
+        std::future::ready(())
+    }
 }
 
 impl FrontendStream for UnixStream {
@@ -60,6 +70,11 @@ impl FrontendStream for TlsStream<ReadAhead<TcpStream>> {
         let tls = reader.0.unsplit(writer);
         abort_tcp(tls.into_inner().0.into_inner());
     }
+
+    async fn abort_after_sent(reader: Self::Reader, writer: Self::Writer) {
+        let tls = reader.0.unsplit(writer);
+        abort_tcp_after_sent(tls.into_inner().0.into_inner(), pump::ABORT_LINGER).await;
+    }
 }
 
 /// Accepts TLS frontend connections until `stop` is cancelled.
@@ -71,9 +86,8 @@ pub(crate) async fn accept_tls(
     stop: CancellationToken,
     force: CancellationToken,
 ) {
-    while let Some((tcp, peer)) =
-        crate::next_accepted(|| listener.accept(), &stop, "frontend").await
-    {
+    let accepting = shared.acceptor("frontend");
+    while let Some(((tcp, peer), pending)) = accepting.next(|| listener.accept(), &stop).await {
         cplink_proto::net::tune_stream(&tcp);
         let shared = shared.clone();
         let acceptor = acceptor.clone();
@@ -95,7 +109,7 @@ pub(crate) async fn accept_tls(
                     }
                 };
                 tokio::select! {
-                    () = serve(&shared, tls, "tls") => {}
+                    () = serve(&shared, tls, "tls", pending) => {}
                     () = force.cancelled() => tracing::info!("drain deadline reached: connection cut"),
                 }
             }
@@ -112,15 +126,14 @@ pub(crate) async fn accept_uds(
     stop: CancellationToken,
     force: CancellationToken,
 ) {
-    while let Some((stream, _)) =
-        crate::next_accepted(|| listener.accept(), &stop, "frontend-uds").await
-    {
+    let acceptor = shared.acceptor("frontend-uds");
+    while let Some(((stream, _), pending)) = acceptor.next(|| listener.accept(), &stop).await {
         let shared = shared.clone();
         let force = force.clone();
         connections.spawn(
             async move {
                 tokio::select! {
-                    () = serve(&shared, stream, "uds") => {}
+                    () = serve(&shared, stream, "uds", pending) => {}
                     () = force.cancelled() => tracing::info!("drain deadline reached: connection cut"),
                 }
             }
@@ -139,7 +152,12 @@ pub(crate) fn count_request_error(shared: &Shared, reason: &'static str) {
 }
 
 /// Serves one frontend connection: CONNECT head, dial, answer, then pump until done.
-async fn serve<S: FrontendStream>(shared: &Shared, mut stream: S, frontend: &'static str) {
+async fn serve<S: FrontendStream>(
+    shared: &Shared,
+    mut stream: S,
+    frontend: &'static str,
+    pending: Pending,
+) {
     let metrics = &shared.metrics;
     metrics
         .frontend_connections
@@ -152,6 +170,7 @@ async fn serve<S: FrontendStream>(shared: &Shared, mut stream: S, frontend: &'st
     )
     .await
     .unwrap_or(Err(ConnectError::Timeout));
+    drop(pending);
     let request = match head {
         Ok(request) => request,
         Err(err) => {
@@ -198,7 +217,7 @@ async fn serve<S: FrontendStream>(shared: &Shared, mut stream: S, frontend: &'st
                 &metrics.bytes,
             )
             .await
-            .map_err(|e| e.to_string()),
+            .map_err(|e| (e.to_string(), e.delivered_then_aborted())),
             Carried::Mux(mut conn) => mux::pump(
                 &mut reader,
                 &mut writer,
@@ -208,7 +227,7 @@ async fn serve<S: FrontendStream>(shared: &Shared, mut stream: S, frontend: &'st
                 tunnel::CLOSE_LINGER,
             )
             .await
-            .map_err(|e| e.to_string()),
+            .map_err(|e| (e.to_string(), false)),
         };
         match result {
             Ok(stats) => tracing::debug!(
@@ -216,7 +235,11 @@ async fn serve<S: FrontendStream>(shared: &Shared, mut stream: S, frontend: &'st
                 from_agent = stats.stream_to_socket,
                 "tunnel closed"
             ),
-            Err(err) => {
+            Err((err, true)) => {
+                tracing::info!(%err, "tunnel aborted after its bytes were written");
+                S::abort_after_sent(reader, writer).await;
+            }
+            Err((err, false)) => {
                 tracing::info!(%err, "tunnel aborted");
                 S::abort(reader, writer);
             }

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod registry;
 mod tunnel;
 
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -204,35 +205,24 @@ impl ServerHandle {
     }
 }
 
-/// Waits for the next connection from `accept`, riding out failed accepts (typically EMFILE:
-/// back off instead of spinning); `None` once `stop` fires.
-pub(crate) async fn next_accepted<T, F, Fut>(
-    mut accept: F,
-    stop: &CancellationToken,
-    listener: &'static str,
-) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = std::io::Result<T>>,
-{
-    loop {
-        tokio::select! {
-            accepted = accept() => match accepted {
-                Ok(accepted) => return Some(accepted),
-                Err(err) => {
-                    tracing::warn!(%err, listener, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            },
-            () = stop.cancelled() => return None,
-        }
-    }
-}
-
 impl Shared {
-    /// Registers a new agent link and updates the gauge.
-    pub(crate) fn link_up(&self, link: &Arc<registry::AgentLink>) {
-        let links = self.registry.insert(link.clone());
+    /// The accept side of `listener`: the handshake cap, shed connections counted.
+    pub(crate) fn acceptor(&self, listener: &'static str) -> cplink_proto::accept::Acceptor {
+        let shed = self
+            .metrics
+            .connections_shed
+            .get_or_create(&metrics::ListenerLabels { listener })
+            .clone();
+        cplink_proto::accept::Acceptor::new(listener, self.config.max_pending_connections, shed)
+    }
+
+    /// Registers a new agent link and updates the gauge; a link whose agent id is held from
+    /// another address is refused.
+    pub(crate) fn link_up(
+        &self,
+        link: &Arc<registry::AgentLink>,
+    ) -> Result<(), registry::DuplicateAgent> {
+        let links = self.registry.insert(link.clone())?;
         if links > 1 {
             tracing::info!(
                 agent_id = %link.id,
@@ -241,6 +231,24 @@ impl Shared {
             );
         }
         self.metrics.agents_linked.set(self.registry.len() as i64);
+        Ok(())
+    }
+
+    /// Logs and counts a konnectivity link refused for an agent id held from another address
+    /// (native links are counted and logged with their other failures).
+    pub(crate) fn refuse_duplicate(&self, refused: &registry::DuplicateAgent, peer: SocketAddr) {
+        self.metrics
+            .link_errors
+            .get_or_create(&metrics::LinkErrorLabels {
+                reason: "duplicate_id",
+            })
+            .inc();
+        tracing::warn!(
+            agent_id = %refused.id,
+            linked_from = %refused.linked_from,
+            refused_peer = %peer,
+            "link refused: this agent id is already linked from another address"
+        );
     }
 
     /// Unregisters an agent link that ended and updates the gauge.

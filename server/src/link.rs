@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use cplink_proto::accept::Pending;
 use cplink_proto::hello::{self, AgentHello, HelloError, HelloOutcome, ServerHello};
 use cplink_proto::keepalive::{self, KeepaliveError};
 use cplink_proto::readahead::ReadAhead;
@@ -38,6 +39,9 @@ pub enum LinkError {
     /// The agent's hello was refused.
     #[error("agent refused: {0}")]
     Refused(String),
+    /// The agent id is already linked from another address.
+    #[error("{0}")]
+    Duplicate(#[from] crate::registry::DuplicateAgent),
     /// TLS and hello did not complete in time.
     #[error("handshake not completed within {}", humantime::format_duration(*.0))]
     HandshakeTimeout(std::time::Duration),
@@ -50,6 +54,14 @@ pub enum LinkError {
 }
 
 impl LinkError {
+    /// Whether the peer failed before proving who it is (TLS, ALPN, time limits).
+    fn before_authentication(&self) -> bool {
+        matches!(
+            self,
+            LinkError::Tls(_) | LinkError::Alpn | LinkError::HandshakeTimeout(_)
+        )
+    }
+
     fn kind(&self) -> &'static str {
         match self {
             LinkError::Tls(_) => "tls",
@@ -57,6 +69,7 @@ impl LinkError {
             LinkError::NoCertificate => "no_certificate",
             LinkError::Hello(_) => "hello",
             LinkError::Refused(_) => "refused",
+            LinkError::Duplicate(_) => "duplicate_id",
             LinkError::HandshakeTimeout(_) => "handshake_timeout",
             LinkError::H2(_) => "h2",
             LinkError::Keepalive(_) => "keepalive",
@@ -71,17 +84,24 @@ pub(crate) async fn accept(
     links: TaskTracker,
     stop: CancellationToken,
 ) {
-    while let Some((tcp, peer)) = crate::next_accepted(|| listener.accept(), &stop, "agent").await {
+    let acceptor = shared.acceptor("agent");
+    while let Some(((tcp, peer), pending)) = acceptor.next(|| listener.accept(), &stop).await {
         let shared = shared.clone();
         links.spawn(
             async move {
-                if let Err(err) = serve(shared.clone(), tcp, peer).await {
+                if let Err(err) = serve(shared.clone(), tcp, peer, pending).await {
                     shared
                         .metrics
                         .link_errors
                         .get_or_create(&LinkErrorLabels { reason: err.kind() })
                         .inc();
-                    tracing::warn!(%err, "agent link failed");
+                    if err.before_authentication() {
+                        // Anyone can cause these; a line each at WARN would let them flood
+                        // the log.
+                        tracing::info!(%err, "agent link failed");
+                    } else {
+                        tracing::warn!(%err, "agent link failed");
+                    }
                 }
             }
             .instrument(tracing::info_span!("link", %peer, agent_id = tracing::field::Empty)),
@@ -102,7 +122,12 @@ pub(crate) fn validate_agent_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
-async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<(), LinkError> {
+async fn serve(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    pending: Pending,
+) -> Result<(), LinkError> {
     cplink_proto::net::tune_link(&tcp);
     let budget = shared.config.handshake_timeout;
     let acceptor = TlsAcceptor::from(shared.config.link_tls.clone());
@@ -115,6 +140,8 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<
         Some(cplink_proto::ALPN_LINK) if certified => {}
         Some(cplink_proto::ALPN_LINK) => return Err(LinkError::NoCertificate),
         Some(cplink_proto::ALPN_H2) => {
+            // gRPC from here on: the handshake phase is over.
+            drop(pending);
             konnectivity::agents::serve(shared, tls, peer, certified).await;
             return Ok(());
         }
@@ -126,18 +153,26 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<
     let span = tracing::Span::current();
     span.record("agent_id", agent.agent_id.as_str());
 
-    if let Err(reason) = validate_agent_id(&agent.agent_id) {
-        let answer = server_hello(
-            &shared,
-            HelloOutcome::Rejected {
-                reason: reason.clone(),
-            },
-        );
+    let admitted = validate_agent_id(&agent.agent_id)
+        .map_err(LinkError::Refused)
+        .and_then(|()| {
+            shared
+                .registry
+                .admissible(&agent.agent_id, peer.ip())
+                .map_err(LinkError::Duplicate)
+        });
+    if let Err(err) = admitted {
+        let reason = match &err {
+            LinkError::Refused(reason) => reason.clone(),
+            other => other.to_string(),
+        };
+        let answer = server_hello(&shared, HelloOutcome::Rejected { reason });
         // Best effort: the agent learns why before the connection closes.
         let _ = hello::write(&mut tls, &answer).await;
-        return Err(LinkError::Refused(reason));
+        return Err(err);
     }
     hello::write(&mut tls, &server_hello(&shared, HelloOutcome::Accepted)).await?;
+    drop(pending);
 
     let (sender, mut connection) = h2::client::Builder::new()
         .initial_window_size(cplink_proto::STREAM_WINDOW)
@@ -152,11 +187,13 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Result<
     let link = Arc::new(AgentLink::new(
         agent.agent_id.clone(),
         shared.registry.next_link_id(),
+        peer,
         agent.node_name.clone(),
         agent.identifiers.clone(),
         Carrier::Native(sender),
     ));
-    shared.link_up(&link);
+    // Admitted above; a link from another address may have won the race since.
+    shared.link_up(&link)?;
     tracing::info!(
         agent_id = %link.id,
         node = agent.node_name.as_deref().unwrap_or(""),

@@ -49,6 +49,13 @@ pub struct LinkErrorLabels {
     pub reason: &'static str,
 }
 
+/// Labels naming a listener.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `agent`, `frontend`, `frontend-uds` or `grpc-uds`.
+    pub listener: &'static str,
+}
+
 /// Every metric the server exports.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -68,6 +75,8 @@ pub struct Metrics {
     pub request_errors: Family<RequestErrorLabels, Counter>,
     /// Agent links that failed to establish.
     pub link_errors: Family<LinkErrorLabels, Counter>,
+    /// Connections closed at accept: their listener had too many in their handshake.
+    pub connections_shed: Family<ListenerLabels, Counter>,
     /// Tunneled bytes: `socket_to_stream` is frontend → agent, `stream_to_socket` the reverse.
     pub bytes: ByteCounters,
     /// Connections through upstream konnectivity agents closed because their frontend client
@@ -99,6 +108,7 @@ impl Metrics {
             frontend_connections: Family::default(),
             request_errors: Family::default(),
             link_errors: Family::default(),
+            connections_shed: Family::default(),
             konnectivity_overflows: Counter::default(),
             bytes: ByteCounters {
                 socket_to_stream,
@@ -151,6 +161,12 @@ impl Metrics {
             "Connections through upstream konnectivity agents closed because their client fell \
              more than the per-connection budget behind",
             metrics.konnectivity_overflows.clone(),
+        );
+        r.register(
+            "connections_shed",
+            "Connections closed as soon as accepted because their listener had \
+             --max-pending-connections still in their handshake",
+            metrics.connections_shed.clone(),
         );
         r.register(
             "tunnel_bytes",

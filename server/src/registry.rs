@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -92,6 +93,8 @@ pub struct AgentLink {
     pub id: String,
     /// Distinguishes successive links of the same agent.
     pub link_id: u64,
+    /// Where the link comes from.
+    pub peer: SocketAddr,
     /// The agent's node.
     pub node_name: Option<String>,
     /// What the agent can reach.
@@ -111,6 +114,7 @@ impl fmt::Debug for AgentLink {
         f.debug_struct("AgentLink")
             .field("id", &self.id)
             .field("link_id", &self.link_id)
+            .field("peer", &self.peer)
             .field("node_name", &self.node_name)
             .field("active", &self.active_streams())
             .field("draining", &self.is_draining())
@@ -122,6 +126,7 @@ impl AgentLink {
     pub(crate) fn new(
         id: String,
         link_id: u64,
+        peer: SocketAddr,
         node_name: Option<String>,
         identifiers: Identifiers,
         carrier: Carrier,
@@ -129,6 +134,7 @@ impl AgentLink {
         AgentLink {
             id,
             link_id,
+            peer,
             node_name,
             identifiers,
             carrier,
@@ -216,11 +222,40 @@ impl Drop for StreamGuard {
 /// load balancer until it reached every server lands on one it already has, and closes one of
 /// the two itself (a native agent drains the older with GOAWAY, a konnectivity agent closes
 /// the newer); an agent that restarted links again before its old link is found dead. So links
-/// of one agent coexist, and new dials go to its newest link that is not draining.
+/// of one agent from one address coexist, and new dials go to its newest link that is not
+/// draining.
+///
+/// A link claiming an agent id that is linked from another address is refused: it is another
+/// party (a second node configured with the same id, or someone holding the agent certificate),
+/// and letting it in would hand it every new dial meant for that agent, kubelet exec sessions
+/// included. It is let in once the first link ended (closed, or found dead by the keepalive).
 #[derive(Debug, Default)]
 pub struct Registry {
     agents: RwLock<HashMap<String, Vec<Arc<AgentLink>>>>,
     next_link_id: AtomicU64,
+}
+
+/// A link refused because its agent id is linked from another address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "agent id {id:?} is already linked from {linked_from}; a link from another address is \
+     accepted once that one ends"
+)]
+pub struct DuplicateAgent {
+    /// The contested agent id.
+    pub id: String,
+    /// Where the agent's existing link comes from.
+    pub linked_from: SocketAddr,
+}
+
+fn check_peer(id: &str, links: &[Arc<AgentLink>], peer: IpAddr) -> Result<(), DuplicateAgent> {
+    match links.iter().find(|l| l.peer.ip() != peer) {
+        Some(other) => Err(DuplicateAgent {
+            id: id.to_owned(),
+            linked_from: other.peer,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The agent chosen for a dial and the strategy that chose it.
@@ -238,12 +273,22 @@ impl Registry {
         self.next_link_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Adds a link; returns how many links the agent now has.
-    pub fn insert(&self, link: Arc<AgentLink>) -> usize {
+    /// Checks that a link of agent `id` from `peer` may join (see [`Registry`]).
+    pub fn admissible(&self, id: &str, peer: IpAddr) -> Result<(), DuplicateAgent> {
+        match self.read().get(id) {
+            Some(links) => check_peer(id, links, peer),
+            None => Ok(()),
+        }
+    }
+
+    /// Adds a link; returns how many links the agent now has. A link whose agent id is held
+    /// from another address is refused.
+    pub fn insert(&self, link: Arc<AgentLink>) -> Result<usize, DuplicateAgent> {
         let mut agents = self.write();
         let links = agents.entry(link.id.clone()).or_default();
+        check_peer(&link.id, links, link.peer.ip())?;
         links.push(link);
-        links.len()
+        Ok(links.len())
     }
 
     /// Removes the link `link_id` of agent `id`; false when it was already gone.
@@ -363,6 +408,7 @@ mod tests {
         let link = Arc::new(AgentLink::new(
             id.into(),
             registry.next_link_id(),
+            PEER,
             Some(node.into()),
             Identifiers {
                 host_ips: vec![ip.parse().unwrap()],
@@ -371,9 +417,15 @@ mod tests {
             },
             Carrier::Native(sender),
         ));
-        registry.insert(link.clone());
+        registry.insert(link.clone()).unwrap();
         link
     }
+
+    /// Where the test links come from.
+    const PEER: SocketAddr = SocketAddr::new(
+        std::net::IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1)),
+        40000,
+    );
 
     fn target(s: &str) -> Target {
         s.parse().unwrap()
@@ -435,6 +487,7 @@ mod tests {
         let gateway = Arc::new(AgentLink::new(
             "b".into(),
             registry.next_link_id(),
+            PEER,
             Some("node-b".into()),
             Identifiers {
                 default_route: true,
@@ -442,7 +495,7 @@ mod tests {
             },
             b.carrier.clone(),
         ));
-        registry.insert(gateway);
+        registry.insert(gateway).unwrap();
         for _ in 0..3 {
             let route = registry.route(&target("192.168.9.9:443"), &chain).unwrap();
             assert_eq!(route.guard.link().id, "b");
@@ -476,6 +529,7 @@ mod tests {
             Arc::new(AgentLink::new(
                 "k".into(),
                 registry.next_link_id(),
+                PEER,
                 None,
                 Identifiers::default(),
                 mux(),
@@ -483,8 +537,12 @@ mod tests {
         };
         let first = konnectivity(&registry);
         let second = konnectivity(&registry);
-        assert_eq!(registry.insert(first.clone()), 1);
-        assert_eq!(registry.insert(second.clone()), 2, "nothing is replaced");
+        assert_eq!(registry.insert(first.clone()), Ok(1));
+        assert_eq!(
+            registry.insert(second.clone()),
+            Ok(2),
+            "nothing is replaced"
+        );
         assert_eq!(registry.len(), 1);
         let route = registry.route(&target("10.1.1.1:80"), &CHAIN).unwrap();
         assert_eq!(
@@ -531,5 +589,36 @@ mod tests {
         assert!(parse_strategies("").is_err());
         assert!(parse_strategies("node,node").is_err());
         assert!(parse_strategies("random").is_err());
+    }
+
+    #[tokio::test]
+    async fn an_agent_id_linked_from_another_address_is_refused_until_the_first_link_ends() {
+        let registry = Registry::default();
+        let first = link(&registry, "node-1", "node-1", "10.0.0.1", "10.244.1.0/24").await;
+        let intruder: SocketAddr = "198.51.100.7:50000".parse().unwrap();
+        let claim = Arc::new(AgentLink::new(
+            "node-1".into(),
+            registry.next_link_id(),
+            intruder,
+            Some("node-1".into()),
+            first.identifiers.clone(),
+            first.carrier.clone(),
+        ));
+        let refused = registry.insert(claim.clone()).unwrap_err();
+        assert_eq!(refused.linked_from, PEER);
+        assert!(refused.to_string().contains("192.0.2.1:40000"), "{refused}");
+        assert_eq!(
+            registry.admissible("node-1", intruder.ip()),
+            Err(refused.clone())
+        );
+        // Every dial for node-1 still reaches the first link.
+        let route = registry.route(&target("node-1:10250"), &CHAIN).unwrap();
+        assert_eq!(route.guard.link().link_id, first.link_id);
+        drop(route);
+        // The same address may link again (a restart, a balancer landing twice).
+        assert!(registry.admissible("node-1", PEER.ip()).is_ok());
+        // Once the first link is gone, the newcomer is let in.
+        registry.remove("node-1", first.link_id);
+        assert_eq!(registry.insert(claim), Ok(1));
     }
 }

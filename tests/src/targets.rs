@@ -230,3 +230,52 @@ pub async fn gated_sink(release: tokio::sync::watch::Receiver<bool>) -> anyhow::
     });
     Ok(Target { addr, task })
 }
+
+/// Accepts and reads nothing until `release` turns true; then reads to the end and reports how
+/// many bytes arrived and how the connection ended (`None` for a clean end). Small receive
+/// buffers, as with [`gated_sink`].
+pub async fn gated_tally(
+    release: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(
+    Target,
+    tokio::sync::mpsc::UnboundedReceiver<(usize, Option<std::io::ErrorKind>)>,
+)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    socket.bind("127.0.0.1:0".parse()?)?;
+    let listener = socket.listen(64)?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut release = release.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if release.wait_for(|open| *open).await.is_err() {
+                    return;
+                }
+                let mut total = 0;
+                let mut buf = vec![0u8; 64 * 1024];
+                let end = loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) => break None,
+                        Ok(n) => total += n,
+                        Err(e) => break Some(e.kind()),
+                    }
+                };
+                let _ = tx.send((total, end));
+            });
+        }
+    });
+    Ok((Target { addr, task }, rx))
+}
+
+/// Writes `len` bytes of [`pattern`] (seed 0) to each client, then resets the connection.
+pub async fn source_then_reset(len: usize) -> anyhow::Result<Target> {
+    serve(move |mut stream| async move {
+        if stream.write_all(&pattern(0, len)).await.is_ok() && stream.flush().await.is_ok() {
+            cplink_proto::net::abort_tcp_after_sent(stream, Duration::from_secs(5)).await;
+        }
+    })
+    .await
+}

@@ -449,3 +449,138 @@ async fn admin_endpoints_report_health_readiness_and_metrics() -> anyhow::Result
     );
     Ok(())
 }
+
+/// Links from 127.0.0.2 claiming the agent id `id`, with the agent certificate, and returns the
+/// server's answer to the hello.
+async fn claim_agent_id(
+    lo: &Loopback,
+    server: std::net::SocketAddr,
+    id: &str,
+) -> anyhow::Result<cplink_proto::hello::HelloOutcome> {
+    use cplink_proto::hello::{self, AgentHello, ServerHello};
+    use cplink_proto::tls::{Identity, TrustAnchors};
+    let identity = Identity::from_pem_files(&lo.agent_cert.cert, &lo.agent_cert.key)?;
+    let anchors = TrustAnchors::from_pem_file(lo.pki.ca_file())?;
+    let config = cplink_proto::tls::link_client_config(&identity, &anchors)?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind("127.0.0.2:0".parse()?)?;
+    let tcp = socket.connect(server).await?;
+    let name = rustls_pki_types::ServerName::try_from("localhost")?;
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    let ours = AgentHello {
+        agent_id: id.to_owned(),
+        node_name: Some(id.to_owned()),
+        identifiers: Default::default(),
+        software_version: "intruder".into(),
+    };
+    hello::write(&mut tls, &ours).await?;
+    let theirs: ServerHello = hello::read(&mut tls).await?;
+    Ok(theirs.outcome)
+}
+
+#[tokio::test]
+async fn a_second_agent_claiming_a_linked_id_from_another_address_is_refused() -> anyhow::Result<()>
+{
+    let lo = Loopback::new()?;
+    let server = lo.start_server(&[]).await?;
+    let echo = targets::echo().await?;
+    let agent = lo
+        .start_agent(&[server.agent_addr], &["--node-name", "node-1"])
+        .await?;
+    server.wait_for_agents(1).await?;
+    let id = server.handle.agent_ids().remove(0);
+
+    let outcome = claim_agent_id(&lo, server.agent_addr, &id).await?;
+    let cplink_proto::hello::HelloOutcome::Rejected { reason } = outcome else {
+        anyhow::bail!("a second party was let in as {id}");
+    };
+    assert!(
+        reason.contains("already linked from 127.0.0.1:"),
+        "{reason}"
+    );
+    let metrics = server.handle.metrics_text();
+    assert!(
+        metrics.contains("cplink_server_link_errors_total{reason=\"duplicate_id\"} 1"),
+        "{metrics}"
+    );
+    // Dials for the agent still reach the real one.
+    let mut stream = client::tunnel_uds(&server.uds, &echo.authority()).await?;
+    echo_round_trip(&mut stream, b"still mine").await?;
+    assert_eq!(agent.handle.tunneled_bytes().stream_to_socket, 10);
+    drop(stream);
+
+    // Once the real agent is gone, the id is free again.
+    agent.stop().await;
+    server.wait_for_agents(0).await?;
+    let outcome = claim_agent_id(&lo, server.agent_addr, &id).await?;
+    assert_eq!(outcome, cplink_proto::hello::HelloOutcome::Accepted);
+    Ok(())
+}
+
+/// Bytes the tests below send before the failure: within one stream window, so that they are
+/// all in the tunnel when it fails.
+const BEFORE_FAILURE: usize = 64 * 1024;
+
+#[tokio::test]
+async fn a_tls_client_gone_without_close_notify_still_delivers_its_upload_then_an_error()
+-> anyhow::Result<()> {
+    let lo = Loopback::new()?;
+    let (server, _agent) = lo.pair().await?;
+    let (release, gate) = tokio::sync::watch::channel(false);
+    let (destination, mut ends) = targets::gated_tally(gate).await?;
+    let tls = TlsClient::new(&lo.frontend_cert, lo.pki.ca_file())?;
+    let mut stream = tls
+        .tunnel(server.tls_addr, &destination.authority())
+        .await?;
+    stream
+        .write_all(&targets::pattern(1, BEFORE_FAILURE))
+        .await?;
+    stream.flush().await?;
+    // The client goes away without close_notify: TCP closes, TLS was cut short.
+    let (tcp, _) = stream.into_inner();
+    drop(tcp);
+    let handle = server.handle.clone();
+    wait::until(
+        "the server read the whole upload",
+        Duration::from_secs(10),
+        || handle.tunneled_bytes().socket_to_stream == BEFORE_FAILURE as u64,
+    )
+    .await?;
+    // Only now does the destination read: nothing of what the client sent may be lost.
+    release.send(true)?;
+    let (received, end) = tokio::time::timeout(Duration::from_secs(10), ends.recv())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("the destination never reported"))?;
+    assert_eq!(received, BEFORE_FAILURE, "bytes lost on the way");
+    assert_eq!(
+        end,
+        Some(std::io::ErrorKind::ConnectionReset),
+        "the destination must see the client's failure, not a clean end"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_destination_reset_after_sending_delivers_its_bytes_then_an_error() -> anyhow::Result<()>
+{
+    let lo = Loopback::new()?;
+    let (server, _agent) = lo.pair().await?;
+    let source = targets::source_then_reset(BEFORE_FAILURE).await?;
+    let tls = TlsClient::new(&lo.frontend_cert, lo.pki.ca_file())?;
+    let mut stream = tls.tunnel(server.tls_addr, &source.authority()).await?;
+    let mut got = Vec::new();
+    let end = loop {
+        let mut buf = [0u8; 16 * 1024];
+        match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await? {
+            Ok(0) => break None,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => break Some(e.kind()),
+        }
+    };
+    assert_eq!(got.len(), BEFORE_FAILURE, "bytes lost on the way");
+    assert!(got == targets::pattern(0, BEFORE_FAILURE), "bytes changed");
+    assert!(end.is_some(), "a clean end after a reset destination");
+    Ok(())
+}

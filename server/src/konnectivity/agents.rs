@@ -121,11 +121,15 @@ impl AgentService for UpstreamAgents {
         let link = Arc::new(AgentLink::new(
             agent_id,
             shared.registry.next_link_id(),
+            self.peer,
             node_name,
             identifiers,
             Carrier::Konnectivity(mux.clone()),
         ));
-        shared.link_up(&link);
+        shared.link_up(&link).map_err(|refused| {
+            shared.refuse_duplicate(&refused, self.peer);
+            Status::already_exists(refused.to_string())
+        })?;
         tracing::info!(
             agent_id = %link.id,
             node = link.node_name.as_deref().unwrap_or(""),

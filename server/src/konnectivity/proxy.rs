@@ -50,9 +50,10 @@ pub(crate) async fn accept_uds(
     stop: CancellationToken,
     force: CancellationToken,
 ) {
-    while let Some((stream, _)) =
-        crate::next_accepted(|| listener.accept(), &stop, "grpc-uds").await
-    {
+    // Only kube-apiserver can open this socket (mode 0660): its connections carry streams for
+    // as long as they live and are not held to the handshake cap.
+    let acceptor = frontend.shared.acceptor("grpc-uds");
+    while let Some(((stream, _), _)) = acceptor.next(|| listener.accept(), &stop).await {
         let service =
             ProxyServiceServer::new(frontend.clone()).max_decoding_message_size(super::MAX_MESSAGE);
         let stop = stop.clone();
@@ -409,6 +410,16 @@ async fn relay_h2(
                 recv.flow_control()
                     .release_capacity(len)
                     .map_err(|e| RelayError::Agent(e.to_string()))?;
+            }
+            // Every byte was passed on; a destination that failed still fails here.
+            let trailers = std::future::poll_fn(|cx| recv.poll_trailers(cx))
+                .await
+                .map_err(|e| RelayError::Agent(e.to_string()))?;
+            if let Some(abort) = trailers.as_ref().and_then(|t| t.get(pump::ABORT_TRAILER)) {
+                return Err(RelayError::Agent(format!(
+                    "the destination failed: {}",
+                    String::from_utf8_lossy(abort.as_bytes())
+                )));
             }
             Ok(())
         };
