@@ -26,18 +26,6 @@ async fn echo(
     Ok(())
 }
 
-async fn get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
-    let mut stream = TcpStream::connect(addr).await?;
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await?;
-    Ok(answer)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_cannot_starve_established_traffic_or_the_admin_port()
 -> anyhow::Result<()> {
@@ -99,8 +87,8 @@ async fn silent_connections_cannot_starve_established_traffic_or_the_admin_port(
     }
     let mut fresh = client::tunnel_uds(&server.uds, &echo_target.authority()).await?;
     echo(&mut fresh, 7).await?;
-    let metrics = get(server.admin_addr, "/metrics").await?;
-    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    // A 200 or an error.
+    let metrics = cplink_e2e::stack::http_get(server.admin_addr, "/metrics").await?;
     assert!(
         metrics.contains("cplink_server_connections_shed_total"),
         "{metrics}"

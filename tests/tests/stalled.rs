@@ -87,6 +87,26 @@ impl Setup {
         })
     }
 
+    /// Next to the stalled streams, the echo connection `probe` (and a new one to `echo`, when
+    /// given) keeps its idle median round trip `idle` within the stated bound.
+    async fn check_link_free(
+        &self,
+        what: &str,
+        frontend: Frontend,
+        probe: &mut Conn,
+        idle: Duration,
+        echo: Option<&targets::Target>,
+    ) -> anyhow::Result<()> {
+        let busy = echo_p50(probe).await?;
+        check_latency(what, idle, busy)?;
+        if let Some(echo) = echo {
+            let mut fresh = self.tunnel(frontend, &echo.authority()).await?;
+            let p50 = echo_p50(&mut fresh).await?;
+            check_latency(&format!("{what}, a new connection"), idle, p50)?;
+        }
+        Ok(())
+    }
+
     /// Bytes the agent sent towards the server that the server has not yet written to its
     /// clients: what stalled readers hold in the server's end of the link.
     fn held_by_server(&self) -> u64 {
@@ -192,13 +212,15 @@ async fn stalled_readers(
         setup.held_by_server() / 1024
     );
 
-    let busy = echo_p50(&mut probe).await?;
-    check_latency(&what, idle, busy)?;
-    if fresh_dial {
-        let mut fresh = setup.tunnel(frontend, &echo.authority()).await?;
-        let p50 = echo_p50(&mut fresh).await?;
-        check_latency(&format!("{what}, a new connection"), idle, p50)?;
-    }
+    setup
+        .check_link_free(
+            &what,
+            frontend,
+            &mut probe,
+            idle,
+            fresh_dial.then_some(&echo),
+        )
+        .await?;
 
     let mut readers = JoinSet::new();
     for (seed, mut conn) in stalled.into_iter().enumerate() {
@@ -268,13 +290,15 @@ async fn stalled_writers(
         setup.held_by_agent() / 1024
     );
 
-    let busy = echo_p50(&mut probe).await?;
-    check_latency(&what, idle, busy)?;
-    if fresh_dial {
-        let mut fresh = setup.tunnel(frontend, &echo.authority()).await?;
-        let p50 = echo_p50(&mut fresh).await?;
-        check_latency(&format!("{what}, a new connection"), idle, p50)?;
-    }
+    setup
+        .check_link_free(
+            &what,
+            frontend,
+            &mut probe,
+            idle,
+            fresh_dial.then_some(&echo),
+        )
+        .await?;
 
     release.send(true)?;
     join_all(&what, writers).await
