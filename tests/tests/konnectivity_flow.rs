@@ -1,5 +1,5 @@
 //! Flow through upstream konnectivity agents, which carry every connection on one gRPC stream
-//! without per-connection flow control (issue 13): the server must keep reading an agent's
+//! without per-connection flow control: the server must keep reading an agent's
 //! stream whatever one connection does, or an agent whose two directions are coupled (as
 //! upstream's are) deadlocks with it.
 

@@ -1,5 +1,5 @@
 //! After many TLS tunnels close, cplink-server gives most of the memory it grew by back to the
-//! system (issue 13: with glibc's malloc its RSS stayed near its peak; it now runs on jemalloc
+//! system (with glibc's malloc its RSS stayed near its peak; it now runs on jemalloc
 //! with a background purging thread). The agent, still on glibc's malloc, grows by a few MiB
 //! only and is reported, not checked.
 //!

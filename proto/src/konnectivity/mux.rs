@@ -10,7 +10,7 @@
 //! The protocol has no per-connection flow control, and the stream's receive loop must never
 //! wait for one connection: when it did (a full per-connection queue), a single slow reader
 //! stopped the whole stream, and with an upstream agent whose directions are coupled the two
-//! ends then waited for each other for good (issue 13). So [`Mux::dispatch`] never waits: each
+//! ends then waited for each other for good. So [`Mux::dispatch`] never waits: each
 //! connection queues what arrived for it, and a connection whose reader falls more than its
 //! budget ([`CONN_BUDGET`] bytes) behind is closed, towards the peer and locally
 //! ([`MuxError::Overflow`]), and counted. [`pump`] runs the two directions of a connection
@@ -651,7 +651,7 @@ impl Drop for MuxConn {
 /// The two directions run independently: a socket slow to take the peer's bytes never stops
 /// its own bytes from being read and sent, and a stream slow to take them never stops the
 /// peer's bytes from being written. (Serving both from one loop made each wait for the other,
-/// and with the connection's queue full, for the whole stream: issue 13.)
+/// and with the connection's queue full, for the whole stream.)
 ///
 /// The protocol has no half-close: when the socket's reader ends, the connection is closed
 /// towards the peer; a dialer then waits up to `linger` for the peer's confirmation, passing on

@@ -173,7 +173,7 @@ impl AgentService for UpstreamAgents {
 /// each connection's bytes (closing one that falls too far behind) and answers the agent
 /// without waiting. An upstream agent stops reading our packets while its own sends are
 /// blocked; a loop that waited for a slow connection stopped reading its sends, and both ends
-/// then waited for each other for good (issue 13).
+/// then waited for each other for good.
 async fn receive(
     shared: Arc<Shared>,
     link: Arc<AgentLink>,
