@@ -195,16 +195,22 @@ pub async fn pattern_source(len: usize) -> anyhow::Result<Target> {
     .await
 }
 
+/// A loopback listener whose accepted sockets have a small receive buffer, so that a writer
+/// to a destination that does not read stalls at once instead of filling the kernel's buffers.
+fn small_buffer_listener(backlog: u32) -> anyhow::Result<TcpListener> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    // Inherited by accepted sockets; the kernel doubles it and keeps a floor.
+    socket.set_recv_buffer_size(4096)?;
+    socket.bind("127.0.0.1:0".parse()?)?;
+    Ok(socket.listen(backlog)?)
+}
+
 /// Accepts and reads nothing until `release` turns true; then reads to the end, answers with
 /// the SHA-256 of what it read (32 bytes) and closes. Its sockets have a small receive buffer,
 /// so that a writer stalls at once instead of filling the kernel's buffers.
 pub async fn gated_sink(release: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<Target> {
     use sha2::Digest;
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    // Inherited by accepted sockets; the kernel doubles it and keeps a floor.
-    socket.set_recv_buffer_size(4096)?;
-    socket.bind("127.0.0.1:0".parse()?)?;
-    let listener = socket.listen(1024)?;
+    let listener = small_buffer_listener(1024)?;
     let addr = listener.local_addr()?;
     let task = tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
@@ -241,10 +247,7 @@ pub async fn gated_tally(
     tokio::sync::mpsc::UnboundedReceiver<(usize, Option<std::io::ErrorKind>)>,
 )> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_recv_buffer_size(4096)?;
-    socket.bind("127.0.0.1:0".parse()?)?;
-    let listener = socket.listen(64)?;
+    let listener = small_buffer_listener(64)?;
     let addr = listener.local_addr()?;
     let task = tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {

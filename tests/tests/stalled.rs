@@ -50,6 +50,13 @@ enum Frontend {
     Tls,
 }
 
+/// The receiving end of the link whose buffers stalled connections fill.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    Server,
+    Agent,
+}
+
 /// A tunneled connection through either frontend.
 trait Duplex: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Duplex for T {}
@@ -107,20 +114,36 @@ impl Setup {
         Ok(())
     }
 
-    /// Bytes the agent sent towards the server that the server has not yet written to its
-    /// clients: what stalled readers hold in the server's end of the link.
-    fn held_by_server(&self) -> u64 {
-        let sent = self.agent.handle.tunneled_bytes().socket_to_stream;
-        let written = self.server.handle.tunneled_bytes().stream_to_socket;
+    /// Bytes sent towards `end` that it has not yet written to its sockets: what stalled
+    /// readers (at the server) or stalled destinations (at the agent) hold in that end of the
+    /// link.
+    fn held_by(&self, end: End) -> u64 {
+        let (server, agent) = (
+            self.server.handle.tunneled_bytes(),
+            self.agent.handle.tunneled_bytes(),
+        );
+        let (sent, written) = match end {
+            End::Server => (agent.socket_to_stream, server.stream_to_socket),
+            End::Agent => (server.socket_to_stream, agent.stream_to_socket),
+        };
         sent.saturating_sub(written)
     }
 
-    /// Bytes the server sent towards the agent that the agent has not yet written to
-    /// destinations: what stalled destinations hold in the agent's end of the link.
-    fn held_by_agent(&self) -> u64 {
-        let sent = self.server.handle.tunneled_bytes().socket_to_stream;
-        let written = self.agent.handle.tunneled_bytes().stream_to_socket;
-        sent.saturating_sub(written)
+    /// Waits until `end` holds a full stream window for each of the `n` stalled connections.
+    async fn wait_until_full(&self, what: &str, n: usize, end: End) -> anyhow::Result<()> {
+        let full = n as u64 * WINDOW;
+        wait::until(
+            &format!("{what} holding a full stream window each in the {end:?}"),
+            Duration::from_secs(60),
+            || self.held_by(end) >= full,
+        )
+        .await
+        .with_context(|| format!("the {end:?} holds {} KiB", self.held_by(end) / 1024))?;
+        eprintln!(
+            "{what}: the {end:?} holds {} KiB for them",
+            self.held_by(end) / 1024
+        );
+        Ok(())
     }
 }
 
@@ -199,18 +222,7 @@ async fn stalled_readers(
         conn.flush().await?;
         stalled.push(conn);
     }
-    let full = n as u64 * WINDOW;
-    wait::until(
-        &format!("{what} holding a full stream window each in the server"),
-        Duration::from_secs(60),
-        || setup.held_by_server() >= full,
-    )
-    .await
-    .with_context(|| format!("the server holds {} KiB", setup.held_by_server() / 1024))?;
-    eprintln!(
-        "{what}: the server holds {} KiB for them",
-        setup.held_by_server() / 1024
-    );
+    setup.wait_until_full(&what, n, End::Server).await?;
 
     setup
         .check_link_free(
@@ -277,18 +289,7 @@ async fn stalled_writers(
             anyhow::Ok(())
         });
     }
-    let full = n as u64 * WINDOW;
-    wait::until(
-        &format!("{what} holding a full stream window each in the agent"),
-        Duration::from_secs(60),
-        || setup.held_by_agent() >= full,
-    )
-    .await
-    .with_context(|| format!("the agent holds {} KiB", setup.held_by_agent() / 1024))?;
-    eprintln!(
-        "{what}: the agent holds {} KiB for them",
-        setup.held_by_agent() / 1024
-    );
+    setup.wait_until_full(&what, n, End::Agent).await?;
 
     setup
         .check_link_free(
