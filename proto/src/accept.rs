@@ -10,7 +10,6 @@
 //! header timeout.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
@@ -85,7 +84,6 @@ pub struct Acceptor {
     pending: Arc<Semaphore>,
     max_pending: usize,
     shed: Counter,
-    shed_total: AtomicU64,
     log: std::sync::Mutex<ErrorLog>,
 }
 
@@ -104,7 +102,6 @@ impl Acceptor {
             pending: Arc::new(Semaphore::new(max_pending)),
             max_pending,
             shed,
-            shed_total: AtomicU64::new(0),
             log: std::sync::Mutex::new(ErrorLog::new(listener)),
         }
     }
@@ -138,8 +135,8 @@ impl Acceptor {
                     Err(_) => {
                         // Closed at once: its descriptor goes back before the next accept.
                         drop(conn);
-                        self.shed.inc();
-                        let shed = self.shed_total.fetch_add(1, Ordering::Relaxed) + 1;
+                        // Each listener has a counter of its own: it numbers this one's sheds.
+                        let shed = self.shed.inc() + 1;
                         if shed.is_power_of_two() {
                             tracing::warn!(
                                 listener = self.listener,
