@@ -5,6 +5,8 @@ CPLINK_CACHE ?= $(HOME)/.cache/cplink
 # Python with the pinned helm-python-sdk (made by scripts/setup.sh).
 PYTHON ?= $(CPLINK_CACHE)/venv/bin/python
 export CPLINK_PYTHON := $(PYTHON)
+# Where cargo puts what it builds (honours CARGO_TARGET_DIR, as cargo does).
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
 .PHONY: all build test lint fmt crds demo demo-down bench setup kube
 
@@ -49,12 +51,12 @@ crds:
 # `make demo-down`.
 demo: setup kube
 	$(CARGO) build --quiet --workspace --bins
-	./target/debug/cplink-demo up
+	$(TARGET_DIR)/debug/cplink-demo up
 
 ## demo-down: stop the cluster `make demo` started
 demo-down:
 	$(CARGO) build --quiet -p cplink-e2e --bin cplink-demo
-	./target/debug/cplink-demo down
+	$(TARGET_DIR)/debug/cplink-demo down
 
 ## bench: tunnel versus direct TCP, printed as a table of ratios (release build)
 bench:
