@@ -1,0 +1,82 @@
+"""The operator's ClusterRole in the chart covers what the operator does for each link's mode.
+
+Kubernetes refuses to let the operator grant a permission it does not hold itself (it has no
+`bind` or `escalate`), so the rules it grants to tunnel servers and agents must be in its own
+ClusterRole; operator/src/resources/rbac.rs checks the same from the Rust side, against the
+builders themselves. Rendered by the real Helm engine, as in test_chart.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from helm_python import chart as helm_chart
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "cplink"
+
+
+@pytest.fixture(scope="module")
+def held() -> dict[tuple[str, str], set[str]]:
+    """(apiGroup, resource) -> verbs of the operator's ClusterRole, as rendered by default."""
+    chart = helm_chart.Chart.load(CHART)
+    manifests = chart.render({}, name="cplink", namespace="cplink-system", is_install=True)
+    objects = [
+        doc
+        for path, text in manifests.items()
+        if not path.endswith("NOTES.txt")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
+    (role,) = [o for o in objects if o["kind"] == "ClusterRole"]
+    verbs: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert "resourceNames" not in rule, rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                verbs.setdefault((group, resource), set()).update(rule["verbs"])
+    return verbs
+
+
+# What the operator grants the servers of a link: reviewing agents' tokens and reading Nodes
+# cluster-wide; reading agent pods and the agent DaemonSet (by name) in the link's namespace.
+SERVER_GRANTS = [
+    ("authentication.k8s.io", "tokenreviews", {"create"}),
+    ("", "nodes", {"get", "list", "watch"}),
+    ("", "pods", {"get", "list", "watch"}),
+    ("apps", "daemonsets", {"get"}),
+]
+# What it grants in-cluster agents: their Node, server discovery.
+AGENT_GRANTS = [
+    ("", "nodes", {"get"}),
+    ("discovery.k8s.io", "endpointslices", {"list", "watch"}),
+]
+
+
+@pytest.mark.parametrize(("group", "resource", "verbs"), SERVER_GRANTS + AGENT_GRANTS)
+def test_the_operator_holds_what_it_grants(held, group, resource, verbs):
+    assert verbs <= held.get((group, resource), set()), (group, resource)
+
+
+# What a link switched to agents outside the cluster (agent.authentication: certificate) no
+# longer has: the operator deletes the agent DaemonSet, the agents' ServiceAccount and the
+# Roles of agents and servers.
+REMOVED = [
+    ("apps", "daemonsets"),
+    ("", "serviceaccounts"),
+    ("rbac.authorization.k8s.io", "roles"),
+    ("rbac.authorization.k8s.io", "rolebindings"),
+]
+
+
+@pytest.mark.parametrize("resource", REMOVED)
+def test_the_operator_may_remove_in_cluster_agents_when_a_link_switches_to_certificates(
+    held, resource
+):
+    assert "delete" in held[resource], resource
+
+
+def test_nothing_lets_the_operator_sidestep_escalation_checks(held):
+    for (group, resource), verbs in held.items():
+        assert not {"bind", "escalate", "impersonate", "*"} & verbs, (group, resource, verbs)
