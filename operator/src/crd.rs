@@ -20,9 +20,10 @@ pub const VERSION: &str = "v1alpha1";
 
 /// Desired state of a reverse-tunnel link between a control plane and the nodes of this cluster.
 ///
-/// The operator runs `server.replicas` tunnel servers (a Deployment) and one agent per node
-/// (a DaemonSet), issues their certificates and writes an `EgressSelectorConfiguration` that
-/// kube-apiserver can use to reach nodes through the tunnel.
+/// The operator runs `server.replicas` tunnel servers (a Deployment) and, unless agents run
+/// outside the cluster, one agent per node (a DaemonSet), issues their certificates and writes
+/// an `EgressSelectorConfiguration` that kube-apiserver can use to reach nodes through the
+/// tunnel.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "cplink.dev",
@@ -267,7 +268,7 @@ impl ServiceType {
     }
 }
 
-/// The agent DaemonSet.
+/// The per-node agents: how they authenticate and, in `token` mode, the DaemonSet running them.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentSpec {
@@ -290,6 +291,15 @@ pub struct AgentSpec {
     /// plus `network.podCIDRs` and `network.serviceCIDRs`. Link-local ranges are never allowed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_destinations: Vec<AllowedDestination>,
+    /// How an agent proves which node it speaks for; servers then accept only the node name,
+    /// host IPs and pod ranges that node's Node object backs. `token`: the operator runs the
+    /// agent DaemonSet and each agent also sends a token bound to its pod, for the audience
+    /// `cplink.dev/<namespace>/<link>`, which servers review. `certificate`: agents run outside
+    /// the cluster, each with its own client certificate signed by the link's CA whose subject
+    /// CN is `system:node:<nodeName>`; the operator runs no agents and the other `agent`
+    /// fields are ignored.
+    #[serde(default)]
+    pub authentication: AgentAuthentication,
 }
 
 impl Default for AgentSpec {
@@ -301,6 +311,28 @@ impl Default for AgentSpec {
             tolerations: default_agent_tolerations(),
             priority_class_name: default_agent_priority_class(),
             allowed_destinations: Vec::new(),
+            authentication: AgentAuthentication::default(),
+        }
+    }
+}
+
+/// How agents prove which node they speak for.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentAuthentication {
+    /// The operator's in-cluster agents send a token bound to their pod.
+    #[default]
+    Token,
+    /// Agents outside the cluster present a certificate for `system:node:<nodeName>`.
+    Certificate,
+}
+
+impl AgentAuthentication {
+    /// The name the CRD and the server's `--agent-identity` flag use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentAuthentication::Token => "token",
+            AgentAuthentication::Certificate => "certificate",
         }
     }
 }
@@ -466,7 +498,8 @@ pub struct ControlPlaneLinkStatus {
     /// Server replicas, from the Deployment status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server: Option<ServerStatus>,
-    /// Agents, from the DaemonSet status.
+    /// Agents, from the DaemonSet status; absent with `agent.authentication: certificate`, where
+    /// agents run outside the cluster and `server.linkedAgents` is all there is to count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agents: Option<AgentsStatus>,
     /// How kube-apiserver reaches the link.
@@ -605,6 +638,7 @@ mod tests {
         assert_eq!(spec.server.frontend.mode, FrontendMode::HttpConnect);
         assert_eq!(spec.server.frontend.socket_host_path, None);
         assert_eq!(spec.agent.priority_class_name, "system-node-critical");
+        assert_eq!(spec.agent.authentication, AgentAuthentication::Token);
         assert_eq!(spec.agent.tolerations.len(), 1);
         assert_eq!(
             spec.agent.tolerations[0].operator.as_deref(),
@@ -696,6 +730,33 @@ mod tests {
             spec["properties"]["routing"]["properties"]["strategies"]["items"]["enum"],
             serde_json::json!(["node", "cidr", "default-route", "any"])
         );
+    }
+
+    #[test]
+    fn agent_authentication_uses_the_server_flag_spelling() {
+        let spec: ControlPlaneLinkSpec =
+            serde_json::from_str(r#"{"agent": {"authentication": "certificate"}}"#)
+                .expect("certificate parses");
+        assert_eq!(spec.agent.authentication, AgentAuthentication::Certificate);
+        assert_eq!(spec.agent.authentication.as_str(), "certificate");
+        assert_eq!(AgentAuthentication::Token.as_str(), "token");
+        assert_eq!(
+            serde_json::to_value(&spec.agent).expect("serializes")["authentication"],
+            "certificate"
+        );
+        assert!(serde_json::from_str::<AgentSpec>(r#"{"authentication": "Token"}"#).is_err());
+        // What the apiserver enforces and fills in: the enum and the default in the CRD.
+        let crd = serde_json::to_value(<ControlPlaneLink as kube::CustomResourceExt>::crd())
+            .expect("json");
+        let agent = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["properties"]["agent"];
+        let authentication = &agent["properties"]["authentication"];
+        assert_eq!(
+            authentication["enum"],
+            serde_json::json!(["token", "certificate"])
+        );
+        assert_eq!(authentication["default"], "token");
+        assert_eq!(agent["default"]["authentication"], "token");
     }
 
     #[test]

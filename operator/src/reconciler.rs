@@ -3,8 +3,10 @@
 //! `apply` is one idempotent pass that server-side applies every child (so a conflict or a
 //! transient error mid-pass is repaired by the next pass), reusing stored certificates unless
 //! they are missing, invalid or due for renewal, then writes the status and publishes Events
-//! for changes of state. `cleanup` removes the cluster-scoped RBAC that ownerReferences cannot
-//! cover; everything namespaced is garbage-collected through its owner reference.
+//! for changes of state. With agents outside the cluster (`agent.authentication: certificate`)
+//! `apply` also deletes what it ran for in-cluster agents, should the link have had them
+//! before. `cleanup` removes the cluster-scoped RBAC that ownerReferences cannot cover;
+//! everything namespaced is garbage-collected through its owner reference.
 
 use std::collections::HashMap;
 use std::fmt::Debug;
@@ -39,7 +41,7 @@ use crate::resources::deployment::SERVER_ADMIN_PORT;
 use crate::resources::{
     Component, MANAGED_BY, Plan, PlanError, daemonset, deployment, rbac, secrets, services,
 };
-use crate::status::{self, Certificates, Observed, Transition};
+use crate::status::{self, Agents, Certificates, Observed, Transition};
 use crate::validate::validate;
 
 /// Finalizer that guards removal of the link's cluster-scoped objects.
@@ -489,10 +491,15 @@ async fn apply(link: &ControlPlaneLink, ctx: &Context) -> Result<Action, Error> 
         CertOutcome::Ready(issued) => issued,
         CertOutcome::NotReady { reason, message } => {
             tracing::warn!(link = %key(link), reason, %message, "certificates not ready");
+            let agents = if plan.agents_in_cluster() {
+                Agents::DaemonSet(old.and_then(|s| s.agents.clone()))
+            } else {
+                Agents::OutsideCluster
+            };
             let observed = Observed {
                 generation,
                 server: old.and_then(|s| s.server.clone()),
-                agents: old.and_then(|s| s.agents.clone()),
+                agents,
                 frontend: old.and_then(|s| s.frontend.clone()),
                 certificates: Certificates::NotReady { reason, message },
             };
@@ -503,17 +510,7 @@ async fn apply(link: &ControlPlaneLink, ctx: &Context) -> Result<Action, Error> 
         }
     };
 
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
-    apply_object(&accounts, &rbac::server_account(&plan)).await?;
-    apply_object(&accounts, &rbac::agent_account(&plan)).await?;
-    let roles: Api<Role> = Api::namespaced(client.clone(), &ns);
-    apply_object(&roles, &rbac::agent_role(&plan)).await?;
-    let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), &ns);
-    apply_object(&bindings, &rbac::agent_role_binding(&plan)).await?;
-    let cluster_roles: Api<ClusterRole> = Api::all(client.clone());
-    apply_object(&cluster_roles, &rbac::agent_cluster_role(&plan)).await?;
-    let cluster_bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
-    apply_object(&cluster_bindings, &rbac::agent_cluster_role_binding(&plan)).await?;
+    apply_accounts(client, &plan).await?;
 
     if let Some(ca) = &issued.ca {
         apply_object(&secrets_api, ca).await?;
@@ -532,21 +529,26 @@ async fn apply(link: &ControlPlaneLink, ctx: &Context) -> Result<Action, Error> 
         &deployment::server_deployment(&plan, &secrets::checksum(&issued.server)),
     )
     .await?;
-    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), &ns);
-    let daemonset = apply_object(
-        &daemonsets,
-        &daemonset::agent_daemonset(&plan, &secrets::checksum(&issued.agent)),
-    )
-    .await?;
+    let agents = if plan.agents_in_cluster() {
+        let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), &ns);
+        let daemonset = apply_object(
+            &daemonsets,
+            &daemonset::agent_daemonset(&plan, &secrets::checksum(&issued.agent)),
+        )
+        .await?;
+        Agents::DaemonSet(Some(status::agents_status(&daemonset)))
+    } else {
+        remove_in_cluster_agents(client, &plan).await?;
+        Agents::OutsideCluster
+    };
 
     let mut server = status::server_status(&deployment);
     server.linked_agents = server_links(ctx, &plan).await;
-    let agents = status::agents_status(&daemonset);
     let links_settled = status::links_settled(&server, &agents);
     let observed = Observed {
         generation,
         server: Some(server),
-        agents: Some(agents),
+        agents,
         frontend: Some(FrontendStatus {
             address: plan.apiserver_endpoint(),
             egress_secret: names.egress_secret(),
@@ -565,6 +567,52 @@ async fn apply(link: &ControlPlaneLink, ctx: &Context) -> Result<Action, Error> 
     } else {
         next.min(LINKS_RECHECK_INTERVAL)
     }))
+}
+
+/// Applies the ServiceAccounts and RBAC of the servers and, when the operator runs them, of the
+/// agents.
+async fn apply_accounts(client: &Client, plan: &Plan) -> Result<(), Error> {
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &plan.namespace);
+    let roles: Api<Role> = Api::namespaced(client.clone(), &plan.namespace);
+    let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), &plan.namespace);
+    let cluster_roles: Api<ClusterRole> = Api::all(client.clone());
+    let cluster_bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
+    apply_object(&accounts, &rbac::server_account(plan)).await?;
+    apply_object(&cluster_roles, &rbac::server_cluster_role(plan)).await?;
+    apply_object(&cluster_bindings, &rbac::server_cluster_role_binding(plan)).await?;
+    if plan.agents_in_cluster() {
+        apply_object(&roles, &rbac::server_role(plan)).await?;
+        apply_object(&bindings, &rbac::server_role_binding(plan)).await?;
+        apply_object(&accounts, &rbac::agent_account(plan)).await?;
+        apply_object(&roles, &rbac::agent_role(plan)).await?;
+        apply_object(&bindings, &rbac::agent_role_binding(plan)).await?;
+        apply_object(&cluster_roles, &rbac::agent_cluster_role(plan)).await?;
+        apply_object(&cluster_bindings, &rbac::agent_cluster_role_binding(plan)).await?;
+    }
+    Ok(())
+}
+
+/// With agents outside the cluster: deletes the agent DaemonSet and everything granted to
+/// in-cluster agents or to servers for checking them, which the link had if it used tokens
+/// before. Servers no longer accept those agents, and nothing should keep rights it does not
+/// use. Objects already gone are fine, so this runs on every pass.
+async fn remove_in_cluster_agents(client: &Client, plan: &Plan) -> Result<(), Error> {
+    let names = plan.names();
+    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), &plan.namespace);
+    delete_ignoring_missing(&daemonsets, &names.agent()).await?;
+    let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), &plan.namespace);
+    let roles: Api<Role> = Api::namespaced(client.clone(), &plan.namespace);
+    delete_ignoring_missing(&bindings, &names.server()).await?;
+    delete_ignoring_missing(&roles, &names.server()).await?;
+    let cluster_bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
+    let cluster_roles: Api<ClusterRole> = Api::all(client.clone());
+    delete_ignoring_missing(&cluster_bindings, &names.agent_cluster_role()).await?;
+    delete_ignoring_missing(&cluster_roles, &names.agent_cluster_role()).await?;
+    delete_ignoring_missing(&bindings, &names.agent()).await?;
+    delete_ignoring_missing(&roles, &names.agent()).await?;
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &plan.namespace);
+    delete_ignoring_missing(&accounts, &names.agent()).await?;
+    Ok(())
 }
 
 /// Agents linked to each running server pod. Advisory: when the pods cannot be listed the
@@ -623,9 +671,12 @@ async fn cleanup(link: &ControlPlaneLink, ctx: &Context) -> Result<Action, Error
         .ok_or(PlanError::MissingMetadata("namespace"))?;
     let names = crate::resources::Names::new(&link.name_any(), &ns);
     let cluster_bindings: Api<ClusterRoleBinding> = Api::all(ctx.client.clone());
-    delete_ignoring_missing(&cluster_bindings, &names.agent_cluster_role()).await?;
     let cluster_roles: Api<ClusterRole> = Api::all(ctx.client.clone());
-    delete_ignoring_missing(&cluster_roles, &names.agent_cluster_role()).await?;
+    // Both, whatever the link's mode: it may have changed since they were made.
+    for name in [names.server_cluster_role(), names.agent_cluster_role()] {
+        delete_ignoring_missing(&cluster_bindings, &name).await?;
+        delete_ignoring_missing(&cluster_roles, &name).await?;
+    }
     tracing::info!(link = %key(link), "cleaned up cluster-scoped objects");
     Ok(Action::await_change())
 }

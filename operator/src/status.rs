@@ -16,7 +16,8 @@ use crate::validate::InvalidSpec;
 pub const READY: &str = "Ready";
 /// Condition: at least one server replica is ready.
 pub const SERVER_AVAILABLE: &str = "ServerAvailable";
-/// Condition: every scheduled agent is ready (linked to all servers).
+/// Condition: every scheduled agent is ready (linked to all servers), or agents run outside the
+/// cluster, where the operator has none to count.
 pub const AGENTS_AVAILABLE: &str = "AgentsAvailable";
 /// Condition: the CA and all certificates are valid.
 pub const CERTIFICATES_READY: &str = "CertificatesReady";
@@ -25,6 +26,8 @@ pub const CERTIFICATES_READY: &str = "CertificatesReady";
 pub const REASON_PROGRESSING: &str = "Progressing";
 /// Reason of `Ready=False` for a spec the operator cannot act on.
 pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
+/// Reason of `AgentsAvailable=True` when agents run outside the cluster, uncounted.
+pub const REASON_OUTSIDE_CLUSTER: &str = "OutsideCluster";
 
 /// State of the certificates as the reconciler found or made them.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +46,17 @@ pub enum Certificates {
     },
 }
 
+/// What the operator knows of the agents.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Agents {
+    /// The agent DaemonSet the operator runs (`agent.authentication: token`); `None` until it
+    /// was applied.
+    DaemonSet(Option<AgentsStatus>),
+    /// Agents run outside the cluster (`agent.authentication: certificate`): nothing says how
+    /// many there should be; the servers' linked agents are all there is to count.
+    OutsideCluster,
+}
+
 /// What one reconcile observed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Observed {
@@ -50,8 +64,8 @@ pub struct Observed {
     pub generation: Option<i64>,
     /// Server replicas, from the applied Deployment.
     pub server: Option<ServerStatus>,
-    /// Agents, from the applied DaemonSet.
-    pub agents: Option<AgentsStatus>,
+    /// Agents.
+    pub agents: Agents,
     /// Frontend address and egress Secret.
     pub frontend: Option<FrontendStatus>,
     /// Certificates.
@@ -88,12 +102,19 @@ pub fn agents_status(ds: &DaemonSet) -> AgentsStatus {
 }
 
 /// Whether every listed server pod reported every desired agent linked (or none is listed,
-/// when nothing more can be learned by asking again).
-pub fn links_settled(server: &ServerStatus, agents: &AgentsStatus) -> bool {
-    server
-        .linked_agents
-        .iter()
-        .all(|l| l.agents == Some(i64::from(agents.desired)))
+/// when nothing more can be learned by asking again). Agents outside the cluster have no
+/// desired count; since each links to every server, they are settled once every server
+/// reports the same count.
+pub fn links_settled(server: &ServerStatus, agents: &Agents) -> bool {
+    let mut counts = server.linked_agents.iter().map(|l| l.agents);
+    let expected = match agents {
+        Agents::DaemonSet(status) => Some(i64::from(status.as_ref().map_or(0, |a| a.desired))),
+        Agents::OutsideCluster => match counts.next() {
+            None => return true,
+            Some(first) => first,
+        },
+    };
+    expected.is_some() && counts.all(|count| count == expected)
 }
 
 fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
@@ -173,25 +194,33 @@ pub fn desired_status(
         ),
     };
     let agents = match &observed.agents {
-        Some(a) if a.desired == 0 => cond(
+        Agents::OutsideCluster => cond(
+            AGENTS_AVAILABLE,
+            true,
+            REASON_OUTSIDE_CLUSTER,
+            "agents run outside the cluster (spec.agent.authentication is certificate); \
+             status.server.linkedAgents counts those linked to each server"
+                .into(),
+        ),
+        Agents::DaemonSet(Some(a)) if a.desired == 0 => cond(
             AGENTS_AVAILABLE,
             false,
             "NoAgentsScheduled",
             "no node runs an agent".into(),
         ),
-        Some(a) if a.ready == a.desired => cond(
+        Agents::DaemonSet(Some(a)) if a.ready == a.desired => cond(
             AGENTS_AVAILABLE,
             true,
             "AllAgentsReady",
             format!("{} agents ready", a.summary),
         ),
-        Some(a) => cond(
+        Agents::DaemonSet(Some(a)) => cond(
             AGENTS_AVAILABLE,
             false,
             "AgentsNotReady",
             format!("{} agents ready", a.summary),
         ),
-        None => cond(
+        Agents::DaemonSet(None) => cond(
             AGENTS_AVAILABLE,
             false,
             "NotCreated",
@@ -207,16 +236,7 @@ pub fn desired_status(
     .into_iter()
     .find(|(c, _)| c.status != "True");
     let ready = match failing {
-        None => cond(
-            READY,
-            true,
-            "Available",
-            format!(
-                "{} servers and {} agents ready",
-                server_summary(observed),
-                agents_summary(observed)
-            ),
-        ),
+        None => cond(READY, true, "Available", ready_message(observed)),
         Some((c, reason)) => {
             // Until the link has been ready once, it is still coming up rather than broken.
             let progressing = find(old_conditions, READY).is_none_or(|r| {
@@ -236,7 +256,10 @@ pub fn desired_status(
         observed_generation: generation,
         conditions: vec![ready, server, agents, certificates],
         server: observed.server.clone(),
-        agents: observed.agents.clone(),
+        agents: match &observed.agents {
+            Agents::DaemonSet(agents) => agents.clone(),
+            Agents::OutsideCluster => None,
+        },
         frontend: observed.frontend.clone(),
         certificates: match &observed.certificates {
             Certificates::Ready { not_after } => Some(CertificatesStatus {
@@ -247,12 +270,18 @@ pub fn desired_status(
     }
 }
 
-fn server_summary(observed: &Observed) -> &str {
-    observed.server.as_ref().map_or("0/0", |s| &s.summary)
-}
-
-fn agents_summary(observed: &Observed) -> &str {
-    observed.agents.as_ref().map_or("0/0", |a| &a.summary)
+/// The message of `Ready=True`.
+fn ready_message(observed: &Observed) -> String {
+    let servers = observed.server.as_ref().map_or("0/0", |s| &s.summary);
+    match &observed.agents {
+        Agents::DaemonSet(agents) => format!(
+            "{servers} servers and {} agents ready",
+            agents.as_ref().map_or("0/0", |a| &a.summary)
+        ),
+        Agents::OutsideCluster => {
+            format!("{servers} servers ready; agents run outside the cluster")
+        }
+    }
 }
 
 /// The status of a link whose spec is invalid: `Ready=False`/`InvalidSpec` naming the field;
@@ -331,10 +360,14 @@ pub fn transitions(
         o.reason == REASON_INVALID_SPEC && old.and_then(|s| s.server.as_ref()).is_none()
     });
     if first_apply {
-        events.push(Transition::normal(
-            "Created",
-            "created certificates, Services, server Deployment and agent DaemonSet".into(),
-        ));
+        let outside = find(&new.conditions, AGENTS_AVAILABLE)
+            .is_some_and(|c| c.reason == REASON_OUTSIDE_CLUSTER);
+        let note = if outside {
+            "created certificates, Services and server Deployment; agents run outside the cluster"
+        } else {
+            "created certificates, Services, server Deployment and agent DaemonSet"
+        };
+        events.push(Transition::normal("Created", note.into()));
     } else if old.and_then(|s| s.observed_generation) != new.observed_generation {
         events.push(Transition::normal(
             "Updated",
@@ -388,11 +421,11 @@ mod tests {
                 summary: format!("{server_ready}/2"),
                 linked_agents: Vec::new(),
             }),
-            agents: Some(AgentsStatus {
+            agents: Agents::DaemonSet(Some(AgentsStatus {
                 desired: 3,
                 ready: agents_ready,
                 summary: format!("{agents_ready}/3"),
-            }),
+            })),
             frontend: None,
             certificates: Certificates::Ready {
                 not_after: at(1_900_000_000),
@@ -558,7 +591,7 @@ mod tests {
     #[test]
     fn links_settle_once_every_server_counts_every_agent() {
         let obs = observed(2, 3);
-        let agents = obs.agents.clone().expect("agents");
+        let agents = obs.agents.clone();
         let mut server = obs.server.clone().expect("server");
         assert!(
             links_settled(&server, &agents),
@@ -602,5 +635,69 @@ mod tests {
             "a server that did not answer is listed without a count"
         );
         assert_eq!(transitions(Some(&first), &second, false), []);
+    }
+
+    fn outside_the_cluster(server_ready: i32) -> Observed {
+        Observed {
+            agents: Agents::OutsideCluster,
+            ..observed(server_ready, 0)
+        }
+    }
+
+    #[test]
+    fn agents_outside_the_cluster_are_available_by_definition_and_left_out_of_the_counts() {
+        let status = desired_status(None, &outside_the_cluster(2), &at(1));
+        let agents = find(&status.conditions, AGENTS_AVAILABLE).expect("condition");
+        assert_eq!(agents.status, "True");
+        assert_eq!(agents.reason, "OutsideCluster");
+        assert!(
+            agents.message.starts_with("agents run outside the cluster"),
+            "{}",
+            agents.message
+        );
+        assert_eq!(status.agents, None, "no DaemonSet to count");
+        assert_eq!(ready(&status).status, "True");
+        assert_eq!(
+            ready(&status).message,
+            "2/2 servers ready; agents run outside the cluster"
+        );
+        let json = serde_json::to_value(&status).expect("json");
+        assert_eq!(json.get("agents"), None);
+
+        let down = desired_status(Some(&status), &outside_the_cluster(0), &at(2));
+        assert_eq!(ready(&down).reason, "ServerUnavailable");
+    }
+
+    #[test]
+    fn creating_a_link_with_agents_outside_the_cluster_names_no_daemonset() {
+        let created = desired_status(None, &outside_the_cluster(0), &at(1));
+        let events = transitions(None, &created, false);
+        assert_eq!(events[0].reason, "Created");
+        assert_eq!(
+            events[0].note,
+            "created certificates, Services and server Deployment; agents run outside the cluster"
+        );
+        let in_cluster = desired_status(None, &observed(0, 0), &at(1));
+        assert!(
+            transitions(None, &in_cluster, false)[0]
+                .note
+                .contains("agent DaemonSet")
+        );
+    }
+
+    #[test]
+    fn links_of_agents_outside_the_cluster_settle_once_every_server_counts_the_same() {
+        let agents = Agents::OutsideCluster;
+        let mut server = outside_the_cluster(2).server.expect("server");
+        assert!(links_settled(&server, &agents), "nothing listed");
+        server.linked_agents = links(&[Some(4), Some(4)]);
+        assert!(links_settled(&server, &agents));
+        server.linked_agents = links(&[Some(4), Some(3)]);
+        assert!(
+            !links_settled(&server, &agents),
+            "an agent not yet linked to every server"
+        );
+        server.linked_agents = links(&[None, None]);
+        assert!(!links_settled(&server, &agents), "no server answered");
     }
 }

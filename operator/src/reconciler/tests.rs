@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 use super::*;
-use crate::crd::{ControlPlaneLink, SecretRef};
+use crate::crd::{AgentAuthentication, ControlPlaneLink, SecretRef};
 use crate::metrics::Metrics;
 use crate::resources::fixtures::DEFAULT_IMAGE;
 
@@ -38,30 +38,51 @@ const SECRETS: [&str; 4] = [
     "link-apiserver-egress",
 ];
 
-/// Every child a reconcile applies, in order: (path, kind).
-fn children() -> Vec<(String, &'static str)> {
-    vec![
+/// Every child a reconcile applies, in order: (path, kind). Agents in the cluster (token
+/// mode, the default) add their RBAC, the servers' Role for reading agent pods, and the
+/// DaemonSet.
+fn children(agents_in_cluster: bool) -> Vec<(String, &'static str)> {
+    let mut children = vec![
         (
             format!("{CORE}/serviceaccounts/link-server"),
             "ServiceAccount",
         ),
         (
-            format!("{CORE}/serviceaccounts/link-agent"),
-            "ServiceAccount",
-        ),
-        (format!("{RBAC}/namespaces/{NS}/roles/link-agent"), "Role"),
-        (
-            format!("{RBAC}/namespaces/{NS}/rolebindings/link-agent"),
-            "RoleBinding",
-        ),
-        (
-            format!("{RBAC}/clusterroles/cplink:tunnels:link:agent"),
+            format!("{RBAC}/clusterroles/cplink:tunnels:link:server"),
             "ClusterRole",
         ),
         (
-            format!("{RBAC}/clusterrolebindings/cplink:tunnels:link:agent"),
+            format!("{RBAC}/clusterrolebindings/cplink:tunnels:link:server"),
             "ClusterRoleBinding",
         ),
+    ];
+    if agents_in_cluster {
+        children.extend([
+            (format!("{RBAC}/namespaces/{NS}/roles/link-server"), "Role"),
+            (
+                format!("{RBAC}/namespaces/{NS}/rolebindings/link-server"),
+                "RoleBinding",
+            ),
+            (
+                format!("{CORE}/serviceaccounts/link-agent"),
+                "ServiceAccount",
+            ),
+            (format!("{RBAC}/namespaces/{NS}/roles/link-agent"), "Role"),
+            (
+                format!("{RBAC}/namespaces/{NS}/rolebindings/link-agent"),
+                "RoleBinding",
+            ),
+            (
+                format!("{RBAC}/clusterroles/cplink:tunnels:link:agent"),
+                "ClusterRole",
+            ),
+            (
+                format!("{RBAC}/clusterrolebindings/cplink:tunnels:link:agent"),
+                "ClusterRoleBinding",
+            ),
+        ]);
+    }
+    children.extend([
         (format!("{CORE}/secrets/link-ca"), "Secret"),
         (format!("{CORE}/secrets/link-server-tls"), "Secret"),
         (format!("{CORE}/secrets/link-agent-tls"), "Secret"),
@@ -69,7 +90,25 @@ fn children() -> Vec<(String, &'static str)> {
         (format!("{CORE}/services/link-frontend"), "Service"),
         (format!("{CORE}/services/link-agent-endpoint"), "Service"),
         (format!("{APPS}/deployments/link-server"), "Deployment"),
-        (format!("{APPS}/daemonsets/link-agent"), "DaemonSet"),
+    ]);
+    if agents_in_cluster {
+        children.push((format!("{APPS}/daemonsets/link-agent"), "DaemonSet"));
+    }
+    children
+}
+
+/// With agents outside the cluster: what token mode ran for in-cluster agents, deleted in this
+/// order after the Deployment is applied.
+fn removed_with_agents_outside_the_cluster() -> Vec<String> {
+    vec![
+        format!("{APPS}/daemonsets/link-agent"),
+        format!("{RBAC}/namespaces/{NS}/rolebindings/link-server"),
+        format!("{RBAC}/namespaces/{NS}/roles/link-server"),
+        format!("{RBAC}/clusterrolebindings/cplink:tunnels:link:agent"),
+        format!("{RBAC}/clusterroles/cplink:tunnels:link:agent"),
+        format!("{RBAC}/namespaces/{NS}/rolebindings/link-agent"),
+        format!("{RBAC}/namespaces/{NS}/roles/link-agent"),
+        format!("{CORE}/serviceaccounts/link-agent"),
     ]
 }
 
@@ -80,6 +119,8 @@ struct Recorded {
     applied: BTreeMap<String, Value>,
     /// Order of the applies.
     order: Vec<String>,
+    /// Paths deleted, in order.
+    deleted: Vec<String>,
     /// The `status` of the status apply.
     status: Value,
     /// Reasons of the published Events.
@@ -104,7 +145,8 @@ enum Scenario {
     /// No finalizer yet: a JSON patch adding it, nothing else.
     FinalizerCreation,
     /// Reads the Secrets (`stored` answers them; missing ones are 404), applies every child,
-    /// lists the server pods (answered with `server_pods`, or refused with 403 for `None`),
+    /// with agents outside the cluster deletes what in-cluster agents had (those `stored`
+    /// applied exist, others are 404), lists the server pods (answered with `server_pods`, or refused with 403 for `None`),
     /// writes status, publishes Events with these reasons.
     Apply {
         stored: Recorded,
@@ -117,7 +159,8 @@ enum Scenario {
     MissingCaSecret { name: &'static str },
     /// The first read fails with a 500.
     ServerError,
-    /// The link is being deleted: cluster RBAC removed (one already gone), finalizer removed.
+    /// The link is being deleted: the servers' and agents' cluster RBAC removed (each binding
+    /// already gone), finalizer removed.
     Cleanup,
 }
 
@@ -138,10 +181,22 @@ impl ApiServerVerifier {
                     for name in SECRETS {
                         verifier.get_secret(name, stored.secret(name)).await;
                     }
-                    for (path, kind) in children() {
+                    let in_cluster = link.spec.agent.authentication == AgentAuthentication::Token;
+                    for (path, kind) in children(in_cluster) {
                         let body = verifier.apply(&path, kind).await;
                         recorded.order.push(path.clone());
                         recorded.applied.insert(path, body);
+                    }
+                    if !in_cluster {
+                        for path in removed_with_agents_outside_the_cluster() {
+                            let answer = if stored.applied.contains_key(&path) {
+                                StatusCode::OK
+                            } else {
+                                StatusCode::NOT_FOUND
+                            };
+                            verifier.delete(&path, answer).await;
+                            recorded.deleted.push(path);
+                        }
                     }
                     verifier.list_server_pods(server_pods).await;
                     recorded.status = verifier.status(&link).await;
@@ -173,16 +228,14 @@ impl ApiServerVerifier {
                     ));
                 }
                 Scenario::Cleanup => {
-                    let name = "cplink:tunnels:link:agent";
-                    verifier
-                        .delete(
-                            &format!("{RBAC}/clusterrolebindings/{name}"),
-                            StatusCode::NOT_FOUND,
-                        )
-                        .await;
-                    verifier
-                        .delete(&format!("{RBAC}/clusterroles/{name}"), StatusCode::OK)
-                        .await;
+                    for name in ["cplink:tunnels:link:server", "cplink:tunnels:link:agent"] {
+                        let binding = format!("{RBAC}/clusterrolebindings/{name}");
+                        verifier.delete(&binding, StatusCode::NOT_FOUND).await;
+                        recorded.deleted.push(binding);
+                        let role = format!("{RBAC}/clusterroles/{name}");
+                        verifier.delete(&role, StatusCode::OK).await;
+                        recorded.deleted.push(role);
+                    }
                     verifier.finalizer_removed(&link).await;
                 }
             }
@@ -461,7 +514,7 @@ async fn a_link_without_the_finalizer_gets_it_and_nothing_else() {
 async fn the_first_reconcile_creates_every_child_and_writes_status() {
     let recorded = first_apply(ControlPlaneLink::test().finalized()).await;
 
-    let expected: Vec<String> = children().into_iter().map(|(path, _)| path).collect();
+    let expected: Vec<String> = children(true).into_iter().map(|(path, _)| path).collect();
     assert_eq!(recorded.order, expected);
     assert_eq!(recorded.events, ["Created"]);
 
@@ -767,8 +820,21 @@ async fn an_api_error_fails_the_reconcile_and_error_policy_requeues_with_backoff
 #[tokio::test]
 async fn deleting_a_link_removes_its_cluster_rbac_then_the_finalizer() {
     let link = ControlPlaneLink::test().finalized().deleting();
-    let (result, _) = reconcile_with(link, Scenario::Cleanup).await;
+    let (result, recorded) = reconcile_with(link, Scenario::Cleanup).await;
     assert_eq!(result.expect("cleanup succeeds"), Action::await_change());
+    assert_eq!(recorded.deleted.len(), 4);
+}
+
+#[tokio::test]
+async fn deleting_a_link_with_agents_outside_the_cluster_removes_the_same_cluster_rbac() {
+    // The link may have run agents in the cluster before: cleanup does not trust the mode.
+    let link = ControlPlaneLink::test()
+        .with_agents_outside_the_cluster()
+        .finalized()
+        .deleting();
+    let (result, recorded) = reconcile_with(link, Scenario::Cleanup).await;
+    assert_eq!(result.expect("cleanup succeeds"), Action::await_change());
+    assert_eq!(recorded.deleted.len(), 4);
 }
 
 #[test]
@@ -893,4 +959,130 @@ fn watch_backoff_doubles_up_to_its_cap_and_resets() {
     assert_eq!(pauses[6], WatchBackoff::MAX);
     backoff.reset();
     assert_eq!(backoff.next(), Some(WatchBackoff::MIN));
+}
+
+#[tokio::test]
+async fn the_default_link_has_agents_send_tokens_the_servers_may_review() {
+    let recorded = first_apply(ControlPlaneLink::test().finalized()).await;
+    let audience = "cplink.dev/tunnels/link";
+
+    let daemonset = &recorded.applied[&format!("{APPS}/daemonsets/link-agent")];
+    let agent_pod = &daemonset["spec"]["template"]["spec"];
+    assert_eq!(
+        agent_pod["volumes"][1]["projected"]["sources"][0]["serviceAccountToken"],
+        json!({"audience": audience, "expirationSeconds": 3600, "path": "token"})
+    );
+    assert!(
+        agent_pod["containers"][0]["args"]
+            .as_array()
+            .expect("args")
+            .contains(&json!(
+                "--service-account-token-path=/var/run/secrets/cplink/token"
+            ))
+    );
+
+    let deployment = &recorded.applied[&format!("{APPS}/deployments/link-server")];
+    let server_pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(server_pod["automountServiceAccountToken"], true);
+    let args = server_pod["containers"][0]["args"]
+        .as_array()
+        .expect("args");
+    for arg in [
+        "--agent-identity=token".to_owned(),
+        "--agent-namespace=tunnels".to_owned(),
+        "--agent-service-account=link-agent".to_owned(),
+        "--agent-daemonset=link-agent".to_owned(),
+        format!("--authentication-audience={audience}"),
+    ] {
+        assert!(args.contains(&json!(arg)), "{arg} in {args:?}");
+    }
+
+    let role = &recorded.applied[&format!("{RBAC}/namespaces/{NS}/roles/link-server")];
+    assert_eq!(role["rules"][1]["resourceNames"], json!(["link-agent"]));
+    let binding =
+        &recorded.applied[&format!("{RBAC}/clusterrolebindings/cplink:tunnels:link:server")];
+    assert_eq!(
+        binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "link-server", "namespace": NS}])
+    );
+    assert!(recorded.deleted.is_empty());
+}
+
+#[tokio::test]
+async fn with_agents_outside_the_cluster_no_agent_runs_and_status_says_so() {
+    let link = ControlPlaneLink::test()
+        .with_agents_outside_the_cluster()
+        .finalized();
+    let (result, recorded) = reconcile_with(
+        link,
+        Scenario::Apply {
+            stored: Recorded::default(),
+            server_pods: Some(vec![]),
+            events: vec!["Created"],
+        },
+    )
+    .await;
+    assert_eq!(
+        result.expect("reconcile succeeds"),
+        Action::requeue(RESYNC_INTERVAL)
+    );
+    let expected: Vec<String> = children(false).into_iter().map(|(path, _)| path).collect();
+    assert_eq!(recorded.order, expected, "no DaemonSet, no agent RBAC");
+    assert_eq!(recorded.deleted, removed_with_agents_outside_the_cluster());
+
+    let deployment = &recorded.applied[&format!("{APPS}/deployments/link-server")];
+    let args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .expect("args");
+    assert!(
+        args.contains(&json!("--agent-identity=certificate")),
+        "{args:?}"
+    );
+    let role = &recorded.applied[&format!("{RBAC}/clusterroles/cplink:tunnels:link:server")];
+    assert_eq!(
+        role["rules"],
+        json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}])
+    );
+
+    let status = &recorded.status;
+    assert_eq!(status.get("agents"), None);
+    let agents = condition(status, "AgentsAvailable");
+    assert_eq!(agents["status"], "True");
+    assert_eq!(agents["reason"], "OutsideCluster");
+    assert_eq!(condition(status, "Ready")["reason"], "Progressing");
+}
+
+#[tokio::test]
+async fn switching_to_agents_outside_the_cluster_deletes_the_in_cluster_agents_and_their_rights() {
+    let link = ControlPlaneLink::test().finalized();
+    let first = first_apply(link.clone()).await;
+    let switched = first
+        .link_after(link)
+        .with_agents_outside_the_cluster()
+        .with_generation(2);
+    let (result, second) = reconcile_with(
+        switched,
+        Scenario::Apply {
+            stored: first.clone(),
+            server_pods: Some(vec![]),
+            events: vec!["Updated"],
+        },
+    )
+    .await;
+    result.expect("reconcile succeeds");
+    // Every deleted path was applied by the first pass (the verifier answered 200 for those).
+    assert_eq!(second.deleted, removed_with_agents_outside_the_cluster());
+    assert!(
+        second
+            .deleted
+            .iter()
+            .all(|path| first.applied.contains_key(path)),
+        "{:?}",
+        second.deleted
+    );
+    for name in ["link-ca", "link-server-tls", "link-apiserver-egress"] {
+        assert_eq!(second.secret(name), first.secret(name), "{name} is reused");
+    }
+    assert_eq!(second.status.get("agents"), None);
+    assert_eq!(second.status["observedGeneration"], 2);
 }

@@ -7,13 +7,22 @@
 //! they are linked to as many servers as the servers announce. Either way they read their
 //! Node's pod ranges, so servers route pod addresses to the agent of the pod's node; both need
 //! the ServiceAccount token, which is mounted for that.
+//!
+//! Each agent also proves which node it runs on: kubelet projects a second token, bound to the
+//! agent's pod and issued for the link's own audience, which the agent rereads on every link
+//! attempt and sends to the servers. Servers review it and accept only the node name, host IP
+//! and pod ranges of the Node the pod runs on. Kubelet renews the token at 80% of its
+//! lifetime. The operator runs this DaemonSet only with `agent.authentication: token`.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{
     DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet,
 };
-use k8s_openapi::api::core::v1::{Container, ContainerPort, PodSpec, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, PodSpec, PodTemplateSpec, ProjectedVolumeSource,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -30,6 +39,16 @@ pub const AGENT_ADMIN_PORT: i32 = 8096;
 
 /// Name of the agent container.
 pub const AGENT_CONTAINER: &str = "agent";
+
+/// Name of the projected volume holding the agent's identity token.
+pub const IDENTITY_TOKEN_VOLUME: &str = "identity-token";
+/// Where the identity token volume is mounted in the agent container.
+pub const IDENTITY_TOKEN_MOUNT_PATH: &str = "/var/run/secrets/cplink";
+/// File of the identity token inside [`IDENTITY_TOKEN_MOUNT_PATH`].
+pub const IDENTITY_TOKEN_FILE: &str = "token";
+/// Lifetime kubelet requests for the identity token; it renews the token at 80% of it. An
+/// hour bounds how long a token copied off a node stays usable.
+pub const IDENTITY_TOKEN_EXPIRATION_SECONDS: i64 = 3600;
 
 /// Arguments of `cplink-agent`, in the order they appear in the pod.
 pub fn agent_args(plan: &Plan) -> Vec<String> {
@@ -55,6 +74,7 @@ pub fn agent_args(plan: &Plan) -> Vec<String> {
         format!("--server-ca={TLS_MOUNT_PATH}/{CA_CRT}"),
         format!("--tls-cert={TLS_MOUNT_PATH}/{TLS_CRT}"),
         format!("--tls-key={TLS_MOUNT_PATH}/{TLS_KEY}"),
+        format!("--service-account-token-path={IDENTITY_TOKEN_MOUNT_PATH}/{IDENTITY_TOKEN_FILE}"),
         format!("--admin-address=$(CPLINK_POD_IP):{AGENT_ADMIN_PORT}"),
         format!("--drain-timeout={DRAIN_TIMEOUT_SECONDS}s"),
         format!("--log-level={}", plan.spec.log_level),
@@ -68,10 +88,39 @@ pub fn agent_args(plan: &Plan) -> Vec<String> {
     args
 }
 
+/// The projected volume of the agent's identity token: bound to the pod, for the link's
+/// audience ([`super::Names::agent_token_audience`]).
+fn identity_token_volume(plan: &Plan) -> (Volume, VolumeMount) {
+    (
+        Volume {
+            name: IDENTITY_TOKEN_VOLUME.to_owned(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(plan.names().agent_token_audience()),
+                        expiration_seconds: Some(IDENTITY_TOKEN_EXPIRATION_SECONDS),
+                        path: IDENTITY_TOKEN_FILE.to_owned(),
+                    }),
+                    ..VolumeProjection::default()
+                }]),
+                ..ProjectedVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        VolumeMount {
+            name: IDENTITY_TOKEN_VOLUME.to_owned(),
+            mount_path: IDENTITY_TOKEN_MOUNT_PATH.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+    )
+}
+
 /// The agent DaemonSet; `tls_checksum` is [`super::secrets::checksum`] of the agent Secret.
 pub fn agent_daemonset(plan: &Plan, tls_checksum: &str) -> DaemonSet {
     let agent = &plan.spec.agent;
-    let (volume, mount) = tls_volume(plan.names().agent_tls_secret());
+    let (tls, tls_mount) = tls_volume(plan.names().agent_tls_secret());
+    let (token, token_mount) = identity_token_volume(plan);
     let container = Container {
         name: AGENT_CONTAINER.to_owned(),
         image: Some(
@@ -98,7 +147,7 @@ pub fn agent_daemonset(plan: &Plan, tls_checksum: &str) -> DaemonSet {
         liveness_probe: Some(http_probe("/healthz", AGENT_ADMIN_PORT, 10, 3)),
         resources: agent.resources.clone(),
         security_context: Some(container_security_context()),
-        volume_mounts: Some(vec![mount]),
+        volume_mounts: Some(vec![tls_mount, token_mount]),
         ..Container::default()
     };
     DaemonSet {
@@ -126,7 +175,8 @@ pub fn agent_daemonset(plan: &Plan, tls_checksum: &str) -> DaemonSet {
                 }),
                 spec: Some(PodSpec {
                     service_account_name: Some(plan.names().agent()),
-                    // Server discovery and the Node's pod ranges read the API as this account.
+                    // Server discovery and the Node's pod ranges read the API as this account;
+                    // the identity token is a volume of its own.
                     automount_service_account_token: Some(true),
                     priority_class_name: Some(agent.priority_class_name.clone()),
                     termination_grace_period_seconds: Some(AGENT_TERMINATION_GRACE_PERIOD_SECONDS),
@@ -134,7 +184,7 @@ pub fn agent_daemonset(plan: &Plan, tls_checksum: &str) -> DaemonSet {
                     node_selector: agent.node_selector.clone(),
                     tolerations: Some(agent.tolerations.clone()),
                     containers: vec![container],
-                    volumes: Some(vec![volume]),
+                    volumes: Some(vec![tls, token]),
                     ..PodSpec::default()
                 }),
             },
@@ -177,6 +227,7 @@ mod tests {
                 "--server-ca=/etc/cplink/tls/ca.crt",
                 "--tls-cert=/etc/cplink/tls/tls.crt",
                 "--tls-key=/etc/cplink/tls/tls.key",
+                "--service-account-token-path=/var/run/secrets/cplink/token",
                 "--admin-address=$(CPLINK_POD_IP):8096",
                 "--drain-timeout=30s",
                 "--log-level=info",
@@ -311,5 +362,54 @@ mod tests {
         assert!(args.contains(&"--pod-cidr-from-node".to_owned()));
         assert!(args.contains(&"--allow=10.0.0.0/8:10250".to_owned()));
         assert!(!args.iter().any(|a| a.contains("CPLINK_HOST_IP)/32")));
+    }
+
+    #[test]
+    fn agents_send_a_pod_bound_token_for_their_links_audience_renewed_hourly() {
+        let ds = agent_daemonset(&ControlPlaneLink::test().plan(), "sum");
+        let pod = pod(&ds);
+        assert_eq!(
+            serde_json::to_value(&pod.volumes.as_ref().expect("volumes")[1]).expect("json"),
+            json!({
+                "name": "identity-token",
+                "projected": {"sources": [{"serviceAccountToken": {
+                    "audience": "cplink.dev/tunnels/link",
+                    "expirationSeconds": 3600,
+                    "path": "token"
+                }}]}
+            })
+        );
+        let c = &pod.containers[0];
+        assert_eq!(
+            serde_json::to_value(&c.volume_mounts.as_ref().expect("mounts")[1]).expect("json"),
+            json!({"name": "identity-token", "mountPath": "/var/run/secrets/cplink", "readOnly": true})
+        );
+        let args = c.args.as_deref().expect("args");
+        let token_args: Vec<&String> = args
+            .iter()
+            .filter(|a| a.starts_with("--service-account-token-path"))
+            .collect();
+        assert_eq!(
+            token_args,
+            ["--service-account-token-path=/var/run/secrets/cplink/token"]
+        );
+    }
+
+    #[test]
+    fn the_token_audience_follows_the_link_name_and_namespace() {
+        let mut link = ControlPlaneLink::test();
+        link.metadata.name = Some("edge".into());
+        link.metadata.namespace = Some("cplink-system".into());
+        let ds = agent_daemonset(&link.plan(), "sum");
+        let token = pod(&ds).volumes.as_ref().expect("volumes")[1]
+            .projected
+            .as_ref()
+            .and_then(|p| p.sources.as_ref())
+            .and_then(|s| s[0].service_account_token.as_ref())
+            .expect("token projection");
+        assert_eq!(
+            token.audience.as_deref(),
+            Some("cplink.dev/cplink-system/edge")
+        );
     }
 }

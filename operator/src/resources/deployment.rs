@@ -9,6 +9,11 @@
 //! finish for the drain timeout. The grace period covers both. Rollouts surge a new server
 //! before an old one goes, so capacity never drops.
 //!
+//! Servers check which node each agent speaks for (`--agent-identity`): the token each
+//! in-cluster agent sends, or with `agent.authentication: certificate` the node named in the
+//! agent's certificate, against the Node object. They call the API for it as their
+//! ServiceAccount, whose token their pods mount.
+//!
 //! In `GRPC` mode a server also serves konnectivity gRPC on a Unix socket in a hostPath
 //! directory, for the kube-apiserver on its node. Two servers on one node would fight over that
 //! socket, so GRPC-mode servers get a required anti-affinity per node and roll out by replacing
@@ -35,7 +40,7 @@ use super::{
     SHUTDOWN_DELAY_SECONDS, TLS_CHECKSUM_ANNOTATION, TLS_MOUNT_PATH, container_security_context,
     field_env, pod_security_context,
 };
-use crate::crd::GRPC_SOCKET_FILE;
+use crate::crd::{AgentAuthentication, GRPC_SOCKET_FILE};
 use crate::resources::secrets::{CA_CRT, TLS_CRT, TLS_KEY};
 
 /// Admin port of the server (`/healthz`, `/readyz`, `/metrics`).
@@ -49,6 +54,27 @@ pub const GRPC_SOCKET_VOLUME: &str = "frontend-socket";
 
 /// Node label the server anti-affinity spreads over.
 const HOSTNAME_TOPOLOGY: &str = "kubernetes.io/hostname";
+
+/// How servers tell which node an agent speaks for: `--agent-identity` and, for tokens, whose
+/// tokens they accept. This is the only place the flags `--agent-namespace`,
+/// `--agent-service-account` and `--authentication-audience` are set (the server also reads
+/// them for upstream konnectivity agents' tokens, which the operator does not configure), so
+/// each appears once, with the values the agent DaemonSet matches.
+fn agent_identity_args(plan: &Plan) -> Vec<String> {
+    let names = plan.names();
+    let identity = plan.spec.agent.authentication;
+    let mut args = vec![format!("--agent-identity={}", identity.as_str())];
+    match identity {
+        AgentAuthentication::Token => args.extend([
+            format!("--agent-namespace={}", plan.namespace),
+            format!("--agent-service-account={}", names.agent()),
+            format!("--agent-daemonset={}", names.agent()),
+            format!("--authentication-audience={}", names.agent_token_audience()),
+        ]),
+        AgentAuthentication::Certificate => {}
+    }
+    args
+}
 
 /// Arguments of `cplink-server`, in the order they appear in the pod.
 pub fn server_args(plan: &Plan) -> Vec<String> {
@@ -82,6 +108,9 @@ pub fn server_args(plan: &Plan) -> Vec<String> {
         format!("--tls-key={TLS_MOUNT_PATH}/{TLS_KEY}"),
         format!("--agent-ca={TLS_MOUNT_PATH}/{CA_CRT}"),
         format!("--frontend-ca={TLS_MOUNT_PATH}/{CA_CRT}"),
+    ]);
+    args.extend(agent_identity_args(plan));
+    args.extend([
         format!("--shutdown-delay={SHUTDOWN_DELAY_SECONDS}s"),
         format!("--drain-timeout={DRAIN_TIMEOUT_SECONDS}s"),
         format!("--strategies={}", strategies.join(",")),
@@ -267,7 +296,8 @@ pub fn server_deployment(plan: &Plan, tls_checksum: &str) -> Deployment {
                 }),
                 spec: Some(PodSpec {
                     service_account_name: Some(plan.names().server()),
-                    automount_service_account_token: Some(false),
+                    // Checking agents' node identities reads the API as this account.
+                    automount_service_account_token: Some(true),
                     termination_grace_period_seconds: Some(SERVER_TERMINATION_GRACE_PERIOD_SECONDS),
                     security_context: Some(pod_security_context()),
                     node_selector: server.node_selector.clone(),
@@ -328,6 +358,11 @@ mod tests {
                 "--tls-key=/etc/cplink/tls/tls.key",
                 "--agent-ca=/etc/cplink/tls/ca.crt",
                 "--frontend-ca=/etc/cplink/tls/ca.crt",
+                "--agent-identity=token",
+                "--agent-namespace=tunnels",
+                "--agent-service-account=link-agent",
+                "--agent-daemonset=link-agent",
+                "--authentication-audience=cplink.dev/tunnels/link",
                 "--shutdown-delay=5s",
                 "--drain-timeout=30s",
                 "--strategies=node,cidr,any",
@@ -415,7 +450,11 @@ mod tests {
                 .and_then(|s| s.run_as_non_root),
             Some(true)
         );
-        assert_eq!(pod.automount_service_account_token, Some(false));
+        assert_eq!(
+            pod.automount_service_account_token,
+            Some(true),
+            "servers check agents' identities through the API"
+        );
         assert_eq!(pod.service_account_name.as_deref(), Some("link-server"));
         let c = &pod.containers[0];
         assert_eq!(
@@ -624,5 +663,101 @@ mod tests {
                 .expect("requests")["cpu"],
             Quantity("100m".into())
         );
+    }
+
+    #[test]
+    fn in_token_mode_servers_accept_tokens_of_the_agent_daemonsets_pods_for_the_links_audience() {
+        let plan = ControlPlaneLink::test().plan();
+        let deploy = server_deployment(&plan, "sum");
+        let args = pod(&deploy).containers[0].args.clone().expect("args");
+        let identity: Vec<&str> = args
+            .iter()
+            .map(String::as_str)
+            .filter(|a| {
+                a.starts_with("--agent-identity")
+                    || a.starts_with("--agent-namespace")
+                    || a.starts_with("--agent-service-account")
+                    || a.starts_with("--agent-daemonset")
+                    || a.starts_with("--authentication-audience")
+            })
+            .collect();
+        assert_eq!(
+            identity,
+            [
+                "--agent-identity=token",
+                "--agent-namespace=tunnels",
+                "--agent-service-account=link-agent",
+                "--agent-daemonset=link-agent",
+                "--authentication-audience=cplink.dev/tunnels/link",
+            ]
+        );
+        // Agents' tokens are issued for that same audience.
+        let agents = crate::resources::daemonset::agent_daemonset(&plan, "sum");
+        let volumes = serde_json::to_value(
+            &agents
+                .spec
+                .as_ref()
+                .and_then(|s| s.template.spec.as_ref())
+                .expect("pod spec")
+                .volumes,
+        )
+        .expect("json");
+        assert_eq!(
+            volumes[1]["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+            "cplink.dev/tunnels/link"
+        );
+    }
+
+    #[test]
+    fn in_certificate_mode_servers_read_the_node_from_the_certificate_and_take_no_token_flags() {
+        let plan = ControlPlaneLink::test()
+            .with_agents_outside_the_cluster()
+            .plan();
+        let deploy = server_deployment(&plan, "sum");
+        let pod = pod(&deploy);
+        let args = pod.containers[0].args.as_deref().expect("args");
+        assert!(
+            args.contains(&"--agent-identity=certificate".to_owned()),
+            "{args:?}"
+        );
+        for flag in [
+            "--agent-namespace",
+            "--agent-service-account",
+            "--agent-daemonset",
+            "--authentication-audience",
+        ] {
+            assert!(
+                !args.iter().any(|a| a.starts_with(flag)),
+                "{flag}: {args:?}"
+            );
+        }
+        assert_eq!(
+            pod.automount_service_account_token,
+            Some(true),
+            "servers still read Nodes"
+        );
+    }
+
+    #[test]
+    fn no_flag_is_passed_twice_in_any_mode() {
+        let links = [
+            ControlPlaneLink::test(),
+            ControlPlaneLink::test().with_agents_outside_the_cluster(),
+            ControlPlaneLink::test().in_grpc_mode("/srv/cplink"),
+            ControlPlaneLink::test()
+                .in_grpc_mode("/srv/cplink")
+                .with_agents_outside_the_cluster(),
+        ];
+        for link in links {
+            let args = server_args(&link.plan());
+            let mut flags: Vec<&str> = args
+                .iter()
+                .map(|a| a.split_once('=').map_or(a.as_str(), |(flag, _)| flag))
+                .collect();
+            let count = flags.len();
+            flags.sort_unstable();
+            flags.dedup();
+            assert_eq!(flags.len(), count, "a repeated flag in {args:?}");
+        }
     }
 }

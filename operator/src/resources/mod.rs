@@ -1,11 +1,11 @@
 //! Pure builders of the objects a link owns: given a [`Plan`], each returns the full desired
 //! object, ready for server-side apply. No I/O happens here.
 //!
-//! - [`rbac`]: ServiceAccounts, the agent's Role/RoleBinding and ClusterRole/ClusterRoleBinding
+//! - [`rbac`]: ServiceAccounts, and the Roles and ClusterRoles of servers and agents
 //! - [`secrets`]: the CA, server, agent and kube-apiserver certificates, the egress file
 //! - [`services`]: the frontend Service and the headless agent Service
 //! - [`deployment`]: the server Deployment
-//! - [`daemonset`]: the agent DaemonSet
+//! - [`daemonset`]: the agent DaemonSet (with `agent.authentication: token`)
 
 pub mod daemonset;
 pub mod deployment;
@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Resource, ResourceExt};
 
-use crate::crd::ControlPlaneLink;
+use crate::crd::{AgentAuthentication, ControlPlaneLink};
 use crate::validate::{Host, ValidSpec};
 
 /// Value of `app.kubernetes.io/name` on everything the operator creates.
@@ -97,7 +97,8 @@ impl Names {
         }
     }
 
-    /// The server Deployment and ServiceAccount.
+    /// The server Deployment and ServiceAccount, and (token mode) the Role and RoleBinding that
+    /// let servers read agent pods.
     pub fn server(&self) -> String {
         format!("{}-server", self.link)
     }
@@ -133,6 +134,20 @@ impl Names {
     /// of the name.
     pub fn agent_cluster_role(&self) -> String {
         format!("cplink:{}:{}:agent", self.namespace, self.link)
+    }
+    /// The servers' ClusterRole and ClusterRoleBinding; cluster-scoped, so the namespace is part
+    /// of the name.
+    pub fn server_cluster_role(&self) -> String {
+        format!("cplink:{}:{}:server", self.namespace, self.link)
+    }
+
+    /// The audience of the agents' projected ServiceAccount tokens, which servers review them
+    /// for. One per link: a token kubelet minted for one link's agents is refused by every
+    /// other link's servers, and by the API server itself, so a server that receives one cannot
+    /// use it to act as the agent. The agent DaemonSet's token volume and the servers'
+    /// `--authentication-audience` both take it from here.
+    pub fn agent_token_audience(&self) -> String {
+        format!("cplink.dev/{}/{}", self.namespace, self.link)
     }
 }
 
@@ -187,6 +202,12 @@ impl Plan {
     /// Names of the children.
     pub fn names(&self) -> Names {
         Names::new(&self.name, &self.namespace)
+    }
+
+    /// Whether the operator runs the agents, as a DaemonSet (`agent.authentication: token`),
+    /// rather than agents running outside the cluster (`certificate`).
+    pub fn agents_in_cluster(&self) -> bool {
+        self.spec.agent.authentication == AgentAuthentication::Token
     }
 
     /// Labels that select a component's pods.
@@ -379,6 +400,12 @@ pub(crate) mod fixtures {
             self
         }
 
+        /// With `agent.authentication: certificate`: agents run outside the cluster.
+        pub fn with_agents_outside_the_cluster(mut self) -> Self {
+            self.spec.agent.authentication = crate::crd::AgentAuthentication::Certificate;
+            self
+        }
+
         /// With `metadata.generation`.
         pub fn with_generation(mut self, generation: i64) -> Self {
             self.metadata.generation = Some(generation);
@@ -430,6 +457,35 @@ mod tests {
         assert_eq!(names.agent_tls_secret(), "edge-agent-tls");
         assert_eq!(names.egress_secret(), "edge-apiserver-egress");
         assert_eq!(names.agent_cluster_role(), "cplink:tunnels:edge:agent");
+        assert_eq!(names.server_cluster_role(), "cplink:tunnels:edge:server");
+    }
+
+    #[test]
+    fn each_link_has_its_own_token_audience() {
+        assert_eq!(
+            Names::new("edge", "tunnels").agent_token_audience(),
+            "cplink.dev/tunnels/edge"
+        );
+        assert_ne!(
+            Names::new("edge", "tunnels").agent_token_audience(),
+            Names::new("edge", "other").agent_token_audience(),
+            "links of the same name in two namespaces"
+        );
+        assert_ne!(
+            Names::new("edge", "tunnels").agent_token_audience(),
+            Names::new("core", "tunnels").agent_token_audience()
+        );
+    }
+
+    #[test]
+    fn the_operator_runs_the_agents_unless_they_authenticate_with_certificates() {
+        assert!(ControlPlaneLink::test().plan().agents_in_cluster());
+        assert!(
+            !ControlPlaneLink::test()
+                .with_agents_outside_the_cluster()
+                .plan()
+                .agents_in_cluster()
+        );
     }
 
     #[test]
