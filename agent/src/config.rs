@@ -17,6 +17,7 @@ use rustls_pki_types::ServerName;
 
 use crate::konnectivity;
 use crate::policy::{Policy, Rule};
+use crate::token;
 
 /// Command line of `cplink-agent`. Every flag can also be set through its `CPLINK_*` variable;
 /// list-valued variables are comma separated.
@@ -162,9 +163,10 @@ pub struct Args {
     #[arg(long, env = "CPLINK_PROTOCOL", value_enum, default_value_t = Protocol::Cplink)]
     pub protocol: Protocol,
 
-    /// With --protocol konnectivity: file holding a service-account token, sent as
-    /// `authorization: Bearer <token>` on every link. Read again for each link, so a rotated
-    /// token is picked up.
+    /// File holding a service-account token (a projected, pod-bound token in a DaemonSet), sent
+    /// in every native hello and, with --protocol konnectivity, as `authorization: Bearer
+    /// <token>`. Servers run with `--agent-identity token` bind the agent to its pod's node with
+    /// it. Read again for each link, so a rotated token is picked up.
     #[arg(long, env = "CPLINK_SERVICE_ACCOUNT_TOKEN_PATH")]
     pub service_account_token_path: Option<PathBuf>,
 }
@@ -396,19 +398,9 @@ impl Args {
                 )
             })?,
         };
-        match (self.protocol, &self.service_account_token_path) {
-            (Protocol::Cplink, Some(_)) => {
-                return Err(ConfigError::new(
-                    "service-account-token-path",
-                    "only used with --protocol konnectivity",
-                ));
-            }
-            (Protocol::Konnectivity, Some(path)) => {
-                // Checked now so that a wrong path fails the start, not every link attempt.
-                konnectivity::bearer_token(path)
-                    .map_err(|e| ConfigError::new("service-account-token-path", e))?;
-            }
-            (_, None) => {}
+        if let Some(path) = &self.service_account_token_path {
+            // Checked now so that a wrong path fails the start, not every link attempt.
+            token::read_now(path).map_err(|e| ConfigError::new("service-account-token-path", e))?;
         }
         if self.protocol == Protocol::Konnectivity {
             konnectivity::agent_id_value(&agent_id).map_err(|e| {
@@ -677,7 +669,7 @@ mod tests {
     }
 
     #[test]
-    fn a_token_path_needs_konnectivity_and_a_readable_token() {
+    fn a_token_path_must_hold_a_readable_token_for_either_protocol() {
         let dir = tempfile::tempdir().unwrap();
         let token = dir.path().join("token");
         let token_arg = token.display().to_string();
@@ -710,9 +702,12 @@ mod tests {
             "the token is never held, let alone printed"
         );
 
-        let err = config(dir.path(), &flags("cplink")).unwrap_err();
-        assert_eq!(err.flag, "service-account-token-path");
-        assert!(err.message.contains("--protocol konnectivity"), "{err}");
+        let native = config(dir.path(), &flags("cplink")).unwrap();
+        assert_eq!(
+            native.service_account_token_path.as_deref(),
+            Some(token.as_path()),
+            "native hellos carry the token too"
+        );
     }
 
     #[test]

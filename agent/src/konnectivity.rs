@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cplink_proto::dial::DialFailure;
+use cplink_proto::hello::BearerToken;
 use cplink_proto::konnectivity::mux::{self, CONN_BUDGET, Mux, MuxLimits, Role};
 use cplink_proto::konnectivity::{self as wire, AgentServiceClient, DialRequest, Packet, Payload};
 use cplink_proto::net::abort_tcp_halves;
@@ -43,6 +44,7 @@ use tracing::Instrument;
 
 use crate::links::{HeldLink, OnDuplicate, SlotId};
 use crate::pool::{LinkContext, ServerSlot};
+use crate::token::{self, TokenError};
 use crate::uplink::{self, LinkError, LinkTls};
 use crate::{LinkInfo, Shared, dial};
 
@@ -79,54 +81,11 @@ pub(crate) fn agent_id_value(agent_id: &str) -> Result<MetadataValue<Ascii>, Not
     ascii_value(agent_id)
 }
 
-/// Why the service-account token cannot be sent.
-#[derive(Debug, thiserror::Error)]
-pub enum TokenError {
-    /// The token file cannot be read.
-    #[error("cannot read the service-account token from {}: {source}", path.display())]
-    Read {
-        /// The token file.
-        path: PathBuf,
-        /// Why it cannot be read.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The token file is empty.
-    #[error("the service-account token file {} is empty", .0.display())]
-    Empty(PathBuf),
-    /// The token holds characters a header value cannot carry.
-    #[error("the service-account token in {} is not printable ASCII", .0.display())]
-    Invalid(PathBuf),
-}
-
-/// Reads the token file now, as configuration validation does.
-pub(crate) fn bearer_token(path: &Path) -> Result<MetadataValue<Ascii>, TokenError> {
-    let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {
-        path: path.to_owned(),
-        source,
-    })?;
-    bearer_value(path, &text)
-}
-
-/// Reads the token file at a link attempt, so that a rotated token is used.
-async fn read_bearer_token(path: &Path) -> Result<MetadataValue<Ascii>, TokenError> {
-    let text = tokio::fs::read_to_string(path)
-        .await
-        .map_err(|source| TokenError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-    bearer_value(path, &text)
-}
-
-fn bearer_value(path: &Path, text: &str) -> Result<MetadataValue<Ascii>, TokenError> {
-    let token = text.trim();
-    if token.is_empty() {
-        return Err(TokenError::Empty(path.to_owned()));
-    }
-    let mut value = ascii_value(&format!("Bearer {token}"))
+/// `token` as `authorization` metadata. Marked sensitive, which keeps it out of HPACK's dynamic
+/// table and out of debug output.
+fn bearer_value(path: &Path, token: &BearerToken) -> Result<MetadataValue<Ascii>, TokenError> {
+    let mut value = ascii_value(&format!("Bearer {}", token.expose()))
         .map_err(|_| TokenError::Invalid(path.to_owned()))?;
-    // Keeps the token out of HPACK's dynamic table and out of debug output.
     value.set_sensitive(true);
     Ok(value)
 }
@@ -172,7 +131,7 @@ pub(crate) async fn connect(shared: &Shared, target: &ServerSlot) -> Result<Link
     let endpoint = &target.endpoint;
     // Read before dialing: an unreadable token fails the attempt without bothering the server.
     let token = match &config.service_account_token_path {
-        Some(path) => Some(read_bearer_token(path).await?),
+        Some(path) => Some(bearer_value(path, &token::read(path).await?)?),
         None => None,
     };
     let tcp = uplink::connect_tcp(config, endpoint).await?;
@@ -1057,21 +1016,10 @@ mod tests {
     }
 
     #[test]
-    fn tokens_are_trimmed_and_sent_as_bearer() {
-        let path = Path::new("/token");
-        let value = bearer_value(path, "abc.def\n").unwrap();
+    fn tokens_are_sent_as_sensitive_bearer_metadata() {
+        let value = bearer_value(Path::new("/token"), &BearerToken::new("abc.def\n")).unwrap();
         assert_eq!(value.to_str().unwrap(), "Bearer abc.def");
         assert!(value.is_sensitive());
-        assert!(matches!(
-            bearer_value(path, " \n"),
-            Err(TokenError::Empty(_))
-        ));
-        for bad in ["a\u{7f}b", "jeton-é"] {
-            assert!(matches!(
-                bearer_value(path, bad),
-                Err(TokenError::Invalid(_))
-            ));
-        }
     }
 
     #[test]

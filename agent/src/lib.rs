@@ -9,6 +9,7 @@
 //!   dials on one multiplexed stream.
 //! - `links`: the links up per server address, and the readiness they make.
 //! - `discovery`: the server addresses from the EndpointSlices of the servers' Service.
+//! - `token`: the service-account token that proves the agent's pod to servers.
 //! - `node`: the pod ranges of the agent's Node; `kubeapi`: the Kubernetes client both use.
 //! - `dial`: dialing a destination (policy, timeout, metrics) and serving one native tunnel
 //!   stream (dial, answer, pump).
@@ -27,6 +28,7 @@ pub mod metrics;
 mod node;
 pub mod policy;
 mod pool;
+mod token;
 mod uplink;
 
 use std::sync::atomic::{AtomicBool, Ordering};

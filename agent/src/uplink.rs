@@ -13,10 +13,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{BackoffConfig, Config, ServerEndpoint};
-use crate::konnectivity::TokenError;
 use crate::links::{AlreadyLinked, HeldLink, OnDuplicate};
 use crate::metrics::ResultLabels;
 use crate::pool::{LinkContext, ServerSlot};
+use crate::token::{self, TokenError};
 use crate::{LinkInfo, Shared, dial};
 
 /// A link's TLS stream, over a read-ahead buffer.
@@ -193,6 +193,11 @@ async fn handshake(
     let config = &shared.config;
     let endpoint = &target.endpoint;
     let budget = config.link_timeout;
+    // Read before dialing: an unreadable token fails the attempt without bothering the server.
+    let token = match &config.service_account_token_path {
+        Some(path) => Some(token::read(path).await?),
+        None => None,
+    };
     let tcp = connect_tcp(config, endpoint).await?;
     let handshake = async {
         let mut tls = handshake_tls(config, endpoint, tcp, cplink_proto::ALPN_LINK).await?;
@@ -201,6 +206,7 @@ async fn handshake(
             node_name: config.node_name.clone(),
             identifiers: shared.identifiers().clone(),
             software_version: cplink_proto::SOFTWARE_VERSION.to_owned(),
+            token,
         };
         hello::write(&mut tls, &ours).await?;
         let theirs: ServerHello = hello::read(&mut tls).await?;

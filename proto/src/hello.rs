@@ -65,6 +65,34 @@ pub struct AgentHello {
     pub identifiers: Identifiers,
     /// Software version of the agent.
     pub software_version: String,
+    /// A service-account token proving which pod the agent is, for servers that bind agents to
+    /// their nodes (`cplink-server --agent-identity token`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<BearerToken>,
+}
+
+/// A credential carried in a hello. Its `Debug` output never shows the value, so a hello can be
+/// logged whole.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BearerToken(String);
+
+impl BearerToken {
+    /// Wraps a token as read from its file; surrounding whitespace is not part of it.
+    pub fn new(token: &str) -> Self {
+        BearerToken(token.trim().to_owned())
+    }
+
+    /// The token itself, for the one place that checks it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BearerToken(<{} bytes>)", self.0.len())
+    }
 }
 
 /// Routing identifiers of an agent.
@@ -209,7 +237,29 @@ mod tests {
                 default_route: true,
             },
             software_version: "0.1.0".into(),
+            token: Some(BearerToken::new("eyJhbGciOi.payload.signature\n")),
         }
+    }
+
+    #[test]
+    fn a_token_travels_trimmed_and_never_shows_in_debug_output() {
+        let hello = agent_hello();
+        let mut buf = encoded(&hello);
+        let decoded: AgentHello = decode(&mut buf).unwrap().unwrap();
+        assert_eq!(
+            decoded.token.as_ref().map(BearerToken::expose),
+            Some("eyJhbGciOi.payload.signature")
+        );
+        let shown = format!("{decoded:?}");
+        assert!(!shown.contains("eyJ"), "{shown}");
+        assert!(shown.contains("BearerToken(<28 bytes>)"), "{shown}");
+    }
+
+    #[test]
+    fn a_hello_without_a_token_reads_as_before() {
+        let old = br#"{"agent_id":"a","software_version":"0.1.0"}"#;
+        let hello: AgentHello = serde_json::from_slice(old).unwrap();
+        assert_eq!(hello.token, None);
     }
 
     fn encoded<T: Serialize>(msg: &T) -> BytesMut {

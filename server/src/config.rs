@@ -11,7 +11,9 @@ use cplink_proto::keepalive::KeepaliveConfig;
 use cplink_proto::telemetry::LogFormat;
 use cplink_proto::tls::{self, Identity, TrustAnchors};
 
-use crate::konnectivity::auth::{ApiSource, TokenAuth};
+use crate::identity::tokens::TokenAuth;
+use crate::identity::{IdentityMode, NodeBinding};
+use crate::kubeapi::{ApiSource, KubeApi};
 use crate::registry::{Strategy, parse_strategies};
 
 /// Command line of `cplink-server`. Every flag can also be set through its `CPLINK_*` variable.
@@ -100,8 +102,25 @@ pub struct Args {
     )]
     pub authentication_audience: Option<String>,
 
-    /// kubeconfig for token reviews; the in-cluster service account when unset.
-    #[arg(long, env = "CPLINK_KUBECONFIG", requires = "agent_service_account")]
+    /// How agents prove which node they are. `declared`: the server believes the node name, host
+    /// IPs and pod ranges an agent announces, so any holder of the agent certificate can claim
+    /// any node. `token`: each agent also sends its pod's projected service-account token; a
+    /// TokenReview names the pod, which must belong to --agent-daemonset, and the pod's Node
+    /// decides what the agent routes (needs --agent-namespace, --agent-service-account,
+    /// --agent-daemonset and --authentication-audience). `certificate`: for agents outside the
+    /// cluster, each with its own certificate whose subject is CN=system:node:<node>; the Node
+    /// decides what it routes.
+    #[arg(long, env = "CPLINK_AGENT_IDENTITY", value_enum, default_value_t = IdentityMode::Declared)]
+    pub agent_identity: IdentityMode,
+
+    /// With --agent-identity token: the DaemonSet, in --agent-namespace, whose pods are the
+    /// agents.
+    #[arg(long, env = "CPLINK_AGENT_DAEMONSET")]
+    pub agent_daemonset: Option<String>,
+
+    /// kubeconfig for token reviews and the Pods and Nodes behind agents' identities; the
+    /// in-cluster service account when unset.
+    #[arg(long, env = "CPLINK_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
 
     /// How long to wait for an agent to answer a dial.
@@ -192,6 +211,8 @@ pub struct Config {
     pub max_pending_connections: usize,
     /// Token authentication of upstream agents without a client certificate, when enabled.
     pub token_auth: Option<Arc<TokenAuth>>,
+    /// How agents are bound to their nodes.
+    pub identity: NodeBinding,
 }
 
 impl std::fmt::Debug for Config {
@@ -208,6 +229,7 @@ impl std::fmt::Debug for Config {
                 "token_auth",
                 &self.token_auth.as_ref().map(|t| t.expected_user()),
             )
+            .field("identity", &self.identity.mode())
             .finish_non_exhaustive()
     }
 }
@@ -219,7 +241,9 @@ impl Args {
             .map_err(|e| ConfigError::tls(e, "tls-cert", "tls-key"))?;
         let agent_ca = TrustAnchors::from_pem_file(&self.agent_ca)
             .map_err(|e| ConfigError::new("agent-ca", e))?;
-        let token_auth = self.token_auth()?;
+        let api = self.api()?;
+        let token_auth = self.token_auth(api.as_ref())?.map(Arc::new);
+        let node_binding = self.identity(api, token_auth.as_ref())?;
         let client_auth = if token_auth.is_some() {
             tls::ClientAuth::Optional
         } else {
@@ -299,11 +323,78 @@ impl Args {
             max_pending_connections: self
                 .max_pending_connections
                 .map_or_else(cplink_proto::accept::default_max_pending, |n| n as usize),
-            token_auth: token_auth.map(Arc::new),
+            token_auth,
+            identity: node_binding,
         })
     }
 
-    fn token_auth(&self) -> Result<Option<TokenAuth>, ConfigError> {
+    /// The Kubernetes API, when token reviews or node binding need it.
+    fn api(&self) -> Result<Option<Arc<KubeApi>>, ConfigError> {
+        let needed =
+            self.agent_service_account.is_some() || self.agent_identity != IdentityMode::Declared;
+        if !needed {
+            if self.kubeconfig.is_some() {
+                return Err(ConfigError::new(
+                    "kubeconfig",
+                    "only used with --agent-service-account or --agent-identity token|certificate",
+                ));
+            }
+            return Ok(None);
+        }
+        let source = ApiSource::from_flag(self.kubeconfig.as_ref())
+            .map_err(|e| ConfigError::new("kubeconfig", e))?;
+        Ok(Some(Arc::new(KubeApi::new(source))))
+    }
+
+    fn identity(
+        &self,
+        api: Option<Arc<KubeApi>>,
+        token_auth: Option<&Arc<TokenAuth>>,
+    ) -> Result<NodeBinding, ConfigError> {
+        if self.agent_daemonset.is_some() && self.agent_identity != IdentityMode::Token {
+            return Err(ConfigError::new(
+                "agent-daemonset",
+                "only used with --agent-identity token",
+            ));
+        }
+        let Some(api) = api else {
+            return Ok(NodeBinding::declared());
+        };
+        match self.agent_identity {
+            IdentityMode::Declared => Ok(NodeBinding::declared()),
+            IdentityMode::Certificate => Ok(NodeBinding::certificate(api)),
+            IdentityMode::Token => {
+                let tokens = token_auth.ok_or_else(|| {
+                    ConfigError::new(
+                        "agent-service-account",
+                        "required with --agent-identity token (with --agent-namespace): the \
+                         agents' service account",
+                    )
+                })?;
+                if self.authentication_audience.is_none() {
+                    return Err(ConfigError::new(
+                        "authentication-audience",
+                        "required with --agent-identity token: without an audience of its own, \
+                         the server would accept tokens minted for the API server",
+                    ));
+                }
+                let daemonset = self
+                    .agent_daemonset
+                    .clone()
+                    .filter(|d| !d.is_empty())
+                    .ok_or_else(|| {
+                        ConfigError::new(
+                            "agent-daemonset",
+                            "required with --agent-identity token: the DaemonSet whose pods \
+                             are the agents",
+                        )
+                    })?;
+                Ok(NodeBinding::token(tokens.clone(), daemonset, api))
+            }
+        }
+    }
+
+    fn token_auth(&self, api: Option<&Arc<KubeApi>>) -> Result<Option<TokenAuth>, ConfigError> {
         let (Some(namespace), Some(account)) = (&self.agent_namespace, &self.agent_service_account)
         else {
             return Ok(None);
@@ -319,20 +410,14 @@ impl Args {
                 ));
             }
         }
-        let source = match &self.kubeconfig {
-            Some(path) => {
-                let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| {
-                    ConfigError::new("kubeconfig", format!("{}: {e}", path.display()))
-                })?;
-                ApiSource::Kubeconfig(path.clone(), Box::new(kubeconfig))
-            }
-            None => ApiSource::InCluster,
+        let Some(api) = api else {
+            return Ok(None);
         };
         Ok(Some(TokenAuth::new(
             namespace.clone(),
             account.clone(),
             self.authentication_audience.clone(),
-            source,
+            api.clone(),
         )))
     }
 }
@@ -397,7 +482,7 @@ mod tests {
             "a:b",
         ])
         .unwrap();
-        let err = a.token_auth().unwrap_err();
+        let err = a.token_auth(None).unwrap_err();
         assert_eq!(err.flag, "agent-service-account");
         let a = args(&[
             "--agent-namespace",
@@ -408,9 +493,64 @@ mod tests {
             "/nonexistent/kubeconfig",
         ])
         .unwrap();
-        let err = a.token_auth().unwrap_err();
+        let err = a.api().unwrap_err();
         assert_eq!(err.flag, "kubeconfig");
         assert!(err.to_string().contains("/nonexistent/kubeconfig"), "{err}");
+    }
+
+    #[test]
+    fn token_identity_needs_its_account_audience_and_daemonset() {
+        let kubeconfig = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            kubeconfig.path(),
+            "apiVersion: v1\nkind: Config\nclusters: []\nusers: []\ncontexts: []\n",
+        )
+        .unwrap();
+        let path = kubeconfig.path().display().to_string();
+        let full = [
+            "--agent-identity",
+            "token",
+            "--agent-namespace",
+            "cplink",
+            "--agent-service-account",
+            "agents",
+            "--authentication-audience",
+            "cplink.dev/cplink/link",
+            "--agent-daemonset",
+            "agents",
+            "--kubeconfig",
+            path.as_str(),
+        ];
+        let identity = |flags: &[&str]| {
+            let a = args(flags).unwrap();
+            let api = a.api()?;
+            let tokens = a.token_auth(api.as_ref())?.map(Arc::new);
+            a.identity(api, tokens.as_ref())
+        };
+        assert_eq!(identity(&full).unwrap().mode(), IdentityMode::Token);
+        // Each of the four, left out, is named.
+        // (clap ties the namespace and the audience to the account: they go with it.)
+        for (cut, flag) in [
+            (2..8, "agent-service-account"),
+            (6..8, "authentication-audience"),
+            (8..10, "agent-daemonset"),
+        ] {
+            let mut without = full.to_vec();
+            without.drain(cut);
+            let err = identity(&without).unwrap_err();
+            assert_eq!(err.flag, flag, "{err}");
+        }
+        let err = identity(&["--agent-daemonset", "agents"]).unwrap_err();
+        assert_eq!(err.flag, "agent-daemonset");
+        let err = identity(&["--kubeconfig", path.as_str()]).unwrap_err();
+        assert_eq!(err.flag, "kubeconfig");
+        let certificate = identity(&[
+            "--agent-identity",
+            "certificate",
+            "--kubeconfig",
+            path.as_str(),
+        ]);
+        assert_eq!(certificate.unwrap().mode(), IdentityMode::Certificate);
     }
 
     #[test]

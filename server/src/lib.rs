@@ -6,6 +6,8 @@
 //! - `link`: agent links (TLS, hello, HTTP/2 as the client, keepalive).
 //! - `konnectivity`: the konnectivity gRPC frontend (kube-apiserver's `GRPC` mode) and
 //!   upstream konnectivity agents.
+//! - [`identity`]: which node an agent is, proven by its pod's token or its certificate and
+//!   backed by the Node object; [`kubeapi`]: the Kubernetes client it uses.
 //! - [`registry`]: linked agents and routing strategies.
 //! - `tunnel`: opening a tunneled connection through an agent.
 //! - [`metrics`]: Prometheus metrics.
@@ -16,7 +18,9 @@
 pub mod config;
 pub mod connect;
 mod frontend;
+pub mod identity;
 pub mod konnectivity;
+pub mod kubeapi;
 mod link;
 pub mod metrics;
 pub mod registry;
@@ -174,6 +178,17 @@ impl ServerHandle {
             .collect();
         ids.sort();
         ids
+    }
+
+    /// The agent a dial to `target` (`host:port`) would go to now, and the strategy that picks
+    /// it, without dialing; the refusal a client would get otherwise.
+    pub fn route_of(&self, target: &str) -> Result<(String, registry::Strategy), String> {
+        let target: cplink_proto::target::Target = target.parse().map_err(|e| format!("{e}"))?;
+        self.shared
+            .registry
+            .route(&target, &self.shared.config.strategies)
+            .map(|route| (route.guard.link().id.clone(), route.strategy))
+            .map_err(|e| e.to_string())
     }
 
     /// Tunneled connections currently open through this server's frontends.
@@ -355,6 +370,9 @@ impl Server {
                 force.clone(),
             ));
         }
+        let identity_stop = CancellationToken::new();
+        let identity_watch =
+            tokio::spawn(identity::watch::run(shared.clone(), identity_stop.clone()));
         let admin_task = listeners.admin.map(|listener| {
             let probe = shared.clone();
             tokio::spawn(admin::serve(
@@ -393,6 +411,12 @@ impl Server {
             frontends.wait().await;
         }
 
+        identity_stop.cancel();
+        if let Err(err) = identity_watch.await
+            && err.is_panic()
+        {
+            std::panic::resume_unwind(err.into_panic());
+        }
         shared.registry.close_all();
         links.close();
         links.wait().await;

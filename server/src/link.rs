@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::identity::{Binding, Claim, Refusal};
 use crate::metrics::LinkErrorLabels;
 use crate::registry::{AgentLink, Carrier};
 use crate::{Shared, konnectivity};
@@ -42,6 +43,9 @@ pub enum LinkError {
     /// The agent id is already linked from another address.
     #[error("{0}")]
     Duplicate(#[from] crate::registry::DuplicateAgent),
+    /// The agent's proven identity does not back its hello.
+    #[error("identity refused: {0}")]
+    Identity(#[from] Refusal),
     /// TLS and hello did not complete in time.
     #[error("handshake not completed within {}", humantime::format_duration(*.0))]
     HandshakeTimeout(std::time::Duration),
@@ -70,6 +74,7 @@ impl LinkError {
             LinkError::Hello(_) => "hello",
             LinkError::Refused(_) => "refused",
             LinkError::Duplicate(_) => "duplicate_id",
+            LinkError::Identity(_) => "identity",
             LinkError::HandshakeTimeout(_) => "handshake_timeout",
             LinkError::H2(_) => "h2",
             LinkError::Keepalive(_) => "keepalive",
@@ -135,14 +140,20 @@ async fn serve(
         .await
         .map_err(|_| LinkError::HandshakeTimeout(budget))?
         .map_err(LinkError::Tls)?;
-    let certified = tls.get_ref().1.peer_certificates().is_some();
+    let certificate: Option<Arc<[u8]>> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|der| Arc::from(der.as_ref()));
+    let certified = certificate.is_some();
     match tls.get_ref().1.alpn_protocol() {
         Some(cplink_proto::ALPN_LINK) if certified => {}
         Some(cplink_proto::ALPN_LINK) => return Err(LinkError::NoCertificate),
         Some(cplink_proto::ALPN_H2) => {
             // gRPC from here on: the handshake phase is over.
             drop(pending);
-            konnectivity::agents::serve(shared, tls, peer, certified).await;
+            konnectivity::agents::serve(shared, tls, peer, certificate).await;
             return Ok(());
         }
         _ => return Err(LinkError::Alpn),
@@ -153,24 +164,35 @@ async fn serve(
     let span = tracing::Span::current();
     span.record("agent_id", agent.agent_id.as_str());
 
-    let admitted = validate_agent_id(&agent.agent_id)
-        .map_err(LinkError::Refused)
-        .and_then(|()| {
-            shared
-                .registry
-                .admissible(&agent.agent_id, peer.ip())
-                .map_err(LinkError::Duplicate)
-        });
-    if let Err(err) = admitted {
-        let reason = match &err {
-            LinkError::Refused(reason) => reason.clone(),
-            other => other.to_string(),
-        };
-        let answer = server_hello(&shared, HelloOutcome::Rejected { reason });
-        // Best effort: the agent learns why before the connection closes.
-        let _ = hello::write(&mut tls, &answer).await;
-        return Err(err);
-    }
+    let admitted = match validate_agent_id(&agent.agent_id) {
+        Ok(()) => verify(&shared, &agent, &tls, budget).await,
+        Err(reason) => Err(LinkError::Refused(reason)),
+    };
+    let admitted = admitted.and_then(|binding| {
+        shared
+            .registry
+            .admissible(
+                &agent.agent_id,
+                peer.ip(),
+                binding.as_ref().map(|b| &b.verified),
+            )
+            .map(|()| binding)
+            .map_err(LinkError::Duplicate)
+    });
+    let binding = match admitted {
+        Ok(binding) => binding,
+        Err(err) => {
+            let reason = match &err {
+                LinkError::Refused(reason) => reason.clone(),
+                LinkError::Identity(refusal) => refusal.to_string(),
+                other => other.to_string(),
+            };
+            let answer = server_hello(&shared, HelloOutcome::Rejected { reason });
+            // Best effort: the agent learns why before the connection closes.
+            let _ = hello::write(&mut tls, &answer).await;
+            return Err(err);
+        }
+    };
     hello::write(&mut tls, &server_hello(&shared, HelloOutcome::Accepted)).await?;
     drop(pending);
 
@@ -188,15 +210,24 @@ async fn serve(
         agent.agent_id.clone(),
         shared.registry.next_link_id(),
         peer,
-        agent.node_name.clone(),
-        agent.identifiers.clone(),
+        // A verified agent routes what its Node backs, under the Node's name.
+        match &binding {
+            Some(binding) => Some(binding.verified.node.clone()),
+            None => agent.node_name.clone(),
+        },
+        match &binding {
+            Some(binding) => binding.identifiers.clone(),
+            None => agent.identifiers.clone(),
+        },
+        binding.map(|b| b.verified),
         Carrier::Native(sender),
     ));
     // Admitted above; a link from another address may have won the race since.
     shared.link_up(&link)?;
     tracing::info!(
         agent_id = %link.id,
-        node = agent.node_name.as_deref().unwrap_or(""),
+        node = link.node_name.as_deref().unwrap_or(""),
+        verified = link.verified.as_ref().map(|v| v.to_string()).unwrap_or_default(),
         version = %agent.software_version,
         %peer,
         "agent linked"
@@ -229,6 +260,64 @@ async fn serve(
         Err(err) => tracing::info!(agent_id = %link.id, %err, "agent link lost"),
     }
     outcome
+}
+
+/// Checks the agent's identity against its hello (nothing to check in declared mode), counting
+/// refusals by reason. The API's answers count against the handshake budget.
+async fn verify(
+    shared: &Shared,
+    agent: &AgentHello,
+    tls: &tokio_rustls::server::TlsStream<ReadAhead<TcpStream>>,
+    budget: std::time::Duration,
+) -> Result<Option<Binding>, LinkError> {
+    let certificate = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|der| der.as_ref());
+    let claim = Claim {
+        agent_id: Some(&agent.agent_id),
+        node_name: agent.node_name.as_deref(),
+        identifiers: &agent.identifiers,
+    };
+    let token = agent.token.as_ref().map(|t| t.expose());
+    let verifying = shared.config.identity.verify(claim, token, certificate);
+    let verified = tokio::time::timeout(budget, verifying)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Refusal::Unavailable(format!(
+                "no answer from the Kubernetes API within {}",
+                humantime::format_duration(budget)
+            )))
+        });
+    verified.map_err(|refusal| {
+        shared
+            .metrics
+            .identity_refusals
+            .get_or_create(&LinkErrorLabels {
+                reason: refusal.reason(),
+            })
+            .inc();
+        if let Refusal::AgentId { agent_id, node } = &refusal {
+            // Another node's id: name the agent it tried to pass for, if linked.
+            for holder in shared
+                .registry
+                .agents()
+                .iter()
+                .filter(|l| l.id == *agent_id)
+            {
+                tracing::warn!(
+                    claimed = %agent_id,
+                    by_node = %node,
+                    held_from = %holder.peer,
+                    held_by = holder.verified.as_ref().map(|v| v.to_string()).unwrap_or_default(),
+                    "an agent claimed the id of a linked agent"
+                );
+            }
+        }
+        LinkError::Identity(refusal)
+    })
 }
 
 fn server_hello(shared: &Shared, outcome: HelloOutcome) -> ServerHello {

@@ -75,6 +75,10 @@ pub struct Metrics {
     pub request_errors: Family<RequestErrorLabels, Counter>,
     /// Agent links that failed to establish.
     pub link_errors: Family<LinkErrorLabels, Counter>,
+    /// Agent links refused because the agent's proven identity does not back what it claims.
+    pub identity_refusals: Family<LinkErrorLabels, Counter>,
+    /// Agent links closed, or routes dropped, because their Pod or Node changed.
+    pub identity_revocations: Family<LinkErrorLabels, Counter>,
     /// Connections closed at accept: their listener had too many in their handshake.
     pub connections_shed: Family<ListenerLabels, Counter>,
     /// Tunneled bytes: `socket_to_stream` is frontend → agent, `stream_to_socket` the reverse.
@@ -108,6 +112,8 @@ impl Metrics {
             frontend_connections: Family::default(),
             request_errors: Family::default(),
             link_errors: Family::default(),
+            identity_refusals: Family::default(),
+            identity_revocations: Family::default(),
             connections_shed: Family::default(),
             konnectivity_overflows: Counter::default(),
             bytes: ByteCounters {
@@ -155,6 +161,17 @@ impl Metrics {
             "link_errors",
             "Agent links that failed to establish",
             metrics.link_errors.clone(),
+        );
+        r.register(
+            "identity_refusals",
+            "Agent links refused because the agent's proven identity (its pod's token or its \
+             certificate, and the Node behind it) does not back what it claims, by reason",
+            metrics.identity_refusals.clone(),
+        );
+        r.register(
+            "identity_revocations",
+            "Agent links closed or routes dropped because the agent's Pod or Node changed",
+            metrics.identity_revocations.clone(),
         );
         r.register(
             "konnectivity_overflows",

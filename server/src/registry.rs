@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use bytes::Bytes;
 use cplink_proto::dial::DialFailure;
@@ -13,6 +14,8 @@ use cplink_proto::hello::Identifiers;
 use cplink_proto::konnectivity::mux::Mux;
 use cplink_proto::target::{Host, Target};
 use tokio_util::sync::CancellationToken;
+
+use crate::identity::Verified;
 
 /// One step of the routing chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -97,8 +100,12 @@ pub struct AgentLink {
     pub peer: SocketAddr,
     /// The agent's node.
     pub node_name: Option<String>,
-    /// What the agent can reach.
-    pub identifiers: Identifiers,
+    /// Who the agent proved to be, when the server binds agents to nodes.
+    pub verified: Option<Verified>,
+    /// When the link was established.
+    pub linked_at: Instant,
+    /// What the agent routes. Replaced when the Node behind a verified agent changes.
+    identifiers: RwLock<Identifiers>,
     /// How tunneled connections reach the agent.
     pub(crate) carrier: Carrier,
     /// Tunneled connections currently on this link.
@@ -129,6 +136,7 @@ impl AgentLink {
         peer: SocketAddr,
         node_name: Option<String>,
         identifiers: Identifiers,
+        verified: Option<Verified>,
         carrier: Carrier,
     ) -> Self {
         AgentLink {
@@ -136,12 +144,33 @@ impl AgentLink {
             link_id,
             peer,
             node_name,
-            identifiers,
+            verified,
+            linked_at: Instant::now(),
+            identifiers: RwLock::new(identifiers),
             carrier,
             active: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             closer: CancellationToken::new(),
         }
+    }
+
+    /// What the agent routes now.
+    pub fn identifiers(&self) -> Identifiers {
+        self.routes().clone()
+    }
+
+    /// Replaces what the agent routes; false when nothing changed.
+    pub(crate) fn replace_identifiers(&self, identifiers: Identifiers) -> bool {
+        let mut routes = self.identifiers.write().unwrap_or_else(|e| e.into_inner());
+        if *routes == identifiers {
+            return false;
+        }
+        *routes = identifiers;
+        true
+    }
+
+    fn routes(&self) -> std::sync::RwLockReadGuard<'_, Identifiers> {
+        self.identifiers.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Tunneled connections currently on this link.
@@ -183,14 +212,14 @@ impl AgentLink {
                 .node_name
                 .as_deref()
                 .is_some_and(|n| n.eq_ignore_ascii_case(name)),
-            Host::Ip(ip) => self.identifiers.host_ips.contains(ip),
+            Host::Ip(ip) => self.routes().host_ips.contains(ip),
         }
     }
 
     fn serves_cidr(&self, target: &Target) -> bool {
         target
             .ip()
-            .is_some_and(|ip| self.identifiers.pod_cidrs.iter().any(|c| c.contains(&ip)))
+            .is_some_and(|ip| self.routes().pod_cidrs.iter().any(|c| c.contains(&ip)))
     }
 }
 
@@ -235,24 +264,40 @@ pub struct Registry {
     next_link_id: AtomicU64,
 }
 
-/// A link refused because its agent id is linked from another address.
+/// A link refused because its agent id is held by another agent: linked from another address
+/// or, when agents are verified, by another node's identity.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "agent id {id:?} is already linked from {linked_from}; a link from another address is \
-     accepted once that one ends"
+    "agent id {id:?} is already linked from {linked_from}{}; a link from another address is \
+     accepted once that one ends",
+    held_by.as_ref().map(|v| format!(" by {v}")).unwrap_or_default()
 )]
 pub struct DuplicateAgent {
     /// The contested agent id.
     pub id: String,
     /// Where the agent's existing link comes from.
     pub linked_from: SocketAddr,
+    /// Who holds the id, when verified (node and pod).
+    pub held_by: Option<String>,
 }
 
-fn check_peer(id: &str, links: &[Arc<AgentLink>], peer: IpAddr) -> Result<(), DuplicateAgent> {
-    match links.iter().find(|l| l.peer.ip() != peer) {
+/// Checks that a new link of `id` from `peer`, verified as `verified`, may join `links`: two
+/// verified links of one id must be the same node's; otherwise they must come from one address.
+fn check_peer(
+    id: &str,
+    links: &[Arc<AgentLink>],
+    peer: IpAddr,
+    verified: Option<&Verified>,
+) -> Result<(), DuplicateAgent> {
+    let conflict = links.iter().find(|l| match (verified, &l.verified) {
+        (Some(new), Some(held)) => new.node != held.node,
+        _ => l.peer.ip() != peer,
+    });
+    match conflict {
         Some(other) => Err(DuplicateAgent {
             id: id.to_owned(),
             linked_from: other.peer,
+            held_by: other.verified.as_ref().map(ToString::to_string),
         }),
         None => Ok(()),
     }
@@ -273,10 +318,16 @@ impl Registry {
         self.next_link_id.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Checks that a link of agent `id` from `peer` may join (see [`Registry`]).
-    pub fn admissible(&self, id: &str, peer: IpAddr) -> Result<(), DuplicateAgent> {
+    /// Checks that a link of agent `id` from `peer`, verified as `verified`, may join (see
+    /// [`Registry`]).
+    pub fn admissible(
+        &self,
+        id: &str,
+        peer: IpAddr,
+        verified: Option<&Verified>,
+    ) -> Result<(), DuplicateAgent> {
         match self.read().get(id) {
-            Some(links) => check_peer(id, links, peer),
+            Some(links) => check_peer(id, links, peer, verified),
             None => Ok(()),
         }
     }
@@ -286,7 +337,7 @@ impl Registry {
     pub fn insert(&self, link: Arc<AgentLink>) -> Result<usize, DuplicateAgent> {
         let mut agents = self.write();
         let links = agents.entry(link.id.clone()).or_default();
-        check_peer(&link.id, links, link.peer.ip())?;
+        check_peer(&link.id, links, link.peer.ip(), link.verified.as_ref())?;
         links.push(link);
         Ok(links.len())
     }
@@ -342,7 +393,7 @@ impl Registry {
                 }
                 Strategy::Cidr => least_loaded(candidates().filter(|l| l.serves_cidr(target))),
                 Strategy::DefaultRoute => {
-                    least_loaded(candidates().filter(|l| l.identifiers.default_route))
+                    least_loaded(candidates().filter(|l| l.routes().default_route))
                 }
                 Strategy::Any => least_loaded(candidates()),
             };
@@ -415,6 +466,7 @@ mod tests {
                 pod_cidrs: vec![cidr.parse().unwrap()],
                 default_route: false,
             },
+            None,
             Carrier::Native(sender),
         ));
         registry.insert(link.clone()).unwrap();
@@ -491,8 +543,9 @@ mod tests {
             Some("node-b".into()),
             Identifiers {
                 default_route: true,
-                ..b.identifiers.clone()
+                ..b.identifiers()
             },
+            None,
             b.carrier.clone(),
         ));
         registry.insert(gateway).unwrap();
@@ -532,6 +585,7 @@ mod tests {
                 PEER,
                 None,
                 Identifiers::default(),
+                None,
                 mux(),
             ))
         };
@@ -601,14 +655,15 @@ mod tests {
             registry.next_link_id(),
             intruder,
             Some("node-1".into()),
-            first.identifiers.clone(),
+            first.identifiers(),
+            None,
             first.carrier.clone(),
         ));
         let refused = registry.insert(claim.clone()).unwrap_err();
         assert_eq!(refused.linked_from, PEER);
         assert!(refused.to_string().contains("192.0.2.1:40000"), "{refused}");
         assert_eq!(
-            registry.admissible("node-1", intruder.ip()),
+            registry.admissible("node-1", intruder.ip(), None),
             Err(refused.clone())
         );
         // Every dial for node-1 still reaches the first link.
@@ -616,9 +671,61 @@ mod tests {
         assert_eq!(route.guard.link().link_id, first.link_id);
         drop(route);
         // The same address may link again (a restart, a balancer landing twice).
-        assert!(registry.admissible("node-1", PEER.ip()).is_ok());
+        assert!(registry.admissible("node-1", PEER.ip(), None).is_ok());
         // Once the first link is gone, the newcomer is let in.
         registry.remove("node-1", first.link_id);
         assert_eq!(registry.insert(claim), Ok(1));
+    }
+
+    #[tokio::test]
+    async fn verified_links_of_one_id_must_be_one_node_wherever_they_come_from() {
+        let registry = Registry::default();
+        let first = link(&registry, "spare", "node-1", "10.0.0.1", "10.244.1.0/24").await;
+        let verified = |node: &str, uid: &str| Verified {
+            node: node.into(),
+            pod: Some(crate::identity::PodRef {
+                namespace: "cplink".into(),
+                name: format!("agent-{uid}"),
+                uid: uid.into(),
+            }),
+        };
+        let bound = |peer: &str, who: Verified| {
+            Arc::new(AgentLink::new(
+                "node-1".into(),
+                registry.next_link_id(),
+                peer.parse().unwrap(),
+                Some("node-1".into()),
+                first.identifiers(),
+                Some(who),
+                first.carrier.clone(),
+            ))
+        };
+        let old_pod = bound("192.0.2.1:40000", verified("node-1", "a"));
+        assert_eq!(registry.insert(old_pod.clone()), Ok(1));
+        // The node's next agent pod, from another pod address: the same identity relinks.
+        let new_pod = verified("node-1", "b");
+        assert!(
+            registry
+                .admissible("node-1", "192.0.2.9".parse().unwrap(), Some(&new_pod))
+                .is_ok()
+        );
+        assert_eq!(registry.insert(bound("192.0.2.9:40000", new_pod)), Ok(2));
+        // Another node's identity under this id, even from the first link's address: refused,
+        // naming who holds it.
+        let refused = registry
+            .admissible(
+                "node-1",
+                "192.0.2.1".parse().unwrap(),
+                Some(&verified("node-2", "c")),
+            )
+            .unwrap_err();
+        assert_eq!(
+            refused.held_by.as_deref(),
+            Some("node node-1 (pod cplink/agent-a, uid a)")
+        );
+        assert!(
+            refused.to_string().contains("pod cplink/agent-a"),
+            "{refused}"
+        );
     }
 }

@@ -271,8 +271,6 @@ impl Loopback {
     ) -> anyhow::Result<RunningAgent> {
         let n = self.next();
         let mut base = vec![
-            "--agent-id".to_owned(),
-            format!("agent-{n}"),
             "--tls-cert".to_owned(),
             path(&cert.cert),
             "--tls-key".to_owned(),
@@ -282,6 +280,10 @@ impl Loopback {
             "--reconnect-max-backoff".to_owned(),
             "500ms".to_owned(),
         ];
+        if !extra.contains(&"--agent-id") {
+            base.push("--agent-id".to_owned());
+            base.push(format!("agent-{n}"));
+        }
         for server in servers {
             base.push("--server-address".to_owned());
             base.push(server.to_string());
@@ -313,4 +315,33 @@ impl Loopback {
         agent.wait_ready().await?;
         Ok((server, agent))
     }
+}
+
+/// Links to `server` from `from` (any loopback address) with `cert`, trusting `server_ca`, sends
+/// `hello` and returns the server's answer, as an agent (or an impostor) would meet it.
+pub async fn say_hello(
+    server: SocketAddr,
+    cert: &CertFiles,
+    server_ca: &Path,
+    from: std::net::IpAddr,
+    hello: &cplink_proto::hello::AgentHello,
+) -> anyhow::Result<cplink_proto::hello::HelloOutcome> {
+    use cplink_proto::hello::{self, ServerHello};
+    use cplink_proto::tls::{Identity, TrustAnchors};
+    let identity = Identity::from_pem_files(&cert.cert, &cert.key)?;
+    let anchors = TrustAnchors::from_pem_file(server_ca)?;
+    let config = cplink_proto::tls::link_client_config(&identity, &anchors)?;
+    let socket = match from {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(from, 0))?;
+    let tcp = socket.connect(server).await?;
+    let name = rustls_pki_types::ServerName::try_from("localhost")?;
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    hello::write(&mut tls, hello).await?;
+    let theirs: ServerHello = hello::read(&mut tls).await?;
+    Ok(theirs.outcome)
 }

@@ -457,27 +457,15 @@ async fn claim_agent_id(
     server: std::net::SocketAddr,
     id: &str,
 ) -> anyhow::Result<cplink_proto::hello::HelloOutcome> {
-    use cplink_proto::hello::{self, AgentHello, ServerHello};
-    use cplink_proto::tls::{Identity, TrustAnchors};
-    let identity = Identity::from_pem_files(&lo.agent_cert.cert, &lo.agent_cert.key)?;
-    let anchors = TrustAnchors::from_pem_file(lo.pki.ca_file())?;
-    let config = cplink_proto::tls::link_client_config(&identity, &anchors)?;
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.bind("127.0.0.2:0".parse()?)?;
-    let tcp = socket.connect(server).await?;
-    let name = rustls_pki_types::ServerName::try_from("localhost")?;
-    let mut tls = tokio_rustls::TlsConnector::from(config)
-        .connect(name, tcp)
-        .await?;
-    let ours = AgentHello {
+    let ours = cplink_proto::hello::AgentHello {
         agent_id: id.to_owned(),
         node_name: Some(id.to_owned()),
         identifiers: Default::default(),
         software_version: "intruder".into(),
+        token: None,
     };
-    hello::write(&mut tls, &ours).await?;
-    let theirs: ServerHello = hello::read(&mut tls).await?;
-    Ok(theirs.outcome)
+    let from = "127.0.0.2".parse()?;
+    cplink_e2e::fixture::say_hello(server, &lo.agent_cert, lo.pki.ca_file(), from, &ours).await
 }
 
 #[tokio::test]

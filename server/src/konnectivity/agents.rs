@@ -27,7 +27,8 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::Shared;
-use crate::konnectivity::auth::AuthError;
+use crate::identity::tokens::AuthError;
+use crate::identity::{Claim, Refusal};
 use crate::link::validate_agent_id;
 use crate::metrics::LinkErrorLabels;
 use crate::registry::{AgentLink, Carrier};
@@ -36,21 +37,37 @@ use crate::registry::{AgentLink, Carrier};
 const OUTBOUND_QUEUE: usize = 64;
 
 /// Serves one upstream agent's HTTP/2 connection until it ends or the server closes its link.
-/// `certified`: the agent presented a client certificate that verified; without one it must
+/// `certificate`: the leaf client certificate (DER) the agent presented and that verified;
+/// without one it must
 /// send a token the server's token authentication accepts.
-pub(crate) async fn serve<IO>(shared: Arc<Shared>, io: IO, peer: SocketAddr, certified: bool)
-where
+pub(crate) async fn serve<IO>(
+    shared: Arc<Shared>,
+    io: IO,
+    peer: SocketAddr,
+    certificate: Option<Arc<[u8]>>,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let stop = CancellationToken::new();
     let service = AgentServiceServer::new(UpstreamAgents {
         shared: shared.clone(),
         peer,
-        certified,
+        certificate,
         stop: stop.clone(),
     })
     .max_decoding_message_size(super::MAX_MESSAGE);
     super::serve_connection(io, service, stop, Some(shared.config.keepalive)).await;
+}
+
+/// The gRPC status refusing an agent whose identity does not back its claims.
+fn refusal_status(refusal: &Refusal) -> Status {
+    match refusal {
+        Refusal::Unavailable(_) => Status::unavailable(refusal.to_string()),
+        Refusal::NoToken | Refusal::NoNodeCertificate | Refusal::Token(_) => {
+            Status::unauthenticated(refusal.to_string())
+        }
+        _ => Status::permission_denied(refusal.to_string()),
+    }
 }
 
 /// The Connect service of one agent connection.
@@ -58,7 +75,7 @@ where
 struct UpstreamAgents {
     shared: Arc<Shared>,
     peer: SocketAddr,
-    certified: bool,
+    certificate: Option<Arc<[u8]>>,
     /// Ends the connection once its agent is unlinked.
     stop: CancellationToken,
 }
@@ -75,12 +92,12 @@ impl AgentService for UpstreamAgents {
     ) -> Result<Response<Self::ConnectStream>, Status> {
         let shared = &self.shared;
         let metadata = request.metadata();
-        if !self.certified {
+        let authorization = metadata.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
+        if self.certificate.is_none() {
             // Without a certificate the TLS layer only let the agent in because token
             // authentication is configured.
-            let authorization = metadata.get(AUTHORIZATION).and_then(|v| v.to_str().ok());
             let checked = match &shared.config.token_auth {
-                Some(auth) => auth.check(authorization).await,
+                Some(auth) => auth.check(authorization).await.map(drop),
                 None => Err(AuthError::Missing),
             };
             if let Err(err) = checked {
@@ -107,6 +124,39 @@ impl AgentService for UpstreamAgents {
             }
             None => Default::default(),
         };
+        let claim = Claim {
+            // Upstream agents choose their own ids (a random UUID by default).
+            agent_id: None,
+            node_name: node_name.as_deref(),
+            identifiers: &identifiers,
+        };
+        let token = authorization
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let binding = shared
+            .config
+            .identity
+            .verify(claim, token, self.certificate.as_deref())
+            .await
+            .map_err(|refusal| {
+                shared
+                    .metrics
+                    .identity_refusals
+                    .get_or_create(&LinkErrorLabels {
+                        reason: refusal.reason(),
+                    })
+                    .inc();
+                tracing::warn!(peer = %self.peer, %agent_id, %refusal, "konnectivity agent refused");
+                refusal_status(&refusal)
+            })?;
+        let (node_name, identifiers, verified) = match binding {
+            Some(binding) => (
+                Some(binding.verified.node.clone()),
+                binding.identifiers,
+                Some(binding.verified),
+            ),
+            None => (node_name, identifiers, None),
+        };
         let inbound = request.into_inner();
 
         let (out_tx, out_rx) = mpsc::channel(OUTBOUND_QUEUE);
@@ -124,6 +174,7 @@ impl AgentService for UpstreamAgents {
             self.peer,
             node_name,
             identifiers,
+            verified,
             Carrier::Konnectivity(mux.clone()),
         ));
         shared.link_up(&link).map_err(|refused| {

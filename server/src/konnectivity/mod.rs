@@ -5,13 +5,15 @@
 //!   a Unix socket. One stream per tunneled connection, routed like a CONNECT.
 //! - `agents`: `/AgentService/Connect`, for upstream konnectivity agents, told apart from native
 //!   agents on the agent port by ALPN `h2`.
-//! - [`auth`]: service-account token authentication of upstream agents without a certificate.
+//!
+//! Upstream agents authenticate with the link's client certificate or a service-account token
+//! ([`crate::identity::tokens`]), and are bound to their nodes as native agents are
+//! ([`crate::identity`]).
 //!
 //! Both run tonic's generated services on hyper's HTTP/2 server connection by connection, so the
 //! server's own accept loops, drain and force-close apply to them as to everything else.
 
 pub(crate) mod agents;
-pub mod auth;
 mod authority;
 pub(crate) mod proxy;
 
