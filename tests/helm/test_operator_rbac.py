@@ -40,12 +40,11 @@ def held() -> dict[tuple[str, str], set[str]]:
 
 
 # What the operator grants the servers of a link: reviewing agents' tokens and reading Nodes
-# cluster-wide; reading agent pods and the agent DaemonSet (by name) in the link's namespace.
+# cluster-wide; reading agent pods in the link's namespace.
 SERVER_GRANTS = [
     ("authentication.k8s.io", "tokenreviews", {"create"}),
     ("", "nodes", {"get", "list", "watch"}),
     ("", "pods", {"get", "list", "watch"}),
-    ("apps", "daemonsets", {"get"}),
 ]
 # What it grants in-cluster agents: their Node, server discovery.
 AGENT_GRANTS = [

@@ -124,18 +124,12 @@ pub fn server_cluster_role_binding(plan: &Plan) -> ClusterRoleBinding {
     }
 }
 
-/// Token mode: lets servers read the agent pods a token is bound to and the one DaemonSet
-/// that must own them, in the link's namespace.
+/// Token mode: lets servers read the agent pods tokens are bound to, in the link's namespace
+/// (the pod's owner reference names the DaemonSet; the DaemonSet itself is never read).
 pub fn server_role(plan: &Plan) -> Role {
     Role {
         metadata: plan.meta(plan.names().server(), Component::Server),
-        rules: Some(vec![
-            rule("", "pods", &["get", "list", "watch"]),
-            PolicyRule {
-                resource_names: Some(vec![plan.names().agent()]),
-                ..rule("apps", "daemonsets", &["get"])
-            },
-        ]),
+        rules: Some(vec![rule("", "pods", &["get", "list", "watch"])]),
     }
 }
 
@@ -213,13 +207,7 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&role.rules).expect("json"),
             serde_json::json!([
-                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-                {
-                    "apiGroups": ["apps"],
-                    "resources": ["daemonsets"],
-                    "resourceNames": ["link-agent"],
-                    "verbs": ["get"]
-                }
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
             ])
         );
         let binding = server_role_binding(&plan);
@@ -364,6 +352,6 @@ mod tests {
                 }
             }
         }
-        assert_eq!(checked, 14, "every granted verb was checked");
+        assert_eq!(checked, 13, "every granted verb was checked");
     }
 }
