@@ -327,6 +327,12 @@ impl Server {
             agents = %listeners.agent.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             "cplink-server started"
         );
+        if shared.config.identity.mode() == identity::IdentityMode::Declared {
+            tracing::warn!(
+                "--agent-identity declared: agents' node names, host IPs and pod ranges are \
+                 believed as announced; any holder of the agent certificate can claim any node"
+            );
+        }
         accepting.spawn(link::accept(
             listeners.agent,
             shared.clone(),

@@ -155,6 +155,41 @@ async fn link_rolled_out(
     agent_nodes.sort_unstable();
     assert_eq!(agent_nodes, nodes, "one agent per node: {agents:?}");
     assert_eq!(stack.pods("server")?.len(), 1);
+    // The default link binds agents to their nodes: the servers refuse any hello without a
+    // token that TokenReview ties to an agent pod on the node claimed, so every agent counted
+    // ready above linked with its pod's projected token.
+    let server_args = stack.plane.kubectl_ok(&[
+        "get",
+        "deployment",
+        "-n",
+        NAMESPACE,
+        &format!("{LINK}-server"),
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].args}",
+    ])?;
+    assert!(
+        server_args.contains("--agent-identity=token"),
+        "{server_args}"
+    );
+    let agent_volumes = stack.plane.kubectl_ok(&[
+        "get",
+        "pods",
+        "-n",
+        NAMESPACE,
+        "-l",
+        "app.kubernetes.io/component=agent",
+        "-o",
+        "jsonpath={.items[*].spec.volumes[*].projected.sources[*].serviceAccountToken.audience}",
+    ])?;
+    let audience = format!("cplink.dev/{NAMESPACE}/{LINK}");
+    assert_eq!(
+        agent_volumes
+            .split_whitespace()
+            .filter(|a| *a == audience)
+            .count(),
+        nodes.len(),
+        "{agent_volumes}"
+    );
     Ok((nodes, agents))
 }
 
