@@ -1,27 +1,26 @@
 //! cplink-server: takes kube-apiserver's egress connections and carries them over agent links.
 //!
-//! - [`config`]: command line and validated configuration.
-//! - `connect`: the HTTP CONNECT request head (parsing, answers).
-//! - `frontend`: the CONNECT frontends (TCP with mutual TLS, Unix socket).
-//! - `link`: agent links (TLS, hello, HTTP/2 as the client, keepalive).
-//! - `konnectivity`: the konnectivity gRPC frontend (kube-apiserver's `GRPC` mode) and
-//!   upstream konnectivity agents.
+//! Modules, from the edges inwards:
+//! - [`frontends`]: where kube-apiserver's connections come in: HTTP CONNECT over mutual TLS or
+//!   a Unix socket, and konnectivity's gRPC `ProxyService` on a Unix socket.
+//! - `agents`: the agent port: native links and upstream konnectivity agents, and the watch that
+//!   keeps verified links true to their Pods and Nodes.
+//! - `tunnel`: opening a tunneled connection through an agent (routing, dial, answer).
+//! - [`registry`]: linked agents and the routing strategies that pick one.
 //! - [`identity`]: which node an agent is, proven by its pod's token or its certificate and
 //!   backed by the Node object; [`kubeapi`]: the Kubernetes client it uses.
-//! - [`registry`]: linked agents and routing strategies.
-//! - `tunnel`: opening a tunneled connection through an agent.
-//! - [`metrics`]: Prometheus metrics.
+//! - `grpc`: serving tonic services one HTTP/2 connection at a time.
+//! - [`config`]: command line and validated configuration; [`metrics`]: Prometheus metrics.
 //!
 //! [`Server::run`] takes already-bound [`Listeners`] and a shutdown token, so tests run servers
 //! in-process on ephemeral ports.
 
+mod agents;
 pub mod config;
-pub mod connect;
-mod frontend;
+pub mod frontends;
+mod grpc;
 pub mod identity;
-pub mod konnectivity;
 pub mod kubeapi;
-mod link;
 pub mod metrics;
 pub mod registry;
 mod tunnel;
@@ -333,14 +332,14 @@ impl Server {
                  believed as announced; any holder of the agent certificate can claim any node"
             );
         }
-        accepting.spawn(link::accept(
+        accepting.spawn(agents::accept(
             listeners.agent,
             shared.clone(),
             links.clone(),
             stop_accepting.clone(),
         ));
         if let (Some(listener), Some(tls)) = (listeners.frontend_tls, &shared.config.frontend_tls) {
-            accepting.spawn(frontend::accept_tls(
+            accepting.spawn(frontends::http_connect::accept_tls(
                 listener,
                 TlsAcceptor::from(tls.clone()),
                 shared.clone(),
@@ -355,7 +354,7 @@ impl Server {
             .map(|(_, path)| path.clone())
             .collect();
         if let Some((listener, _)) = listeners.frontend_uds {
-            accepting.spawn(frontend::accept_uds(
+            accepting.spawn(frontends::http_connect::accept_uds(
                 listener,
                 shared.clone(),
                 frontends.clone(),
@@ -364,9 +363,9 @@ impl Server {
             ));
         }
         if let Some((listener, _)) = listeners.grpc_uds {
-            accepting.spawn(konnectivity::proxy::accept_uds(
+            accepting.spawn(frontends::grpc::accept_uds(
                 listener,
-                konnectivity::proxy::ProxyFrontend::new(
+                frontends::grpc::ProxyFrontend::new(
                     shared.clone(),
                     frontends.clone(),
                     force.clone(),
@@ -378,7 +377,7 @@ impl Server {
         }
         let identity_stop = CancellationToken::new();
         let identity_watch =
-            tokio::spawn(identity::watch::run(shared.clone(), identity_stop.clone()));
+            tokio::spawn(agents::watch::run(shared.clone(), identity_stop.clone()));
         let admin_task = listeners.admin.map(|listener| {
             let probe = shared.clone();
             tokio::spawn(admin::serve(

@@ -12,12 +12,11 @@
 //! - `certificate`: for agents outside the cluster, each with its own certificate whose subject
 //!   is `CN=system:node:<node>`.
 //!
-//! Either way the Node object decides what the agent may route (see [`nodes::Backing`]), and
-//! [`watch`] keeps that true while the link lives.
+//! Either way the Node object decides what the agent may route (see [`nodes::Backing`]);
+//! `crate::agents::watch` keeps that true while the link lives.
 
 pub(crate) mod nodes;
 pub mod tokens;
-pub(crate) mod watch;
 
 use std::net::IpAddr;
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! Agent links: TLS, hello, then HTTP/2 with this server as the client.
+//! Native agent links: the hello, identity checks, then HTTP/2 with this server as the client.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,13 +14,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::validate_agent_id;
+use crate::Shared;
 use crate::identity::{Binding, Claim, Refusal};
 use crate::metrics::LinkErrorLabels;
 use crate::registry::{AgentLink, Carrier};
-use crate::{Shared, konnectivity};
-
-/// Longest agent id accepted.
-const MAX_AGENT_ID_LEN: usize = 253;
 
 /// Why an agent link could not be established or ended abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -114,19 +112,6 @@ pub(crate) async fn accept(
     }
 }
 
-/// Checks an agent id from a hello or from konnectivity metadata.
-pub(crate) fn validate_agent_id(id: &str) -> Result<(), String> {
-    if id.is_empty() || id.len() > MAX_AGENT_ID_LEN {
-        return Err(format!(
-            "agent id must be 1 to {MAX_AGENT_ID_LEN} characters"
-        ));
-    }
-    if !id.chars().all(|c| c.is_ascii_graphic()) {
-        return Err("agent id must be printable ASCII without spaces".into());
-    }
-    Ok(())
-}
-
 async fn serve(
     shared: Arc<Shared>,
     tcp: TcpStream,
@@ -153,7 +138,7 @@ async fn serve(
         Some(cplink_proto::ALPN_H2) => {
             // gRPC from here on: the handshake phase is over.
             drop(pending);
-            konnectivity::agents::serve(shared, tls, peer, certificate).await;
+            super::konnectivity::serve(shared, tls, peer, certificate).await;
             return Ok(());
         }
         _ => return Err(LinkError::Alpn),

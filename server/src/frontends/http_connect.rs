@@ -15,9 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::connect::{self, ConnectError};
+use super::count_request_error;
 use crate::Shared;
-use crate::connect::{self, ConnectError};
-use crate::metrics::{FrontendLabels, RequestErrorLabels};
+use crate::metrics::FrontendLabels;
 use crate::tunnel::{self, Carried};
 
 /// A frontend connection, once its transport handshake is done.
@@ -140,15 +141,6 @@ pub(crate) async fn accept_uds(
             .instrument(tracing::info_span!("frontend", peer = "uds")),
         );
     }
-}
-
-/// Counts a frontend request refused before dialing.
-pub(crate) fn count_request_error(shared: &Shared, reason: &'static str) {
-    shared
-        .metrics
-        .request_errors
-        .get_or_create(&RequestErrorLabels { reason })
-        .inc();
 }
 
 /// Serves one frontend connection: CONNECT head, dial, answer, then pump until done.

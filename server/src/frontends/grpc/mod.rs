@@ -10,6 +10,8 @@
 //! from the client only once the agent's end has room for it, and the agent's bytes are
 //! released only once they were queued for the client.
 
+mod authority;
+
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -34,7 +36,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::Shared;
-use crate::frontend::count_request_error;
+use crate::frontends::count_request_error;
 use crate::metrics::{DialLabels, FrontendLabels};
 use crate::tunnel::{self, CLOSE_LINGER, Carried};
 
@@ -54,15 +56,15 @@ pub(crate) async fn accept_uds(
     // as long as they live and are not held to the handshake cap.
     let acceptor = frontend.shared.acceptor("grpc-uds");
     while let Some(((stream, _), _)) = acceptor.next(|| listener.accept(), &stop).await {
-        let service =
-            ProxyServiceServer::new(frontend.clone()).max_decoding_message_size(super::MAX_MESSAGE);
+        let service = ProxyServiceServer::new(frontend.clone())
+            .max_decoding_message_size(crate::grpc::MAX_MESSAGE);
         let stop = stop.clone();
         let force = force.clone();
         connections.spawn(
             async move {
                 tokio::select! {
-                    () = super::serve_connection(
-                        super::authority::AuthorityFix::new(stream),
+                    () = crate::grpc::serve_connection(
+                        authority::AuthorityFix::new(stream),
                         service,
                         stop,
                         None,

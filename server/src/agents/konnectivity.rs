@@ -26,10 +26,10 @@ use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use super::validate_agent_id;
 use crate::Shared;
 use crate::identity::tokens::AuthError;
 use crate::identity::{Claim, Refusal};
-use crate::link::validate_agent_id;
 use crate::metrics::LinkErrorLabels;
 use crate::registry::{AgentLink, Carrier};
 
@@ -55,8 +55,8 @@ pub(crate) async fn serve<IO>(
         certificate,
         stop: stop.clone(),
     })
-    .max_decoding_message_size(super::MAX_MESSAGE);
-    super::serve_connection(io, service, stop, Some(shared.config.keepalive)).await;
+    .max_decoding_message_size(crate::grpc::MAX_MESSAGE);
+    crate::grpc::serve_connection(io, service, stop, Some(shared.config.keepalive)).await;
 }
 
 /// The gRPC status refusing an agent whose identity does not back its claims.

@@ -20,8 +20,8 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use tokio_util::sync::CancellationToken;
 
-use super::nodes::Backing;
 use crate::Shared;
+use crate::identity::nodes::Backing;
 use crate::metrics::LinkErrorLabels;
 use crate::registry::AgentLink;
 

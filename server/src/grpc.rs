@@ -1,21 +1,7 @@
-//! The konnectivity gRPC side of the server, for drop-in compatibility with
-//! apiserver-network-proxy.
-//!
-//! - `proxy`: `/ProxyService/Proxy`, the frontend kube-apiserver uses in `GRPC` egress mode, on
-//!   a Unix socket. One stream per tunneled connection, routed like a CONNECT.
-//! - `agents`: `/AgentService/Connect`, for upstream konnectivity agents, told apart from native
-//!   agents on the agent port by ALPN `h2`.
-//!
-//! Upstream agents authenticate with the link's client certificate or a service-account token
-//! ([`crate::identity::tokens`]), and are bound to their nodes as native agents are
-//! ([`crate::identity`]).
-//!
-//! Both run tonic's generated services on hyper's HTTP/2 server connection by connection, so the
-//! server's own accept loops, drain and force-close apply to them as to everything else.
-
-pub(crate) mod agents;
-mod authority;
-pub(crate) mod proxy;
+//! gRPC over one hyper HTTP/2 connection at a time, for the konnectivity protocol's two
+//! services: upstream agents' `AgentService/Connect` ([`crate::agents`]) and kube-apiserver's
+//! `ProxyService/Proxy` ([`crate::frontends`]). Serving connection by connection keeps the
+//! server's own accept loops, drain and force-close in charge, as for everything else.
 
 use std::convert::Infallible;
 
