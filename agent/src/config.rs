@@ -15,7 +15,7 @@ use cplink_proto::tls::{self, Identity, TrustAnchors};
 use ipnet::IpNet;
 use rustls_pki_types::ServerName;
 
-use crate::konnectivity;
+use crate::grpc_metadata;
 use crate::policy::{Policy, Rule};
 use crate::token;
 
@@ -358,7 +358,7 @@ impl Args {
             let server_name = ServerName::try_from(name.clone())
                 .map_err(|e| ConfigError::new("server-name", format!("{name:?}: {e}")))?;
             if self.protocol == Protocol::Konnectivity {
-                konnectivity::origin(address)
+                grpc_metadata::origin(address)
                     .map_err(|e| ConfigError::new("server-address", format!("{address:?}: {e}")))?;
             }
             servers.push(ServerEndpoint {
@@ -403,7 +403,7 @@ impl Args {
             token::read_now(path).map_err(|e| ConfigError::new("service-account-token-path", e))?;
         }
         if self.protocol == Protocol::Konnectivity {
-            konnectivity::agent_id_value(&agent_id).map_err(|e| {
+            grpc_metadata::agent_id_value(&agent_id).map_err(|e| {
                 ConfigError::new(
                     "agent-id",
                     format!("{agent_id:?}: {e} (--protocol konnectivity)"),

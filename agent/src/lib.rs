@@ -1,35 +1,34 @@
 //! cplink-agent: links out to cplink servers and dials nodes, pods and services for them.
 //!
-//! - [`config`]: command line and validated configuration.
-//! - [`policy`]: which destinations may be dialed.
+//! Modules, from the outside in:
 //! - `pool`: keeping the links of one server address up, for either protocol: dial while
-//!   short of servers, backoff, stop dialing an address no longer wanted.
-//! - `uplink`: native links to servers, with keepalive and drain; backoff and link errors.
-//! - `konnectivity`: links to konnectivity servers (gRPC `AgentService/Connect`), each serving
-//!   dials on one multiplexed stream.
-//! - `links`: the links up per server address, and the readiness they make.
-//! - `discovery`: the server addresses from the EndpointSlices of the servers' Service.
-//! - `token`: the service-account token that proves the agent's pod to servers.
-//! - `node`: the pod ranges of the agent's Node; `kubeapi`: the Kubernetes client both use.
+//!   short of servers, back off, stop dialing an address no longer wanted.
+//! - `link`: one link to a server in either protocol (`link::native`, `link::konnectivity`)
+//!   behind one `Link` type: connect, serve, drain; the errors both share.
 //! - `dial`: dialing a destination (policy, timeout, metrics) and serving one native tunnel
 //!   stream (dial, answer, pump).
-//! - [`metrics`]: Prometheus metrics.
+//! - `slots`: the links up per server address, and the readiness they make.
+//! - `cluster`: what the agent reads from the Kubernetes API: the servers' EndpointSlices and its
+//!   Node's pod ranges, with the client both use.
+//! - `backoff`, `token` (the service-account token that proves the agent's pod to servers),
+//!   `grpc_metadata` (what konnectivity requests carry).
+//! - [`config`]: command line and validated configuration; [`policy`]: which destinations may
+//!   be dialed; [`metrics`]: Prometheus metrics.
 //!
 //! [`Agent::run`] takes an already-bound admin listener and a shutdown token, so tests run
 //! agents in-process.
 
+mod backoff;
+mod cluster;
 pub mod config;
 mod dial;
-mod discovery;
-mod konnectivity;
-mod kubeapi;
-mod links;
+mod grpc_metadata;
+mod link;
 pub mod metrics;
-mod node;
 pub mod policy;
 mod pool;
+mod slots;
 mod token;
-mod uplink;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -40,11 +39,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use cluster::client::KubeApi;
 pub use config::{Args, Config, ConfigError, Protocol};
-use kubeapi::KubeApi;
-use links::{Links, SlotId, Source, Wants};
+use link::LinkContext;
 use metrics::Metrics;
-use pool::{LinkContext, Uplinks};
+use pool::Pool;
+use slots::{SlotId, Slots, Source, Wants};
 
 /// What the agent knows about an established link.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +58,7 @@ pub struct LinkInfo {
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) metrics: Metrics,
-    pub(crate) links: Arc<Links>,
+    pub(crate) links: Arc<Slots>,
     /// The Kubernetes API, for discovery and the Node lookup.
     pub(crate) kube: Option<KubeApi>,
     /// The identifiers sent in hellos, once the Node's pod ranges joined them.
@@ -88,7 +88,7 @@ async fn pod_cidrs_from_node(shared: &Shared) {
     let (Some(api), Some(node)) = (&shared.kube, config.node_name.as_deref()) else {
         return;
     };
-    match node::lookup(api, node, config.node_lookup_budget, config.backoff).await {
+    match cluster::node::lookup(api, node, config.node_lookup_budget, config.backoff).await {
         Ok(cidrs) if cidrs.is_empty() => {
             tracing::info!(node, "the Node has no pod CIDR: none added");
         }
@@ -188,7 +188,7 @@ impl Agent {
             Some(discovery) => Source::Discovering(discovery.qualified_name()),
             None => Source::Fixed,
         };
-        let links = Links::new(
+        let links = Slots::new(
             source,
             metrics.links_up.clone(),
             metrics.servers_known.clone(),
@@ -293,13 +293,17 @@ impl Agent {
             shutdown: shutdown.clone(),
             force: CancellationToken::new(),
         };
-        let starter = Uplinks::new(shared.clone(), uplinks.clone(), context.clone());
+        let starter = Pool::new(shared.clone(), uplinks.clone(), context.clone());
         for (slot, endpoint) in self.fixed.iter().zip(&config.servers) {
             // Fixed addresses are dialed until shutdown.
             drop(starter.start_slot(*slot, endpoint.clone()));
         }
         if config.discovery.is_some() {
-            uplinks.spawn(discovery::run(shared.clone(), starter, shutdown.clone()));
+            uplinks.spawn(cluster::discovery::run(
+                shared.clone(),
+                starter,
+                shutdown.clone(),
+            ));
         }
         let (streams, force) = (context.streams, context.force);
 

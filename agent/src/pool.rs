@@ -1,5 +1,5 @@
 //! Keeping the links of one server address up, whatever the protocol: dial while the address
-//! is short of servers (see [`crate::links`]), pausing with backoff after failures and
+//! is short of servers (see [`crate::slots`]), pausing with backoff after failures and
 //! duplicates; serve each link on its own task; when the address is no longer wanted, stop
 //! dialing and let the links that are up run until their servers close them.
 
@@ -11,30 +11,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::config::{Protocol, ServerEndpoint};
-use crate::links::{SlotId, Wants};
-use crate::uplink::{self, Backoff, LinkError};
-use crate::{Shared, konnectivity};
-
-/// A server address and its slot in [`crate::links::Links`].
-#[derive(Debug, Clone)]
-pub(crate) struct ServerSlot {
-    pub(crate) slot: SlotId,
-    pub(crate) endpoint: ServerEndpoint,
-}
-
-/// What every link of the agent shares: the tracker of tunneled connections, the signal to
-/// drain and the signal to close at once.
-#[derive(Debug, Clone)]
-pub(crate) struct LinkContext {
-    pub(crate) streams: TaskTracker,
-    pub(crate) shutdown: CancellationToken,
-    pub(crate) force: CancellationToken,
-}
+use crate::Shared;
+use crate::backoff::Backoff;
+use crate::config::ServerEndpoint;
+use crate::link::{self, Link, LinkContext, LinkError, ServerSlot};
+use crate::slots::{SlotId, Wants};
 
 /// Starts and stops the tasks keeping server addresses linked.
 #[derive(Clone)]
-pub(crate) struct Uplinks {
+pub(crate) struct Pool {
     shared: Arc<Shared>,
     tracker: TaskTracker,
     context: LinkContext,
@@ -47,10 +32,10 @@ pub(crate) struct Running {
     stop: CancellationToken,
 }
 
-impl Uplinks {
+impl Pool {
     /// Tasks spawned on `tracker`, links drained and closed with `context`.
     pub(crate) fn new(shared: Arc<Shared>, tracker: TaskTracker, context: LinkContext) -> Self {
-        Uplinks {
+        Pool {
             shared,
             tracker,
             context,
@@ -80,42 +65,6 @@ impl Uplinks {
     pub(crate) fn stop(&self, running: Running) {
         self.shared.links.retire(running.slot);
         running.stop.cancel();
-    }
-}
-
-/// An established link of either protocol.
-enum Link {
-    // Boxed: both hold large connection state, and a link is moved into its task once.
-    Native(Box<uplink::Link>),
-    Konnectivity(Box<konnectivity::Link>),
-}
-
-impl Link {
-    /// Whether the link replaced an older link to the same server.
-    fn replaced(&self) -> bool {
-        match self {
-            Link::Native(link) => link.replaced(),
-            // Konnectivity duplicates are refused instead.
-            Link::Konnectivity(_) => false,
-        }
-    }
-}
-
-async fn connect(shared: &Shared, target: &ServerSlot) -> Result<Link, LinkError> {
-    match shared.config.protocol {
-        Protocol::Cplink => uplink::connect(shared, target)
-            .await
-            .map(|link| Link::Native(Box::new(link))),
-        Protocol::Konnectivity => konnectivity::connect(shared, target)
-            .await
-            .map(|link| Link::Konnectivity(Box::new(link))),
-    }
-}
-
-async fn serve(shared: Arc<Shared>, link: Link, context: LinkContext) {
-    match link {
-        Link::Native(link) => uplink::serve_link(shared, *link, context).await,
-        Link::Konnectivity(link) => konnectivity::serve_link(shared, *link, context).await,
     }
 }
 
@@ -161,12 +110,12 @@ async fn maintain(
                     server_id = tracing::field::Empty,
                 );
                 let attempt = tokio::select! {
-                    attempt = connect(shared, &target).instrument(span.clone()) => attempt,
+                    attempt = Link::connect(shared, &target).instrument(span.clone()) => attempt,
                     () = context.shutdown.cancelled() => break,
                 };
                 match attempt {
                     Ok(link) if link.replaced() => {
-                        uplink::count_attempt(shared, "duplicate");
+                        link::count_attempt(shared, "duplicate");
                         let delay = backoff.next_delay();
                         span.in_scope(|| tracing::info!(
                             delay = %humantime::format_duration(delay),
@@ -175,17 +124,17 @@ async fn maintain(
                              for another server"
                         ));
                         next_attempt = Instant::now() + delay;
-                        links.spawn(serve(shared.clone(), link, context.clone()).instrument(span));
+                        links.spawn(link.serve(shared.clone(), context.clone()).instrument(span));
                     }
                     Ok(link) => {
-                        uplink::count_attempt(shared, "ok");
+                        link::count_attempt(shared, "ok");
                         backoff.reset();
                         // More servers may be wanted: the next attempt may start at once.
                         next_attempt = Instant::now();
-                        links.spawn(serve(shared.clone(), link, context.clone()).instrument(span));
+                        links.spawn(link.serve(shared.clone(), context.clone()).instrument(span));
                     }
                     Err(err) => {
-                        uplink::count_attempt(shared, err.kind());
+                        link::count_attempt(shared, err.kind());
                         let delay = backoff.next_delay();
                         let delay_text = humantime::format_duration(delay);
                         let _enter = span.enter();

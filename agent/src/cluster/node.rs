@@ -5,9 +5,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 
+use super::client::KubeApi;
+use crate::backoff::Backoff;
 use crate::config::BackoffConfig;
-use crate::kubeapi::KubeApi;
-use crate::uplink::Backoff;
 
 /// Why the Node's pod ranges are not known.
 #[derive(Debug, thiserror::Error)]

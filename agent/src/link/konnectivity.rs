@@ -4,7 +4,7 @@
 //! A sole server address may hide several servers behind a load balancer, each answering with its
 //! `serverid` and how many servers there are (`servercount`). The agent keeps dialing the
 //! address until it holds links to that many distinct server ids, closing links that land on a
-//! server it already has (see [`crate::pool`] and [`crate::links`]).
+//! server it already has (see [`crate::pool`] and [`crate::slots`]).
 //!
 //! One link is one bidirectional stream carrying every tunneled connection, multiplexed by
 //! [`Mux`]. Each dial request runs on its own task, so a slow dial never holds up the stream;
@@ -42,10 +42,10 @@ use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tonic::metadata::{Ascii, MetadataMap, MetadataValue};
 use tracing::Instrument;
 
-use crate::links::{HeldLink, OnDuplicate, SlotId};
-use crate::pool::{LinkContext, ServerSlot};
+use super::{LinkContext, LinkError, LinkTls, ServerSlot, connect_tcp, handshake_tls};
+use crate::grpc_metadata::{agent_id_value, ascii_value, origin};
+use crate::slots::{HeldLink, OnDuplicate, SlotId};
 use crate::token::{self, TokenError};
-use crate::uplink::{self, LinkError, LinkTls};
 use crate::{LinkInfo, Shared, dial};
 
 /// Packets queued towards the server before the tasks sending them wait.
@@ -57,29 +57,6 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// What the agent answers a dial with while it drains.
 const DRAINING: &str = "the agent is shutting down";
-
-/// The `https://host:port` origin of a server address, for the requests' `:authority`.
-pub(crate) fn origin(address: &str) -> Result<http::Uri, http::uri::InvalidUri> {
-    format!("https://{address}").parse()
-}
-
-/// A metadata value that is not printable ASCII, which gRPC requires of text metadata.
-#[derive(Debug, thiserror::Error)]
-#[error("must be printable ASCII")]
-pub(crate) struct NotPrintableAscii;
-
-/// `text` as a text metadata value.
-fn ascii_value(text: &str) -> Result<MetadataValue<Ascii>, NotPrintableAscii> {
-    if !text.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
-        return Err(NotPrintableAscii);
-    }
-    MetadataValue::try_from(text).map_err(|_| NotPrintableAscii)
-}
-
-/// The `agentid` metadata value.
-pub(crate) fn agent_id_value(agent_id: &str) -> Result<MetadataValue<Ascii>, NotPrintableAscii> {
-    ascii_value(agent_id)
-}
 
 /// `token` as `authorization` metadata. Marked sensitive, which keeps it out of HPACK's dynamic
 /// table and out of debug output.
@@ -134,10 +111,10 @@ pub(crate) async fn connect(shared: &Shared, target: &ServerSlot) -> Result<Link
         Some(path) => Some(bearer_value(path, &token::read(path).await?)?),
         None => None,
     };
-    let tcp = uplink::connect_tcp(config, endpoint).await?;
+    let tcp = connect_tcp(config, endpoint).await?;
     let budget = config.link_timeout;
     let handshake = async {
-        let tls = uplink::handshake_tls(config, endpoint, tcp, cplink_proto::ALPN_H2).await?;
+        let tls = handshake_tls(config, endpoint, tcp, cplink_proto::ALPN_H2).await?;
         open_stream(shared, target, tls, token).await
     };
     tokio::time::timeout(budget, handshake)
@@ -262,7 +239,7 @@ pub(crate) async fn serve_link(shared: Arc<Shared>, link: Link, context: LinkCon
         Ok(()) if shutdown.is_cancelled() => tracing::info!("link closed"),
         Ok(()) => tracing::info!("link closed by the server"),
         Err(err) => {
-            uplink::count_attempt(&shared, err.kind());
+            super::count_attempt(&shared, err.kind());
             tracing::warn!(%err, "link failed");
         }
     }
@@ -615,7 +592,7 @@ pub(crate) mod ping_backoff {
     use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
     use crate::Shared;
-    use crate::links::{Links, SlotId};
+    use crate::slots::{SlotId, Slots};
 
     /// The longest PING interval a server's `too_many_pings` can push the agent to. Above
     /// grpc-go's default `MinTime` of 5 minutes (doubling from 30 s gets there in four steps,
@@ -636,13 +613,13 @@ pub(crate) mod ping_backoff {
 
     /// The PING interval of each server slot a `too_many_pings` lengthened, per agent.
     ///
-    /// The agent's per-slot state lives in `Links`, which knows nothing of keepalive; this table
-    /// sits beside it, keyed by the agent's `Links` (a `Weak`, which keeps its allocation, so a
+    /// The agent's per-slot state lives in `Slots`, which knows nothing of keepalive; this table
+    /// sits beside it, keyed by the agent's `Slots` (a `Weak`, which keeps its allocation, so a
     /// later agent can never be mistaken for a dropped one) and the slot.
     static INTERVALS: Mutex<Vec<SlotInterval>> = Mutex::new(Vec::new());
 
     struct SlotInterval {
-        links: Weak<Links>,
+        links: Weak<Slots>,
         slot: SlotId,
         interval: Duration,
     }

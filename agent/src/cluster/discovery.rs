@@ -26,10 +26,10 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
+use crate::backoff::Backoff;
 use crate::config::{ServerDiscovery, ServerEndpoint};
-use crate::links::Wants;
-use crate::pool::{Running, Uplinks};
-use crate::uplink::Backoff;
+use crate::pool::{Pool, Running};
+use crate::slots::Wants;
 
 /// Name of the servers' port for agents on the operator's Service.
 pub const PORT_NAME: &str = "agents";
@@ -214,7 +214,7 @@ fn read(slice: &DynamicObject, service: &str) -> (String, Vec<SocketAddr>) {
 
 /// The addresses being dialed, kept equal to the endpoints discovered.
 struct Dialing {
-    uplinks: Uplinks,
+    pool: Pool,
     discovery: ServerDiscovery,
     running: BTreeMap<SocketAddr, Running>,
 }
@@ -231,7 +231,7 @@ impl Dialing {
         for address in gone {
             if let Some(running) = self.running.remove(&address) {
                 tracing::info!(%service, %address, "server endpoint removed: no longer dialed");
-                self.uplinks.stop(running);
+                self.pool.stop(running);
             }
         }
         for address in wanted {
@@ -244,7 +244,7 @@ impl Dialing {
                 server_name: self.discovery.server_name.clone(),
             };
             self.running
-                .insert(*address, self.uplinks.start(endpoint, Wants::One));
+                .insert(*address, self.pool.start(endpoint, Wants::One));
         }
     }
 }
@@ -261,11 +261,7 @@ async fn endpoint_slices(client: &kube::Client) -> Result<ApiResource, String> {
 }
 
 /// Watches the servers' EndpointSlices until shutdown, keeping one link task per endpoint.
-pub(crate) async fn run(
-    shared: std::sync::Arc<Shared>,
-    uplinks: Uplinks,
-    shutdown: CancellationToken,
-) {
+pub(crate) async fn run(shared: std::sync::Arc<Shared>, pool: Pool, shutdown: CancellationToken) {
     let Some(discovery) = shared.config.discovery.clone() else {
         return;
     };
@@ -312,7 +308,7 @@ pub(crate) async fn run(
         .boxed();
     let mut slices = Slices::default();
     let mut dialing = Dialing {
-        uplinks,
+        pool,
         discovery,
         running: BTreeMap::new(),
     };

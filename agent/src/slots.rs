@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::LinkInfo;
 
-/// Identifies a slot in [`Links`].
+/// Identifies a slot in [`Slots`].
 pub(crate) type SlotId = u64;
 
 /// How many distinct servers a slot wants links to.
@@ -57,7 +57,7 @@ pub(crate) enum Source {
 
 /// The links up, per server address.
 #[derive(Debug)]
-pub(crate) struct Links {
+pub(crate) struct Slots {
     table: Mutex<Table>,
     links_up: Gauge,
     servers_known: Gauge,
@@ -101,10 +101,10 @@ impl Slot {
 #[error("already linked to server {0}")]
 pub(crate) struct AlreadyLinked(pub(crate) String);
 
-/// A link registered in [`Links`]; dropping it unregisters the link.
+/// A link registered in [`Slots`]; dropping it unregisters the link.
 #[derive(Debug)]
 pub(crate) struct HeldLink {
-    links: Arc<Links>,
+    links: Arc<Slots>,
     slot: SlotId,
     id: u64,
     superseded: CancellationToken,
@@ -133,11 +133,11 @@ impl Drop for HeldLink {
     }
 }
 
-impl Links {
+impl Slots {
     /// An empty table for addresses from `source`. The gauges are kept equal to the links up
     /// and the servers the agent should be linked to.
     pub(crate) fn new(source: Source, links_up: Gauge, servers_known: Gauge) -> Arc<Self> {
-        let links = Links {
+        let links = Slots {
             table: Mutex::new(Table {
                 next_id: 0,
                 source,
@@ -340,9 +340,9 @@ mod tests {
         }
     }
 
-    fn links(source: Source) -> (Arc<Links>, Gauge, Gauge) {
+    fn links(source: Source) -> (Arc<Slots>, Gauge, Gauge) {
         let (up, known) = (Gauge::default(), Gauge::default());
-        (Links::new(source, up.clone(), known.clone()), up, known)
+        (Slots::new(source, up.clone(), known.clone()), up, known)
     }
 
     #[test]
