@@ -20,6 +20,24 @@ use crate::crd::{AgentAuthentication, ControlPlaneLink, SecretRef};
 use crate::metrics::Metrics;
 use crate::resources::fixtures::DEFAULT_IMAGE;
 
+/// The finalizer's part of a link's life, on top of the fixtures in `resources`.
+impl ControlPlaneLink {
+    /// With the cleanup finalizer already in place.
+    fn finalized(mut self) -> Self {
+        self.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        self
+    }
+
+    /// Marked for deletion.
+    fn deleting(mut self) -> Self {
+        self.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        self
+    }
+}
+
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 type Responder = tower_test::mock::SendResponse<Response<Body>>;
 
