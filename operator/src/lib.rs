@@ -1,15 +1,16 @@
 //! cplink-operator: runs ControlPlaneLinks — tunnel servers, per-node agents, their
 //! certificates and kube-apiserver's egress configuration.
 //!
-//! Map of the crate:
+//! Map of the crate, in layers: each module uses only modules listed above it.
 //! - [`crd`]: the `ControlPlaneLink` resource (spec, defaults, status) and [`crd::crd_yaml`]
 //! - [`validate`]: what the schema cannot check; parses the spec into typed values
 //! - [`certs`]: CA generation, leaf issuance, reuse-or-renew decisions (pure)
 //! - [`resources`]: pure builders of every child object
 //! - [`status`]: conditions and the Events changes of state deserve (pure)
 //! - [`linked`]: how many agents each server pod has linked, read from its admin endpoint
+//! - [`metrics`]: Prometheus metrics of reconciles
 //! - [`reconciler`]: `Context`, `reconcile` (finalizer → apply/cleanup), `error_policy`, `run`
-//! - [`metrics`], [`admin`]: Prometheus metrics and the `/healthz` `/readyz` `/metrics` server
+//! - [`admin`]: the `/healthz` `/readyz` `/metrics` server
 //! - [`app`]: command-line configuration and the operator's `run`
 
 pub mod admin;

@@ -12,7 +12,7 @@ use prometheus_client::registry::Registry;
 /// Labels of the reconcile error counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
-    /// Kind of failure, from [`crate::reconciler::Error::metric_label`].
+    /// Kind of failure: one of a fixed set of labels, never error text.
     pub error: &'static str,
 }
 

@@ -378,7 +378,7 @@ pub fn validate(name: &str, spec: &ControlPlaneLinkSpec) -> Result<ValidSpec, In
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{ControlPlaneLinkSpec, FrontendMode, RoutingStrategy};
+    use crate::crd::{ControlPlaneLink, ControlPlaneLinkSpec, FrontendMode, RoutingStrategy};
 
     fn spec() -> ControlPlaneLinkSpec {
         ControlPlaneLinkSpec::default()
@@ -647,5 +647,35 @@ mod tests {
             validate("link", &spec).expect_err("invalid").field,
             "spec.server.frontend.externalAddress"
         );
+    }
+
+    /// Every non-empty key of `example` is also in `typed`: catches misspelled example fields,
+    /// which serde would otherwise drop silently.
+    fn assert_keys_known(path: &str, example: &serde_json::Value, typed: &serde_json::Value) {
+        if let Some(map) = example.as_object() {
+            for (key, value) in map {
+                let empty = value.as_array().is_some_and(Vec::is_empty);
+                let child = format!("{path}.{key}");
+                assert!(empty || typed.get(key).is_some(), "unknown field {child}");
+                if let Some(typed_value) = typed.get(key) {
+                    assert_keys_known(&child, value, typed_value);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_example_uses_only_known_fields_and_is_valid() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../crds/examples/controlplanelink.yaml"
+        ))
+        .expect("example exists");
+        let raw: serde_json::Value = serde_yaml::from_str(&text).expect("example is YAML");
+        let link: ControlPlaneLink = serde_yaml::from_str(&text).expect("example parses");
+        let typed = serde_json::to_value(&link.spec).expect("spec serializes");
+        assert_keys_known("spec", &raw["spec"], &typed);
+        validate(&link.metadata.name.unwrap_or_default(), &link.spec)
+            .expect("example spec is valid");
     }
 }

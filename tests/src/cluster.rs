@@ -466,7 +466,7 @@ impl ControlPlane {
             .strip_prefix("http://")
             .context("etcd URL is not http://")?
             .parse()?;
-        crate::stack::http_request(
+        crate::http1::request(
             address,
             "POST",
             "/v3/kv/put",

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use anyhow::Context as _;
 
-use crate::stack::repo;
+use crate::workspace;
 
 /// Runs Helm actions against one cluster.
 #[derive(Debug, Clone)]
@@ -78,7 +78,7 @@ impl Helm {
     ) -> anyhow::Result<()> {
         let mut command = Command::new(&self.python);
         command
-            .arg(repo().join("tests/helm/helmctl.py"))
+            .arg(workspace::root().join("tests/helm/helmctl.py"))
             .arg(action)
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)

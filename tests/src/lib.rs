@@ -1,7 +1,25 @@
 //! Test support for cplink: certificates, in-process servers and agents on loopback, CONNECT
-//! clients, destination fixtures, and waiting on conditions.
+//! clients, destination fixtures, a real control plane with simulated nodes, and waiting on
+//! conditions.
 //!
+//! Map of the crate, in layers: each module uses only modules listed above it.
+//!
+//! Foundations:
+//! - [`wait`]: polling a condition until a deadline.
+//! - [`harness`]: a test body under a deadline, named steps, bounded runtime shutdown and
+//!   bounded process stops.
 //! - [`pki`]: a CA and leaf certificates written to a private directory.
+//! - [`workspace`]: the repository's root, where charts, CRDs and scripts are found.
+//! - [`http1`]: plain HTTP/1.1 requests, to admin endpoints and etcd's JSON gateway.
+//! - [`metrics`]: counters in the Prometheus text admin endpoints serve.
+//!
+//! In-process, on loopback:
+//! - [`targets`]: destinations: echo, source, sink, a closed port and a black hole.
+//! - [`client`]: CONNECT clients for the Unix socket and TLS frontends.
+//! - [`grpc`]: konnectivity gRPC peers: a Proxy client and a scripted upstream agent.
+//! - [`fixture`]: [`fixture::Loopback`] starts servers and agents in-process on `127.0.0.1:0`.
+//!
+//! A cluster on one machine:
 //! - [`cluster`]: a real control plane (etcd, kube-apiserver, kube-controller-manager,
 //!   kube-scheduler) on loopback.
 //! - [`binaries`]: the workspace's binaries; the operator as a process.
@@ -10,13 +28,6 @@
 //! - [`helm`]: releases of the Helm chart through the real Helm engine.
 //! - [`stack`]: all of it together: control plane, nodes, cplink installed with its chart, a
 //!   link, egress wired.
-//! - [`fixture`]: [`fixture::Loopback`] starts servers and agents in-process on `127.0.0.1:0`.
-//! - [`client`]: CONNECT clients for the Unix socket and TLS frontends.
-//! - [`grpc`]: konnectivity gRPC peers: a Proxy client and a scripted upstream agent.
-//! - [`targets`]: destinations: echo, source, sink, a closed port and a black hole.
-//! - [`wait`]: polling a condition until a deadline.
-//! - [`harness`]: a test body under a deadline, named steps, bounded runtime shutdown and
-//!   bounded process stops.
 
 pub mod binaries;
 pub mod client;
@@ -26,11 +37,14 @@ pub mod forwarder;
 pub mod grpc;
 pub mod harness;
 pub mod helm;
+pub mod http1;
 pub mod kubelet;
+pub mod metrics;
 pub mod pki;
 pub mod stack;
 pub mod targets;
 pub mod wait;
+pub mod workspace;
 
 /// Installs a test log subscriber once (filter from `RUST_LOG`, default `warn`).
 pub fn init_logs() {

@@ -4,7 +4,6 @@
 //! tunnel. Shared by the end-to-end tests and `make demo`.
 
 use std::io::{BufRead as _, BufReader};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -12,13 +11,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1::Secret;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::binaries;
 use crate::cluster::{ControlPlane, Options};
 use crate::forwarder::Forwarder;
 use crate::helm::Helm;
 use crate::kubelet::{self, Nodes};
+use crate::workspace;
 
 /// Namespace of the link and its children.
 pub const NAMESPACE: &str = "cplink-system";
@@ -108,17 +107,9 @@ pub fn chart_values(extra: &[(&str, serde_json::Value)]) -> serde_json::Value {
     values
 }
 
-/// The repository's root directory.
-pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_owned()
-}
-
 /// Applies the ControlPlaneLink CRD from `crds/` and waits until the API server serves it.
 pub async fn install_crd(plane: &ControlPlane) -> anyhow::Result<()> {
-    let crd = repo().join("crds/controlplanelinks.cplink.dev.yaml");
+    let crd = workspace::root().join("crds/controlplanelinks.cplink.dev.yaml");
     plane.kubectl_ok(&["apply", "-f", &crd.display().to_string()])?;
     // Not `kubectl wait`: it fails outright while the new CRD has no conditions yet.
     plane
@@ -491,73 +482,5 @@ impl Drop for Follow {
     fn drop(&mut self) {
         // Its reader thread ends with the pipe, once kubectl is gone.
         crate::harness::stop_child(&mut self.child, Duration::ZERO);
-    }
-}
-
-/// A plain HTTP/1.1 `GET`, for admin endpoints of pods; returns the body of a 200.
-pub async fn http_get(address: SocketAddr, path: &str) -> anyhow::Result<String> {
-    http_request(address, "GET", path, None, Duration::from_secs(5)).await
-}
-
-/// A plain HTTP/1.1 request with an optional `(content type, body)`; returns the body of a
-/// 200. Connecting and reading the response each get `timeout`.
-pub async fn http_request(
-    address: SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<(&str, &[u8])>,
-    timeout: Duration,
-) -> anyhow::Result<String> {
-    let mut stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address))
-        .await
-        .context("connect timed out")??;
-    let mut request =
-        format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
-    if let Some((content_type, body)) = body {
-        request.push_str(&format!(
-            "Content-Type: {content_type}\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    if let Some((_, body)) = body {
-        stream.write_all(body).await?;
-    }
-    let mut response = String::new();
-    tokio::time::timeout(timeout, stream.read_to_string(&mut response))
-        .await
-        .context("response timed out")??;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP response")?;
-    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{method} {path}: {head}");
-    Ok(body.to_owned())
-}
-
-/// The sum of a Prometheus counter's samples whose labels contain `labels`.
-pub fn counter(metrics: &str, name: &str, labels: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && l.contains(labels))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counters_add_up_matching_samples_only() {
-        let metrics = "# HELP x\ncplink_server_dials_total{result=\"ok\"} 3\n\
-                       cplink_server_dials_total{result=\"refused\"} 2\n\
-                       cplink_server_dial_duration_seconds_count 5\n";
-        assert_eq!(
-            counter(metrics, "cplink_server_dials_total", "result=\"ok\""),
-            3.0
-        );
-        assert_eq!(counter(metrics, "cplink_server_dials_total", ""), 5.0);
-        assert_eq!(counter(metrics, "missing", ""), 0.0);
     }
 }

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use cplink_e2e::cluster::PodAddress;
 use cplink_e2e::harness::{self, Steps};
+use cplink_e2e::metrics::counter;
 use cplink_e2e::stack::{self, Egress, Follow, LINK, NAMESPACE, STEP, Stack, StackOptions};
-use cplink_e2e::wait;
+use cplink_e2e::{http1, wait};
 
 /// A fixture HTTP server on one of the nodes, behind a Service.
 const HELLO: &str = "apiVersion: apps/v1
@@ -79,10 +80,10 @@ async fn node_proxy_answers(stack: &Stack, nodes: &[String], what: &str) -> anyh
 async fn agent_dials(stack: &Stack) -> anyhow::Result<Vec<(String, f64)>> {
     let mut dials = Vec::new();
     for (_, node, ip) in stack.pods("agent")? {
-        let metrics = stack::http_get(format!("{ip}:8096").parse()?, "/metrics").await?;
+        let metrics = http1::get(format!("{ip}:8096").parse()?, "/metrics").await?;
         dials.push((
             node,
-            stack::counter(&metrics, "cplink_agent_dials_total", "result=\"ok\""),
+            counter(&metrics, "cplink_agent_dials_total", "result=\"ok\""),
         ));
     }
     dials.sort_by(|a, b| a.0.cmp(&b.0));
@@ -114,10 +115,10 @@ async fn server_counts(stack: &Stack) -> anyhow::Result<(f64, BTreeMap<String, f
     let mut dials = 0.0;
     let mut frontends = BTreeMap::new();
     for (_, _, ip) in stack.pods("server")? {
-        let metrics = stack::http_get(format!("{ip}:8095").parse()?, "/metrics").await?;
-        dials += stack::counter(&metrics, "cplink_server_dials_total", "result=\"ok\"");
+        let metrics = http1::get(format!("{ip}:8095").parse()?, "/metrics").await?;
+        dials += counter(&metrics, "cplink_server_dials_total", "result=\"ok\"");
         for frontend in FRONTENDS {
-            *frontends.entry((*frontend).to_owned()).or_default() += stack::counter(
+            *frontends.entry((*frontend).to_owned()).or_default() += counter(
                 &metrics,
                 "cplink_server_frontend_connections_total",
                 &format!("frontend=\"{frontend}\""),

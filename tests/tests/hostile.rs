@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use cplink_e2e::fixture::Loopback;
-use cplink_e2e::{client, targets, wait};
+use cplink_e2e::{client, http1, targets, wait};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -88,7 +88,7 @@ async fn silent_connections_cannot_starve_established_traffic_or_the_admin_port(
     let mut fresh = client::tunnel_uds(&server.uds, &echo_target.authority()).await?;
     echo(&mut fresh, 7).await?;
     // A 200 or an error.
-    let metrics = cplink_e2e::stack::http_get(server.admin_addr, "/metrics").await?;
+    let metrics = http1::get(server.admin_addr, "/metrics").await?;
     assert!(
         metrics.contains("cplink_server_connections_shed_total"),
         "{metrics}"

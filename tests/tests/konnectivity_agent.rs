@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cplink_e2e::fixture::{Loopback, RunningServer};
 use cplink_e2e::grpc::{self, ProxyStream};
-use cplink_e2e::stack::counter;
+use cplink_e2e::metrics::counter;
 use cplink_e2e::{client, targets, wait};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -8,7 +8,8 @@ use std::time::Duration;
 use cplink_e2e::binaries::Operator;
 use cplink_e2e::cluster::{ControlPlane, Options};
 use cplink_e2e::harness::{self, Steps};
-use cplink_e2e::stack::{self, repo};
+use cplink_e2e::stack;
+use cplink_e2e::workspace;
 
 const NAMESPACE: &str = "cplink-system";
 /// How long one wait for the operator may take.
@@ -104,7 +105,7 @@ async fn roll_out_repair_clean_up(steps: Steps) -> anyhow::Result<()> {
 
     steps.enter("the operator rolling out the example link");
     let operator = Operator::start(&plane, "cplink:e2e")?;
-    let example = repo().join("crds/examples/controlplanelink.yaml");
+    let example = workspace::root().join("crds/examples/controlplanelink.yaml");
     plane.kubectl_ok(&["apply", "-f", &example.display().to_string()])?;
 
     for child in CHILDREN {

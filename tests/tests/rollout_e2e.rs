@@ -29,10 +29,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use cplink_e2e::harness::{self, Steps};
+use cplink_e2e::metrics::counter;
 use cplink_e2e::stack::{
-    self, AgentEndpoint, FRONTEND_SERVICE, Follow, LINK, NAMESPACE, STEP, Stack, StackOptions,
+    AgentEndpoint, FRONTEND_SERVICE, Follow, LINK, NAMESPACE, STEP, Stack, StackOptions,
 };
-use cplink_e2e::wait;
+use cplink_e2e::{http1, wait};
 
 const NODES: usize = 4;
 const SERVERS: u32 = 3;
@@ -285,8 +286,8 @@ async fn every_server_links_every_agent(stack: &Stack) -> anyhow::Result<Vec<Str
         ))
     })?;
     for (pod, ip) in live_servers(stack)? {
-        let metrics = stack::http_get(format!("{ip}:8095").parse()?, "/metrics").await?;
-        let linked = stack::counter(&metrics, "cplink_server_agents_linked", "");
+        let metrics = http1::get(format!("{ip}:8095").parse()?, "/metrics").await?;
+        let linked = counter(&metrics, "cplink_server_agents_linked", "");
         assert_eq!(linked, NODES as f64, "{pod} counts every agent itself");
     }
     Ok(servers)
@@ -296,9 +297,9 @@ async fn every_server_links_every_agent(stack: &Stack) -> anyhow::Result<Vec<Str
 async fn routed(stack: &Stack) -> anyhow::Result<BTreeMap<&'static str, f64>> {
     let mut routed = BTreeMap::new();
     for (_, ip) in live_servers(stack)? {
-        let metrics = stack::http_get(format!("{ip}:8095").parse()?, "/metrics").await?;
+        let metrics = http1::get(format!("{ip}:8095").parse()?, "/metrics").await?;
         for strategy in ["node", "cidr", "default-route", "any"] {
-            *routed.entry(strategy).or_default() += stack::counter(
+            *routed.entry(strategy).or_default() += counter(
                 &metrics,
                 "cplink_server_routed_dials_total",
                 &format!("strategy=\"{strategy}\""),

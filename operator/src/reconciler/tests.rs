@@ -13,12 +13,33 @@ use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
+use time::OffsetDateTime;
 use tokio::task::JoinHandle;
 
 use super::*;
+use crate::certs::{self, CertPair, Profile};
 use crate::crd::{AgentAuthentication, ControlPlaneLink, SecretRef};
 use crate::metrics::Metrics;
 use crate::resources::fixtures::DEFAULT_IMAGE;
+use crate::resources::secrets;
+
+/// The finalizer's part of a link's life, on top of the fixtures in `resources`.
+impl ControlPlaneLink {
+    /// With the cleanup finalizer already in place.
+    fn finalized(mut self) -> Self {
+        self.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        self
+    }
+
+    /// Marked for deletion.
+    fn deleting(mut self) -> Self {
+        self.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        self
+    }
+}
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 type Responder = tower_test::mock::SendResponse<Response<Body>>;
@@ -944,21 +965,6 @@ async fn a_certificate_due_for_renewal_is_reissued_and_rolls_only_its_pods() {
     for name in ["link-ca", "link-agent-tls", "link-apiserver-egress"] {
         assert_eq!(second.secret(name), first.secret(name), "{name} is reused");
     }
-}
-
-#[test]
-fn watch_backoff_doubles_up_to_its_cap_and_resets() {
-    use kube::runtime::utils::Backoff as _;
-    let mut backoff = WatchBackoff {
-        next: WatchBackoff::MIN,
-    };
-    let pauses: Vec<Duration> = backoff.by_ref().take(7).collect();
-    assert_eq!(pauses[0], WatchBackoff::MIN);
-    assert_eq!(pauses[1], WatchBackoff::MIN * 2);
-    assert!(pauses.windows(2).all(|w| w[0] <= w[1]), "{pauses:?}");
-    assert_eq!(pauses[6], WatchBackoff::MAX);
-    backoff.reset();
-    assert_eq!(backoff.next(), Some(WatchBackoff::MIN));
 }
 
 #[tokio::test]

@@ -412,21 +412,6 @@ pub(crate) mod fixtures {
             self
         }
 
-        /// With the cleanup finalizer already in place.
-        pub fn finalized(mut self) -> Self {
-            self.metadata.finalizers = Some(vec![crate::reconciler::FINALIZER.into()]);
-            self
-        }
-
-        /// Marked for deletion.
-        pub fn deleting(mut self) -> Self {
-            self.metadata.deletion_timestamp =
-                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
-                ));
-            self
-        }
-
         /// With a change to the spec.
         pub fn with_spec(mut self, f: impl FnOnce(&mut ControlPlaneLinkSpec)) -> Self {
             f(&mut self.spec);

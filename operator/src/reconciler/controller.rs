@@ -1,0 +1,135 @@
+//! The controller: which objects it watches, how its watches back off, and its run loop.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use kube::Api;
+use kube::runtime::controller::{self, Controller};
+use kube::runtime::utils::{Backoff, ResetTimerBackoff};
+use kube::runtime::watcher;
+
+use super::{Context, error_policy, reconcile};
+use crate::crd::ControlPlaneLink;
+use crate::resources::MANAGED_BY;
+
+/// Backoff of the controller's watches after an error.
+///
+/// kube-runtime pauses *all* of a controller's watches behind one backoff. After a
+/// kube-apiserver restart every watch fails in turn (connection refused, then `410 Gone` while
+/// the new watch cache fills), and its default (up to 30 s, reset after 2 minutes without
+/// errors) compounds those into minutes of deafness. Short steps reconnect within seconds.
+#[derive(Debug, Clone)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl WatchBackoff {
+    /// The first pause.
+    pub const MIN: Duration = Duration::from_millis(250);
+    /// The longest pause.
+    pub const MAX: Duration = Duration::from_secs(5);
+    /// Quiet time after which the pauses start again from [`Self::MIN`].
+    pub const RESET_AFTER: Duration = Duration::from_secs(30);
+
+    /// The backoff the controller uses, restarting after [`Self::RESET_AFTER`] without errors.
+    pub fn for_controller() -> ResetTimerBackoff<Self> {
+        ResetTimerBackoff::new(Self { next: Self::MIN }, Self::RESET_AFTER)
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let pause = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        Some(pause)
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::MIN;
+    }
+}
+
+/// Runs the controller until `shutdown` completes, then lets running reconciles finish.
+/// `ready` is set once the ControlPlaneLink watch has synced.
+pub async fn run(
+    ctx: Arc<Context>,
+    ready: Arc<AtomicBool>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let children =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    let controller = Controller::new(
+        Api::<ControlPlaneLink>::all(client.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .owns(Api::<Deployment>::all(client.clone()), children.clone())
+    .owns(Api::<DaemonSet>::all(client.clone()), children.clone())
+    .owns(Api::<Service>::all(client.clone()), children.clone())
+    .owns(Api::<Secret>::all(client.clone()), children.clone())
+    .owns(Api::<ServiceAccount>::all(client.clone()), children)
+    .trigger_backoff(WatchBackoff::for_controller())
+    .graceful_shutdown_on(shutdown);
+
+    let store = controller.store();
+    tokio::spawn(async move {
+        // kube-runtime's "store ready" signal wakes only the last task waiting on it, and the
+        // controller waits on it too: look again every second instead of relying on a wake-up.
+        loop {
+            match tokio::time::timeout(Duration::from_secs(1), store.wait_until_ready()).await {
+                Ok(Ok(())) => {
+                    ready.store(true, Ordering::Release);
+                    tracing::info!("controller watches synced");
+                    return;
+                }
+                Ok(Err(_)) => return,
+                Err(_) => {}
+            }
+        }
+    });
+
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((link, _)) => tracing::debug!(%link, "reconciled"),
+                // Reconcile errors are logged by `error_policy`.
+                Err(controller::Error::ReconcilerFailed(..)) => {}
+                Err(controller::Error::QueueError(error)) => {
+                    tracing::warn!(error = %error, "watch failed; retrying");
+                }
+                Err(error) => tracing::debug!(%error, "controller event"),
+            }
+        })
+        .await;
+    tracing::info!("controller stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_backoff_doubles_up_to_its_cap_and_resets() {
+        use kube::runtime::utils::Backoff as _;
+        let mut backoff = WatchBackoff {
+            next: WatchBackoff::MIN,
+        };
+        let pauses: Vec<Duration> = backoff.by_ref().take(7).collect();
+        assert_eq!(pauses[0], WatchBackoff::MIN);
+        assert_eq!(pauses[1], WatchBackoff::MIN * 2);
+        assert!(pauses.windows(2).all(|w| w[0] <= w[1]), "{pauses:?}");
+        assert_eq!(pauses[6], WatchBackoff::MAX);
+        backoff.reset();
+        assert_eq!(backoff.next(), Some(WatchBackoff::MIN));
+    }
+}
