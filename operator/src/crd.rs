@@ -572,9 +572,9 @@ pub struct CertificatesStatus {
 }
 
 /// The CustomResourceDefinition as YAML, as checked in at `crds/controlplanelinks.cplink.dev.yaml`.
-pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+pub fn crd_yaml() -> Result<String, crate::yaml::Error> {
     use kube::CustomResourceExt;
-    serde_yaml::to_string(&ControlPlaneLink::crd())
+    crate::yaml::to_string(&ControlPlaneLink::crd())
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! certificates and kube-apiserver's egress configuration.
 //!
 //! Map of the crate, in layers: each module uses only modules listed above it.
+//! - [`yaml`]: YAML out (the CRD, the egress configuration)
 //! - [`crd`]: the `ControlPlaneLink` resource (spec, defaults, status) and [`crd::crd_yaml`]
 //! - [`validate`]: what the schema cannot check; parses the spec into typed values
 //! - [`certs`]: CA generation, leaf issuance, reuse-or-renew decisions (pure)
@@ -23,3 +24,4 @@ pub mod reconciler;
 pub mod resources;
 pub mod status;
 pub mod validate;
+pub mod yaml;

@@ -671,8 +671,8 @@ mod tests {
             "/../crds/examples/controlplanelink.yaml"
         ))
         .expect("example exists");
-        let raw: serde_json::Value = serde_yaml::from_str(&text).expect("example is YAML");
-        let link: ControlPlaneLink = serde_yaml::from_str(&text).expect("example parses");
+        let raw: serde_json::Value = serde_saphyr::from_str(&text).expect("example is YAML");
+        let link: ControlPlaneLink = serde_saphyr::from_str(&text).expect("example parses");
         let typed = serde_json::to_value(&link.spec).expect("spec serializes");
         assert_keys_known("spec", &raw["spec"], &typed);
         validate(&link.metadata.name.unwrap_or_default(), &link.spec)

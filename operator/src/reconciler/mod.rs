@@ -109,7 +109,7 @@ pub enum Error {
     Certificates(#[from] CertError),
     /// Rendering the egress selector configuration failed.
     #[error("rendering egress selector configuration: {0}")]
-    Egress(#[from] serde_yaml::Error),
+    Egress(#[from] crate::yaml::Error),
     /// Adding or removing the finalizer failed (or wraps a failure of apply/cleanup).
     #[error("{0}")]
     Finalizer(#[source] Box<finalizer::Error<Error>>),

@@ -293,7 +293,6 @@ mod tests {
     /// The rules of the operator's ClusterRole in the Helm chart. The template's Helm lines
     /// only name, label and guard it, so without them the rest is the plain object.
     fn chart_operator_rules() -> Vec<PolicyRule> {
-        use serde::Deserialize as _;
         let template = std::fs::read_to_string(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../charts/cplink/templates/rbac.yaml"
@@ -304,10 +303,10 @@ mod tests {
             .filter(|line| !line.contains("{{"))
             .map(|line| format!("{line}\n"))
             .collect();
-        let first = serde_yaml::Deserializer::from_str(&plain)
-            .next()
-            .expect("a first document");
-        let role = ClusterRole::deserialize(first).expect("the operator's ClusterRole");
+        let documents: Vec<serde_json::Value> =
+            serde_saphyr::from_multiple(&plain).expect("the chart's RBAC documents");
+        let first = documents.into_iter().next().expect("a first document");
+        let role: ClusterRole = serde_json::from_value(first).expect("the operator's ClusterRole");
         role.rules.expect("rules")
     }
 

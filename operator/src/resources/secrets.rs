@@ -92,7 +92,7 @@ pub fn egress_secret(
     plan: &Plan,
     pair: &CertPair,
     ca_pem: &str,
-) -> Result<Secret, serde_yaml::Error> {
+) -> Result<Secret, crate::yaml::Error> {
     let config = egress_configuration(plan)?;
     Ok(Secret {
         metadata: plan.meta(plan.names().egress_secret(), Component::Server),
@@ -162,7 +162,7 @@ struct Uds {
 /// it) that sends kube-apiserver's cluster traffic (kubelet, pods, services) through the link:
 /// HTTP CONNECT over mutual TLS to the frontend, or in `GRPC` mode konnectivity gRPC over the
 /// server's Unix socket on the same host.
-pub fn egress_configuration(plan: &Plan) -> Result<String, serde_yaml::Error> {
+pub fn egress_configuration(plan: &Plan) -> Result<String, crate::yaml::Error> {
     let (proxy_protocol, transport) = match &plan.valid.grpc_socket {
         Some(socket) => (
             FrontendMode::Grpc,
@@ -188,7 +188,7 @@ pub fn egress_configuration(plan: &Plan) -> Result<String, serde_yaml::Error> {
             },
         ),
     };
-    serde_yaml::to_string(&EgressSelectorConfiguration {
+    crate::yaml::to_string(&EgressSelectorConfiguration {
         api_version: "apiserver.k8s.io/v1beta1",
         kind: "EgressSelectorConfiguration",
         egress_selections: vec![EgressSelection {
