@@ -63,16 +63,12 @@ impl RunningServer {
     /// Shuts down and waits until the server has stopped.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+        finish(self.task.take()).await;
     }
 
     /// Waits until the server has stopped by itself (after [`Self::begin_shutdown`]).
     pub async fn join(mut self) {
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+        finish(self.task.take()).await;
     }
 
     /// Waits until `n` agents are linked.
@@ -112,16 +108,12 @@ impl RunningAgent {
     /// Shuts down and waits until the agent has stopped.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+        finish(self.task.take()).await;
     }
 
     /// Waits until the agent has stopped by itself.
     pub async fn join(mut self) {
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+        finish(self.task.take()).await;
     }
 
     /// Ids of the servers the agent is linked to, sorted (an id twice when linked twice).
@@ -149,6 +141,19 @@ impl RunningAgent {
 impl Drop for RunningAgent {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// Waits for an in-process server's or agent's task to end; a panic in it fails the test here
+/// rather than vanishing with the task.
+async fn finish(task: Option<JoinHandle<()>>) {
+    let Some(task) = task else {
+        return;
+    };
+    if let Err(err) = task.await
+        && err.is_panic()
+    {
+        std::panic::resume_unwind(err.into_panic());
     }
 }
 
