@@ -47,3 +47,60 @@ pub async fn run(mut ping_pong: PingPong, config: KeepaliveConfig) -> KeepaliveE
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: KeepaliveConfig = KeepaliveConfig {
+        interval: Duration::from_secs(10),
+        timeout: Duration::from_secs(20),
+    };
+
+    type Server = h2::server::Connection<tokio::io::DuplexStream, bytes::Bytes>;
+    type Client = h2::client::SendRequest<bytes::Bytes>;
+
+    /// A client connection's PingPong and its request handle (dropping it would close the
+    /// connection), and the server end (answering PINGs only while it is polled).
+    async fn link() -> (PingPong, Client, Server) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(h2::server::handshake(b));
+        let (client, mut conn) = h2::client::handshake(a).await.expect("client handshake");
+        let ping_pong = conn.ping_pong().expect("the first PingPong");
+        tokio::spawn(conn);
+        let server = server.await.expect("joined").expect("server handshake");
+        (ping_pong, client, server)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answering_peer_keeps_the_link() {
+        let (ping_pong, _client, mut server) = link().await;
+        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        let watched = tokio::time::timeout(CONFIG.interval * 20, run(ping_pong, CONFIG)).await;
+        assert!(
+            watched.is_err(),
+            "still alive after 20 intervals: {watched:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_is_declared_dead_one_interval_and_one_timeout_later() {
+        // The server end is held but never polled: PINGs go unanswered.
+        let (ping_pong, _client, _silent) = link().await;
+        let started = tokio::time::Instant::now();
+        let err = run(ping_pong, CONFIG).await;
+        assert!(
+            matches!(err, KeepaliveError::Timeout(t) if t == CONFIG.timeout),
+            "{err}"
+        );
+        assert_eq!(started.elapsed(), CONFIG.interval + CONFIG.timeout);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_connection_ends_the_keepalive_at_its_next_ping() {
+        let (ping_pong, _client, server) = link().await;
+        drop(server);
+        let err = run(ping_pong, CONFIG).await;
+        assert!(matches!(err, KeepaliveError::Closed(_)), "{err}");
+    }
+}

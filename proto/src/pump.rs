@@ -324,3 +324,201 @@ impl Drop for ActiveStream<'_> {
         self.0.dec();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+
+    /// Both ends of one HTTP/2 stream over an in-memory connection, as a link carries a tunnel:
+    /// (send, recv) of the client (server side of a link) and of the server (agent side).
+    async fn stream_pair() -> (
+        (SendStream<Bytes>, RecvStream),
+        (SendStream<Bytes>, RecvStream),
+    ) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let accepting = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(b).await.expect("server handshake");
+            let (request, mut respond) = conn.accept().await.expect("a stream").expect("a request");
+            let send = respond
+                .send_response(http::Response::new(()), false)
+                .expect("response");
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            (send, request.into_body())
+        });
+        let (client, conn) = h2::client::handshake(a).await.expect("client handshake");
+        tokio::spawn(conn);
+        let mut client = client.ready().await.expect("ready");
+        let (response, send) = client
+            .send_request(http::Request::new(()), false)
+            .expect("request");
+        let server_end = accepting.await.expect("accepted");
+        let recv = response.await.expect("response").into_body();
+        ((send, recv), server_end)
+    }
+
+    /// A socket as the pump sees it, and the peer's end of it.
+    fn socket() -> (
+        (
+            Buffered<tokio::io::ReadHalf<DuplexStream>>,
+            tokio::io::WriteHalf<DuplexStream>,
+        ),
+        DuplexStream,
+    ) {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let (read, write) = tokio::io::split(ours);
+        ((Buffered(read), write), theirs)
+    }
+
+    /// A socket that yields `data`, then fails as a reset connection does.
+    struct FailsAfter(Option<Bytes>);
+
+    impl ReadChunk for FailsAfter {
+        async fn read_chunk(&mut self, _max: usize) -> io::Result<Bytes> {
+            match self.0.take() {
+                Some(data) => Ok(data),
+                None => Err(io::Error::from(io::ErrorKind::ConnectionReset)),
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_cross_both_ways_and_half_closes_follow() {
+        let ((send_a, recv_a), (send_b, recv_b)) = stream_pair().await;
+        let ((mut read_a, mut write_a), mut peer_a) = socket();
+        let ((mut read_b, mut write_b), mut peer_b) = socket();
+        let a = tokio::spawn(async move {
+            let counters = ByteCounters::default();
+            pump(
+                &mut read_a,
+                &mut write_a,
+                send_a,
+                recv_a,
+                Bytes::from_static(b"early "),
+                &counters,
+            )
+            .await
+        });
+        let b = tokio::spawn(async move {
+            let counters = ByteCounters::default();
+            pump(
+                &mut read_b,
+                &mut write_b,
+                send_b,
+                recv_b,
+                Bytes::new(),
+                &counters,
+            )
+            .await
+        });
+        let upload = vec![7u8; 300 * 1024];
+        peer_a.write_all(&upload).await.unwrap();
+        peer_a.shutdown().await.unwrap();
+        peer_b.write_all(b"answer").await.unwrap();
+        peer_b.shutdown().await.unwrap();
+
+        let mut at_b = Vec::new();
+        peer_b.read_to_end(&mut at_b).await.unwrap();
+        assert_eq!(&at_b[..6], b"early ");
+        assert_eq!(&at_b[6..], &upload[..], "every byte, larger than a window");
+        let mut at_a = Vec::new();
+        peer_a.read_to_end(&mut at_a).await.unwrap();
+        assert_eq!(at_a, b"answer");
+
+        let stats_a = a.await.unwrap().unwrap();
+        assert_eq!(stats_a.socket_to_stream, 6 + upload.len() as u64);
+        assert_eq!(stats_a.stream_to_socket, 6);
+        let stats_b = b.await.unwrap().unwrap();
+        assert_eq!(stats_b.stream_to_socket, stats_a.socket_to_stream);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_socket_delivers_its_bytes_then_aborts_the_other_end() {
+        let ((send_a, recv_a), (send_b, recv_b)) = stream_pair().await;
+        let ((_, mut write_a), _peer_a) = socket();
+        let ((mut read_b, mut write_b), mut peer_b) = socket();
+        let mut failing = FailsAfter(Some(Bytes::from_static(b"last words")));
+        let a = tokio::spawn(async move {
+            let counters = ByteCounters::default();
+            pump(
+                &mut failing,
+                &mut write_a,
+                send_a,
+                recv_a,
+                Bytes::new(),
+                &counters,
+            )
+            .await
+        });
+        let b = tokio::spawn(async move {
+            let counters = ByteCounters::default();
+            pump(
+                &mut read_b,
+                &mut write_b,
+                send_b,
+                recv_b,
+                Bytes::new(),
+                &counters,
+            )
+            .await
+        });
+        let mut delivered = [0u8; 10];
+        peer_b.read_exact(&mut delivered).await.unwrap();
+        assert_eq!(&delivered, b"last words");
+        let err = b.await.unwrap().unwrap_err();
+        assert!(err.delivered_then_aborted(), "{err}");
+        assert!(err.to_string().contains("reset"), "{err}");
+        drop(peer_b);
+        let err = a.await.unwrap().unwrap_err();
+        assert!(matches!(err, PumpError::SocketRead(_)), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abort_nobody_takes_is_reset_after_the_linger() {
+        let ((send_a, recv_a), other_end) = stream_pair().await;
+        let ((_, mut write_a), _peer_a) = socket();
+        let mut failing = FailsAfter(None);
+        let started = tokio::time::Instant::now();
+        let counters = ByteCounters::default();
+        // The other end never reads nor finishes its stream.
+        let _held = other_end;
+        let err = pump(
+            &mut failing,
+            &mut write_a,
+            send_a,
+            recv_a,
+            Bytes::new(),
+            &counters,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, PumpError::SocketRead(_)), "{err}");
+        assert_eq!(started.elapsed(), ABORT_LINGER);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reset_from_the_peer_ends_an_idle_pump_at_once() {
+        let ((send_a, recv_a), (mut send_b, _recv_b)) = stream_pair().await;
+        let ((mut read_a, mut write_a), _peer_a) = socket();
+        let a = tokio::spawn(async move {
+            let counters = ByteCounters::default();
+            pump(
+                &mut read_a,
+                &mut write_a,
+                send_a,
+                recv_a,
+                Bytes::new(),
+                &counters,
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!a.is_finished(), "an idle tunnel stays up");
+        send_b.send_reset(Reason::CANCEL);
+        let err = a.await.unwrap().unwrap_err();
+        assert!(matches!(err, PumpError::Reset(Reason::CANCEL)), "{err}");
+    }
+}
