@@ -139,13 +139,7 @@ impl AgentService for UpstreamAgents {
             .verify(claim, token, self.certificate.as_deref())
             .await
             .map_err(|refusal| {
-                shared
-                    .metrics
-                    .identity_refusals
-                    .get_or_create(&LinkErrorLabels {
-                        reason: refusal.reason(),
-                    })
-                    .inc();
+                super::count_refusal(shared, &refusal);
                 tracing::warn!(peer = %self.peer, %agent_id, %refusal, "konnectivity agent refused");
                 refusal_status(&refusal)
             })?;

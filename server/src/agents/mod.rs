@@ -28,3 +28,14 @@ pub(crate) fn validate_agent_id(id: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Counts a link refused because the agent's identity does not back its claims.
+pub(crate) fn count_refusal(shared: &crate::Shared, refusal: &crate::identity::Refusal) {
+    shared
+        .metrics
+        .identity_refusals
+        .get_or_create(&crate::metrics::LinkErrorLabels {
+            reason: refusal.reason(),
+        })
+        .inc();
+}

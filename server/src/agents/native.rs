@@ -277,13 +277,7 @@ async fn verify(
             )))
         });
     verified.map_err(|refusal| {
-        shared
-            .metrics
-            .identity_refusals
-            .get_or_create(&LinkErrorLabels {
-                reason: refusal.reason(),
-            })
-            .inc();
+        super::count_refusal(shared, &refusal);
         if let Refusal::AgentId { agent_id, node } = &refusal {
             // Another node's id: name the agent it tried to pass for, if linked.
             for holder in shared

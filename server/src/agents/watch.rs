@@ -11,11 +11,13 @@
 //! mistaken for a stale one.
 
 use std::collections::HashSet;
+use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::serde::de::DeserializeOwned;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use tokio_util::sync::CancellationToken;
@@ -42,10 +44,10 @@ pub(crate) async fn run(shared: Arc<Shared>, stop: CancellationToken) {
         },
         () = stop.cancelled() => return,
     };
-    let nodes = watch_nodes(&shared, kube::Api::all(client.clone()));
+    let nodes = watch::<Node>(&shared, kube::Api::all(client.clone()));
     let pods = async {
         if let Some(namespace) = binding.pod_namespace() {
-            watch_pods(&shared, kube::Api::namespaced(client.clone(), namespace)).await;
+            watch::<Pod>(&shared, kube::Api::namespaced(client.clone(), namespace)).await;
         }
     };
     tokio::select! {
@@ -93,30 +95,80 @@ fn pod_uid_of(link: &AgentLink) -> Option<&str> {
         .map(|p| p.uid.as_str())
 }
 
-async fn watch_nodes(shared: &Shared, api: kube::Api<Node>) {
+/// What a watch keeps verified links true to: Nodes, or agent pods.
+trait Watched:
+    kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static
+{
+    /// What the object is called in logs, and the metric reason when it goes.
+    const KIND: &'static str;
+    const GONE: &'static str;
+
+    /// The key a link is bound by: the Node's name, the pod's uid.
+    fn key(&self) -> Option<String>;
+
+    /// The key `link` is bound by, if it is bound to this kind of object.
+    fn bound(link: &AgentLink) -> Option<&str>;
+
+    /// The object was added or changed.
+    fn applied(&self, _shared: &Shared) {}
+}
+
+impl Watched for Node {
+    const KIND: &'static str = "node";
+    const GONE: &'static str = "node_deleted";
+
+    fn key(&self) -> Option<String> {
+        self.metadata.name.clone()
+    }
+
+    fn bound(link: &AgentLink) -> Option<&str> {
+        node_of(link)
+    }
+
+    fn applied(&self, shared: &Shared) {
+        follow(shared, self);
+    }
+}
+
+impl Watched for Pod {
+    const KIND: &'static str = "pod";
+    const GONE: &'static str = "pod_deleted";
+
+    fn key(&self) -> Option<String> {
+        self.metadata.uid.clone()
+    }
+
+    fn bound(link: &AgentLink) -> Option<&str> {
+        pod_uid_of(link)
+    }
+}
+
+/// Follows `api`'s objects: closes the links bound to one that is deleted, or missing after a
+/// relist, and tells the others of changes.
+async fn watch<K: Watched>(shared: &Shared, api: kube::Api<K>) {
     let mut events = watcher::watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
     let mut relist: Option<(Instant, HashSet<String>)> = None;
     while let Some(event) = events.next().await {
         match event {
-            Ok(Event::Apply(node)) => follow(shared, &node),
-            Ok(Event::Delete(node)) => {
-                let name = node.metadata.name.unwrap_or_default();
-                for link in verified_links(shared, |l| node_of(l) == Some(name.as_str())) {
-                    revoke(
-                        shared,
-                        &link,
-                        "node_deleted",
-                        &format!("node {name} was deleted"),
-                    );
+            Ok(Event::Apply(object)) => object.applied(shared),
+            Ok(Event::Delete(object)) => {
+                let key = object.key().unwrap_or_default();
+                let why = format!(
+                    "its {} {} was deleted",
+                    K::KIND,
+                    object.meta().name.as_deref().unwrap_or_default()
+                );
+                for link in verified_links(shared, |l| K::bound(l) == Some(key.as_str())) {
+                    revoke(shared, &link, K::GONE, &why);
                 }
             }
             Ok(Event::Init) => relist = Some((Instant::now(), HashSet::new())),
-            Ok(Event::InitApply(node)) => {
-                follow(shared, &node);
-                if let (Some((_, seen)), Some(name)) = (&mut relist, node.metadata.name) {
-                    seen.insert(name);
+            Ok(Event::InitApply(object)) => {
+                object.applied(shared);
+                if let (Some((_, seen)), Some(key)) = (&mut relist, object.key()) {
+                    seen.insert(key);
                 }
             }
             Ok(Event::InitDone) => {
@@ -124,15 +176,19 @@ async fn watch_nodes(shared: &Shared, api: kube::Api<Node>) {
                     continue;
                 };
                 let stale = verified_links(shared, |l| {
-                    l.linked_at < started && node_of(l).is_some_and(|n| !seen.contains(n))
+                    l.linked_at < started && K::bound(l).is_some_and(|key| !seen.contains(key))
                 });
                 for link in stale {
-                    let why = format!("node {} no longer exists", node_of(&link).unwrap_or(""));
-                    revoke(shared, &link, "node_deleted", &why);
+                    let why = format!(
+                        "its {} {} no longer exists",
+                        K::KIND,
+                        K::bound(&link).unwrap_or_default()
+                    );
+                    revoke(shared, &link, K::GONE, &why);
                 }
             }
             // The stream backs off and retries by itself.
-            Err(err) => tracing::warn!(%err, "watching Nodes failed; retrying"),
+            Err(err) => tracing::warn!(%err, kind = K::KIND, "watch failed; retrying"),
         }
     }
 }
@@ -157,48 +213,6 @@ fn follow(shared: &Shared, node: &Node) {
                 pod_cidrs = ?routes.pod_cidrs,
                 "the agent's node changed; its routes follow"
             );
-        }
-    }
-}
-
-async fn watch_pods(shared: &Shared, api: kube::Api<Pod>) {
-    let mut events = watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    let mut relist: Option<(Instant, HashSet<String>)> = None;
-    while let Some(event) = events.next().await {
-        match event {
-            Ok(Event::Delete(pod)) => {
-                let uid = pod.metadata.uid.unwrap_or_default();
-                let name = pod.metadata.name.unwrap_or_default();
-                for link in verified_links(shared, |l| pod_uid_of(l) == Some(uid.as_str())) {
-                    revoke(
-                        shared,
-                        &link,
-                        "pod_deleted",
-                        &format!("its pod {name} was deleted"),
-                    );
-                }
-            }
-            Ok(Event::Apply(_)) => {}
-            Ok(Event::Init) => relist = Some((Instant::now(), HashSet::new())),
-            Ok(Event::InitApply(pod)) => {
-                if let (Some((_, seen)), Some(uid)) = (&mut relist, pod.metadata.uid) {
-                    seen.insert(uid);
-                }
-            }
-            Ok(Event::InitDone) => {
-                let Some((started, seen)) = relist.take() else {
-                    continue;
-                };
-                let stale = verified_links(shared, |l| {
-                    l.linked_at < started && pod_uid_of(l).is_some_and(|uid| !seen.contains(uid))
-                });
-                for link in stale {
-                    revoke(shared, &link, "pod_deleted", "its pod no longer exists");
-                }
-            }
-            Err(err) => tracing::warn!(%err, "watching agent pods failed; retrying"),
         }
     }
 }
