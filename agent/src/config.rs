@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-pub use cplink_proto::config::ConfigError;
 use cplink_proto::hello::Identifiers;
 use cplink_proto::keepalive::KeepaliveConfig;
 use cplink_proto::target::{Host, Target};
-use cplink_proto::telemetry::LogFormat;
 use cplink_proto::tls::{self, Identity, TrustAnchors};
+pub use cplink_runtime::config::ConfigError;
+use cplink_runtime::telemetry::LogFormat;
 use ipnet::IpNet;
 use rustls_pki_types::ServerName;
 
@@ -332,8 +332,16 @@ impl Args {
     /// Checks every flag and loads the TLS material, before anything connects or listens.
     pub fn into_config(self) -> Result<Config, ConfigError> {
         self.check_server_source()?;
-        let identity = Identity::from_pem_files(&self.tls_cert, &self.tls_key)
-            .map_err(|e| ConfigError::tls(e, "tls-cert", "tls-key"))?;
+        let identity = Identity::from_pem_files(&self.tls_cert, &self.tls_key).map_err(|e| {
+            ConfigError::new(
+                if e.concerns_key() {
+                    "tls-key"
+                } else {
+                    "tls-cert"
+                },
+                e,
+            )
+        })?;
         let server_ca = TrustAnchors::from_pem_file(&self.server_ca)
             .map_err(|e| ConfigError::new("server-ca", e))?;
         let mut tls = tls::link_client_config(&identity, &server_ca)

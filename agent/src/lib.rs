@@ -33,8 +33,8 @@ mod token;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use cplink_proto::admin;
 use cplink_proto::hello::Identifiers;
+use cplink_runtime::admin;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

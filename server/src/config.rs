@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-pub use cplink_proto::config::ConfigError;
 use cplink_proto::keepalive::KeepaliveConfig;
-use cplink_proto::telemetry::LogFormat;
 use cplink_proto::tls::{self, Identity, TrustAnchors};
+pub use cplink_runtime::config::ConfigError;
+use cplink_runtime::telemetry::LogFormat;
 
 use crate::identity::tokens::TokenAuth;
 use crate::identity::{IdentityMode, NodeBinding};
@@ -237,8 +237,16 @@ impl std::fmt::Debug for Config {
 impl Args {
     /// Checks every flag and loads the TLS material, before anything listens.
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let identity = Identity::from_pem_files(&self.tls_cert, &self.tls_key)
-            .map_err(|e| ConfigError::tls(e, "tls-cert", "tls-key"))?;
+        let identity = Identity::from_pem_files(&self.tls_cert, &self.tls_key).map_err(|e| {
+            ConfigError::new(
+                if e.concerns_key() {
+                    "tls-key"
+                } else {
+                    "tls-cert"
+                },
+                e,
+            )
+        })?;
         let agent_ca = TrustAnchors::from_pem_file(&self.agent_ca)
             .map_err(|e| ConfigError::new("agent-ca", e))?;
         let api = self.api()?;
@@ -322,7 +330,7 @@ impl Args {
             max_tunnels: self.max_tunnels,
             max_pending_connections: self
                 .max_pending_connections
-                .map_or_else(cplink_proto::accept::default_max_pending, |n| n as usize),
+                .map_or_else(cplink_runtime::accept::default_max_pending, |n| n as usize),
             token_auth,
             identity: node_binding,
         })

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use cplink_proto::admin;
+use cplink_runtime::admin;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -221,13 +221,13 @@ impl ServerHandle {
 
 impl Shared {
     /// The accept side of `listener`: the handshake cap, shed connections counted.
-    pub(crate) fn acceptor(&self, listener: &'static str) -> cplink_proto::accept::Acceptor {
+    pub(crate) fn acceptor(&self, listener: &'static str) -> cplink_runtime::accept::Acceptor {
         let shed = self
             .metrics
             .connections_shed
             .get_or_create(&metrics::ListenerLabels { listener })
             .clone();
-        cplink_proto::accept::Acceptor::new(listener, self.config.max_pending_connections, shed)
+        cplink_runtime::accept::Acceptor::new(listener, self.config.max_pending_connections, shed)
     }
 
     /// Registers a new agent link and updates the gauge; a link whose agent id is held from

@@ -1,0 +1,22 @@
+//! What every cplink binary runs on, apart from the link itself: the admin endpoint, logs,
+//! signals, configuration errors, accept loops and socket handling.
+//!
+//! Nothing here is part of the link protocol (that is `cplink-proto`), so a binary that speaks
+//! none of it, like the operator, can use this crate without compiling HTTP/2 or gRPC.
+//!
+//! Map of the crate, in layers: each module uses only modules listed above it.
+//! - [`config`]: configuration errors naming the flag at fault.
+//! - [`telemetry`]: log setup (text or JSON), the same for every binary.
+//! - [`shutdown`]: SIGTERM/SIGINT handling.
+//! - [`net`]: socket tuning and abortive close.
+//! - [`readahead`]: a read-ahead buffer under TLS.
+//! - [`accept`]: accept loops with backoff, a rate-limited error log and a handshake cap.
+//! - [`admin`]: the `/healthz`, `/readyz`, `/metrics` HTTP endpoint.
+
+pub mod accept;
+pub mod admin;
+pub mod config;
+pub mod net;
+pub mod readahead;
+pub mod shutdown;
+pub mod telemetry;
