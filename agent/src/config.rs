@@ -11,6 +11,7 @@ use cplink_proto::keepalive::KeepaliveConfig;
 use cplink_proto::target::{Host, Target};
 use cplink_proto::tls::{self, Identity, TrustAnchors};
 pub use cplink_runtime::config::ConfigError;
+pub use cplink_runtime::kubeapi::ApiSource;
 use cplink_runtime::telemetry::LogFormat;
 use ipnet::IpNet;
 use rustls_pki_types::ServerName;
@@ -232,25 +233,6 @@ impl ServerDiscovery {
     }
 }
 
-/// How the agent reaches the Kubernetes API.
-#[derive(Clone)]
-pub enum ApiSource {
-    /// The pod's service account and the in-cluster address.
-    InCluster(Box<kube::Config>),
-    /// A kubeconfig file, already read.
-    Kubeconfig(PathBuf, Box<kube::config::Kubeconfig>),
-}
-
-impl std::fmt::Debug for ApiSource {
-    // Both hold credentials: only where they come from is shown.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ApiSource::InCluster(_) => f.write_str("InCluster"),
-            ApiSource::Kubeconfig(path, _) => f.debug_tuple("Kubeconfig").field(path).finish(),
-        }
-    }
-}
-
 /// Where the pod's namespace is mounted with its service-account token.
 pub const POD_NAMESPACE_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
@@ -389,7 +371,7 @@ impl Args {
             None => None,
         };
         let api = if discovery.is_some() || self.pod_cidr_from_node {
-            Some(self.api_source()?)
+            Some(ApiSource::from_flag(self.kubeconfig.as_deref())?)
         } else {
             None
         };
@@ -526,27 +508,6 @@ impl Args {
             namespace,
             server_name,
         })
-    }
-
-    /// The kubeconfig file, read now so that a bad one fails the start, else the in-cluster
-    /// configuration.
-    fn api_source(&self) -> Result<ApiSource, ConfigError> {
-        match &self.kubeconfig {
-            Some(path) => {
-                let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| {
-                    ConfigError::new("kubeconfig", format!("{}: {e}", path.display()))
-                })?;
-                Ok(ApiSource::Kubeconfig(path.clone(), Box::new(kubeconfig)))
-            }
-            None => kube::Config::incluster()
-                .map(|config| ApiSource::InCluster(Box::new(config)))
-                .map_err(|e| {
-                    ConfigError::new(
-                        "kubeconfig",
-                        format!("not set, and no in-cluster configuration: {e}"),
-                    )
-                }),
-        }
     }
 }
 

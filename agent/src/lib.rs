@@ -9,7 +9,7 @@
 //!   stream (dial, answer, pump).
 //! - `slots`: the links up per server address, and the readiness they make.
 //! - `cluster`: what the agent reads from the Kubernetes API: the servers' EndpointSlices and its
-//!   Node's pod ranges, with the client both use.
+//!   Node's pod ranges.
 //! - `backoff`, `token` (the service-account token that proves the agent's pod to servers),
 //!   `grpc_metadata` (what konnectivity requests carry).
 //! - [`config`]: command line and validated configuration; [`policy`]: which destinations may
@@ -35,11 +35,11 @@ use std::sync::{Arc, OnceLock};
 
 use cplink_proto::hello::Identifiers;
 use cplink_runtime::admin;
+use cplink_runtime::kubeapi::KubeApi;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use cluster::client::KubeApi;
 pub use config::{Args, Config, ConfigError, Protocol};
 use link::LinkContext;
 use metrics::Metrics;

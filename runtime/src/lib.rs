@@ -1,5 +1,5 @@
 //! What every cplink binary runs on, apart from the link itself: the admin endpoint, logs,
-//! signals, configuration errors, accept loops and socket handling.
+//! signals, configuration errors, accept loops, socket handling and the Kubernetes client.
 //!
 //! Nothing here is part of the link protocol (that is `cplink-proto`), so a binary that speaks
 //! none of it, like the operator, can use this crate without compiling HTTP/2 or gRPC.
@@ -12,10 +12,12 @@
 //! - [`readahead`]: a read-ahead buffer under TLS.
 //! - [`accept`]: accept loops with backoff, a rate-limited error log and a handshake cap.
 //! - [`admin`]: the `/healthz`, `/readyz`, `/metrics` HTTP endpoint.
+//! - [`kubeapi`]: where the Kubernetes API is, and a client for it made on first use.
 
 pub mod accept;
 pub mod admin;
 pub mod config;
+pub mod kubeapi;
 pub mod net;
 pub mod readahead;
 pub mod shutdown;

@@ -9,11 +9,11 @@ use clap::Parser;
 use cplink_proto::keepalive::KeepaliveConfig;
 use cplink_proto::tls::{self, Identity, TrustAnchors};
 pub use cplink_runtime::config::ConfigError;
+use cplink_runtime::kubeapi::{ApiSource, KubeApi};
 use cplink_runtime::telemetry::LogFormat;
 
 use crate::identity::tokens::TokenAuth;
 use crate::identity::{IdentityMode, NodeBinding};
-use crate::kubeapi::{ApiSource, KubeApi};
 use crate::registry::{Strategy, parse_strategies};
 
 /// Command line of `cplink-server`. Every flag can also be set through its `CPLINK_*` variable.
@@ -349,8 +349,7 @@ impl Args {
             }
             return Ok(None);
         }
-        let source = ApiSource::from_flag(self.kubeconfig.as_ref())
-            .map_err(|e| ConfigError::new("kubeconfig", e))?;
+        let source = ApiSource::from_flag(self.kubeconfig.as_deref())?;
         Ok(Some(Arc::new(KubeApi::new(source))))
     }
 

@@ -8,7 +8,7 @@
 //! - `tunnel`: opening a tunneled connection through an agent (routing, dial, answer).
 //! - [`registry`]: linked agents and the routing strategies that pick one.
 //! - [`identity`]: which node an agent is, proven by its pod's token or its certificate and
-//!   backed by the Node object; [`kubeapi`]: the Kubernetes client it uses.
+//!   backed by the Node object.
 //! - `grpc`: serving tonic services one HTTP/2 connection at a time.
 //! - [`config`]: command line and validated configuration; [`metrics`]: Prometheus metrics.
 //!
@@ -20,7 +20,6 @@ pub mod config;
 pub mod frontends;
 mod grpc;
 pub mod identity;
-pub mod kubeapi;
 pub mod metrics;
 pub mod registry;
 mod tunnel;
