@@ -10,9 +10,9 @@ use cplink_proto::hello::Identifiers;
 use cplink_proto::keepalive::KeepaliveConfig;
 use cplink_proto::target::{Host, Target};
 use cplink_proto::tls::{self, Identity, TrustAnchors};
+use cplink_runtime::args::{LogArgs, TlsIdentityArgs};
 pub use cplink_runtime::config::ConfigError;
 pub use cplink_runtime::kubeapi::ApiSource;
-use cplink_runtime::telemetry::LogFormat;
 use ipnet::IpNet;
 use rustls_pki_types::ServerName;
 
@@ -89,13 +89,9 @@ pub struct Args {
     #[arg(long, env = "CPLINK_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
 
-    /// Agent client certificate chain (PEM).
-    #[arg(long, env = "CPLINK_TLS_CERT")]
-    pub tls_cert: PathBuf,
-
-    /// Private key (PEM) of the client certificate.
-    #[arg(long, env = "CPLINK_TLS_KEY")]
-    pub tls_key: PathBuf,
+    /// The agent's client certificate and key.
+    #[command(flatten)]
+    pub tls: TlsIdentityArgs,
 
     /// CA bundle (PEM) that signs the server certificate.
     #[arg(long, env = "CPLINK_SERVER_CA")]
@@ -151,13 +147,9 @@ pub struct Args {
     )]
     pub max_streams_per_link: u32,
 
-    /// Log output format.
-    #[arg(long, env = "CPLINK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-
-    /// Log filter, e.g. `info` or `cplink_agent=debug,info`.
-    #[arg(long, env = "CPLINK_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
 
     /// Protocol spoken to the servers: `cplink` (native links) or `konnectivity` (the
     /// AgentService of an apiserver-network-proxy server, or of cplink-server).
@@ -314,16 +306,8 @@ impl Args {
     /// Checks every flag and loads the TLS material, before anything connects or listens.
     pub fn into_config(self) -> Result<Config, ConfigError> {
         self.check_server_source()?;
-        let identity = Identity::from_pem_files(&self.tls_cert, &self.tls_key).map_err(|e| {
-            ConfigError::new(
-                if e.concerns_key() {
-                    "tls-key"
-                } else {
-                    "tls-cert"
-                },
-                e,
-            )
-        })?;
+        let identity = Identity::from_pem_files(&self.tls.tls_cert, &self.tls.tls_key)
+            .map_err(|e| TlsIdentityArgs::error(e.concerns_key(), e))?;
         let server_ca = TrustAnchors::from_pem_file(&self.server_ca)
             .map_err(|e| ConfigError::new("server-ca", e))?;
         let mut tls = tls::link_client_config(&identity, &server_ca)

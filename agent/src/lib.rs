@@ -145,11 +145,7 @@ impl AgentHandle {
     /// Tunneled bytes so far over native links: destination to server (read from destinations
     /// and sent on), and server to destination (written to destinations).
     pub fn tunneled_bytes(&self) -> cplink_proto::pump::PumpStats {
-        let bytes = &self.shared.metrics.bytes;
-        cplink_proto::pump::PumpStats {
-            socket_to_stream: bytes.socket_to_stream.get(),
-            stream_to_socket: bytes.stream_to_socket.get(),
-        }
+        self.shared.metrics.bytes.totals()
     }
 
     /// Whether the agent is linked to every server it knows: every discovered endpoint (and

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    cplink_runtime::telemetry::init(args.log_format, &args.log_level)?;
+    args.log.init()?;
     let admin_address = args.admin_address;
     let config = args.into_config()?;
     let admin = TcpListener::bind(admin_address)

@@ -7,6 +7,8 @@
 //! Map of the crate, in layers: each module uses only modules listed above it.
 //! - [`config`]: configuration errors naming the flag at fault.
 //! - [`telemetry`]: log setup (text or JSON), the same for every binary.
+//! - [`args`]: flag groups the binaries share (logs, TLS identity).
+//! - [`metrics`]: Prometheus metric shapes more than one binary exports.
 //! - [`shutdown`]: SIGTERM/SIGINT handling.
 //! - [`net`]: socket tuning and abortive close.
 //! - [`readahead`]: a read-ahead buffer under TLS.
@@ -16,8 +18,10 @@
 
 pub mod accept;
 pub mod admin;
+pub mod args;
 pub mod config;
 pub mod kubeapi;
+pub mod metrics;
 pub mod net;
 pub mod readahead;
 pub mod shutdown;

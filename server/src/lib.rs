@@ -197,11 +197,7 @@ impl ServerHandle {
     /// Tunneled bytes so far: frontend to agent (read from clients and sent on), and agent to
     /// frontend (written to clients).
     pub fn tunneled_bytes(&self) -> cplink_proto::pump::PumpStats {
-        let bytes = &self.shared.metrics.bytes;
-        cplink_proto::pump::PumpStats {
-            socket_to_stream: bytes.socket_to_stream.get(),
-            stream_to_socket: bytes.stream_to_socket.get(),
-        }
+        self.shared.metrics.bytes.totals()
     }
 
     /// Metrics in the OpenMetrics text format.

@@ -43,7 +43,7 @@ fn configure_allocator() -> Result<(), tikv_jemalloc_ctl::Error> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    cplink_runtime::telemetry::init(args.log_format, &args.log_level)?;
+    args.log.init()?;
     if let Err(e) = configure_allocator() {
         tracing::warn!(error = %e, "cannot configure jemalloc: freed memory may be kept longer");
     }
