@@ -7,11 +7,13 @@
 //! - [`tls`]: loading PEM files and building the rustls configurations of the link and frontends.
 //! - [`pump`]: moves bytes between a socket and an HTTP/2 stream with per-stream flow control.
 //! - [`keepalive`]: HTTP/2 PING liveness for links.
-//! - [`konnectivity`]: the konnectivity gRPC protocol (generated), its metadata and packets.
+//! - `konnectivity`: the konnectivity gRPC protocol (generated), its metadata and packets; with
+//!   the `konnectivity` feature (on by default), which compiles tonic and prost.
 
 pub mod dial;
 pub mod hello;
 pub mod keepalive;
+#[cfg(feature = "konnectivity")]
 pub mod konnectivity;
 pub mod pump;
 pub mod target;
