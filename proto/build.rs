@@ -1,7 +1,12 @@
-//! Generates the konnectivity gRPC types and services from `protos/konnectivity.proto`.
+//! Generates the konnectivity gRPC types and services from `protos/konnectivity.proto`, with
+//! the `konnectivity` feature.
 //!
 //! protox parses the file in Rust, so building needs no system `protoc`.
 
+#[cfg(not(feature = "konnectivity"))]
+fn main() {}
+
+#[cfg(feature = "konnectivity")]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "protos/konnectivity.proto";
     println!("cargo:rerun-if-changed={proto}");

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-pub use cplink_proto::config::ConfigError;
 use cplink_proto::hello::Identifiers;
 use cplink_proto::keepalive::KeepaliveConfig;
 use cplink_proto::target::{Host, Target};
-use cplink_proto::telemetry::LogFormat;
 use cplink_proto::tls::{self, Identity, TrustAnchors};
+use cplink_runtime::args::{LogArgs, TlsIdentityArgs};
+pub use cplink_runtime::config::ConfigError;
+pub use cplink_runtime::kubeapi::ApiSource;
 use ipnet::IpNet;
 use rustls_pki_types::ServerName;
 
@@ -88,13 +89,9 @@ pub struct Args {
     #[arg(long, env = "CPLINK_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
 
-    /// Agent client certificate chain (PEM).
-    #[arg(long, env = "CPLINK_TLS_CERT")]
-    pub tls_cert: PathBuf,
-
-    /// Private key (PEM) of the client certificate.
-    #[arg(long, env = "CPLINK_TLS_KEY")]
-    pub tls_key: PathBuf,
+    /// The agent's client certificate and key.
+    #[command(flatten)]
+    pub tls: TlsIdentityArgs,
 
     /// CA bundle (PEM) that signs the server certificate.
     #[arg(long, env = "CPLINK_SERVER_CA")]
@@ -150,13 +147,9 @@ pub struct Args {
     )]
     pub max_streams_per_link: u32,
 
-    /// Log output format.
-    #[arg(long, env = "CPLINK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-
-    /// Log filter, e.g. `info` or `cplink_agent=debug,info`.
-    #[arg(long, env = "CPLINK_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
 
     /// Protocol spoken to the servers: `cplink` (native links) or `konnectivity` (the
     /// AgentService of an apiserver-network-proxy server, or of cplink-server).
@@ -229,25 +222,6 @@ impl ServerDiscovery {
     /// `namespace/service`, for logs and readiness.
     pub fn qualified_name(&self) -> String {
         format!("{}/{}", self.namespace, self.service)
-    }
-}
-
-/// How the agent reaches the Kubernetes API.
-#[derive(Clone)]
-pub enum ApiSource {
-    /// The pod's service account and the in-cluster address.
-    InCluster(Box<kube::Config>),
-    /// A kubeconfig file, already read.
-    Kubeconfig(PathBuf, Box<kube::config::Kubeconfig>),
-}
-
-impl std::fmt::Debug for ApiSource {
-    // Both hold credentials: only where they come from is shown.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ApiSource::InCluster(_) => f.write_str("InCluster"),
-            ApiSource::Kubeconfig(path, _) => f.debug_tuple("Kubeconfig").field(path).finish(),
-        }
     }
 }
 
@@ -332,8 +306,8 @@ impl Args {
     /// Checks every flag and loads the TLS material, before anything connects or listens.
     pub fn into_config(self) -> Result<Config, ConfigError> {
         self.check_server_source()?;
-        let identity = Identity::from_pem_files(&self.tls_cert, &self.tls_key)
-            .map_err(|e| ConfigError::tls(e, "tls-cert", "tls-key"))?;
+        let identity = Identity::from_pem_files(&self.tls.tls_cert, &self.tls.tls_key)
+            .map_err(|e| TlsIdentityArgs::error(e.concerns_key(), e))?;
         let server_ca = TrustAnchors::from_pem_file(&self.server_ca)
             .map_err(|e| ConfigError::new("server-ca", e))?;
         let mut tls = tls::link_client_config(&identity, &server_ca)
@@ -381,7 +355,7 @@ impl Args {
             None => None,
         };
         let api = if discovery.is_some() || self.pod_cidr_from_node {
-            Some(self.api_source()?)
+            Some(ApiSource::from_flag(self.kubeconfig.as_deref())?)
         } else {
             None
         };
@@ -518,27 +492,6 @@ impl Args {
             namespace,
             server_name,
         })
-    }
-
-    /// The kubeconfig file, read now so that a bad one fails the start, else the in-cluster
-    /// configuration.
-    fn api_source(&self) -> Result<ApiSource, ConfigError> {
-        match &self.kubeconfig {
-            Some(path) => {
-                let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| {
-                    ConfigError::new("kubeconfig", format!("{}: {e}", path.display()))
-                })?;
-                Ok(ApiSource::Kubeconfig(path.clone(), Box::new(kubeconfig)))
-            }
-            None => kube::Config::incluster()
-                .map(|config| ApiSource::InCluster(Box::new(config)))
-                .map_err(|e| {
-                    ConfigError::new(
-                        "kubeconfig",
-                        format!("not set, and no in-cluster configuration: {e}"),
-                    )
-                }),
-        }
     }
 }
 

@@ -9,9 +9,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use cplink_proto::dial::{DialFailure, ERROR_KIND_HEADER, classify_connect_error};
-use cplink_proto::net::{abort_tcp_halves, abort_tcp_halves_after_sent, tune_stream};
 use cplink_proto::pump;
 use cplink_proto::target::{Host, Target};
+use cplink_runtime::net::{abort_tcp_halves, abort_tcp_halves_after_sent, tune_stream};
 use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};

@@ -9,7 +9,7 @@
 //!   stream (dial, answer, pump).
 //! - `slots`: the links up per server address, and the readiness they make.
 //! - `cluster`: what the agent reads from the Kubernetes API: the servers' EndpointSlices and its
-//!   Node's pod ranges, with the client both use.
+//!   Node's pod ranges.
 //! - `backoff`, `token` (the service-account token that proves the agent's pod to servers),
 //!   `grpc_metadata` (what konnectivity requests carry).
 //! - [`config`]: command line and validated configuration; [`policy`]: which destinations may
@@ -33,13 +33,13 @@ mod token;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use cplink_proto::admin;
 use cplink_proto::hello::Identifiers;
+use cplink_runtime::admin;
+use cplink_runtime::kubeapi::KubeApi;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use cluster::client::KubeApi;
 pub use config::{Args, Config, ConfigError, Protocol};
 use link::LinkContext;
 use metrics::Metrics;
@@ -145,11 +145,7 @@ impl AgentHandle {
     /// Tunneled bytes so far over native links: destination to server (read from destinations
     /// and sent on), and server to destination (written to destinations).
     pub fn tunneled_bytes(&self) -> cplink_proto::pump::PumpStats {
-        let bytes = &self.shared.metrics.bytes;
-        cplink_proto::pump::PumpStats {
-            socket_to_stream: bytes.socket_to_stream.get(),
-            stream_to_socket: bytes.stream_to_socket.get(),
-        }
+        self.shared.metrics.bytes.totals()
     }
 
     /// Whether the agent is linked to every server it knows: every discovered endpoint (and

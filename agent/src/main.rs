@@ -9,14 +9,14 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    cplink_proto::telemetry::init(args.log_format, &args.log_level)?;
+    args.log.init()?;
     let admin_address = args.admin_address;
     let config = args.into_config()?;
     let admin = TcpListener::bind(admin_address)
         .await
         .with_context(|| format!("--admin-address {admin_address}: cannot listen"))?;
     let shutdown = CancellationToken::new();
-    cplink_proto::shutdown::cancel_on_signal(shutdown.clone())
+    cplink_runtime::shutdown::cancel_on_signal(shutdown.clone())
         .context("cannot install signal handlers")?;
     Agent::new(config).run(Some(admin), shutdown).await;
     Ok(())

@@ -1,6 +1,7 @@
 //! Prometheus metrics of the agent.
 
 use cplink_proto::pump::ByteCounters;
+use cplink_runtime::metrics::counters_by_direction;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -15,11 +16,6 @@ use prometheus_client::registry::Registry;
 pub struct ResultLabels {
     /// `ok` or the failure kind.
     pub result: &'static str,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct DirectionLabels {
-    direction: &'static str,
 }
 
 /// Every metric the agent exports.
@@ -53,18 +49,13 @@ pub struct Metrics {
 impl Metrics {
     /// Creates the metrics and registers them under the `cplink_agent` prefix.
     pub fn new(registry: &mut Registry) -> Self {
-        let bytes_family = Family::<DirectionLabels, Counter>::default();
-        // Each get_or_create holds the family's lock until its guard drops: one per statement.
-        let socket_to_stream = bytes_family
-            .get_or_create(&DirectionLabels {
-                direction: "from_destination",
-            })
-            .clone();
-        let stream_to_socket = bytes_family
-            .get_or_create(&DirectionLabels {
-                direction: "to_destination",
-            })
-            .clone();
+        let r = registry.sub_registry_with_prefix("cplink_agent");
+        let [socket_to_stream, stream_to_socket] = counters_by_direction(
+            r,
+            "tunnel_bytes",
+            "Bytes carried through the tunnel",
+            ["from_destination", "to_destination"],
+        );
         let metrics = Metrics {
             links_up: Gauge::default(),
             servers_known: Gauge::default(),
@@ -80,7 +71,6 @@ impl Metrics {
                 stream_to_socket,
             },
         };
-        let r = registry.sub_registry_with_prefix("cplink_agent");
         r.register(
             "links_up",
             "Links to servers currently up",
@@ -127,11 +117,6 @@ impl Metrics {
             "keepalive_interval_seconds",
             "Longest HTTP/2 PING interval in use on konnectivity links",
             metrics.keepalive_interval.clone(),
-        );
-        r.register(
-            "tunnel_bytes",
-            "Bytes carried through the tunnel",
-            bytes_family,
         );
         metrics
     }

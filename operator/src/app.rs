@@ -1,26 +1,18 @@
 //! Command-line configuration and the operator's top-level `run`.
 
-use std::io::IsTerminal as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+use cplink_runtime::admin;
+use cplink_runtime::args::LogArgs;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, AdminState};
+use crate::metrics::Metrics;
 use crate::reconciler::{self, Context};
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
 
 /// Flags of `cplink-operator`; each also reads the `CPLINK_...` environment variable shown.
 #[derive(Debug, Clone, Parser)]
@@ -37,12 +29,9 @@ pub struct Config {
     /// Address of the admin server (`/healthz`, `/readyz`, `/metrics`).
     #[arg(long, env = "CPLINK_ADMIN_ADDRESS", default_value = "0.0.0.0:8080")]
     pub admin_address: SocketAddr,
-    /// Log output format.
-    #[arg(long, env = "CPLINK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-    /// Log filter (tracing `EnvFilter` syntax).
-    #[arg(long, env = "CPLINK_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 /// Why the operator could not run.
@@ -51,55 +40,9 @@ pub enum RunError {
     /// No usable kubeconfig or in-cluster configuration.
     #[error("connecting to Kubernetes: {0}")]
     Client(#[from] kube::Error),
-    /// The admin server failed.
-    #[error("admin server: {0}")]
-    Admin(#[from] std::io::Error),
     /// The admin server task panicked.
     #[error("admin server task: {0}")]
     AdminTask(#[from] tokio::task::JoinError),
-    /// The log filter or format could not be installed.
-    #[error("logging: {0}")]
-    Logging(String),
-}
-
-/// Installs the global tracing subscriber, writing to stderr.
-pub fn init_tracing(format: LogFormat, filter: &str) -> Result<(), RunError> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .map_err(|e| RunError::Logging(format!("invalid log filter {filter:?}: {e}")))?;
-    // Colour only on a terminal: container runtimes write stderr to files.
-    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(colour)
-        .with_writer(std::io::stderr);
-    let result = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-    result.map_err(|e| RunError::Logging(e.to_string()))
-}
-
-/// Completes on the next SIGTERM or SIGINT.
-pub async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the operator");
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
 
 /// How long running reconciles may take to finish after a shutdown request.
@@ -122,19 +65,18 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let client = kube::Client::try_default().await?;
-    let state = AdminState::default();
-    let ctx = Arc::new(Context::new(
-        client,
-        state.metrics.clone(),
-        config.default_image,
-    ));
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let ctx = Arc::new(Context::new(client, metrics.clone(), config.default_image));
     tracing::info!(admin = %config.admin_address, "starting cplink-operator");
+    // Ready once the controller's watches have synced.
+    let readiness = admin::ready_when_set(ready.clone(), "controller not started");
     let admin_task = tokio::spawn(admin::serve(
         admin,
-        state.clone(),
-        shutdown.clone().cancelled_owned(),
+        metrics.registry(),
+        Arc::new(readiness),
+        shutdown.clone(),
     ));
-    let ready = state.ready.clone();
     let controller = reconciler::run(ctx, ready.clone(), shutdown.clone().cancelled_owned());
     tokio::select! {
         () = controller => {}
@@ -149,12 +91,14 @@ pub async fn run(
     // The controller may also stop on its own (its watch streams ended): take the admin
     // server down with it so the pod restarts rather than lingering half-alive.
     shutdown.cancel();
-    admin_task.await??;
+    admin_task.await?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    use cplink_runtime::telemetry::LogFormat;
+
     use super::*;
 
     #[test]
@@ -163,8 +107,8 @@ mod tests {
             .expect("parses");
         assert_eq!(config.default_image, "img:1");
         assert_eq!(config.admin_address, "0.0.0.0:8080".parse().expect("addr"));
-        assert_eq!(config.log_format, LogFormat::Text);
-        assert_eq!(config.log_level, "info");
+        assert_eq!(config.log.log_format, LogFormat::Text);
+        assert_eq!(config.log.log_level, "info");
     }
 
     #[test]
@@ -175,6 +119,6 @@ mod tests {
             "--log-format=json",
         ])
         .expect("parses");
-        assert_eq!(config.log_format, LogFormat::Json);
+        assert_eq!(config.log.log_format, LogFormat::Json);
     }
 }

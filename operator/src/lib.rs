@@ -11,10 +11,11 @@
 //! - [`linked`]: how many agents each server pod has linked, read from its admin endpoint
 //! - [`metrics`]: Prometheus metrics of reconciles
 //! - [`reconciler`]: `Context`, `reconcile` (finalizer → apply/cleanup), `error_policy`, `run`
-//! - [`admin`]: the `/healthz` `/readyz` `/metrics` server
-//! - [`app`]: command-line configuration and the operator's `run`
+//! - [`app`]: command-line configuration and the operator's `run`, with its admin endpoint
+//!
+//! The admin endpoint, logging and signal handling are `cplink-runtime`'s, as in the server
+//! and the agent.
 
-pub mod admin;
 pub mod app;
 pub mod certs;
 pub mod crd;

@@ -8,20 +8,13 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
-    app::init_tracing(config.log_format, &config.log_level)?;
+    config.log.init()?;
     let admin = tokio::net::TcpListener::bind(config.admin_address)
         .await
         .with_context(|| format!("binding admin address {}", config.admin_address))?;
     let shutdown = CancellationToken::new();
-    let on_signal = shutdown.clone();
-    tokio::spawn(async move {
-        app::wait_for_signal().await;
-        tracing::info!("shutdown requested; a second signal exits at once");
-        on_signal.cancel();
-        app::wait_for_signal().await;
-        tracing::warn!("second signal: exiting without waiting for reconciles");
-        std::process::exit(1);
-    });
+    cplink_runtime::shutdown::cancel_on_signal(shutdown.clone())
+        .context("cannot install signal handlers")?;
     app::run(config, admin, shutdown).await?;
     tracing::info!("cplink-operator stopped");
     Ok(())

@@ -1,6 +1,7 @@
 //! Prometheus metrics of the operator. Label values are fixed `&'static str`s, never error text,
 //! so cardinality stays bounded.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -16,7 +17,7 @@ pub struct ErrorLabels {
     pub error: &'static str,
 }
 
-/// The operator's metrics, registered in one [`Registry`].
+/// The operator's metrics, registered in one [`Registry`] that the admin endpoint serves.
 #[derive(Debug)]
 pub struct Metrics {
     /// Reconciles started.
@@ -25,7 +26,7 @@ pub struct Metrics {
     pub failures: Family<ErrorLabels, Counter>,
     /// Reconcile duration in seconds.
     pub duration: Histogram,
-    registry: Registry,
+    registry: Arc<Registry>,
 }
 
 impl Default for Metrics {
@@ -54,7 +55,7 @@ impl Default for Metrics {
             reconciles,
             failures,
             duration,
-            registry,
+            registry: Arc::new(registry),
         }
     }
 }
@@ -72,6 +73,11 @@ impl Metrics {
     /// Counts a failed reconcile.
     pub fn reconcile_failed(&self, error: &'static str) {
         self.failures.get_or_create(&ErrorLabels { error }).inc();
+    }
+
+    /// The registry holding every metric, for the admin endpoint.
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
     }
 
     /// Renders every metric in the OpenMetrics text format.

@@ -353,11 +353,9 @@ pub fn validate(name: &str, spec: &ControlPlaneLinkSpec) -> Result<ValidSpec, In
             ));
         }
     }
-    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&spec.log_level) {
-        return Err(InvalidSpec::new(
-            "spec.logLevel",
-            format!("invalid log filter {:?}: {e}", spec.log_level),
-        ));
+    // Servers and agents get it as --log-level and parse it with this function as they start.
+    if let Err(e) = cplink_runtime::telemetry::parse_filter(&spec.log_level) {
+        return Err(InvalidSpec::new("spec.logLevel", e.to_string()));
     }
     Ok(ValidSpec {
         validity,

@@ -1,4 +1,5 @@
-//! What both ends of a cplink link agree on, and the runtime pieces the server and the agent share.
+//! What both ends of a cplink link agree on. What the binaries run on besides (admin endpoint,
+//! logs, signals, accept loops, sockets) is `cplink-runtime`.
 //!
 //! - [`hello`]: the versioned, length-prefixed preface and hello exchanged right after TLS.
 //! - [`target`]: `host:port` destinations as they travel in CONNECT requests and `:authority`.
@@ -6,27 +7,16 @@
 //! - [`tls`]: loading PEM files and building the rustls configurations of the link and frontends.
 //! - [`pump`]: moves bytes between a socket and an HTTP/2 stream with per-stream flow control.
 //! - [`keepalive`]: HTTP/2 PING liveness for links.
-//! - [`konnectivity`]: the konnectivity gRPC protocol (generated), its metadata and packets.
-//! - [`net`]: socket tuning and abortive close.
-//! - [`config`]: configuration errors naming the flag at fault.
-//! - [`accept`]: accept loops with backoff, a rate-limited error log and a handshake cap.
-//! - [`admin`]: the `/healthz`, `/readyz`, `/metrics` HTTP endpoint.
-//! - [`telemetry`]: log setup (text or JSON).
-//! - [`shutdown`]: SIGTERM/SIGINT handling.
+//! - `konnectivity`: the konnectivity gRPC protocol (generated), its metadata and packets; with
+//!   the `konnectivity` feature (on by default), which compiles tonic and prost.
 
-pub mod accept;
-pub mod admin;
-pub mod config;
 pub mod dial;
 pub mod hello;
 pub mod keepalive;
+#[cfg(feature = "konnectivity")]
 pub mod konnectivity;
-pub mod net;
 pub mod pump;
-pub mod readahead;
-pub mod shutdown;
 pub mod target;
-pub mod telemetry;
 pub mod tls;
 
 /// ALPN protocol id of the native cplink link.

@@ -103,6 +103,16 @@ pub struct ByteCounters {
     pub stream_to_socket: Counter,
 }
 
+impl ByteCounters {
+    /// The bytes counted so far, by direction.
+    pub fn totals(&self) -> PumpStats {
+        PumpStats {
+            socket_to_stream: self.socket_to_stream.get(),
+            stream_to_socket: self.stream_to_socket.get(),
+        }
+    }
+}
+
 /// Bytes moved by a pump that finished cleanly.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PumpStats {

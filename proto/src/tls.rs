@@ -52,6 +52,20 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
 }
 
+impl TlsError {
+    /// Whether loading an [`Identity`] failed over its private key rather than its certificate:
+    /// an unreadable key, or one rustls rejects (it does not match the certificate, say).
+    pub fn concerns_key(&self) -> bool {
+        matches!(
+            self,
+            TlsError::Pem {
+                what: "private key",
+                ..
+            } | TlsError::Config(_)
+        )
+    }
+}
+
 /// A certificate chain and its private key.
 pub struct Identity {
     certs: Vec<CertificateDer<'static>>,

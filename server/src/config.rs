@@ -6,14 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-pub use cplink_proto::config::ConfigError;
 use cplink_proto::keepalive::KeepaliveConfig;
-use cplink_proto::telemetry::LogFormat;
 use cplink_proto::tls::{self, Identity, TrustAnchors};
+use cplink_runtime::args::{LogArgs, TlsIdentityArgs};
+pub use cplink_runtime::config::ConfigError;
+use cplink_runtime::kubeapi::{ApiSource, KubeApi};
 
 use crate::identity::tokens::TokenAuth;
 use crate::identity::{IdentityMode, NodeBinding};
-use crate::kubeapi::{ApiSource, KubeApi};
 use crate::registry::{Strategy, parse_strategies};
 
 /// Command line of `cplink-server`. Every flag can also be set through its `CPLINK_*` variable.
@@ -58,13 +58,9 @@ pub struct Args {
     #[arg(long, env = "CPLINK_ADMIN_ADDRESS", default_value = "127.0.0.1:8095")]
     pub admin_address: SocketAddr,
 
-    /// Server certificate chain (PEM), shown to agents and to frontend clients.
-    #[arg(long, env = "CPLINK_TLS_CERT")]
-    pub tls_cert: PathBuf,
-
-    /// Private key (PEM) of the server certificate.
-    #[arg(long, env = "CPLINK_TLS_KEY")]
-    pub tls_key: PathBuf,
+    /// The server's certificate, shown to agents and to frontend clients, and its key.
+    #[command(flatten)]
+    pub tls: TlsIdentityArgs,
 
     /// CA bundle (PEM) that signs agent client certificates.
     #[arg(long, env = "CPLINK_AGENT_CA")]
@@ -171,13 +167,9 @@ pub struct Args {
     #[arg(long, env = "CPLINK_STRATEGIES", default_value = "node,cidr,any")]
     pub strategies: String,
 
-    /// Log output format.
-    #[arg(long, env = "CPLINK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
-
-    /// Log filter, e.g. `info` or `cplink_server=debug,info`.
-    #[arg(long, env = "CPLINK_LOG_LEVEL", default_value = "info")]
-    pub log_level: String,
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 /// Validated configuration: TLS material loaded, values checked.
@@ -237,8 +229,8 @@ impl std::fmt::Debug for Config {
 impl Args {
     /// Checks every flag and loads the TLS material, before anything listens.
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let identity = Identity::from_pem_files(&self.tls_cert, &self.tls_key)
-            .map_err(|e| ConfigError::tls(e, "tls-cert", "tls-key"))?;
+        let identity = Identity::from_pem_files(&self.tls.tls_cert, &self.tls.tls_key)
+            .map_err(|e| TlsIdentityArgs::error(e.concerns_key(), e))?;
         let agent_ca = TrustAnchors::from_pem_file(&self.agent_ca)
             .map_err(|e| ConfigError::new("agent-ca", e))?;
         let api = self.api()?;
@@ -322,7 +314,7 @@ impl Args {
             max_tunnels: self.max_tunnels,
             max_pending_connections: self
                 .max_pending_connections
-                .map_or_else(cplink_proto::accept::default_max_pending, |n| n as usize),
+                .map_or_else(cplink_runtime::accept::default_max_pending, |n| n as usize),
             token_auth,
             identity: node_binding,
         })
@@ -341,8 +333,7 @@ impl Args {
             }
             return Ok(None);
         }
-        let source = ApiSource::from_flag(self.kubeconfig.as_ref())
-            .map_err(|e| ConfigError::new("kubeconfig", e))?;
+        let source = ApiSource::from_flag(self.kubeconfig.as_deref())?;
         Ok(Some(Arc::new(KubeApi::new(source))))
     }
 

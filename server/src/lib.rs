@@ -8,7 +8,7 @@
 //! - `tunnel`: opening a tunneled connection through an agent (routing, dial, answer).
 //! - [`registry`]: linked agents and the routing strategies that pick one.
 //! - [`identity`]: which node an agent is, proven by its pod's token or its certificate and
-//!   backed by the Node object; [`kubeapi`]: the Kubernetes client it uses.
+//!   backed by the Node object.
 //! - `grpc`: serving tonic services one HTTP/2 connection at a time.
 //! - [`config`]: command line and validated configuration; [`metrics`]: Prometheus metrics.
 //!
@@ -20,7 +20,6 @@ pub mod config;
 pub mod frontends;
 mod grpc;
 pub mod identity;
-pub mod kubeapi;
 pub mod metrics;
 pub mod registry;
 mod tunnel;
@@ -31,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use cplink_proto::admin;
+use cplink_runtime::admin;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -198,11 +197,7 @@ impl ServerHandle {
     /// Tunneled bytes so far: frontend to agent (read from clients and sent on), and agent to
     /// frontend (written to clients).
     pub fn tunneled_bytes(&self) -> cplink_proto::pump::PumpStats {
-        let bytes = &self.shared.metrics.bytes;
-        cplink_proto::pump::PumpStats {
-            socket_to_stream: bytes.socket_to_stream.get(),
-            stream_to_socket: bytes.stream_to_socket.get(),
-        }
+        self.shared.metrics.bytes.totals()
     }
 
     /// Metrics in the OpenMetrics text format.
@@ -221,13 +216,13 @@ impl ServerHandle {
 
 impl Shared {
     /// The accept side of `listener`: the handshake cap, shed connections counted.
-    pub(crate) fn acceptor(&self, listener: &'static str) -> cplink_proto::accept::Acceptor {
+    pub(crate) fn acceptor(&self, listener: &'static str) -> cplink_runtime::accept::Acceptor {
         let shed = self
             .metrics
             .connections_shed
             .get_or_create(&metrics::ListenerLabels { listener })
             .clone();
-        cplink_proto::accept::Acceptor::new(listener, self.config.max_pending_connections, shed)
+        cplink_runtime::accept::Acceptor::new(listener, self.config.max_pending_connections, shed)
     }
 
     /// Registers a new agent link and updates the gauge; a link whose agent id is held from

@@ -43,14 +43,14 @@ fn configure_allocator() -> Result<(), tikv_jemalloc_ctl::Error> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    cplink_proto::telemetry::init(args.log_format, &args.log_level)?;
+    args.log.init()?;
     if let Err(e) = configure_allocator() {
         tracing::warn!(error = %e, "cannot configure jemalloc: freed memory may be kept longer");
     }
     let config = args.clone().into_config()?;
     let listeners = Listeners::bind(&args).await?;
     let shutdown = CancellationToken::new();
-    cplink_proto::shutdown::cancel_on_signal(shutdown.clone())
+    cplink_runtime::shutdown::cancel_on_signal(shutdown.clone())
         .context("cannot install signal handlers")?;
     Server::new(config).run(listeners, shutdown).await;
     Ok(())

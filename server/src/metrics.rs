@@ -1,6 +1,7 @@
 //! Prometheus metrics of the server.
 
 use cplink_proto::pump::ByteCounters;
+use cplink_runtime::metrics::counters_by_direction;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -34,12 +35,6 @@ pub struct RequestErrorLabels {
 pub struct StrategyLabels {
     /// The strategy that picked the agent.
     pub strategy: &'static str,
-}
-
-/// Labels of a byte direction.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-struct DirectionLabels {
-    direction: &'static str,
 }
 
 /// Labels of a refused agent link.
@@ -91,18 +86,13 @@ pub struct Metrics {
 impl Metrics {
     /// Creates the metrics and registers them under the `cplink_server` prefix.
     pub fn new(registry: &mut Registry) -> Self {
-        let bytes_family = Family::<DirectionLabels, Counter>::default();
-        // Each get_or_create holds the family's lock until its guard drops: one per statement.
-        let socket_to_stream = bytes_family
-            .get_or_create(&DirectionLabels {
-                direction: "to_agent",
-            })
-            .clone();
-        let stream_to_socket = bytes_family
-            .get_or_create(&DirectionLabels {
-                direction: "from_agent",
-            })
-            .clone();
+        let r = registry.sub_registry_with_prefix("cplink_server");
+        let [socket_to_stream, stream_to_socket] = counters_by_direction(
+            r,
+            "tunnel_bytes",
+            "Bytes carried through the tunnel",
+            ["to_agent", "from_agent"],
+        );
         let metrics = Metrics {
             agents_linked: Gauge::default(),
             streams_active: Gauge::default(),
@@ -121,7 +111,6 @@ impl Metrics {
                 stream_to_socket,
             },
         };
-        let r = registry.sub_registry_with_prefix("cplink_server");
         r.register(
             "agents_linked",
             "Agents currently linked",
@@ -184,11 +173,6 @@ impl Metrics {
             "Connections closed as soon as accepted because their listener had \
              --max-pending-connections still in their handshake",
             metrics.connections_shed.clone(),
-        );
-        r.register(
-            "tunnel_bytes",
-            "Bytes carried through the tunnel",
-            bytes_family,
         );
         metrics
     }

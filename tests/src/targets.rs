@@ -98,7 +98,7 @@ pub async fn resetter() -> anyhow::Result<Target> {
         // Wait for the client's first byte so the reset hits an established tunnel.
         let mut byte = [0u8; 1];
         let _ = stream.peek(&mut byte).await;
-        cplink_proto::net::abort_tcp(stream);
+        cplink_runtime::net::abort_tcp(stream);
     })
     .await
 }
@@ -277,7 +277,7 @@ pub async fn gated_tally(
 pub async fn source_then_reset(len: usize) -> anyhow::Result<Target> {
     serve(move |mut stream| async move {
         if stream.write_all(&pattern(0, len)).await.is_ok() && stream.flush().await.is_ok() {
-            cplink_proto::net::abort_tcp_after_sent(stream, Duration::from_secs(5)).await;
+            cplink_runtime::net::abort_tcp_after_sent(stream, Duration::from_secs(5)).await;
         }
     })
     .await

@@ -134,7 +134,7 @@ async fn a_client_reset_reaches_the_destination_as_an_error() -> anyhow::Result<
     stream.write_all(b"partial").await?;
     stream.flush().await?;
     let (tcp, _) = stream.into_inner();
-    cplink_proto::net::abort_tcp(tcp);
+    cplink_runtime::net::abort_tcp(tcp);
     let outcome = tokio::time::timeout(Duration::from_secs(10), outcomes.recv()).await?;
     assert!(
         matches!(outcome, Some(Err(_))),

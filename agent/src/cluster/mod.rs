@@ -1,6 +1,5 @@
-//! What the agent reads from the cluster's Kubernetes API: the client ([`client`]), the servers' EndpointSlices
+//! What the agent reads from the cluster's Kubernetes API: the servers' EndpointSlices
 //! ([`discovery`]) and its Node's pod ranges ([`node`]).
 
-pub(crate) mod client;
 pub(crate) mod discovery;
 pub(crate) mod node;

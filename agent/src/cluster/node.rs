@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
+use cplink_runtime::kubeapi::KubeApi;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 
-use super::client::KubeApi;
 use crate::backoff::Backoff;
 use crate::config::BackoffConfig;
 

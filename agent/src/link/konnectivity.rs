@@ -31,9 +31,9 @@ use cplink_proto::dial::DialFailure;
 use cplink_proto::hello::BearerToken;
 use cplink_proto::konnectivity::mux::{self, CONN_BUDGET, Mux, MuxLimits, Role};
 use cplink_proto::konnectivity::{self as wire, AgentServiceClient, DialRequest, Packet, Payload};
-use cplink_proto::net::abort_tcp_halves;
 use cplink_proto::pump::ActiveStream;
 use cplink_proto::target::Target;
+use cplink_runtime::net::abort_tcp_halves;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -489,7 +489,7 @@ async fn dial_and_pump(
     tracing::Span::current().record("connect_id", connect_id);
     if let Err(err) = mux.send(Packet::dial_established(random, connect_id)).await {
         tracing::debug!(%err, "link gone before the dial was answered");
-        return cplink_proto::net::abort_tcp(tcp);
+        return cplink_runtime::net::abort_tcp(tcp);
     }
     let _active = ActiveStream::new(&shared.metrics.streams_active);
     let (mut reader, mut writer) = tcp.into_split();

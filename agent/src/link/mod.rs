@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use cplink_proto::hello::HelloError;
 use cplink_proto::keepalive::KeepaliveError;
-use cplink_proto::readahead::ReadAhead;
+use cplink_runtime::readahead::ReadAhead;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
@@ -156,7 +156,7 @@ pub(crate) async fn connect_tcp(
             budget,
         })?
         .map_err(LinkError::Connect)?;
-    cplink_proto::net::tune_link(&tcp);
+    cplink_runtime::net::tune_link(&tcp);
     Ok(tcp)
 }
 

@@ -4,10 +4,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use cplink_proto::accept::Pending;
 use cplink_proto::hello::{self, AgentHello, HelloError, HelloOutcome, ServerHello};
 use cplink_proto::keepalive::{self, KeepaliveError};
-use cplink_proto::readahead::ReadAhead;
+use cplink_runtime::accept::Pending;
+use cplink_runtime::readahead::ReadAhead;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -118,7 +118,7 @@ async fn serve(
     peer: SocketAddr,
     pending: Pending,
 ) -> Result<(), LinkError> {
-    cplink_proto::net::tune_link(&tcp);
+    cplink_runtime::net::tune_link(&tcp);
     let budget = shared.config.handshake_timeout;
     let acceptor = TlsAcceptor::from(shared.config.link_tls.clone());
     let mut tls = tokio::time::timeout(budget, acceptor.accept(ReadAhead::new(tcp)))

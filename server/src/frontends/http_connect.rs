@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use cplink_proto::accept::Pending;
 use cplink_proto::konnectivity::mux;
-use cplink_proto::net::{abort_tcp, abort_tcp_after_sent};
 use cplink_proto::pump::{self, Buffered, ReadChunk};
-use cplink_proto::readahead::ReadAhead;
+use cplink_runtime::accept::Pending;
+use cplink_runtime::net::{abort_tcp, abort_tcp_after_sent};
+use cplink_runtime::readahead::ReadAhead;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_rustls::TlsAcceptor;
@@ -89,7 +89,7 @@ pub(crate) async fn accept_tls(
 ) {
     let accepting = shared.acceptor("frontend");
     while let Some(((tcp, peer), pending)) = accepting.next(|| listener.accept(), &stop).await {
-        cplink_proto::net::tune_stream(&tcp);
+        cplink_runtime::net::tune_stream(&tcp);
         let shared = shared.clone();
         let acceptor = acceptor.clone();
         let force = force.clone();

@@ -22,10 +22,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use cplink_proto::hello::Identifiers;
+use cplink_runtime::kubeapi::KubeApi;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Node, Pod};
 
-use crate::kubeapi::KubeApi;
 use nodes::Backing;
 use tokens::{AuthError, TokenAuth};
 

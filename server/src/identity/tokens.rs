@@ -10,11 +10,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cplink_runtime::kubeapi::KubeApi;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use kube::api::PostParams;
 use sha2::{Digest, Sha256};
-
-use crate::kubeapi::KubeApi;
 
 /// How long a review's verdict is reused. Short: a revoked token (its pod deleted) stops
 /// working within this time, and a relinking agent costs the API one review, not one per server

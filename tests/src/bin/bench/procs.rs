@@ -24,7 +24,7 @@ pub async fn run_server(args: Vec<String>) -> anyhow::Result<()> {
     let args = cplink_server::Args::try_parse_from(
         std::iter::once("cplink-server".to_owned()).chain(args),
     )?;
-    cplink_proto::telemetry::init(args.log_format, &args.log_level)?;
+    args.log.init()?;
     let config = args.clone().into_config()?;
     let listeners = cplink_server::Listeners::bind(&args).await?;
     let frontend = listeners
@@ -49,7 +49,7 @@ pub async fn run_server(args: Vec<String>) -> anyhow::Result<()> {
 pub async fn run_agent(args: Vec<String>) -> anyhow::Result<()> {
     let args =
         cplink_agent::Args::try_parse_from(std::iter::once("cplink-agent".to_owned()).chain(args))?;
-    cplink_proto::telemetry::init(args.log_format, &args.log_level)?;
+    args.log.init()?;
     let admin = TcpListener::bind(args.admin_address).await?;
     println!("{}", admin.local_addr()?);
     let shutdown = shutdown_on_stdin_eof()?;
@@ -63,7 +63,7 @@ pub async fn run_agent(args: Vec<String>) -> anyhow::Result<()> {
 /// children gracefully by closing their standard input.
 fn shutdown_on_stdin_eof() -> anyhow::Result<CancellationToken> {
     let shutdown = CancellationToken::new();
-    cplink_proto::shutdown::cancel_on_signal(shutdown.clone())?;
+    cplink_runtime::shutdown::cancel_on_signal(shutdown.clone())?;
     let token = shutdown.clone();
     tokio::spawn(async move {
         let mut stdin = tokio::io::stdin();

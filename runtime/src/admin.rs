@@ -2,6 +2,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -39,6 +40,17 @@ where
     }
 }
 
+/// Ready once `flag` is set (with `Release` ordering); until then not ready, for `reason`.
+pub fn ready_when_set(flag: Arc<AtomicBool>, reason: &'static str) -> impl Readiness {
+    move || {
+        if flag.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(reason.to_owned())
+        }
+    }
+}
+
 /// Serves the admin endpoint on `listener` until `shutdown` is cancelled.
 pub async fn serve(
     listener: TcpListener,
@@ -55,7 +67,7 @@ pub async fn serve(
         let shutdown = shutdown.clone();
         connections.spawn(async move {
             let _held = held;
-            let service = service_fn(move |req| {
+            let service = service_fn(move |req: Request<Incoming>| {
                 let response = respond(&req, &metrics, readiness.as_ref());
                 async move { Ok::<_, Infallible>(response) }
             });
@@ -78,8 +90,8 @@ pub async fn serve(
     connections.wait().await;
 }
 
-fn respond(
-    req: &Request<Incoming>,
+fn respond<B>(
+    req: &Request<B>,
     metrics: &Registry,
     readiness: &dyn Readiness,
 ) -> Response<Full<Bytes>> {
@@ -127,4 +139,83 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    fn get(path: &str) -> Request<()> {
+        Request::get(path).body(()).unwrap()
+    }
+
+    #[test]
+    fn readiness_follows_the_check_and_health_is_unconditional() {
+        let metrics = Registry::default();
+        let ready = Arc::new(AtomicBool::new(false));
+        let readiness = ready_when_set(ready.clone(), "not started");
+        let status = |req: &Request<()>| respond(req, &metrics, &readiness).status();
+        assert_eq!(status(&get("/healthz")), StatusCode::OK);
+        assert_eq!(status(&get("/readyz")), StatusCode::SERVICE_UNAVAILABLE);
+        ready.store(true, Ordering::Release);
+        assert_eq!(status(&get("/readyz")), StatusCode::OK);
+        assert_eq!(status(&get("/nope")), StatusCode::NOT_FOUND);
+        let post = Request::post("/healthz").body(()).unwrap();
+        assert_eq!(status(&post), StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[tokio::test]
+    async fn not_ready_says_why() {
+        use http_body_util::BodyExt as _;
+
+        let response = respond(
+            &get("/readyz"),
+            &Registry::default(),
+            &ready_when_set(Arc::default(), "not started"),
+        );
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "not ready: not started\n");
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_over_http_until_shutdown() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut registry = Registry::with_prefix("cplink_test");
+        let reconciles = Counter::<u64>::default();
+        registry.register("reconciles", "Reconciles started", reconciles.clone());
+        reconciles.inc();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(serve(
+            listener,
+            Arc::new(registry),
+            Arc::new(|| Ok(())),
+            shutdown.clone(),
+        ));
+
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        conn.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        assert!(
+            response.contains("content-type: application/openmetrics-text"),
+            "{response}"
+        );
+        assert!(
+            response.contains("cplink_test_reconciles_total 1"),
+            "{response}"
+        );
+
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server stops on shutdown")
+            .unwrap();
+    }
 }

@@ -1,7 +1,5 @@
 //! Configuration errors shared by the binaries.
 
-use crate::tls::TlsError;
-
 /// A configuration error, naming the flag at fault.
 #[derive(Debug, thiserror::Error)]
 #[error("--{flag}: {message}")]
@@ -19,18 +17,5 @@ impl ConfigError {
             flag,
             message: message.to_string(),
         }
-    }
-
-    /// A TLS loading error, attributed to the certificate or the key flag.
-    pub fn tls(err: TlsError, cert_flag: &'static str, key_flag: &'static str) -> Self {
-        let flag = match err {
-            TlsError::Pem {
-                what: "private key",
-                ..
-            }
-            | TlsError::Config(_) => key_flag,
-            _ => cert_flag,
-        };
-        ConfigError::new(flag, err)
     }
 }

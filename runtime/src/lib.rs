@@ -1,0 +1,28 @@
+//! What every cplink binary runs on, apart from the link itself: the admin endpoint, logs,
+//! signals, configuration errors, accept loops, socket handling and the Kubernetes client.
+//!
+//! Nothing here is part of the link protocol (that is `cplink-proto`), so a binary that speaks
+//! none of it, like the operator, can use this crate without compiling HTTP/2 or gRPC.
+//!
+//! Map of the crate, in layers: each module uses only modules listed above it.
+//! - [`config`]: configuration errors naming the flag at fault.
+//! - [`telemetry`]: log setup (text or JSON), the same for every binary.
+//! - [`args`]: flag groups the binaries share (logs, TLS identity).
+//! - [`metrics`]: Prometheus metric shapes more than one binary exports.
+//! - [`shutdown`]: SIGTERM/SIGINT handling.
+//! - [`net`]: socket tuning and abortive close.
+//! - [`readahead`]: a read-ahead buffer under TLS.
+//! - [`accept`]: accept loops with backoff, a rate-limited error log and a handshake cap.
+//! - [`admin`]: the `/healthz`, `/readyz`, `/metrics` HTTP endpoint.
+//! - [`kubeapi`]: where the Kubernetes API is, and a client for it made on first use.
+
+pub mod accept;
+pub mod admin;
+pub mod args;
+pub mod config;
+pub mod kubeapi;
+pub mod metrics;
+pub mod net;
+pub mod readahead;
+pub mod shutdown;
+pub mod telemetry;

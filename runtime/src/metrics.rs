@@ -1,0 +1,52 @@
+//! Prometheus metric shapes more than one binary exports.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+/// The label of a counter split by direction.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+/// Registers `name` in `registry` as a counter with a `direction` label and returns the
+/// counters of the two `directions`, in their order.
+pub fn counters_by_direction(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    directions: [&'static str; 2],
+) -> [Counter; 2] {
+    let family = Family::<DirectionLabels, Counter>::default();
+    // get_or_create holds the family's lock until its guard drops: one guard at a time.
+    let counters =
+        directions.map(|direction| family.get_or_create(&DirectionLabels { direction }).clone());
+    registry.register(name, help, family);
+    counters
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_direction_counts_under_its_own_label() {
+        let mut registry = Registry::with_prefix("cplink_test");
+        let [up, down] =
+            counters_by_direction(&mut registry, "bytes", "Bytes moved", ["up", "down"]);
+        up.inc_by(3);
+        down.inc_by(5);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("cplink_test_bytes_total{direction=\"up\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cplink_test_bytes_total{direction=\"down\"} 5"),
+            "{text}"
+        );
+    }
+}
