@@ -8,10 +8,21 @@ command -v cc >/dev/null 2>&1 || need_apt+=(build-essential)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
 command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
+# The benchmark's baseline: OpenSSH's reverse dynamic forward, run as its own sshd -i and ssh.
+command -v ssh >/dev/null 2>&1 || need_apt+=(openssh-client)
+[ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
 if ((${#need_apt[@]})); then
     if [ "$(id -u)" -ne 0 ]; then
         echo "setup: need root to apt-get install ${need_apt[*]}" >&2
         exit 1
+    fi
+    # Packages must not start services (openssh-server would start an sshd on port 22):
+    # invoke-rc.d asks policy-rc.d, and 101 means "not allowed".
+    policy=/usr/sbin/policy-rc.d
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+        trap 'rm -f "$policy"' EXIT
     fi
     apt-get update -qq
     apt-get install -y -qq "${need_apt[@]}"

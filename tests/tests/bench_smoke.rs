@@ -1,5 +1,6 @@
 //! The benchmark binary runs end to end (`--quick`) and prints a complete table: every
-//! workload moved all its bytes through the three frontends, or the binary would have failed.
+//! workload moved all its bytes through the three frontends and through the OpenSSH baseline
+//! (installed by `scripts/setup.sh`), or the binary would have failed.
 
 use std::process::Command;
 
@@ -23,7 +24,7 @@ fn quick_benchmark_prints_a_complete_table() {
         .collect();
     assert_eq!(rows[0][0], "measurement", "{stdout}");
     for row in &rows {
-        assert_eq!(row.len(), 9, "row {row:?} in\n{stdout}");
+        assert_eq!(row.len(), 11, "row {row:?} in\n{stdout}");
     }
     let find = |prefix: &str| {
         rows.iter()
@@ -38,8 +39,21 @@ fn quick_benchmark_prints_a_complete_table() {
     };
     for prefix in ["64 MiB upload, 1 stream", "64 MiB download, 8 streams"] {
         let row = find(prefix);
-        for column in [1, 2, 4, 6] {
+        for column in [1, 2, 4, 6, 8] {
             assert!(number(row[column]) > 0.0, "{row:?}");
+        }
+    }
+    // The tunnel's processes did measurable work for every transfer: CPU time is read from
+    // /proc, so a figure of zero would mean the reading is broken.
+    for prefix in [
+        "CPU per GiB, upload, 1 stream",
+        "CPU per GiB, download, 8 streams",
+        "CPU per dial",
+    ] {
+        let row = find(prefix);
+        for column in [2, 4, 6, 8] {
+            let cpu = number(row[column]);
+            assert!(cpu.is_finite() && cpu > 0.0, "{row:?}");
         }
     }
     // An idle tunneled connection holds buffers and bookkeeping, never a stream window of data

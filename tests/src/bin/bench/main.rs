@@ -12,7 +12,13 @@
 //!   kube-apiservers do. Each stream is turned back into a byte stream in this process, as
 //!   konnectivity-client does, so that the same workloads run over it.
 //!
-//! The table shows each figure and its ratio to direct TCP. Nothing is asserted: these are
+//! A fifth route is the baseline: OpenSSH's reverse dynamic forward (`ssh -R`, sshd's SOCKS
+//! port), when OpenSSH is installed.
+//!
+//! The table shows each figure and its ratio to direct TCP, and the CPU time the tunnel's two
+//! processes (server and agent, or sshd and ssh) spent per GiB moved and per dial, read from
+//! `/proc/<pid>/stat`: time is noisy on a shared machine, CPU per unit of work far steadier.
+//! Nothing is asserted: these are
 //! measurements, and shared machines are noisy; run it a few times before drawing conclusions.
 //! A workload that loses bytes on a route fails the run, though.
 //!
@@ -20,6 +26,7 @@
 //! cargo run --release -p cplink-e2e --bin cplink-bench -- [--quick] [--markdown]
 //! ```
 
+mod openssh;
 mod procs;
 mod report;
 mod workloads;
@@ -28,7 +35,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use cplink_e2e::client::TlsClient;
 
-use crate::procs::{Certificates, Pair};
+use crate::openssh::OpenSsh;
+use crate::procs::{Certificates, Cpu, Ends, Pair};
 use crate::report::{Report, Stats};
 use crate::workloads::{Direction, Route};
 
@@ -175,27 +183,43 @@ async fn run(sizes: &Sizes, only: &[Workload]) -> anyhow::Result<Report> {
             report.idle_rss(pair.server.rss_kib()?, pair.agent.rss_kib()?);
         }
         let route = tunnel.route(&pair, frontend).await?;
-        progress(&format!(
-            "holding {} idle connections ({})",
-            sizes.idle,
-            frontend.name()
-        ));
-        // Warm up lazily allocated state (TLS sessions, h2 buffers, metric series).
-        drop(workloads::hold_idle(&route, 50).await?);
-        let before = pair.server.rss_kib()? + pair.agent.rss_kib()?;
-        let held = workloads::hold_idle(&route, sizes.idle).await?;
-        let server = pair.server.rss_kib()?;
-        let agent = pair.agent.rss_kib()?;
-        report.held(frontend.column(), server, agent, before);
-        drop(held);
+        hold_idle(
+            &mut report,
+            frontend.column(),
+            frontend.name(),
+            &pair,
+            &route,
+            sizes,
+        )
+        .await?;
         drop(route);
         pair.stop().await;
     }
+    if wanted(Workload::Memory)
+        && let Some(ssh) = openssh().await?
+    {
+        let route = Route::Socks {
+            proxy: ssh.socks,
+            target: destination,
+        };
+        hold_idle(&mut report, report::OPENSSH, "OpenSSH", &ssh, &route, sizes).await?;
+        ssh.stop().await;
+    }
 
     let pair = Pair::start(&certs).await?;
-    let mut routes = vec![(report::DIRECT, Route::Direct(destination))];
+    let ssh = openssh().await?;
+    let mut routes: Vec<(usize, Route, Option<&dyn Ends>)> =
+        vec![(report::DIRECT, Route::Direct(destination), None)];
     for frontend in Frontend::ALL {
-        routes.push((frontend.column(), tunnel.route(&pair, frontend).await?));
+        let route = tunnel.route(&pair, frontend).await?;
+        routes.push((frontend.column(), route, Some(&pair)));
+    }
+    if let Some(ssh) = &ssh {
+        let route = Route::Socks {
+            proxy: ssh.socks,
+            target: destination,
+        };
+        routes.push((report::OPENSSH, route, Some(ssh)));
     }
 
     if wanted(Workload::Upload) {
@@ -203,8 +227,9 @@ async fn run(sizes: &Sizes, only: &[Workload]) -> anyhow::Result<Report> {
             "single-stream upload of {} MiB",
             sizes.single >> 20
         ));
-        for (column, route) in &routes {
-            report.upload(*column, workloads::upload(route, sizes.single).await?);
+        for (column, route, ends) in &routes {
+            let (took, cpu) = metered(*ends, workloads::upload(route, sizes.single)).await?;
+            report.upload(*column, took, cpu);
         }
     }
     if wanted(Workload::Download) {
@@ -212,8 +237,9 @@ async fn run(sizes: &Sizes, only: &[Workload]) -> anyhow::Result<Report> {
             "single-stream download of {} MiB",
             sizes.single >> 20
         ));
-        for (column, route) in &routes {
-            report.download(*column, workloads::download(route, sizes.single).await?);
+        for (column, route, ends) in &routes {
+            let (took, cpu) = metered(*ends, workloads::download(route, sizes.single)).await?;
+            report.download(*column, took, cpu);
         }
     }
     for direction in [Direction::Up, Direction::Down] {
@@ -225,14 +251,15 @@ async fn run(sizes: &Sizes, only: &[Workload]) -> anyhow::Result<Report> {
             sizes.streams,
             sizes.parallel >> 20
         ));
-        for (column, route) in &routes {
-            let took = workloads::parallel(route, sizes.streams, sizes.parallel, direction).await?;
-            report.parallel(*column, direction, sizes.streams, sizes.parallel, took);
+        for (column, route, ends) in &routes {
+            let work = workloads::parallel(route, sizes.streams, sizes.parallel, direction);
+            let (took, cpu) = metered(*ends, work).await?;
+            report.parallel(*column, direction, sizes.streams, sizes.parallel, took, cpu);
         }
     }
     if wanted(Workload::Latency) {
         progress(&format!("{} request/response round trips", sizes.samples));
-        for (column, route) in &routes {
+        for (column, route, _) in &routes {
             let times = workloads::round_trips(route, sizes.warmup, sizes.samples).await?;
             report.latency(*column, Stats::of(times));
         }
@@ -242,9 +269,10 @@ async fn run(sizes: &Sizes, only: &[Workload]) -> anyhow::Result<Report> {
             "{} new connections, {} at a time",
             sizes.dials, sizes.dial_concurrency
         ));
-        for (column, route) in &routes {
-            let rate = workloads::dial_rate(route, sizes.dials, sizes.dial_concurrency).await?;
-            report.dial_rate(*column, rate);
+        for (column, route, ends) in &routes {
+            let work = workloads::dial_rate(route, sizes.dials, sizes.dial_concurrency);
+            let (rate, cpu) = metered(*ends, work).await?;
+            report.dial_rate(*column, rate, sizes.dials, cpu);
         }
     }
     if wanted(Workload::Bulk) {
@@ -252,7 +280,7 @@ async fn run(sizes: &Sizes, only: &[Workload]) -> anyhow::Result<Report> {
             "{} round trips during a bulk upload",
             sizes.bulk_samples
         ));
-        for (column, route) in &routes {
+        for (column, route, _) in &routes {
             let (times, rate) =
                 workloads::round_trips_under_bulk(route, sizes.warmup, sizes.bulk_samples).await?;
             report.under_bulk(*column, Stats::of(times), rate);
@@ -260,7 +288,58 @@ async fn run(sizes: &Sizes, only: &[Workload]) -> anyhow::Result<Report> {
     }
     drop(routes);
     pair.stop().await;
+    if let Some(ssh) = ssh {
+        ssh.stop().await;
+    }
     Ok(report)
+}
+
+/// OpenSSH's forward for the baseline column, or `None` with a word on the missing column.
+async fn openssh() -> anyhow::Result<Option<OpenSsh>> {
+    static TOLD: std::sync::Once = std::sync::Once::new();
+    let ssh = OpenSsh::start().await?;
+    if ssh.is_none() {
+        TOLD.call_once(|| {
+            progress("OpenSSH is not installed (scripts/setup.sh installs it): no baseline");
+        });
+    }
+    Ok(ssh)
+}
+
+/// Holds `sizes.idle` idle connections over `route`, and records what they cost `ends`.
+async fn hold_idle(
+    report: &mut Report,
+    column: usize,
+    name: &str,
+    ends: &dyn Ends,
+    route: &Route,
+    sizes: &Sizes,
+) -> anyhow::Result<()> {
+    progress(&format!("holding {} idle connections ({name})", sizes.idle));
+    // Warm up lazily allocated state (TLS sessions, h2 buffers, metric series).
+    drop(workloads::hold_idle(route, 50).await?);
+    let (server, agent) = ends.rss_kib()?;
+    let held = workloads::hold_idle(route, sizes.idle).await?;
+    let (server_held, agent_held) = ends.rss_kib()?;
+    report.held(column, server_held, agent_held, server + agent);
+    drop(held);
+    Ok(())
+}
+
+/// Runs `work` and, for a route through a tunnel, measures the CPU time its two `ends`
+/// spent meanwhile. The client and the destination run in this process and are not counted:
+/// they are the same for every route.
+async fn metered<T>(
+    ends: Option<&dyn Ends>,
+    work: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<(T, Option<Cpu>)> {
+    let before = ends.map(Ends::cpu).transpose()?;
+    let done = work.await?;
+    let used = match (ends, before) {
+        (Some(ends), Some(before)) => Some(ends.cpu()?.since(before)),
+        _ => None,
+    };
+    Ok((done, used))
 }
 
 /// The tunnel's frontends, each a column of the report.

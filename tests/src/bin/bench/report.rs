@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use crate::procs::Cpu;
 use crate::workloads::Direction;
 
 /// Column of each route in the arrays below, and the order of the table's columns.
@@ -13,11 +14,13 @@ pub const UDS: usize = 1;
 pub const TLS: usize = 2;
 /// The konnectivity gRPC frontend.
 pub const GRPC: usize = 3;
+/// The baseline: OpenSSH's reverse dynamic forward, through its SOCKS port.
+pub const OPENSSH: usize = 4;
 /// How many routes each workload runs over.
-pub const ROUTES: usize = 4;
+pub const ROUTES: usize = 5;
 
-/// The tunnel's columns, each shown with its ratio to direct TCP.
-const TUNNELS: [usize; ROUTES - 1] = [UDS, TLS, GRPC];
+/// The tunnels' columns, each shown with its ratio to direct TCP.
+const TUNNELS: [usize; ROUTES - 1] = [UDS, TLS, GRPC, OPENSSH];
 
 /// Heading of each route's column.
 const HEADINGS: [&str; ROUTES] = [
@@ -25,6 +28,7 @@ const HEADINGS: [&str; ROUTES] = [
     "tunnel, Unix socket",
     "tunnel, TLS",
     "tunnel, gRPC",
+    "OpenSSH -R",
 ];
 
 /// One figure per route.
@@ -71,6 +75,12 @@ pub struct Report {
     parallel_down: PerRoute<f64>,
     latency: PerRoute<Option<Stats>>,
     dial: PerRoute<f64>,
+    dials: usize,
+    cpu_upload: PerRoute<Option<Cpu>>,
+    cpu_download: PerRoute<Option<Cpu>>,
+    cpu_parallel_up: PerRoute<Option<Cpu>>,
+    cpu_parallel_down: PerRoute<Option<Cpu>>,
+    cpu_dial: PerRoute<Option<Cpu>>,
     bulk: PerRoute<Option<(Stats, f64)>>,
     idle_server: u64,
     idle_agent: u64,
@@ -106,17 +116,20 @@ impl Report {
         });
     }
 
-    /// A single-stream upload took `took`.
-    pub fn upload(&mut self, column: usize, took: Duration) {
+    /// A single-stream upload took `took`, and the tunnel `cpu`.
+    pub fn upload(&mut self, column: usize, took: Duration, cpu: Option<Cpu>) {
         self.upload[column] = rate(self.single, took);
+        self.cpu_upload[column] = cpu;
     }
 
-    /// A single-stream download took `took`.
-    pub fn download(&mut self, column: usize, took: Duration) {
+    /// A single-stream download took `took`, and the tunnel `cpu`.
+    pub fn download(&mut self, column: usize, took: Duration, cpu: Option<Cpu>) {
         self.download[column] = rate(self.single, took);
+        self.cpu_download[column] = cpu;
     }
 
-    /// `streams` concurrent transfers of `total` bytes in all took `took`.
+    /// `streams` concurrent transfers of `total` bytes in all took `took`, and the tunnel
+    /// `cpu`.
     pub fn parallel(
         &mut self,
         column: usize,
@@ -124,14 +137,16 @@ impl Report {
         streams: usize,
         total: u64,
         took: Duration,
+        cpu: Option<Cpu>,
     ) {
         self.streams = streams;
         self.parallel = total;
-        let slot = match direction {
-            Direction::Up => &mut self.parallel_up,
-            Direction::Down => &mut self.parallel_down,
+        let (slot, cpu_slot) = match direction {
+            Direction::Up => (&mut self.parallel_up, &mut self.cpu_parallel_up),
+            Direction::Down => (&mut self.parallel_down, &mut self.cpu_parallel_down),
         };
         slot[column] = rate(total, took);
+        cpu_slot[column] = cpu;
     }
 
     /// Round-trip latency on an otherwise idle route.
@@ -139,9 +154,11 @@ impl Report {
         self.latency[column] = Some(stats);
     }
 
-    /// New connections per second.
-    pub fn dial_rate(&mut self, column: usize, per_second: f64) {
+    /// New connections per second, `dials` of them, and the tunnel `cpu` they took.
+    pub fn dial_rate(&mut self, column: usize, per_second: f64, dials: usize, cpu: Option<Cpu>) {
         self.dial[column] = per_second;
+        self.dials = dials;
+        self.cpu_dial[column] = cpu;
     }
 
     /// Round-trip latency during a bulk upload moving `bulk` bytes per second.
@@ -196,6 +213,7 @@ impl Report {
         let mut rows = vec![heading];
         self.throughput_rows(&mut rows);
         self.latency_rows(&mut rows);
+        self.cpu_rows(&mut rows);
         self.memory_rows(&mut rows);
         rows
     }
@@ -261,7 +279,9 @@ impl Report {
                 let busy = self.bulk[c].map_or(f64::NAN, |(s, _)| micros(q(&s)));
                 let idle = self.latency[c].map_or(f64::NAN, |s| micros(q(&s)));
                 let factor = format!("{:.1}× idle", busy / idle);
-                if c == DIRECT {
+                if busy.is_nan() {
+                    row.extend(["—".to_owned(), "—".to_owned()]);
+                } else if c == DIRECT {
                     row.push(format!("{} ({factor})", us(busy)));
                 } else {
                     row.push(us(busy));
@@ -279,6 +299,52 @@ impl Report {
             percent,
             "",
         ));
+    }
+
+    /// CPU time of server + agent per unit of work, each process's share in brackets. Time on
+    /// a shared machine is noisy; CPU per unit of work is far steadier.
+    fn cpu_rows(&self, rows: &mut Vec<Vec<String>>) {
+        let gib = |bytes: u64| bytes as f64 / f64::from(1 << 30);
+        let single = gib(self.single);
+        let parallel = gib(self.parallel);
+        let streams = self.streams;
+        let per_gib = "UDS ≤ 1.3 s, TLS ≤ 1.5 s";
+        for (name, cpu, gib) in [
+            ("CPU per GiB, upload, 1 stream", &self.cpu_upload, single),
+            (
+                "CPU per GiB, download, 1 stream",
+                &self.cpu_download,
+                single,
+            ),
+            (
+                &*format!("CPU per GiB, upload, {streams} streams"),
+                &self.cpu_parallel_up,
+                parallel,
+            ),
+            (
+                &*format!("CPU per GiB, download, {streams} streams"),
+                &self.cpu_parallel_down,
+                parallel,
+            ),
+        ] {
+            if cpu.iter().any(Option::is_some) {
+                let cell = |c: usize| cpu[c].map(|cpu| split(cpu, gib, "s", 1.0, 2));
+                rows.push(tunnel_only(
+                    format!("{name} (server + agent)"),
+                    cell,
+                    per_gib,
+                ));
+            }
+        }
+        if self.cpu_dial.iter().any(Option::is_some) {
+            let dials = self.dials as f64;
+            let cell = |c: usize| self.cpu_dial[c].map(|cpu| split(cpu, dials, "µs", 1e6, 0));
+            rows.push(tunnel_only(
+                "CPU per dial (server + agent)".into(),
+                cell,
+                "TLS ≤ 300 µs",
+            ));
+        }
     }
 
     fn memory_rows(&self, rows: &mut Vec<Vec<String>>) {
@@ -331,8 +397,13 @@ fn compare(
 ) -> Vec<String> {
     let mut row = vec![name, show(values[DIRECT])];
     for c in TUNNELS {
-        row.push(show(values[c]));
-        row.push(versus(values[c], values[DIRECT]));
+        // A route that did not run (OpenSSH missing) has no positive figure.
+        if values[c] > 0.0 {
+            row.push(show(values[c]));
+            row.push(versus(values[c], values[DIRECT]));
+        } else {
+            row.extend(["—".to_owned(), "—".to_owned()]);
+        }
     }
     row.push(target.to_owned());
     row
@@ -349,6 +420,17 @@ fn tunnel_only(name: String, cell: impl Fn(usize) -> Option<String>, target: &st
     }
     row.push(target.to_owned());
     row
+}
+
+/// `cpu` per unit of work (`units` of it were done), in seconds times `scale` with `digits`
+/// decimals, as "total unit (server + agent)".
+fn split(cpu: Cpu, units: f64, unit: &str, scale: f64, digits: usize) -> String {
+    let per = |d: Duration| d.as_secs_f64() * scale / units;
+    let (server, agent) = (per(cpu.server), per(cpu.agent));
+    format!(
+        "{:.digits$} {unit} ({server:.digits$} + {agent:.digits$})",
+        server + agent
+    )
 }
 
 fn micros(d: Duration) -> f64 {

@@ -97,6 +97,13 @@ pub enum Route {
         /// The destination, as `host:port`.
         target: String,
     },
+    /// SOCKS5 through OpenSSH's reverse dynamic forward (`ssh -R`), the baseline.
+    Socks {
+        /// The SOCKS port sshd listens on.
+        proxy: SocketAddr,
+        /// The destination.
+        target: SocketAddr,
+    },
     /// A konnectivity Proxy stream per connection, all on one HTTP/2 connection to the
     /// server's gRPC frontend, as newer kube-apiservers do.
     Grpc {
@@ -134,8 +141,51 @@ impl Route {
                 let (stream, connect_id) = ProxyStream::connect(channel.clone(), target).await?;
                 Box::new(stream.into_io(connect_id))
             }
+            Route::Socks { proxy, target } => {
+                let mut stream = TcpStream::connect(proxy).await?;
+                stream.set_nodelay(true)?;
+                socks_connect(&mut stream, *target).await?;
+                Box::new(stream)
+            }
         })
     }
+}
+
+/// A SOCKS5 CONNECT without authentication (RFC 1928), as a client of a SOCKS proxy sends it.
+async fn socks_connect(stream: &mut TcpStream, target: SocketAddr) -> anyhow::Result<()> {
+    // Version 5, one method offered: 0, no authentication.
+    stream.write_all(&[5, 1, 0]).await?;
+    let mut choice = [0u8; 2];
+    stream.read_exact(&mut choice).await?;
+    anyhow::ensure!(choice == [5, 0], "SOCKS proxy chose {choice:?}");
+    // Version, CONNECT, reserved, then the address type and the address.
+    let mut request = vec![5, 1, 0];
+    match target.ip() {
+        std::net::IpAddr::V4(ip) => {
+            request.push(1);
+            request.extend_from_slice(&ip.octets());
+        }
+        std::net::IpAddr::V6(ip) => {
+            request.push(4);
+            request.extend_from_slice(&ip.octets());
+        }
+    }
+    request.extend_from_slice(&target.port().to_be_bytes());
+    stream.write_all(&request).await?;
+    let mut head = [0u8; 4];
+    stream.read_exact(&mut head).await?;
+    anyhow::ensure!(head[1] == 0, "SOCKS CONNECT {target}: reply {}", head[1]);
+    // The bound address that follows: IPv4, a name with its length byte first, or IPv6;
+    // then the port.
+    let address = match head[3] {
+        1 => 4,
+        3 => usize::from(stream.read_u8().await?),
+        4 => 16,
+        other => anyhow::bail!("SOCKS reply with address type {other}"),
+    };
+    let mut bound = vec![0u8; address + 2];
+    stream.read_exact(&mut bound).await?;
+    Ok(())
 }
 
 /// Sends a CONNECT and reads the answer in one buffered read, as an HTTP client does. The
