@@ -8,7 +8,7 @@ export CPLINK_PYTHON := $(PYTHON)
 # Where cargo puts what it builds (honours CARGO_TARGET_DIR, as cargo does).
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: all build test lint fmt crds demo demo-down bench setup kube
+.PHONY: all build test lint fmt crds demo demo-down bench bench-scale setup kube
 
 all: build
 
@@ -61,3 +61,8 @@ demo-down:
 ## bench: tunnel versus direct TCP, printed as a table of ratios (release build)
 bench:
 	$(CARGO) run --release --quiet -p cplink-e2e --bin cplink-bench -- --markdown
+
+## bench-scale: one server, 5 000 agents and 100 000 idle tunneled connections (release build)
+bench-scale:
+	$(CARGO) build --release --quiet -p cplink-server -p cplink-e2e --bin cplink-scale
+	$(TARGET_DIR)/release/cplink-scale

@@ -12,6 +12,7 @@
 //! - [`workspace`]: the repository's root, where charts, CRDs and scripts are found.
 //! - [`http1`]: plain HTTP/1.1 requests, to admin endpoints and etcd's JSON gateway.
 //! - [`metrics`]: counters in the Prometheus text admin endpoints serve.
+//! - [`procfs`]: a process's memory, CPU time and descendants, from `/proc`.
 //!
 //! In-process, on loopback:
 //! - [`targets`]: destinations: echo, source, sink, a closed port and a black hole.
@@ -41,6 +42,7 @@ pub mod http1;
 pub mod kubelet;
 pub mod metrics;
 pub mod pki;
+pub mod procfs;
 pub mod stack;
 pub mod targets;
 pub mod wait;

@@ -175,7 +175,8 @@ async fn main() -> anyhow::Result<()> {
         cli.wave > 0 && cli.dial_concurrency > 0,
         "--wave and --dial-concurrency must be positive"
     );
-    raise_fd_limit();
+    // Each held tunnel takes two descriptors in this process.
+    cplink_e2e::procfs::raise_open_files_limit();
     let default_dir = match &cli.bin_dir {
         Some(dir) => dir.clone(),
         None => find_bin_dir()?,
@@ -211,23 +212,6 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", render(&outcomes, cli.settle));
     }
     Ok(())
-}
-
-/// Raises the open-file limit (each held tunnel takes two descriptors in this process): to
-/// `fs.nr_open` where allowed (as root), else the soft limit to the hard one.
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return;
-    };
-    let most = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(hard)
-        .max(hard);
-    if setrlimit(Resource::RLIMIT_NOFILE, most, most).is_err() {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
 }
 
 /// The nearest directory above this executable holding cplink-server and cplink-agent.
@@ -483,12 +467,7 @@ impl Process {
 
     /// A `kB` field of `/proc/<pid>/status`, in KiB.
     fn status(&self, field: &str) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-            .with_context(|| format!("no {field} in /proc/{}/status", self.pid))
+        cplink_e2e::procfs::status_kib(self.pid, field)
     }
 
     /// Stops the process with SIGTERM, or kills it after 10 s; returns its log.

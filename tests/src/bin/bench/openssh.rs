@@ -18,7 +18,9 @@ use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::net::TcpListener;
 use tokio::process::{Child, ChildStderr, Command};
 
-use crate::procs::{self, Cpu, Ends};
+use cplink_e2e::procfs;
+
+use crate::procs::{Cpu, Ends};
 
 /// Where Debian installs sshd, which is not on an unprivileged user's PATH.
 const SSHD: &str = "/usr/sbin/sshd";
@@ -181,22 +183,22 @@ impl Ends for OpenSsh {
     fn cpu(&self) -> anyhow::Result<Cpu> {
         let (sshd, ssh) = self.pids()?;
         let mut server = Duration::ZERO;
-        for pid in procs::tree(sshd) {
-            server += procs::cpu(pid).unwrap_or_default();
+        for pid in procfs::tree(sshd) {
+            server += procfs::cpu(pid).unwrap_or_default();
         }
         Ok(Cpu {
             server,
-            agent: procs::cpu(ssh)?,
+            agent: procfs::cpu(ssh)?,
         })
     }
 
     fn rss_kib(&self) -> anyhow::Result<(u64, u64)> {
         let (sshd, ssh) = self.pids()?;
-        let server = procs::tree(sshd)
+        let server = procfs::tree(sshd)
             .into_iter()
-            .map(|pid| procs::rss_kib(pid).unwrap_or_default())
+            .map(|pid| procfs::rss_kib(pid).unwrap_or_default())
             .sum();
-        Ok((server, procs::rss_kib(ssh)?))
+        Ok((server, procfs::rss_kib(ssh)?))
     }
 }
 

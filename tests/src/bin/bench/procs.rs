@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser as _;
 use cplink_e2e::pki::{CertFiles, Pki};
+use cplink_e2e::procfs;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, ChildStdout, Command};
@@ -115,12 +116,12 @@ impl Process {
 
     /// Resident set size in KiB, from `/proc/<pid>/status`.
     pub fn rss_kib(&self) -> anyhow::Result<u64> {
-        rss_kib(self.pid)
+        procfs::rss_kib(self.pid)
     }
 
     /// CPU time the process has used so far.
     pub fn cpu(&self) -> anyhow::Result<Duration> {
-        cpu(self.pid)
+        procfs::cpu(self.pid)
     }
 
     /// Stops the process gracefully (by closing its standard input), or kills it after 10 s.
@@ -342,63 +343,4 @@ impl Cpu {
             agent: self.agent.saturating_sub(earlier.agent),
         }
     }
-}
-
-/// Resident set size of process `pid` in KiB, from `/proc/<pid>/status`.
-pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS in /proc/<pid>/status")
-}
-
-/// CPU time process `pid` has used so far, user and system, its exited threads included
-/// (`utime` + `stime` of `/proc/<pid>/stat`, in clock ticks: 10 ms on Linux).
-pub fn cpu(pid: u32) -> anyhow::Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name in parentheses may hold spaces; the fields follow its last `)`.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("malformed /proc/<pid>/stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    // After the name: state is field 3 of proc(5), utime 14 and stime 15.
-    let ticks = |field: usize| -> anyhow::Result<u64> {
-        fields
-            .get(field - 3)
-            .context("short /proc/<pid>/stat")?
-            .parse()
-            .context("malformed /proc/<pid>/stat")
-    };
-    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?
-        .and_then(|t| u64::try_from(t).ok())
-        .filter(|&t| t > 0)
-        .context("no clock tick rate")?;
-    let total = ticks(14)? + ticks(15)?;
-    Ok(Duration::from_secs_f64(total as f64 / per_second as f64))
-}
-
-/// `pid` and every live process below it (from `/proc/<pid>/task/*/children`).
-pub fn tree(pid: u32) -> Vec<u32> {
-    let mut found = vec![pid];
-    let mut next = 0;
-    while let Some(&parent) = found.get(next) {
-        next += 1;
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{parent}/task")) else {
-            continue;
-        };
-        for task in tasks.flatten() {
-            let children =
-                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            found.extend(
-                children
-                    .split_whitespace()
-                    .filter_map(|c| c.parse::<u32>().ok()),
-            );
-        }
-    }
-    found
 }

@@ -1,0 +1,59 @@
+//! The scale benchmark runs end to end on a small scale and prints every figure: agents link,
+//! dials are routed by each strategy, idle connections are held, and the agents come back
+//! after the server is killed, or the binary would have failed.
+
+use std::process::Command;
+
+#[test]
+fn a_small_scale_run_prints_every_figure() {
+    let output = Command::new(env!("CARGO_BIN_EXE_cplink-scale"))
+        .args([
+            "--agents",
+            "12",
+            "--agent-processes",
+            "2",
+            "--streams",
+            "120",
+        ])
+        .args([
+            "--grpc-connections",
+            "2",
+            "--dials",
+            "48",
+            "--idle-for",
+            "1s",
+        ])
+        .output()
+        .expect("cplink-scale starts");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "cplink-scale failed: {}\n{stdout}\n{stderr}",
+        output.status
+    );
+    let figure = |prefix: &str| -> String {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix:?} in\n{stdout}"))
+            .trim()
+            .to_owned()
+    };
+    let number = |text: &str| -> f64 {
+        text.split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{text:?} does not start with a figure"))
+    };
+    assert!(number(&figure("server RSS, 12 agents linked")) > 0.0);
+    assert!(number(&figure("12 agents linked from cold in")).is_finite());
+    for strategy in ["node (host IP)", "pod CIDR", "any"] {
+        let cost = figure(&format!("server CPU per dial, {strategy}"));
+        assert!(cost.contains("with 12 agents"), "{cost}");
+    }
+    let held = figure("server RSS, 120 idle connections");
+    assert!(held.contains("KiB per connection"), "{held}");
+    let storm = figure("relinked after a server restart, 12 agents");
+    assert!(storm.contains("all in"), "{storm}");
+}
