@@ -198,7 +198,7 @@ fn follow(shared: &Shared, node: &Node) {
     let backing = Backing::of(node);
     for link in verified_links(shared, |l| node_of(l) == Some(backing.node.as_str())) {
         let routes = backing.identifiers(link.identifiers().default_route);
-        if link.replace_identifiers(routes.clone()) {
+        if shared.registry.replace_identifiers(&link, routes.clone()) {
             shared
                 .metrics
                 .identity_revocations
