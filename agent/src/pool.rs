@@ -12,7 +12,6 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::Shared;
-use crate::backoff::Backoff;
 use crate::config::ServerEndpoint;
 use crate::link::{self, Link, LinkContext, LinkError, ServerSlot};
 use crate::slots::{SlotId, Wants};
@@ -78,7 +77,7 @@ async fn maintain(
 ) {
     let address = target.endpoint.address.clone();
     let mut links = JoinSet::new();
-    let mut backoff = Backoff::new(shared.config.backoff);
+    let mut backoff = shared.config.backoff.start();
     let mut next_attempt = Instant::now();
     let mut stopped = false;
     loop {

@@ -6,6 +6,7 @@
 //!
 //! Map of the crate, in layers: each module uses only modules listed above it.
 //! - [`config`]: configuration errors naming the flag at fault.
+//! - [`backoff`]: pauses between retries, doubling up to a cap, optionally jittered.
 //! - [`telemetry`]: log setup (text or JSON), the same for every binary.
 //! - [`args`]: flag groups the binaries share (logs, TLS identity).
 //! - [`metrics`]: Prometheus metric shapes more than one binary exports.
@@ -19,6 +20,7 @@
 pub mod accept;
 pub mod admin;
 pub mod args;
+pub mod backoff;
 pub mod config;
 pub mod kubeapi;
 pub mod metrics;
