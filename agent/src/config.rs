@@ -530,7 +530,7 @@ fn hostname() -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn args(extra: &[&str]) -> Result<Args, clap::Error> {
@@ -589,7 +589,9 @@ mod tests {
         [crt.clone(), key.display().to_string(), crt]
     }
 
-    fn config(dir: &std::path::Path, extra: &[&str]) -> Result<Config, ConfigError> {
+    /// A configuration with a fresh certificate in `dir`, one server address unless `extra`
+    /// names a Service, and `extra`'s flags.
+    pub(crate) fn config(dir: &std::path::Path, extra: &[&str]) -> Result<Config, ConfigError> {
         let [crt, key, ca] = tls_files(dir);
         let mut argv = vec!["cplink-agent"];
         if !extra.contains(&"--server-service") {
