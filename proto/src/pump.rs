@@ -103,6 +103,16 @@ pub struct ByteCounters {
     pub stream_to_socket: Counter,
 }
 
+impl From<[Counter; 2]> for ByteCounters {
+    /// Counters in the order `[socket_to_stream, stream_to_socket]`.
+    fn from([socket_to_stream, stream_to_socket]: [Counter; 2]) -> Self {
+        ByteCounters {
+            socket_to_stream,
+            stream_to_socket,
+        }
+    }
+}
+
 impl ByteCounters {
     /// The bytes counted so far, by direction.
     pub fn totals(&self) -> PumpStats {
