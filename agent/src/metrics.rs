@@ -4,7 +4,7 @@ use std::sync::atomic::AtomicU64;
 
 use cplink_proto::pump::ByteCounters;
 pub use cplink_runtime::metrics::ResultLabels;
-use cplink_runtime::metrics::{counters_by_direction, registered};
+use cplink_runtime::metrics::{registered, streams_active, tunnel_bytes};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -44,12 +44,7 @@ impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
         let r = registry.sub_registry_with_prefix("cplink_agent");
         Metrics {
-            bytes: ByteCounters::from(counters_by_direction(
-                r,
-                "tunnel_bytes",
-                "Bytes carried through the tunnel",
-                ["from_destination", "to_destination"],
-            )),
+            bytes: ByteCounters::from(tunnel_bytes(r, ["from_destination", "to_destination"])),
             links_up: registered(
                 r,
                 "links_up",
@@ -68,12 +63,7 @@ impl Metrics {
                 "Attempts to link to a server by result",
                 Family::default(),
             ),
-            streams_active: registered(
-                r,
-                "streams_active",
-                "Tunneled connections currently open",
-                Gauge::default(),
-            ),
+            streams_active: streams_active(r),
             dials: registered(
                 r,
                 "dials",

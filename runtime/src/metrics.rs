@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Metric, Registry};
 
 /// Labels of an outcome (a dial, a link attempt): `ok` or a fixed failure kind.
@@ -22,6 +23,28 @@ pub fn registered<M: Metric + Clone>(
 ) -> M {
     registry.register(name, help, metric.clone());
     metric
+}
+
+/// Registers `tunnel_bytes`, the bytes carried through the tunnel, which every binary that
+/// carries connections exports alike; returns the counters of the two `directions`.
+pub fn tunnel_bytes(registry: &mut Registry, directions: [&'static str; 2]) -> [Counter; 2] {
+    counters_by_direction(
+        registry,
+        "tunnel_bytes",
+        "Bytes carried through the tunnel",
+        directions,
+    )
+}
+
+/// Registers `streams_active`, the tunneled connections currently open, which every binary
+/// that carries connections exports alike; returns its gauge.
+pub fn streams_active(registry: &mut Registry) -> Gauge {
+    registered(
+        registry,
+        "streams_active",
+        "Tunneled connections currently open",
+        Gauge::default(),
+    )
 }
 
 /// The label of a counter split by direction.

@@ -2,7 +2,7 @@
 
 use cplink_proto::pump::ByteCounters;
 pub use cplink_runtime::metrics::ResultLabels;
-use cplink_runtime::metrics::{counters_by_direction, registered};
+use cplink_runtime::metrics::{registered, streams_active, tunnel_bytes};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -83,24 +83,14 @@ impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
         let r = registry.sub_registry_with_prefix("cplink_server");
         Metrics {
-            bytes: ByteCounters::from(counters_by_direction(
-                r,
-                "tunnel_bytes",
-                "Bytes carried through the tunnel",
-                ["to_agent", "from_agent"],
-            )),
+            bytes: ByteCounters::from(tunnel_bytes(r, ["to_agent", "from_agent"])),
             agents_linked: registered(
                 r,
                 "agents_linked",
                 "Agents currently linked",
                 Gauge::default(),
             ),
-            streams_active: registered(
-                r,
-                "streams_active",
-                "Tunneled connections currently open",
-                Gauge::default(),
-            ),
+            streams_active: streams_active(r),
             dials: registered(
                 r,
                 "dials",
