@@ -12,7 +12,8 @@
 //! - [`metrics`]: Prometheus metric shapes more than one binary exports.
 //! - [`shutdown`]: SIGTERM/SIGINT handling.
 //! - [`net`]: socket tuning and abortive close.
-//! - [`readahead`]: a read-ahead buffer under TLS.
+//! - [`readahead`]: a read-ahead buffer under TLS, and [`forward_async_write!`] for wrappers
+//!   that change only how a transport is read.
 //! - [`accept`]: accept loops with backoff, a rate-limited error log and a handshake cap.
 //! - [`admin`]: the `/healthz`, `/readyz`, `/metrics` HTTP endpoint.
 //! - [`kubeapi`]: where the Kubernetes API is, and a client for it made on first use.
