@@ -11,6 +11,7 @@ use cplink_proto::keepalive::KeepaliveConfig;
 use cplink_proto::target::{Host, Target};
 use cplink_proto::tls::{self, Identity, TrustAnchors};
 use cplink_runtime::args::{LogArgs, TlsIdentityArgs};
+use cplink_runtime::backoff::Backoff;
 pub use cplink_runtime::config::ConfigError;
 pub use cplink_runtime::kubeapi::ApiSource;
 use ipnet::IpNet;
@@ -238,6 +239,14 @@ pub struct BackoffConfig {
     pub initial: Duration,
     /// Longest pause.
     pub max: Duration,
+}
+
+impl BackoffConfig {
+    /// A backoff starting over: jittered, so that agents cut off together (a server restart, an
+    /// API outage) do not redial in lockstep.
+    pub(crate) fn start(self) -> Backoff {
+        Backoff::jittered(self.initial, self.max)
+    }
 }
 
 /// Validated configuration.
@@ -521,7 +530,7 @@ fn hostname() -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn args(extra: &[&str]) -> Result<Args, clap::Error> {
@@ -580,7 +589,9 @@ mod tests {
         [crt.clone(), key.display().to_string(), crt]
     }
 
-    fn config(dir: &std::path::Path, extra: &[&str]) -> Result<Config, ConfigError> {
+    /// A configuration with a fresh certificate in `dir`, one server address unless `extra`
+    /// names a Service, and `extra`'s flags.
+    pub(crate) fn config(dir: &std::path::Path, extra: &[&str]) -> Result<Config, ConfigError> {
         let [crt, key, ca] = tls_files(dir);
         let mut argv = vec!["cplink-agent"];
         if !extra.contains(&"--server-service") {

@@ -10,7 +10,7 @@
 //! - `slots`: the links up per server address, and the readiness they make.
 //! - `cluster`: what the agent reads from the Kubernetes API: the servers' EndpointSlices and its
 //!   Node's pod ranges.
-//! - `backoff`, `token` (the service-account token that proves the agent's pod to servers),
+//! - `token` (the service-account token that proves the agent's pod to servers),
 //!   `grpc_metadata` (what konnectivity requests carry).
 //! - [`config`]: command line and validated configuration; [`policy`]: which destinations may
 //!   be dialed; [`metrics`]: Prometheus metrics.
@@ -18,7 +18,6 @@
 //! [`Agent::run`] takes an already-bound admin listener and a shutdown token, so tests run
 //! agents in-process.
 
-mod backoff;
 mod cluster;
 pub mod config;
 mod dial;

@@ -4,6 +4,9 @@
 
 use std::process::Command;
 
+#[path = "../../tests/src/cli.rs"]
+mod cli;
+
 const BIN: &str = env!("CARGO_BIN_EXE_cplink-agent");
 
 #[test]
@@ -37,39 +40,32 @@ fn configuration_errors_name_the_flag() {
         ),
     ];
     for (args, expected) in cases {
-        let output = Command::new(BIN).args(base).args(args).output().unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{args:?} must fail");
-        assert!(
-            stderr.contains(expected),
-            "{args:?}: expected {expected:?} in {stderr}"
-        );
+        cli::assert_refused(Command::new(BIN).args(base).args(args), args, expected);
     }
 }
 
 #[test]
 fn every_flag_is_explained_with_its_environment_variable() {
-    let output = Command::new(BIN).arg("--help").output().unwrap();
-    let help = String::from_utf8_lossy(&output.stdout);
-    for flag in [
-        "--server-address",
-        "--allow",
-        "--dial-timeout",
-        "--reconnect-max-backoff",
-        "CPLINK_ALLOW",
-        "--protocol",
-        "CPLINK_PROTOCOL",
-        "--service-account-token-path",
-        "CPLINK_SERVICE_ACCOUNT_TOKEN_PATH",
-        "--server-service",
-        "CPLINK_SERVER_SERVICE",
-        "--server-namespace",
-        "CPLINK_SERVER_NAMESPACE",
-        "--pod-cidr-from-node",
-        "CPLINK_POD_CIDR_FROM_NODE",
-        "--kubeconfig",
-        "CPLINK_KUBECONFIG",
-    ] {
-        assert!(help.contains(flag), "{flag} missing from --help");
-    }
+    cli::assert_help_explains(
+        BIN,
+        &[
+            "--server-address",
+            "--allow",
+            "--dial-timeout",
+            "--reconnect-max-backoff",
+            "CPLINK_ALLOW",
+            "--protocol",
+            "CPLINK_PROTOCOL",
+            "--service-account-token-path",
+            "CPLINK_SERVICE_ACCOUNT_TOKEN_PATH",
+            "--server-service",
+            "CPLINK_SERVER_SERVICE",
+            "--server-namespace",
+            "CPLINK_SERVER_NAMESPACE",
+            "--pod-cidr-from-node",
+            "CPLINK_POD_CIDR_FROM_NODE",
+            "--kubeconfig",
+            "CPLINK_KUBECONFIG",
+        ],
+    );
 }

@@ -325,6 +325,14 @@ mod tests {
         }
     }
 
+    /// A client certificate for `a`, asked to last a year.
+    fn client_leaf(ca: &CertPair) -> CertPair {
+        let profile = Profile::Client {
+            common_name: "a".into(),
+        };
+        issue(ca, &profile, YEAR, now()).expect("leaf")
+    }
+
     #[test]
     fn a_generated_ca_is_a_ca_and_outlives_its_leaves() {
         let ca = generate_ca("cplink ca", YEAR, now()).expect("ca");
@@ -353,15 +361,7 @@ mod tests {
     #[test]
     fn a_leaf_never_outlives_its_ca() {
         let ca = generate_ca("cplink ca", Duration::from_secs(3600), now()).expect("ca");
-        let leaf = issue(
-            &ca,
-            &Profile::Client {
-                common_name: "a".into(),
-            },
-            YEAR,
-            now(),
-        )
-        .expect("leaf");
+        let leaf = client_leaf(&ca);
         let ca_info = inspect(&ca.cert_pem).expect("ca parses");
         assert_eq!(
             inspect(&leaf.cert_pem).expect("leaf").not_after,
@@ -448,15 +448,7 @@ mod tests {
         let late = now() + YEAR * 10 - MONTH;
         assert!(ca_is_reusable(&ca, MONTH, late).is_err());
 
-        let leaf = issue(
-            &ca,
-            &Profile::Client {
-                common_name: "a".into(),
-            },
-            YEAR,
-            now(),
-        )
-        .expect("leaf");
+        let leaf = client_leaf(&ca);
         let err = ca_is_reusable(&leaf, MONTH, now()).expect_err("leaf is no CA");
         assert!(err.contains("not a CA"), "{err}");
     }

@@ -103,6 +103,16 @@ pub struct ByteCounters {
     pub stream_to_socket: Counter,
 }
 
+impl From<[Counter; 2]> for ByteCounters {
+    /// Counters in the order `[socket_to_stream, stream_to_socket]`.
+    fn from([socket_to_stream, stream_to_socket]: [Counter; 2]) -> Self {
+        ByteCounters {
+            socket_to_stream,
+            stream_to_socket,
+        }
+    }
+}
+
 impl ByteCounters {
     /// The bytes counted so far, by direction.
     pub fn totals(&self) -> PumpStats {
@@ -383,6 +393,19 @@ mod tests {
         ((Buffered(read), write), theirs)
     }
 
+    /// Runs [`pump`] between a socket (`reader`, `writer`) and a stream on a task of its own.
+    fn spawn_pump<R: ReadChunk + Send + 'static>(
+        mut reader: R,
+        mut writer: tokio::io::WriteHalf<DuplexStream>,
+        (send, recv): (SendStream<Bytes>, RecvStream),
+        initial: Bytes,
+    ) -> tokio::task::JoinHandle<Result<PumpStats, PumpError>> {
+        tokio::spawn(async move {
+            let counters = ByteCounters::default();
+            pump(&mut reader, &mut writer, send, recv, initial, &counters).await
+        })
+    }
+
     /// A socket that yields `data`, then fails as a reset connection does.
     struct FailsAfter(Option<Bytes>);
 
@@ -398,32 +421,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn bytes_cross_both_ways_and_half_closes_follow() {
         let ((send_a, recv_a), (send_b, recv_b)) = stream_pair().await;
-        let ((mut read_a, mut write_a), mut peer_a) = socket();
-        let ((mut read_b, mut write_b), mut peer_b) = socket();
-        let a = tokio::spawn(async move {
-            let counters = ByteCounters::default();
-            pump(
-                &mut read_a,
-                &mut write_a,
-                send_a,
-                recv_a,
-                Bytes::from_static(b"early "),
-                &counters,
-            )
-            .await
-        });
-        let b = tokio::spawn(async move {
-            let counters = ByteCounters::default();
-            pump(
-                &mut read_b,
-                &mut write_b,
-                send_b,
-                recv_b,
-                Bytes::new(),
-                &counters,
-            )
-            .await
-        });
+        let ((read_a, write_a), mut peer_a) = socket();
+        let ((read_b, write_b), mut peer_b) = socket();
+        let a = spawn_pump(
+            read_a,
+            write_a,
+            (send_a, recv_a),
+            Bytes::from_static(b"early "),
+        );
+        let b = spawn_pump(read_b, write_b, (send_b, recv_b), Bytes::new());
         let upload = vec![7u8; 300 * 1024];
         peer_a.write_all(&upload).await.unwrap();
         peer_a.shutdown().await.unwrap();
@@ -448,33 +454,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failed_socket_delivers_its_bytes_then_aborts_the_other_end() {
         let ((send_a, recv_a), (send_b, recv_b)) = stream_pair().await;
-        let ((_, mut write_a), _peer_a) = socket();
-        let ((mut read_b, mut write_b), mut peer_b) = socket();
-        let mut failing = FailsAfter(Some(Bytes::from_static(b"last words")));
-        let a = tokio::spawn(async move {
-            let counters = ByteCounters::default();
-            pump(
-                &mut failing,
-                &mut write_a,
-                send_a,
-                recv_a,
-                Bytes::new(),
-                &counters,
-            )
-            .await
-        });
-        let b = tokio::spawn(async move {
-            let counters = ByteCounters::default();
-            pump(
-                &mut read_b,
-                &mut write_b,
-                send_b,
-                recv_b,
-                Bytes::new(),
-                &counters,
-            )
-            .await
-        });
+        let ((_, write_a), _peer_a) = socket();
+        let ((read_b, write_b), mut peer_b) = socket();
+        let failing = FailsAfter(Some(Bytes::from_static(b"last words")));
+        let a = spawn_pump(failing, write_a, (send_a, recv_a), Bytes::new());
+        let b = spawn_pump(read_b, write_b, (send_b, recv_b), Bytes::new());
         let mut delivered = [0u8; 10];
         peer_b.read_exact(&mut delivered).await.unwrap();
         assert_eq!(&delivered, b"last words");
@@ -489,22 +473,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_abort_nobody_takes_is_reset_after_the_linger() {
         let ((send_a, recv_a), other_end) = stream_pair().await;
-        let ((_, mut write_a), _peer_a) = socket();
-        let mut failing = FailsAfter(None);
+        let ((_, write_a), _peer_a) = socket();
         let started = tokio::time::Instant::now();
-        let counters = ByteCounters::default();
         // The other end never reads nor finishes its stream.
         let _held = other_end;
-        let err = pump(
-            &mut failing,
-            &mut write_a,
-            send_a,
-            recv_a,
-            Bytes::new(),
-            &counters,
-        )
-        .await
-        .unwrap_err();
+        let pump = spawn_pump(FailsAfter(None), write_a, (send_a, recv_a), Bytes::new());
+        let err = pump.await.unwrap().unwrap_err();
         assert!(matches!(err, PumpError::SocketRead(_)), "{err}");
         assert_eq!(started.elapsed(), ABORT_LINGER);
     }
@@ -512,19 +486,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_reset_from_the_peer_ends_an_idle_pump_at_once() {
         let ((send_a, recv_a), (mut send_b, _recv_b)) = stream_pair().await;
-        let ((mut read_a, mut write_a), _peer_a) = socket();
-        let a = tokio::spawn(async move {
-            let counters = ByteCounters::default();
-            pump(
-                &mut read_a,
-                &mut write_a,
-                send_a,
-                recv_a,
-                Bytes::new(),
-                &counters,
-            )
-            .await
-        });
+        let ((read_a, write_a), _peer_a) = socket();
+        let a = spawn_pump(read_a, write_a, (send_a, recv_a), Bytes::new());
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(!a.is_finished(), "an idle tunnel stays up");
         send_b.send_reset(Reason::CANCEL);

@@ -16,6 +16,8 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
+
 /// First pause after a failed accept; doubles while accepts keep failing.
 const FIRST_PAUSE: Duration = Duration::from_millis(10);
 /// Longest pause between failed accepts.
@@ -123,7 +125,7 @@ impl Acceptor {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = std::io::Result<T>>,
     {
-        let mut pause = FIRST_PAUSE;
+        let mut pause = Backoff::doubling(FIRST_PAUSE, MAX_PAUSE);
         loop {
             let accepted = tokio::select! {
                 accepted = accept() => accepted,
@@ -150,14 +152,13 @@ impl Acceptor {
                 Err(err) => {
                     lock(&self.log).failed(&err);
                     tokio::select! {
-                        () = tokio::time::sleep(pause) => {}
+                        () = tokio::time::sleep(pause.next_delay()) => {}
                         () = stop.cancelled() => return None,
                     }
-                    pause = (pause * 2).min(MAX_PAUSE);
                     continue;
                 }
             }
-            pause = FIRST_PAUSE;
+            pause.reset();
         }
     }
 }
@@ -236,6 +237,35 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn accept_pauses_double_and_start_over_after_a_connection() {
+        // No room for any connection: an accepted one is shed and the loop goes on.
+        let acceptor = Acceptor::new("test", 0, Counter::default());
+        let stop = CancellationToken::new();
+        let attempts = std::cell::RefCell::new(Vec::new());
+        let stopper = stop.clone();
+        let accept = || {
+            let mut attempts = attempts.borrow_mut();
+            attempts.push(tokio::time::Instant::now());
+            let accepted = match attempts.len() {
+                4 => Ok(()),
+                7 => {
+                    stopper.cancel();
+                    Err(std::io::Error::from_raw_os_error(24))
+                }
+                _ => Err(std::io::Error::from_raw_os_error(24)),
+            };
+            std::future::ready(accepted)
+        };
+        assert!(acceptor.next(accept, &stop).await.is_none());
+        let attempts = attempts.into_inner();
+        let gaps: Vec<u128> = attempts
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_millis())
+            .collect();
+        assert_eq!(gaps, [10, 20, 40, 0, 10, 20]);
     }
 
     #[test]

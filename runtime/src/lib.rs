@@ -6,12 +6,14 @@
 //!
 //! Map of the crate, in layers: each module uses only modules listed above it.
 //! - [`config`]: configuration errors naming the flag at fault.
+//! - [`backoff`]: pauses between retries, doubling up to a cap, optionally jittered.
 //! - [`telemetry`]: log setup (text or JSON), the same for every binary.
 //! - [`args`]: flag groups the binaries share (logs, TLS identity).
 //! - [`metrics`]: Prometheus metric shapes more than one binary exports.
 //! - [`shutdown`]: SIGTERM/SIGINT handling.
 //! - [`net`]: socket tuning and abortive close.
-//! - [`readahead`]: a read-ahead buffer under TLS.
+//! - [`readahead`]: a read-ahead buffer under TLS, and [`forward_async_write!`] for wrappers
+//!   that change only how a transport is read.
 //! - [`accept`]: accept loops with backoff, a rate-limited error log and a handshake cap.
 //! - [`admin`]: the `/healthz`, `/readyz`, `/metrics` HTTP endpoint.
 //! - [`kubeapi`]: where the Kubernetes API is, and a client for it made on first use.
@@ -19,6 +21,7 @@
 pub mod accept;
 pub mod admin;
 pub mod args;
+pub mod backoff;
 pub mod config;
 pub mod kubeapi;
 pub mod metrics;

@@ -13,7 +13,7 @@ use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 
 use crate::Shared;
-use crate::metrics::{DialLabels, StrategyLabels};
+use crate::metrics::{ResultLabels, StrategyLabels};
 use crate::registry::{AgentLink, Carrier, Route};
 
 /// How long a connection whose client finished may wait for the agent to confirm the close
@@ -65,7 +65,7 @@ pub(crate) async fn open_counted(shared: &Shared, target: &Target) -> Result<Tun
             tracing::Span::current().record("agent_id", tunnel.route.guard.link().id.as_str());
             metrics
                 .dials
-                .get_or_create(&DialLabels { result: "ok" })
+                .get_or_create(&ResultLabels { result: "ok" })
                 .inc();
             metrics
                 .routed
@@ -78,7 +78,7 @@ pub(crate) async fn open_counted(shared: &Shared, target: &Target) -> Result<Tun
         Err(failure) => {
             metrics
                 .dials
-                .get_or_create(&DialLabels {
+                .get_or_create(&ResultLabels {
                     result: failure.kind(),
                 })
                 .inc();

@@ -7,6 +7,9 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "../../tests/src/cli.rs"]
+mod cli;
+
 const BIN: &str = env!("CARGO_BIN_EXE_cplink-server");
 
 fn write_certs(dir: &std::path::Path) -> (String, String, String) {
@@ -25,9 +28,10 @@ fn write_certs(dir: &std::path::Path) -> (String, String, String) {
 fn configuration_errors_name_the_flag_and_nothing_listens() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key, ca) = write_certs(dir.path());
-    let cases: [(&[&str], &str); 4] = [
+    let tls = ["--tls-cert", &cert, "--tls-key", &key, "--agent-ca", &ca];
+    let cases: [(Vec<&str>, &str); 4] = [
         (
-            &[
+            vec![
                 "--tls-cert",
                 "/nonexistent.crt",
                 "--tls-key",
@@ -38,70 +42,43 @@ fn configuration_errors_name_the_flag_and_nothing_listens() {
             "--tls-cert: cannot read certificate from /nonexistent.crt",
         ),
         (
-            &["--tls-cert", &cert, "--tls-key", &cert, "--agent-ca", &ca],
+            vec!["--tls-cert", &cert, "--tls-key", &cert, "--agent-ca", &ca],
             "--tls-key",
         ),
         (
-            &[
-                "--tls-cert",
-                &cert,
-                "--tls-key",
-                &key,
-                "--agent-ca",
-                &ca,
-                "--frontend-address",
-                "127.0.0.1:0",
-            ],
+            [&tls[..], &["--frontend-address", "127.0.0.1:0"]].concat(),
             "--frontend-ca: required with --frontend-address",
         ),
         (
-            &[
-                "--tls-cert",
-                &cert,
-                "--tls-key",
-                &key,
-                "--agent-ca",
-                &ca,
-                "--strategies",
-                "node,nearest",
-            ],
+            [&tls[..], &["--strategies", "node,nearest"]].concat(),
             "--strategies: unknown strategy \"nearest\"",
         ),
     ];
     for (args, expected) in cases {
-        let output = Command::new(BIN)
-            .args(args)
-            .args([
-                "--agent-address",
-                "127.0.0.1:0",
-                "--admin-address",
-                "127.0.0.1:0",
-            ])
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{args:?} must fail");
-        assert!(
-            stderr.contains(expected),
-            "{args:?}: expected {expected:?} in {stderr}"
-        );
+        let mut command = Command::new(BIN);
+        command.args(&args).args([
+            "--agent-address",
+            "127.0.0.1:0",
+            "--admin-address",
+            "127.0.0.1:0",
+        ]);
+        cli::assert_refused(&mut command, &args, expected);
     }
 }
 
 #[test]
 fn every_flag_is_explained_with_its_environment_variable() {
-    let output = Command::new(BIN).arg("--help").output().unwrap();
-    let help = String::from_utf8_lossy(&output.stdout);
-    for flag in [
-        "--agent-address",
-        "--frontend-uds",
-        "--drain-timeout",
-        "--strategies",
-        "--log-format",
-    ] {
-        assert!(help.contains(flag), "{flag} missing from --help");
-    }
-    assert!(help.contains("CPLINK_AGENT_ADDRESS"), "{help}");
+    cli::assert_help_explains(
+        BIN,
+        &[
+            "--agent-address",
+            "--frontend-uds",
+            "--drain-timeout",
+            "--strategies",
+            "--log-format",
+            "CPLINK_AGENT_ADDRESS",
+        ],
+    );
 }
 
 #[test]

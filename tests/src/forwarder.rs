@@ -212,15 +212,11 @@ async fn watch_slices(
     let api: Api<DynamicObject> = Api::namespaced_with(client, &namespace, &endpoint_slices());
     let config =
         watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
-    let mut events = watcher::watcher(api, config).default_backoff().boxed();
-    loop {
-        let event = tokio::select! {
-            event = events.next() => match event {
-                Some(event) => event,
-                None => return,
-            },
-            () = shutdown.cancelled() => return,
-        };
+    let mut events = watcher::watcher(api, config)
+        .default_backoff()
+        .take_until(shutdown.cancelled_owned())
+        .boxed();
+    while let Some(event) = events.next().await {
         let mut backends = table.lock().expect("backends");
         match event {
             Ok(watcher::Event::Init) => backends.by_slice.clear(),

@@ -10,6 +10,7 @@
 //!   bounded process stops.
 //! - [`pki`]: a CA and leaf certificates written to a private directory.
 //! - [`workspace`]: the repository's root, where charts, CRDs and scripts are found.
+//! - [`cli`]: a binary's command line: refused flags, `--help`.
 //! - [`http1`]: plain HTTP/1.1 requests, to admin endpoints and etcd's JSON gateway.
 //! - [`metrics`]: counters in the Prometheus text admin endpoints serve.
 //! - [`procfs`]: a process's memory, CPU time and descendants, from `/proc`.
@@ -31,6 +32,7 @@
 //!   link, egress wired.
 
 pub mod binaries;
+pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod fixture;

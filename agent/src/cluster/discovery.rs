@@ -26,7 +26,6 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
-use crate::backoff::Backoff;
 use crate::config::{ServerDiscovery, ServerEndpoint};
 use crate::pool::{Pool, Running};
 use crate::slots::Wants;
@@ -269,7 +268,7 @@ pub(crate) async fn run(shared: std::sync::Arc<Shared>, pool: Pool, shutdown: Ca
         return;
     };
     let service = discovery.qualified_name();
-    let mut backoff = Backoff::new(shared.config.backoff);
+    let mut backoff = shared.config.backoff.start();
     // Finding the resource is retried like the watch: the API may not be reachable yet.
     let (client, resource) = loop {
         let found = match api.client().await {

@@ -6,7 +6,6 @@ use cplink_runtime::kubeapi::KubeApi;
 use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 
-use crate::backoff::Backoff;
 use crate::config::BackoffConfig;
 
 /// Why the Node's pod ranges are not known.
@@ -57,7 +56,7 @@ pub(crate) async fn lookup(
 ) -> Result<Vec<IpNet>, LookupError> {
     let mut last = String::from("not asked yet");
     let attempts = async {
-        let mut backoff = Backoff::new(backoff);
+        let mut backoff = backoff.start();
         loop {
             let answer =
                 match api.client().await {

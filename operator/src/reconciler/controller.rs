@@ -23,10 +23,9 @@ use crate::resources::MANAGED_BY;
 /// kube-apiserver restart every watch fails in turn (connection refused, then `410 Gone` while
 /// the new watch cache fills), and its default (up to 30 s, reset after 2 minutes without
 /// errors) compounds those into minutes of deafness. Short steps reconnect within seconds.
-#[derive(Debug, Clone)]
-pub struct WatchBackoff {
-    next: Duration,
-}
+/// The steps are kube's own backon-based exponential backoff, without jitter: one operator
+/// replica watches, there is no crowd to spread.
+pub struct WatchBackoff(ResetTimerBackoff<watcher::ExponentialBackoff>);
 
 impl WatchBackoff {
     /// The first pause.
@@ -36,9 +35,15 @@ impl WatchBackoff {
     /// Quiet time after which the pauses start again from [`Self::MIN`].
     pub const RESET_AFTER: Duration = Duration::from_secs(30);
 
-    /// The backoff the controller uses, restarting after [`Self::RESET_AFTER`] without errors.
-    pub fn for_controller() -> ResetTimerBackoff<Self> {
-        ResetTimerBackoff::new(Self { next: Self::MIN }, Self::RESET_AFTER)
+    /// The backoff the controller uses: doubling from [`Self::MIN`] to [`Self::MAX`], restarting
+    /// after [`Self::RESET_AFTER`] without errors.
+    pub fn for_controller() -> Self {
+        let steps = backon::ExponentialBuilder::new()
+            .with_min_delay(Self::MIN)
+            .with_max_delay(Self::MAX)
+            // Watches are retried for as long as the operator runs.
+            .without_max_times();
+        WatchBackoff(ResetTimerBackoff::new(steps.into(), Self::RESET_AFTER))
     }
 }
 
@@ -46,15 +51,13 @@ impl Iterator for WatchBackoff {
     type Item = Duration;
 
     fn next(&mut self) -> Option<Duration> {
-        let pause = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        Some(pause)
+        self.0.next()
     }
 }
 
 impl Backoff for WatchBackoff {
     fn reset(&mut self) {
-        self.next = Self::MIN;
+        self.0.reset();
     }
 }
 
@@ -118,18 +121,26 @@ pub async fn run(
 mod tests {
     use super::*;
 
-    #[test]
-    fn watch_backoff_doubles_up_to_its_cap_and_resets() {
-        use kube::runtime::utils::Backoff as _;
-        let mut backoff = WatchBackoff {
-            next: WatchBackoff::MIN,
-        };
+    #[tokio::test(start_paused = true)]
+    async fn watch_backoff_doubles_up_to_its_cap_and_resets() {
+        let mut backoff = WatchBackoff::for_controller();
         let pauses: Vec<Duration> = backoff.by_ref().take(7).collect();
         assert_eq!(pauses[0], WatchBackoff::MIN);
         assert_eq!(pauses[1], WatchBackoff::MIN * 2);
         assert!(pauses.windows(2).all(|w| w[0] <= w[1]), "{pauses:?}");
         assert_eq!(pauses[6], WatchBackoff::MAX);
         backoff.reset();
+        assert_eq!(backoff.next(), Some(WatchBackoff::MIN));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watch_backoff_starts_over_only_after_quiet_time() {
+        let mut backoff = WatchBackoff::for_controller();
+        assert_eq!(backoff.next(), Some(WatchBackoff::MIN));
+        // Errors closer together than the quiet time keep the pauses growing.
+        tokio::time::advance(WatchBackoff::RESET_AFTER - Duration::from_secs(1)).await;
+        assert_eq!(backoff.next(), Some(WatchBackoff::MIN * 2));
+        tokio::time::advance(WatchBackoff::RESET_AFTER + Duration::from_secs(1)).await;
         assert_eq!(backoff.next(), Some(WatchBackoff::MIN));
     }
 }

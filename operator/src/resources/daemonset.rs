@@ -14,23 +14,21 @@
 //! and pod ranges of the Node the pod runs on. Kubelet renews the token at 80% of its
 //! lifetime. The operator runs this DaemonSet only with `agent.authentication: token`.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::apps::v1::{
     DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet,
 };
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, PodSpec, PodTemplateSpec, ProjectedVolumeSource,
-    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    Container, PodSpec, PodTemplateSpec, ProjectedVolumeSource, ServiceAccountTokenProjection,
+    Volume, VolumeMount, VolumeProjection,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::deployment::{http_probe, tls_volume};
+use super::deployment::{
+    container_port, http_probe, image, pod_selector, pod_template_meta, tls_volume,
+};
 use super::{
-    AGENT_TERMINATION_GRACE_PERIOD_SECONDS, Component, DRAIN_TIMEOUT_SECONDS, Plan,
-    TLS_CHECKSUM_ANNOTATION, TLS_MOUNT_PATH, container_security_context, field_env,
-    pod_security_context,
+    AGENT_TERMINATION_GRACE_PERIOD_SECONDS, Component, DRAIN_TIMEOUT_SECONDS, Plan, TLS_MOUNT_PATH,
+    container_security_context, field_env, pod_security_context,
 };
 use crate::resources::secrets::{CA_CRT, TLS_CRT, TLS_KEY};
 
@@ -123,12 +121,7 @@ pub fn agent_daemonset(plan: &Plan, tls_checksum: &str) -> DaemonSet {
     let (token, token_mount) = identity_token_volume(plan);
     let container = Container {
         name: AGENT_CONTAINER.to_owned(),
-        image: Some(
-            agent
-                .image
-                .clone()
-                .unwrap_or_else(|| plan.default_image.clone()),
-        ),
+        image: image(plan, agent.image.as_ref()),
         image_pull_policy: Some("IfNotPresent".to_owned()),
         command: Some(vec!["cplink-agent".to_owned()]),
         args: Some(agent_args(plan)),
@@ -137,12 +130,7 @@ pub fn agent_daemonset(plan: &Plan, tls_checksum: &str) -> DaemonSet {
             field_env("CPLINK_HOST_IP", "status.hostIP"),
             field_env("CPLINK_POD_IP", "status.podIP"),
         ]),
-        ports: Some(vec![ContainerPort {
-            name: Some("admin".to_owned()),
-            container_port: AGENT_ADMIN_PORT,
-            protocol: Some("TCP".to_owned()),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(vec![container_port("admin", AGENT_ADMIN_PORT)]),
         readiness_probe: Some(http_probe("/readyz", AGENT_ADMIN_PORT, 5, 2)),
         liveness_probe: Some(http_probe("/healthz", AGENT_ADMIN_PORT, 10, 3)),
         resources: agent.resources.clone(),
@@ -153,10 +141,7 @@ pub fn agent_daemonset(plan: &Plan, tls_checksum: &str) -> DaemonSet {
     DaemonSet {
         metadata: plan.meta(plan.names().agent(), Component::Agent),
         spec: Some(DaemonSetSpec {
-            selector: LabelSelector {
-                match_labels: Some(plan.selector(Component::Agent)),
-                ..LabelSelector::default()
-            },
+            selector: pod_selector(plan, Component::Agent),
             update_strategy: Some(DaemonSetUpdateStrategy {
                 type_: Some("RollingUpdate".to_owned()),
                 rolling_update: Some(RollingUpdateDaemonSet {
@@ -165,14 +150,7 @@ pub fn agent_daemonset(plan: &Plan, tls_checksum: &str) -> DaemonSet {
                 }),
             }),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(plan.labels(Component::Agent)),
-                    annotations: Some(BTreeMap::from([(
-                        TLS_CHECKSUM_ANNOTATION.to_owned(),
-                        tls_checksum.to_owned(),
-                    )])),
-                    ..ObjectMeta::default()
-                }),
+                metadata: pod_template_meta(plan, Component::Agent, tls_checksum),
                 spec: Some(PodSpec {
                     service_account_name: Some(plan.names().agent()),
                     // Server discovery and the Node's pod ranges read the API as this account;
@@ -200,19 +178,13 @@ mod tests {
 
     use super::*;
     use crate::crd::{AllowedDestination, ControlPlaneLink};
-
-    fn pod(ds: &DaemonSet) -> &PodSpec {
-        ds.spec
-            .as_ref()
-            .and_then(|s| s.template.spec.as_ref())
-            .expect("pod spec")
-    }
+    use crate::resources::fixtures::{Workload, http_get};
 
     #[test]
     fn the_default_agent_finds_the_servers_in_the_headless_service_and_reaches_only_its_kubelet() {
         let ds = agent_daemonset(&ControlPlaneLink::test().plan(), "sum");
         assert_eq!(ds.metadata.name.as_deref(), Some("link-agent"));
-        let c = &pod(&ds).containers[0];
+        let c = &ds.pod().containers[0];
         assert_eq!(c.command, Some(vec!["cplink-agent".to_owned()]));
         assert_eq!(c.image.as_deref(), Some("ghcr.io/cplink/cplink:test"));
         assert_eq!(
@@ -242,11 +214,7 @@ mod tests {
                 {"name": "CPLINK_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
             ])
         );
-        let readiness = c
-            .readiness_probe
-            .as_ref()
-            .and_then(|p| p.http_get.as_ref())
-            .expect("readiness");
+        let readiness = http_get(c.readiness_probe.as_ref());
         assert_eq!(readiness.path.as_deref(), Some("/readyz"));
         assert_eq!(readiness.port, IntOrString::Int(8096));
     }
@@ -254,7 +222,7 @@ mod tests {
     #[test]
     fn agents_tolerate_everything_and_run_at_node_critical_priority() {
         let ds = agent_daemonset(&ControlPlaneLink::test().plan(), "sum");
-        let pod = pod(&ds);
+        let pod = ds.pod();
         assert_eq!(
             pod.priority_class_name.as_deref(),
             Some("system-node-critical")
@@ -287,25 +255,17 @@ mod tests {
             .and_then(|s| s.update_strategy.as_ref())
             .expect("update strategy");
         assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
-        let grace = pod(&ds).termination_grace_period_seconds.expect("grace");
+        let grace = ds.pod().termination_grace_period_seconds.expect("grace");
         assert!(grace > DRAIN_TIMEOUT_SECONDS, "{grace}s");
-        let args = pod(&ds).containers[0].args.clone().expect("args");
+        let args = ds.pod().containers[0].args.clone().expect("args");
         assert!(args.contains(&format!("--drain-timeout={DRAIN_TIMEOUT_SECONDS}s")));
     }
 
     #[test]
     fn agents_are_locked_down_and_mount_their_secret() {
         let ds = agent_daemonset(&ControlPlaneLink::test().plan(), "abc");
-        let template = &ds.spec.as_ref().expect("spec").template;
-        assert_eq!(
-            template
-                .metadata
-                .as_ref()
-                .and_then(|m| m.annotations.as_ref())
-                .expect("annotations")["cplink.dev/tls-checksum"],
-            "abc"
-        );
-        let pod = pod(&ds);
+        assert_eq!(ds.tls_checksum(), "abc");
+        let pod = ds.pod();
         let c = &pod.containers[0];
         let sc = c.security_context.as_ref().expect("security context");
         assert_eq!(sc.read_only_root_filesystem, Some(true));
@@ -345,7 +305,7 @@ mod tests {
             })
             .plan();
         let ds = agent_daemonset(&plan, "sum");
-        let pod = pod(&ds);
+        let pod = ds.pod();
         assert_eq!(pod.tolerations, Some(vec![]));
         assert_eq!(pod.priority_class_name.as_deref(), Some("high"));
         let c = &pod.containers[0];
@@ -367,7 +327,7 @@ mod tests {
     #[test]
     fn agents_send_a_pod_bound_token_for_their_links_audience_renewed_hourly() {
         let ds = agent_daemonset(&ControlPlaneLink::test().plan(), "sum");
-        let pod = pod(&ds);
+        let pod = ds.pod();
         assert_eq!(
             serde_json::to_value(&pod.volumes.as_ref().expect("volumes")[1]).expect("json"),
             json!({
@@ -401,7 +361,7 @@ mod tests {
         link.metadata.name = Some("edge".into());
         link.metadata.namespace = Some("cplink-system".into());
         let ds = agent_daemonset(&link.plan(), "sum");
-        let token = pod(&ds).volumes.as_ref().expect("volumes")[1]
+        let token = ds.pod().volumes.as_ref().expect("volumes")[1]
             .projected
             .as_ref()
             .and_then(|p| p.sources.as_ref())

@@ -224,13 +224,45 @@ pub(crate) fn tls_volume(secret_name: String) -> (Volume, VolumeMount) {
     )
 }
 
-fn container_port(name: &str, port: i32) -> ContainerPort {
+/// A TCP port of a container, by name.
+pub(super) fn container_port(name: &str, port: i32) -> ContainerPort {
     ContainerPort {
         name: Some(name.to_owned()),
         container_port: port,
         protocol: Some("TCP".to_owned()),
         ..ContainerPort::default()
     }
+}
+
+/// The image of a component: its own when the spec names one, the operator's default
+/// otherwise.
+pub(super) fn image(plan: &Plan, own: Option<&String>) -> Option<String> {
+    Some(own.cloned().unwrap_or_else(|| plan.default_image.clone()))
+}
+
+/// The selector of `component`'s pods.
+pub(super) fn pod_selector(plan: &Plan, component: Component) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(plan.selector(component)),
+        ..LabelSelector::default()
+    }
+}
+
+/// The metadata of `component`'s pod template: its labels, and the checksum of its TLS Secret,
+/// so that a new certificate rolls the pods.
+pub(super) fn pod_template_meta(
+    plan: &Plan,
+    component: Component,
+    tls_checksum: &str,
+) -> Option<ObjectMeta> {
+    Some(ObjectMeta {
+        labels: Some(plan.labels(component)),
+        annotations: Some(BTreeMap::from([(
+            TLS_CHECKSUM_ANNOTATION.to_owned(),
+            tls_checksum.to_owned(),
+        )])),
+        ..ObjectMeta::default()
+    })
 }
 
 /// The server Deployment; `tls_checksum` is [`super::secrets::checksum`] of the server Secret.
@@ -244,12 +276,7 @@ pub fn server_deployment(plan: &Plan, tls_checksum: &str) -> Deployment {
     }
     let container = Container {
         name: SERVER_CONTAINER.to_owned(),
-        image: Some(
-            server
-                .image
-                .clone()
-                .unwrap_or_else(|| plan.default_image.clone()),
-        ),
+        image: image(plan, server.image.as_ref()),
         image_pull_policy: Some("IfNotPresent".to_owned()),
         // Explicit: the e2e pod runner resolves the command on its PATH, and the image's
         // entrypoint is the operator.
@@ -280,20 +307,10 @@ pub fn server_deployment(plan: &Plan, tls_checksum: &str) -> Deployment {
         metadata: plan.meta(plan.names().server(), Component::Server),
         spec: Some(DeploymentSpec {
             replicas: Some(server.replicas),
-            selector: LabelSelector {
-                match_labels: Some(plan.selector(Component::Server)),
-                ..LabelSelector::default()
-            },
+            selector: pod_selector(plan, Component::Server),
             strategy: Some(rollout_strategy(plan)),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(plan.labels(Component::Server)),
-                    annotations: Some(BTreeMap::from([(
-                        TLS_CHECKSUM_ANNOTATION.to_owned(),
-                        tls_checksum.to_owned(),
-                    )])),
-                    ..ObjectMeta::default()
-                }),
+                metadata: pod_template_meta(plan, Component::Server, tls_checksum),
                 spec: Some(PodSpec {
                     service_account_name: Some(plan.names().server()),
                     // Checking agents' node identities reads the API as this account.
@@ -329,14 +346,7 @@ mod tests {
 
     use super::*;
     use crate::crd::{ControlPlaneLink, RoutingStrategy};
-
-    fn pod(deploy: &Deployment) -> &PodSpec {
-        deploy
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.spec.as_ref())
-            .expect("pod spec")
-    }
+    use crate::resources::fixtures::{Workload, http_get};
 
     #[test]
     fn the_default_server_runs_two_replicas_bound_to_the_pod_ip() {
@@ -344,7 +354,7 @@ mod tests {
         assert_eq!(deploy.metadata.name.as_deref(), Some("link-server"));
         let spec = deploy.spec.as_ref().expect("spec");
         assert_eq!(spec.replicas, Some(2));
-        let c = &pod(&deploy).containers[0];
+        let c = &deploy.pod().containers[0];
         assert_eq!(c.image.as_deref(), Some("ghcr.io/cplink/cplink:test"));
         assert_eq!(c.command, Some(vec!["cplink-server".to_owned()]));
         assert_eq!(
@@ -391,7 +401,7 @@ mod tests {
             .plan();
         let deploy = server_deployment(&plan, "sum");
         assert_eq!(deploy.spec.as_ref().expect("spec").replicas, Some(3));
-        let c = &pod(&deploy).containers[0];
+        let c = &deploy.pod().containers[0];
         let args = c.args.as_deref().expect("args");
         assert!(args.contains(&"--server-count=3".to_owned()));
         assert!(args.contains(&"--strategies=any".to_owned()));
@@ -414,7 +424,8 @@ mod tests {
         let rolling = strategy.rolling_update.as_ref().expect("rolling");
         assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
         assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
-        let grace = pod(&deploy)
+        let grace = deploy
+            .pod()
             .termination_grace_period_seconds
             .expect("grace");
         assert!(
@@ -427,7 +438,7 @@ mod tests {
     #[test]
     fn a_stopping_server_leaves_the_endpoints_before_it_stops_accepting() {
         let deploy = server_deployment(&ControlPlaneLink::test().plan(), "sum");
-        let c = &pod(&deploy).containers[0];
+        let c = &deploy.pod().containers[0];
         let args = c.args.as_deref().expect("args");
         assert!(args.contains(&"--shutdown-delay=5s".to_owned()), "{args:?}");
         let readiness = c.readiness_probe.as_ref().expect("readiness");
@@ -443,7 +454,7 @@ mod tests {
     #[test]
     fn servers_are_locked_down_and_probed_on_the_admin_port() {
         let deploy = server_deployment(&ControlPlaneLink::test().plan(), "sum");
-        let pod = pod(&deploy);
+        let pod = deploy.pod();
         assert_eq!(
             pod.security_context
                 .as_ref()
@@ -466,20 +477,12 @@ mod tests {
                 "runAsNonRoot": true
             })
         );
-        let readiness = c
-            .readiness_probe
-            .as_ref()
-            .and_then(|p| p.http_get.as_ref())
-            .expect("readiness");
+        let readiness = http_get(c.readiness_probe.as_ref());
         assert_eq!(
             (readiness.path.as_deref(), &readiness.port),
             (Some("/readyz"), &IntOrString::Int(8095))
         );
-        let liveness = c
-            .liveness_probe
-            .as_ref()
-            .and_then(|p| p.http_get.as_ref())
-            .expect("liveness");
+        let liveness = http_get(c.liveness_probe.as_ref());
         assert_eq!(
             (liveness.path.as_deref(), &liveness.port),
             (Some("/healthz"), &IntOrString::Int(8095))
@@ -489,16 +492,8 @@ mod tests {
     #[test]
     fn the_server_secret_is_mounted_and_its_checksum_annotates_the_template() {
         let deploy = server_deployment(&ControlPlaneLink::test().plan(), "abc123");
-        let template = &deploy.spec.as_ref().expect("spec").template;
-        assert_eq!(
-            template
-                .metadata
-                .as_ref()
-                .and_then(|m| m.annotations.as_ref())
-                .expect("annotations")["cplink.dev/tls-checksum"],
-            "abc123"
-        );
-        let pod = pod(&deploy);
+        assert_eq!(deploy.tls_checksum(), "abc123");
+        let pod = deploy.pod();
         let volume = &pod.volumes.as_ref().expect("volumes")[0];
         assert_eq!(
             volume
@@ -519,7 +514,7 @@ mod tests {
             .in_grpc_mode("/etc/kubernetes/cplink-frontend")
             .plan();
         let deploy = server_deployment(&plan, "sum");
-        let pod = pod(&deploy);
+        let pod = deploy.pod();
         let c = &pod.containers[0];
         let args = c.args.as_deref().expect("args");
         assert!(
@@ -552,7 +547,8 @@ mod tests {
     fn in_grpc_mode_one_server_per_node_is_required_and_rollouts_replace_in_place() {
         let plan = ControlPlaneLink::test().in_grpc_mode("/srv/cplink").plan();
         let deploy = server_deployment(&plan, "sum");
-        let anti = pod(&deploy)
+        let anti = deploy
+            .pod()
             .affinity
             .as_ref()
             .and_then(|a| a.pod_anti_affinity.as_ref())
@@ -589,7 +585,7 @@ mod tests {
             .with_spec(|s| s.server.affinity = Some(Affinity::default()))
             .plan();
         assert_eq!(
-            pod(&server_deployment(&plan, "sum")).affinity,
+            server_deployment(&plan, "sum").pod().affinity,
             Some(Affinity::default())
         );
     }
@@ -597,7 +593,7 @@ mod tests {
     #[test]
     fn in_http_connect_mode_no_host_directory_is_mounted() {
         let deploy = server_deployment(&ControlPlaneLink::test().plan(), "sum");
-        let pod = pod(&deploy);
+        let pod = deploy.pod();
         assert!(
             pod.volumes.iter().flatten().all(|v| v.host_path.is_none()),
             "{:?}",
@@ -613,7 +609,8 @@ mod tests {
     #[test]
     fn servers_spread_across_nodes_unless_placement_is_given() {
         let deploy = server_deployment(&ControlPlaneLink::test().plan(), "sum");
-        let preferred = pod(&deploy)
+        let preferred = deploy
+            .pod()
             .affinity
             .as_ref()
             .and_then(|a| a.pod_anti_affinity.as_ref())
@@ -643,7 +640,7 @@ mod tests {
             })
             .plan();
         let deploy = server_deployment(&plan, "sum");
-        let pod = pod(&deploy);
+        let pod = deploy.pod();
         assert_eq!(
             pod.node_selector.as_ref().expect("selector")["role"],
             "edge"
@@ -669,7 +666,7 @@ mod tests {
     fn in_token_mode_servers_accept_tokens_of_the_agent_daemonsets_pods_for_the_links_audience() {
         let plan = ControlPlaneLink::test().plan();
         let deploy = server_deployment(&plan, "sum");
-        let args = pod(&deploy).containers[0].args.clone().expect("args");
+        let args = deploy.pod().containers[0].args.clone().expect("args");
         let identity: Vec<&str> = args
             .iter()
             .map(String::as_str)
@@ -714,7 +711,7 @@ mod tests {
             .with_agents_outside_the_cluster()
             .plan();
         let deploy = server_deployment(&plan, "sum");
-        let pod = pod(&deploy);
+        let pod = deploy.pod();
         let args = pod.containers[0].args.as_deref().expect("args");
         assert!(
             args.contains(&"--agent-identity=certificate".to_owned()),

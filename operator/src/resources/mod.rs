@@ -364,6 +364,8 @@ pub(crate) fn container_security_context() -> SecurityContext {
 /// Test fixtures: `ControlPlaneLink::test().with_replicas(3)`.
 #[cfg(test)]
 pub(crate) mod fixtures {
+    use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+    use k8s_openapi::api::core::v1::{HTTPGetAction, PodSpec, PodTemplateSpec, Probe};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     use super::Plan;
@@ -423,6 +425,46 @@ pub(crate) mod fixtures {
             let valid = validate("link", &self.spec).expect("fixture spec is valid");
             Plan::new(self, valid, DEFAULT_IMAGE).expect("fixture has metadata")
         }
+    }
+
+    /// A built object that runs pods from a template.
+    pub trait Workload {
+        /// Its pod template; panics when it has no spec.
+        fn template(&self) -> &PodTemplateSpec;
+
+        /// The spec of its pods; panics when there is none.
+        fn pod(&self) -> &PodSpec {
+            self.template().spec.as_ref().expect("pod spec")
+        }
+
+        /// The TLS checksum annotation of its pod template.
+        fn tls_checksum(&self) -> &str {
+            let annotations = self
+                .template()
+                .metadata
+                .as_ref()
+                .and_then(|m| m.annotations.as_ref());
+            &annotations.expect("annotations")["cplink.dev/tls-checksum"]
+        }
+    }
+
+    impl Workload for Deployment {
+        fn template(&self) -> &PodTemplateSpec {
+            &self.spec.as_ref().expect("spec").template
+        }
+    }
+
+    impl Workload for DaemonSet {
+        fn template(&self) -> &PodTemplateSpec {
+            &self.spec.as_ref().expect("spec").template
+        }
+    }
+
+    /// The HTTP request of a probe; panics when there is none.
+    pub fn http_get(probe: Option<&Probe>) -> &HTTPGetAction {
+        probe
+            .and_then(|p| p.http_get.as_ref())
+            .expect("an HTTP probe")
     }
 }
 

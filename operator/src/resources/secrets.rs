@@ -277,6 +277,19 @@ mod tests {
         assert_eq!(value(&ca, "ca.crt"), "CERT ca");
     }
 
+    /// An egress selector configuration for the `cluster` egress, reached over `connection`.
+    fn egress_file(connection: &str) -> String {
+        format!(
+            "\
+apiVersion: apiserver.k8s.io/v1beta1
+kind: EgressSelectorConfiguration
+egressSelections:
+- name: cluster
+  connection:
+{connection}"
+        )
+    }
+
     #[test]
     fn the_egress_secret_holds_a_ready_to_use_configuration() {
         let plan = ControlPlaneLink::test().plan();
@@ -290,13 +303,8 @@ mod tests {
         assert_eq!(value(&secret, "ca.crt"), "CA");
         assert_eq!(
             value(&secret, "egress-selector-configuration.yaml"),
-            "\
-apiVersion: apiserver.k8s.io/v1beta1
-kind: EgressSelectorConfiguration
-egressSelections:
-- name: cluster
-  connection:
-    proxyProtocol: HTTPConnect
+            egress_file(
+                "    proxyProtocol: HTTPConnect
     transport:
       tcp:
         url: https://link-frontend.tunnels.svc:8090
@@ -305,6 +313,7 @@ egressSelections:
           clientCert: /etc/kubernetes/cplink/tls.crt
           clientKey: /etc/kubernetes/cplink/tls.key
 "
+            )
         );
     }
 
@@ -328,17 +337,13 @@ egressSelections:
         let secret = egress_secret(&plan, &pair("apiserver"), "CA").expect("yaml");
         assert_eq!(
             value(&secret, "egress-selector-configuration.yaml"),
-            "\
-apiVersion: apiserver.k8s.io/v1beta1
-kind: EgressSelectorConfiguration
-egressSelections:
-- name: cluster
-  connection:
-    proxyProtocol: GRPC
+            egress_file(
+                "    proxyProtocol: GRPC
     transport:
       uds:
         udsName: /etc/kubernetes/cplink-frontend/konnectivity-server.socket
 "
+            )
         );
         // The client certificate stays, for clients of the TLS frontend.
         assert_eq!(value(&secret, "tls.crt"), "CERT apiserver");

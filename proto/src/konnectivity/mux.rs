@@ -790,7 +790,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     #![allow(clippy::unwrap_used)] // test code: a failed step should panic with its location
 
-    use tokio::io::{AsyncReadExt, DuplexStream, ReadHalf, WriteHalf};
+    use tokio::io::{AsyncReadExt, DuplexStream};
+    use tokio::task::JoinHandle;
 
     use super::*;
     use crate::pump::Buffered;
@@ -968,37 +969,38 @@ mod tests {
         assert!(out.try_recv().is_err(), "nothing was refused");
     }
 
-    /// A socket for the pump: the test's end, and the pump's read and write halves.
-    fn socket(
+    /// Runs [`pump`] for `conn` over a socket with `buffer` bytes of room each way, sending
+    /// `first` ahead; returns the test's end of the socket and the pump's task.
+    fn pumped(
+        mut conn: MuxConn,
         buffer: usize,
-    ) -> (
-        DuplexStream,
-        Buffered<ReadHalf<DuplexStream>>,
-        WriteHalf<DuplexStream>,
-    ) {
-        let (test, pump) = tokio::io::duplex(buffer);
-        let (reader, writer) = tokio::io::split(pump);
-        (test, Buffered(reader), writer)
+        first: Bytes,
+        linger: Duration,
+    ) -> (DuplexStream, JoinHandle<Result<PumpStats, MuxError>>) {
+        let (test, socket) = tokio::io::duplex(buffer);
+        let task = tokio::spawn(async move {
+            let (reader, mut writer) = tokio::io::split(socket);
+            let counters = ByteCounters::default();
+            let mut reader = Buffered(reader);
+            pump(
+                &mut reader,
+                &mut writer,
+                &mut conn,
+                first,
+                &counters,
+                linger,
+            )
+            .await
+        });
+        (test, task)
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_socket_that_does_not_read_does_not_stop_what_it_sends() {
         let (mux, mut out) = mux(Role::Acceptor, 64, CONN_BUDGET);
-        let mut conn = mux.accept();
+        let conn = mux.accept();
         let id = conn.connect_id();
-        let (mut test, mut reader, mut writer) = socket(1024);
-        let counters = ByteCounters::default();
-        let pump = tokio::spawn(async move {
-            pump(
-                &mut reader,
-                &mut writer,
-                &mut conn,
-                Bytes::new(),
-                &counters,
-                Duration::ZERO,
-            )
-            .await
-        });
+        let (mut test, pump) = pumped(conn, 1024, Bytes::new(), Duration::ZERO);
         // The peer sends far more than the socket takes; the test does not read it.
         for _ in 0..8 {
             mux.dispatch(data(id, 32 * 1024));
@@ -1031,21 +1033,9 @@ mod tests {
     async fn a_stream_that_does_not_take_bytes_does_not_stop_what_the_socket_receives() {
         // Room for one packet, which the test never takes: the pump's sends wait.
         let (mux, out) = mux(Role::Acceptor, 1, CONN_BUDGET);
-        let mut conn = mux.accept();
+        let conn = mux.accept();
         let id = conn.connect_id();
-        let (mut test, mut reader, mut writer) = socket(64 * 1024);
-        let counters = ByteCounters::default();
-        let pump = tokio::spawn(async move {
-            pump(
-                &mut reader,
-                &mut writer,
-                &mut conn,
-                Bytes::new(),
-                &counters,
-                Duration::ZERO,
-            )
-            .await
-        });
+        let (mut test, pump) = pumped(conn, 64 * 1024, Bytes::new(), Duration::ZERO);
         let upload = vec![1u8; 256 * 1024];
         let (mut test_reader, mut test_writer) = tokio::io::split(&mut test);
         let written = async { test_writer.write_all(&upload).await };
@@ -1070,20 +1060,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_dialer_passes_on_the_peers_last_bytes_after_closing_then_ends_at_its_answer() {
         let (mux, mut out) = mux(Role::Dialer, 8, CONN_BUDGET);
-        let mut conn = dialed(&mux, &mut out, 5).await;
-        let (mut test, mut reader, mut writer) = socket(64 * 1024);
-        let counters = ByteCounters::default();
-        let pump = tokio::spawn(async move {
-            pump(
-                &mut reader,
-                &mut writer,
-                &mut conn,
-                Bytes::from_static(b"GET"),
-                &counters,
-                Duration::from_secs(5),
-            )
-            .await
-        });
+        let conn = dialed(&mux, &mut out, 5).await;
+        let (mut test, pump) = pumped(
+            conn,
+            64 * 1024,
+            Bytes::from_static(b"GET"),
+            Duration::from_secs(5),
+        );
         test.shutdown().await.unwrap();
         assert_eq!(
             next(&mut out).await,
@@ -1102,21 +1085,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_dialer_gives_up_when_the_close_is_not_confirmed_within_the_linger() {
         let (mux, mut out) = mux(Role::Dialer, 8, CONN_BUDGET);
-        let mut conn = dialed(&mux, &mut out, 6).await;
-        let (mut test, mut reader, mut writer) = socket(1024);
-        let counters = ByteCounters::default();
-        let pump = tokio::spawn(async move {
-            let linger = Duration::from_secs(5);
-            pump(
-                &mut reader,
-                &mut writer,
-                &mut conn,
-                Bytes::new(),
-                &counters,
-                linger,
-            )
-            .await
-        });
+        let conn = dialed(&mux, &mut out, 6).await;
+        let (mut test, pump) = pumped(conn, 1024, Bytes::new(), Duration::from_secs(5));
         test.shutdown().await.unwrap();
         assert_eq!(next(&mut out).await, Packet::close_request(6));
         let started = tokio::time::Instant::now();
@@ -1128,21 +1098,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_acceptor_closes_with_close_rsp_and_shuts_its_socket_down() {
         let (mux, mut out) = mux(Role::Acceptor, 8, CONN_BUDGET);
-        let mut conn = mux.accept();
+        let conn = mux.accept();
         let id = conn.connect_id();
-        let (mut test, mut reader, mut writer) = socket(1024);
-        let counters = ByteCounters::default();
-        let pump = tokio::spawn(async move {
-            pump(
-                &mut reader,
-                &mut writer,
-                &mut conn,
-                Bytes::new(),
-                &counters,
-                Duration::ZERO,
-            )
-            .await
-        });
+        let (mut test, pump) = pumped(conn, 1024, Bytes::new(), Duration::ZERO);
         test.write_all(b"bye").await.unwrap();
         test.shutdown().await.unwrap();
         assert_eq!(
@@ -1160,21 +1118,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_pump_over_budget_ends_with_an_error_naming_it() {
         let (mux, mut out) = mux(Role::Dialer, 8, 64 * 1024);
-        let mut conn = dialed(&mux, &mut out, 9).await;
+        let conn = dialed(&mux, &mut out, 9).await;
         // A client that never reads: its socket takes 1 KiB, the rest queues.
-        let (_test, mut reader, mut writer) = socket(1024);
-        let counters = ByteCounters::default();
-        let pump = tokio::spawn(async move {
-            pump(
-                &mut reader,
-                &mut writer,
-                &mut conn,
-                Bytes::new(),
-                &counters,
-                Duration::ZERO,
-            )
-            .await
-        });
+        let (_test, pump) = pumped(conn, 1024, Bytes::new(), Duration::ZERO);
         for _ in 0..4 {
             mux.dispatch(data(9, 32 * 1024));
         }
@@ -1185,5 +1131,104 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("64 KiB"), "{err}");
         assert_eq!(next(&mut out).await, Packet::close_request(9));
+    }
+
+    /// Starts a dial through a dialer mux; returns its task and the `random` of its DIAL_REQ.
+    async fn dialing(
+        mux: &Arc<Mux>,
+        rx: &mut mpsc::Receiver<Packet>,
+    ) -> (JoinHandle<Result<MuxConn, MuxDialError>>, i64) {
+        let dial = tokio::spawn({
+            let mux = mux.clone();
+            async move { mux.dial("node:10250").await }
+        });
+        match next(rx).await.payload {
+            Some(Payload::DialRequest(request)) => (dial, request.random),
+            other => panic!("expected DIAL_REQ, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dial_given_up_is_cancelled_with_dial_cls_and_a_late_answer_is_closed() {
+        let (mux, mut out) = mux(Role::Dialer, 8, CONN_BUDGET);
+        let (dial, random) = dialing(&mux, &mut out).await;
+        assert_eq!(mux.pending_dials(), 1);
+        dial.abort();
+        assert!(dial.await.unwrap_err().is_cancelled());
+        assert_eq!(next(&mut out).await, Packet::close_dial(random));
+        assert_eq!(mux.pending_dials(), 0);
+        // The peer had dialed already: its answer is closed, its bytes dropped quietly.
+        assert!(mux.dispatch(Packet::dial_established(random, 4)).is_none());
+        assert_eq!(next(&mut out).await, Packet::close_request(4));
+        assert!(mux.dispatch(data(4, 10)).is_none());
+        tokio::task::yield_now().await;
+        assert!(out.try_recv().is_err(), "{:?}", out.try_recv());
+        assert_eq!(mux.open_connections(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_dial_fails_with_the_peers_reason() {
+        let (mux, mut out) = mux(Role::Dialer, 8, CONN_BUDGET);
+        let (dial, random) = dialing(&mux, &mut out).await;
+        assert!(
+            mux.dispatch(Packet::dial_failed(random, "connection refused"))
+                .is_none()
+        );
+        let err = dial.await.unwrap().unwrap_err();
+        assert!(
+            matches!(&err, MuxDialError::Refused(reason) if reason == "connection refused"),
+            "{err:?}"
+        );
+        assert_eq!((mux.pending_dials(), mux.open_connections()), (0, 0));
+        assert!(out.try_recv().is_err(), "a refusal is not answered");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_acceptor_hands_dial_requests_dial_cancels_and_drains_to_its_caller() {
+        let (mux, mut out) = mux(Role::Acceptor, 8, CONN_BUDGET);
+        for packet in [
+            Packet::dial_request("node:10250", 7),
+            Packet::close_dial(7),
+            Packet::drain(),
+        ] {
+            assert_eq!(mux.dispatch(packet.clone()), Some(packet));
+        }
+        assert!(out.try_recv().is_err(), "the caller answers them");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_close_from_the_peer_ends_the_connection_with_its_error() {
+        // Towards an acceptor: CLOSE_REQ, which the connection's end answers when it closes.
+        let (acceptor, _out) = mux(Role::Acceptor, 8, CONN_BUDGET);
+        let mut accepted = acceptor.accept();
+        acceptor.dispatch(Packet::close_request(accepted.connect_id()));
+        assert_eq!(accepted.recv().await.unwrap(), Event::Closed(None));
+        // Towards a dialer: CLOSE_RSP, with the error the peer's side of the connection met.
+        let (dialer, mut out) = mux(Role::Dialer, 8, CONN_BUDGET);
+        let mut dialed = dialed(&dialer, &mut out, 8).await;
+        dialer.dispatch(Packet::close_response(8, "reset by peer"));
+        assert_eq!(
+            dialed.recv().await.unwrap(),
+            Event::Closed(Some("reset by peer".into()))
+        );
+        assert_eq!(dialer.open_connections(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_stream_fails_pending_dials_and_open_connections() {
+        let (mux, mut out) = mux(Role::Dialer, 8, CONN_BUDGET);
+        let mut open = dialed(&mux, &mut out, 10).await;
+        let (dial, _) = dialing(&mux, &mut out).await;
+        mux.close("link lost");
+        let err = dial.await.unwrap().unwrap_err();
+        assert!(
+            matches!(&err, MuxDialError::StreamClosed(reason) if reason == "link lost"),
+            "{err:?}"
+        );
+        assert!(
+            open.recv().await.is_err(),
+            "the connection saw its stream go"
+        );
+        assert!(mux.is_closed());
     }
 }

@@ -37,7 +37,7 @@ use tracing::Instrument;
 
 use crate::Shared;
 use crate::frontends::count_request_error;
-use crate::metrics::{DialLabels, FrontendLabels};
+use crate::metrics::{FrontendLabels, ResultLabels};
 use crate::tunnel::{self, CLOSE_LINGER, Carried};
 
 /// Packets queued towards one client before the agent's end waits.
@@ -186,7 +186,7 @@ async fn serve(shared: &Shared, mut inbound: Streaming<Packet>, tx: &Outbound, c
                 shared
                     .metrics
                     .dials
-                    .get_or_create(&DialLabels { result: "cancelled" })
+                    .get_or_create(&ResultLabels { result: "cancelled" })
                     .inc();
                 tracing::info!("dial cancelled by the client");
                 return;
