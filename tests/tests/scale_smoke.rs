@@ -52,6 +52,8 @@ fn a_small_scale_run_prints_every_figure() {
         let cost = figure(&format!("server CPU per dial, {strategy}"));
         assert!(cost.contains("with 12 agents"), "{cost}");
     }
+    let idle = figure("server CPU, 12 agents linked, idle");
+    assert!(idle.ends_with("% of a core"), "{idle}");
     let held = figure("server RSS, 120 idle connections");
     assert!(held.contains("KiB per connection"), "{held}");
     let storm = figure("relinked after a server restart, 12 agents");

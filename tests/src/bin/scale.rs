@@ -11,10 +11,11 @@
 //! It measures, in order:
 //!
 //! 1. the server's memory per linked agent, and how long the agents take to link from cold;
-//! 2. the server's CPU per dial for each routing strategy (node by host IP, pod CIDR, and `any`
-//!    for an address no agent claims), with one agent linked and then with all of them: the
-//!    dials go through the Unix socket frontend to a closed port, so each ends in the agent's
-//!    `502` and the figure is the server's routing and stream work;
+//! 2. the server's idle CPU with every agent linked (keepalives), and its CPU per dial for each
+//!    routing strategy (node by host IP, pod CIDR, and `any` for an address no agent claims),
+//!    with one agent linked and then with all of them, less that idle share: the dials go
+//!    through the Unix socket frontend to a closed port, so each ends in the agent's `502` and
+//!    the figure is the server's routing and stream work;
 //! 3. `--streams` idle tunneled connections over konnectivity's gRPC frontend (a Proxy stream
 //!    each, `--grpc-connections` HTTP/2 connections), spread over the agents by `any`: the
 //!    server's memory per connection and its CPU while they idle;
@@ -73,7 +74,8 @@ struct Cli {
     #[arg(long, default_value_t = 2_000)]
     dials: usize,
 
-    /// How long the idle connections are watched for the server's CPU.
+    /// How long the server's idle CPU is watched (with the agents linked, and again with the
+    /// idle connections held).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     idle_for: Duration,
 
@@ -304,6 +306,15 @@ impl Server {
         procfs::cpu(self.pid)
     }
 
+    /// The server's CPU use over `window` (a measurement, not a wait), as a share of a core.
+    async fn cpu_rate(&self, window: Duration) -> anyhow::Result<f64> {
+        let before = self.cpu()?;
+        let started = Instant::now();
+        tokio::time::sleep(window).await;
+        let spent = self.cpu()?.saturating_sub(before);
+        Ok(spent.as_secs_f64() / started.elapsed().as_secs_f64())
+    }
+
     /// Agents linked now.
     async fn linked(&self) -> anyhow::Result<u64> {
         let text = http1::get(self.admin, "/metrics").await?;
@@ -451,7 +462,7 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
     let idle = server.rss_kib()?;
     let mut processes = vec![Agents::start(0, 1, server.agent_address, &pki, &agent_cert).await?];
     server.wait_linked(1).await?;
-    let one = routing(&server, 1, cli.dials).await?;
+    let one = routing(&server, 1, cli.dials, 0.0).await?;
 
     progress(&format!("linking {agents} agents"));
     let before = server.rss_kib()?;
@@ -480,7 +491,14 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         format!("{:.1} s", took.as_secs_f64()),
     );
 
-    let many = routing(&server, agents, cli.dials).await?;
+    // Linked agents cost the server CPU of their own (keepalives); measured apart, and taken
+    // out of the dials' figures.
+    let background = server.cpu_rate(cli.idle_for).await?;
+    figures.add(
+        format!("server CPU, {agents} agents linked, idle"),
+        format!("{:.1} % of a core", background * 100.0),
+    );
+    let many = routing(&server, agents, cli.dials, background).await?;
     for ((strategy, cost_one), (_, cost_many)) in one.iter().zip(&many) {
         figures.add(
             format!("server CPU per dial, {strategy}"),
@@ -508,11 +526,13 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The server's CPU per dial for each strategy, with agents `0..agents` linked.
+/// The server's CPU per dial for each strategy, with agents `0..agents` linked, less its
+/// `background` CPU (a share of a core).
 async fn routing(
     server: &Server,
     agents: u32,
     dials: usize,
+    background: f64,
 ) -> anyhow::Result<Vec<(&'static str, Duration)>> {
     let uds = Arc::new(server.uds.clone());
     let mut costs = Vec::new();
@@ -530,6 +550,7 @@ async fn routing(
     ];
     for (name, target) in strategies {
         let before = server.cpu()?;
+        let started = Instant::now();
         let mut tasks = JoinSet::new();
         let per_task = dials.div_ceil(8);
         for t in 0..8u32 {
@@ -556,7 +577,8 @@ async fn routing(
             done??;
         }
         let spent = server.cpu()?.saturating_sub(before);
-        costs.push((name, spent / (per_task * 8) as u32));
+        let idle = started.elapsed().mul_f64(background);
+        costs.push((name, spent.saturating_sub(idle) / (per_task * 8) as u32));
     }
     Ok(costs)
 }
@@ -605,12 +627,7 @@ async fn idle_streams(
     let opened = started.elapsed();
     let open_cpu = server.cpu()?.saturating_sub(cpu_before);
     let holding = server.rss_kib()?;
-    // Idle: keepalives and nothing else. A measurement window, not a wait for a condition.
-    let idle_before = server.cpu()?;
-    let idle_started = Instant::now();
-    tokio::time::sleep(cli.idle_for).await;
-    let idle_cpu = server.cpu()?.saturating_sub(idle_before);
-    let idle_for = idle_started.elapsed();
+    let idle = server.cpu_rate(cli.idle_for).await?;
     figures.add(
         format!("{streams} idle connections opened in"),
         format!(
@@ -630,10 +647,7 @@ async fn idle_streams(
     );
     figures.add(
         "server CPU while they idle",
-        format!(
-            "{:.1} % of a core",
-            100.0 * idle_cpu.as_secs_f64() / idle_for.as_secs_f64()
-        ),
+        format!("{:.1} % of a core", 100.0 * idle),
     );
     drop(held);
     drop(channels);
