@@ -64,5 +64,5 @@ bench:
 
 ## bench-scale: one server, 5 000 agents and 100 000 idle tunneled connections (release build)
 bench-scale:
-	$(CARGO) build --release --quiet -p cplink-server -p cplink-e2e --bin cplink-scale
+	$(CARGO) build --release --quiet -p cplink-server -p cplink-e2e --bin cplink-server --bin cplink-scale
 	$(TARGET_DIR)/release/cplink-scale
