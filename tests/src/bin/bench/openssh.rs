@@ -81,7 +81,10 @@ impl OpenSsh {
         let port = listener.local_addr()?.port();
         let user = user()?;
         let mut ssh = Command::new("ssh")
-            .args(["-N", "-T", "-F", "/dev/null", "-i"])
+            // A session with a terminal, as people use `ssh -R`: ssh then marks the connection
+            // interactive and sets TCP_NODELAY on it, without which every small write waits
+            // for Nagle's algorithm and a dial takes 40 ms.
+            .args(["-tt", "-F", "/dev/null", "-i"])
             .arg(&client_key)
             .args([
                 "-o",
@@ -110,6 +113,7 @@ impl OpenSsh {
                 "-p",
                 &port.to_string(),
                 &format!("{user}@127.0.0.1"),
+                "exec sleep 2147483647",
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
