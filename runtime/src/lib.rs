@@ -7,7 +7,8 @@
 //! Map of the crate, in layers: each module uses only modules listed above it.
 //! - [`config`]: configuration errors naming the flag at fault.
 //! - [`telemetry`]: log setup (text or JSON), the same for every binary.
-//! - [`args`]: flag groups the binaries share (logs, TLS identity).
+//! - [`args`]: flag groups the binaries share (logs, TLS identity), and the worker-thread count.
+//! - [`executor`]: the tokio runtime, sized by `--worker-threads`.
 //! - [`metrics`]: Prometheus metric shapes more than one binary exports.
 //! - [`shutdown`]: SIGTERM/SIGINT handling.
 //! - [`net`]: socket tuning and abortive close.
@@ -20,6 +21,7 @@ pub mod accept;
 pub mod admin;
 pub mod args;
 pub mod config;
+pub mod executor;
 pub mod kubeapi;
 pub mod metrics;
 pub mod net;

@@ -98,6 +98,8 @@ fn every_flag_is_explained_with_its_environment_variable() {
         "--drain-timeout",
         "--strategies",
         "--log-format",
+        "--worker-threads",
+        "CPLINK_WORKER_THREADS",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
