@@ -1,6 +1,7 @@
 //! Command line and validated configuration of `cplink-agent`.
 
 use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -147,6 +148,19 @@ pub struct Args {
         value_parser = clap::value_parser!(u32).range(1..=i64::from(cplink_proto::MAX_STREAMS_PER_LINK_LIMIT))
     )]
     pub max_streams_per_link: u32,
+
+    /// Threads that run the agent's tasks. 1 runs them all on the main thread. The default
+    /// suits a DaemonSet, whose agent shares every node, however many cores it has, with the
+    /// node's workloads: two threads carry a node's tunnels, where one per core would cost
+    /// memory on every node of the cluster.
+    #[arg(
+        long,
+        env = "CPLINK_WORKER_THREADS",
+        value_name = "N",
+        default_value = "2",
+        value_parser = cplink_runtime::args::parse_worker_threads
+    )]
+    pub worker_threads: NonZeroUsize,
 
     /// Logging.
     #[command(flatten)]
@@ -570,6 +584,15 @@ pub(crate) mod tests {
         assert_eq!(a.allow.len(), 3);
         let a = args(&["--server-address", "other:8091"]).unwrap();
         assert_eq!(a.server_address, vec!["cplink.example:8091", "other:8091"]);
+    }
+
+    #[test]
+    fn two_worker_threads_unless_told_otherwise() {
+        assert_eq!(args(&[]).unwrap().worker_threads.get(), 2);
+        let one = args(&["--worker-threads", "1"]).unwrap();
+        assert_eq!(one.worker_threads.get(), 1);
+        let err = args(&["--worker-threads", "0"]).unwrap_err().to_string();
+        assert!(err.contains("--worker-threads"), "{err}");
     }
 
     #[test]

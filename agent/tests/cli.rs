@@ -21,11 +21,15 @@ fn configuration_errors_name_the_flag() {
         "--server-ca",
         "/ca",
     ];
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 8] = [
         (&["--allow", "10.0.0.0/33"], "--allow"),
         (&["--protocol", "grpc"], "--protocol"),
         (&["--pod-cidr", "10.0.0.0"], "--pod-cidr"),
         (&["--dial-timeout", "soon"], "--dial-timeout"),
+        (
+            &["--worker-threads", "0"],
+            "'--worker-threads <N>': must be at least 1",
+        ),
         (
             &["--server-service", "link-agent-endpoint"],
             "--server-service: cannot be combined with --server-address",
@@ -66,6 +70,8 @@ fn every_flag_is_explained_with_its_environment_variable() {
             "CPLINK_POD_CIDR_FROM_NODE",
             "--kubeconfig",
             "CPLINK_KUBECONFIG",
+            "--worker-threads",
+            "CPLINK_WORKER_THREADS",
         ],
     );
 }

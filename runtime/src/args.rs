@@ -3,6 +3,7 @@
 //! Flag and environment variable names are part of each binary's interface (the operator, the
 //! Helm chart and people's manifests pass them), so a group keeps the names the binaries had.
 
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 
 use crate::config::ConfigError;
@@ -48,6 +49,17 @@ impl TlsIdentityArgs {
     pub fn error(concerns_key: bool, err: impl std::fmt::Display) -> ConfigError {
         ConfigError::new(if concerns_key { "tls-key" } else { "tls-cert" }, err)
     }
+}
+
+/// Parses a `--worker-threads` value: a count of at least 1. Each binary declares the flag
+/// itself, since their defaults differ (a DaemonSet's agent shares its node; a server has its
+/// pod's CPUs).
+pub fn parse_worker_threads(text: &str) -> Result<NonZeroUsize, String> {
+    let count: usize = text
+        .parse()
+        .map_err(|e| format!("{text:?} is not a thread count: {e}"))?;
+    NonZeroUsize::new(count)
+        .ok_or_else(|| "must be at least 1: some thread has to run the tasks".to_owned())
 }
 
 #[cfg(test)]
@@ -103,6 +115,21 @@ mod tests {
         ] {
             assert!(help.contains(name), "{name} missing: {help}");
         }
+    }
+
+    #[test]
+    fn a_worker_thread_count_is_a_positive_number() {
+        assert_eq!(
+            parse_worker_threads("2"),
+            Ok(NonZeroUsize::MIN.saturating_add(1))
+        );
+        assert!(
+            parse_worker_threads("0")
+                .unwrap_err()
+                .contains("at least 1")
+        );
+        assert!(parse_worker_threads("two").unwrap_err().contains("\"two\""));
+        assert!(parse_worker_threads("-1").is_err());
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! - [`config`]: configuration errors naming the flag at fault.
 //! - [`backoff`]: pauses between retries, doubling up to a cap, optionally jittered.
 //! - [`telemetry`]: log setup (text or JSON), the same for every binary.
-//! - [`args`]: flag groups the binaries share (logs, TLS identity).
+//! - [`args`]: flag groups the binaries share (logs, TLS identity), and the worker-thread count.
+//! - [`executor`]: the tokio runtime, sized by `--worker-threads`.
 //! - [`metrics`]: Prometheus metric shapes more than one binary exports.
 //! - [`shutdown`]: SIGTERM/SIGINT handling.
 //! - [`net`]: socket tuning and abortive close.
@@ -23,6 +24,7 @@ pub mod admin;
 pub mod args;
 pub mod backoff;
 pub mod config;
+pub mod executor;
 pub mod kubeapi;
 pub mod metrics;
 pub mod net;

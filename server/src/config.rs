@@ -1,6 +1,7 @@
 //! Command line and validated configuration of `cplink-server`.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -166,6 +167,17 @@ pub struct Args {
     /// --default-route), any (least-loaded agent).
     #[arg(long, env = "CPLINK_STRATEGIES", default_value = "node,cidr,any")]
     pub strategies: String,
+
+    /// Threads that run the server's tasks; 1 runs them all on the main thread. Defaults to
+    /// one per CPU the process may use: a server replica has its pod to itself and carries
+    /// the tunnels of every agent.
+    #[arg(
+        long,
+        env = "CPLINK_WORKER_THREADS",
+        value_name = "N",
+        value_parser = cplink_runtime::args::parse_worker_threads
+    )]
+    pub worker_threads: Option<NonZeroUsize>,
 
     /// Logging.
     #[command(flatten)]
@@ -452,6 +464,15 @@ mod tests {
         assert_eq!(args.keepalive_interval, Duration::from_secs(10));
         assert_eq!(args.keepalive_timeout, Duration::from_secs(20));
         assert_eq!(args.server_count, 1);
+        assert_eq!(args.worker_threads, None, "tokio's default: one per CPU");
+    }
+
+    #[test]
+    fn zero_worker_threads_is_refused_naming_the_flag() {
+        let err = args(&["--worker-threads", "0"]).unwrap_err().to_string();
+        assert!(err.contains("--worker-threads"), "{err}");
+        let one = args(&["--worker-threads", "1"]).unwrap();
+        assert_eq!(one.worker_threads.map(NonZeroUsize::get), Some(1));
     }
 
     #[test]

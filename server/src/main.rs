@@ -40,13 +40,19 @@ fn configure_allocator() -> Result<(), tikv_jemalloc_ctl::Error> {
     tikv_jemalloc_ctl::background_thread::write(true)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Parsed before the runtime exists: --worker-threads sizes it.
     let args = Args::parse();
     args.log.init()?;
     if let Err(e) = configure_allocator() {
         tracing::warn!(error = %e, "cannot configure jemalloc: freed memory may be kept longer");
     }
+    cplink_runtime::executor::build(args.worker_threads)
+        .context("cannot start the tokio runtime")?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let config = args.clone().into_config()?;
     let listeners = Listeners::bind(&args).await?;
     let shutdown = CancellationToken::new();

@@ -77,6 +77,8 @@ fn every_flag_is_explained_with_its_environment_variable() {
             "--strategies",
             "--log-format",
             "CPLINK_AGENT_ADDRESS",
+            "--worker-threads",
+            "CPLINK_WORKER_THREADS",
         ],
     );
 }

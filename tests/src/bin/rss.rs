@@ -19,6 +19,16 @@
 //! target/release/cplink-rss --variant default --variant 'arena2 MALLOC_ARENA_MAX=2'
 //! ```
 //!
+//! With `--idle`, no tunnel is opened: each variant's pair links, sits idle for `--idle-wait`,
+//! and the table gives both processes' `VmRSS` and thread counts, which is what an agent costs
+//! on each node of a cluster. The variables reach both processes, so
+//! `CPLINK_WORKER_THREADS=N` sizes both runtimes:
+//!
+//! ```text
+//! cargo build --release -p cplink-server -p cplink-agent -p cplink-e2e --bin cplink-rss
+//! target/release/cplink-rss --idle --variant 'w1 CPLINK_WORKER_THREADS=1' --variant default
+//! ```
+//!
 //! It prints a table (or JSON with `--json`) and asserts nothing: memory figures of debug and
 //! release builds differ, and shared machines are noisy.
 
@@ -74,6 +84,15 @@ struct Cli {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+
+    /// Only the idle readings: link each variant's pair, wait --idle-wait, read both
+    /// processes' memory and threads; no tunnel is opened.
+    #[arg(long)]
+    idle: bool,
+
+    /// With --idle, how long the linked pair sits idle before the reading.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    idle_wait: Duration,
 }
 
 /// One configuration: which binaries, with which environment.
@@ -101,6 +120,11 @@ impl Variant {
             }
         }
         Ok(Variant { label, dir, env })
+    }
+
+    /// The environment as `KEY=VALUE` words.
+    fn env_words(&self) -> Vec<String> {
+        self.env.iter().map(|(k, v)| format!("{k}={v}")).collect()
     }
 }
 
@@ -192,6 +216,25 @@ async fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
 
     let certs = Certificates::new()?;
+    if cli.idle {
+        let mut outcomes = Vec::new();
+        for variant in &variants {
+            eprintln!(
+                "cplink-rss: {} ({}), idle for {}",
+                variant.label,
+                variant.dir.display(),
+                humantime::format_duration(cli.idle_wait)
+            );
+            outcomes.push(measure_idle(&cli, variant, &certs).await?);
+        }
+        if cli.json {
+            let json: Vec<_> = outcomes.iter().map(IdleOutcome::json).collect();
+            println!("{}", serde_json::to_string_pretty(&json)?);
+        } else {
+            print!("{}", render_idle(&outcomes, cli.idle_wait));
+        }
+        return Ok(());
+    }
     let echo = cplink_e2e::targets::echo().await?;
     let sink = sink().await?;
     let mut outcomes = Vec::new();
@@ -243,6 +286,62 @@ async fn measure(
 ) -> anyhow::Result<Outcome> {
     let pair = Pair::start(variant, certs).await?;
     let result = load(cli, variant, certs, &pair, echo, sink).await;
+    let logs = pair.stop().await;
+    result.with_context(|| format!("variant {}; process logs:\n{logs}", variant.label))
+}
+
+/// What a linked pair holds while nothing goes through it.
+#[derive(Debug, Clone)]
+struct IdleOutcome {
+    label: String,
+    env: Vec<String>,
+    /// `VmRSS`, KiB.
+    server_rss: u64,
+    server_threads: u64,
+    /// `VmRSS`, KiB.
+    agent_rss: u64,
+    /// The part of `agent_rss` that is anonymous memory (heap, stacks, relocated data), KiB;
+    /// the rest is mapped files, mostly the binary's own code.
+    agent_rss_anon: u64,
+    agent_threads: u64,
+    agent_binary_bytes: u64,
+}
+
+impl IdleOutcome {
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "label": self.label,
+            "env": self.env,
+            "server_rss_kib": self.server_rss,
+            "server_threads": self.server_threads,
+            "agent_rss_kib": self.agent_rss,
+            "agent_rss_anon_kib": self.agent_rss_anon,
+            "agent_threads": self.agent_threads,
+            "agent_binary_bytes": self.agent_binary_bytes,
+        })
+    }
+}
+
+async fn measure_idle(
+    cli: &Cli,
+    variant: &Variant,
+    certs: &Certificates,
+) -> anyhow::Result<IdleOutcome> {
+    let pair = Pair::start(variant, certs).await?;
+    tokio::time::sleep(cli.idle_wait).await;
+    let read = || -> anyhow::Result<IdleOutcome> {
+        Ok(IdleOutcome {
+            label: variant.label.clone(),
+            env: variant.env_words(),
+            server_rss: pair.server.status("VmRSS")?,
+            server_threads: pair.server.status("Threads")?,
+            agent_rss: pair.agent.status("VmRSS")?,
+            agent_rss_anon: pair.agent.status("RssAnon")?,
+            agent_threads: pair.agent.status("Threads")?,
+            agent_binary_bytes: std::fs::metadata(variant.dir.join("cplink-agent"))?.len(),
+        })
+    };
+    let result = read();
     let logs = pair.stop().await;
     result.with_context(|| format!("variant {}; process logs:\n{logs}", variant.label))
 }
@@ -319,11 +418,7 @@ async fn load(
 
     Ok(Outcome {
         label: variant.label.clone(),
-        env: variant
-            .env
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect(),
+        env: variant.env_words(),
         server,
         agent,
         tunnels: cli.tunnels,
@@ -655,6 +750,31 @@ async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
 
 fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+fn render_idle(outcomes: &[IdleOutcome], idle_wait: Duration) -> String {
+    let mut out = format!(
+        "| variant | agent RSS, idle {} | of which anonymous | agent threads | server RSS \
+         | server threads | agent binary |\n|---|---:|---:|---:|---:|---:|---:|\n",
+        humantime::format_duration(idle_wait)
+    );
+    for o in outcomes {
+        let label = if o.env.is_empty() {
+            o.label.clone()
+        } else {
+            format!("{} ({})", o.label, o.env.join(" "))
+        };
+        out.push_str(&format!(
+            "| {label} | {} | {} | {} | {} | {} | {:.2} MiB |\n",
+            mib(o.agent_rss),
+            mib(o.agent_rss_anon),
+            o.agent_threads,
+            mib(o.server_rss),
+            o.server_threads,
+            o.agent_binary_bytes as f64 / f64::from(1u32 << 20),
+        ));
+    }
+    out
 }
 
 fn render(outcomes: &[Outcome], settle: Duration) -> String {
