@@ -1,6 +1,6 @@
 //! Test support for cplink: certificates, in-process servers and agents on loopback, CONNECT
-//! clients, destination fixtures, a real control plane with simulated nodes, and waiting on
-//! conditions.
+//! clients, destination fixtures, a real control plane with simulated nodes, cplink's
+//! container image and private containerds, and waiting on conditions.
 //!
 //! Map of the crate, in layers: each module uses only modules listed above it.
 //!
@@ -9,7 +9,9 @@
 //! - [`harness`]: a test body under a deadline, named steps, bounded runtime shutdown and
 //!   bounded process stops.
 //! - [`pki`]: a CA and leaf certificates written to a private directory.
-//! - [`workspace`]: the repository's root, where charts, CRDs and scripts are found.
+//! - [`workspace`]: the repository's root, where charts, CRDs and scripts are found, and the
+//!   cache the scripts fill.
+//! - [`cgroups`]: removing the cgroups test containers leave on the host.
 //! - [`http1`]: plain HTTP/1.1 requests, to admin endpoints and etcd's JSON gateway.
 //! - [`metrics`]: counters in the Prometheus text admin endpoints serve.
 //!
@@ -18,6 +20,12 @@
 //! - [`client`]: CONNECT clients for the Unix socket and TLS frontends.
 //! - [`grpc`]: konnectivity gRPC peers: a Proxy client and a scripted upstream agent.
 //! - [`fixture`]: [`fixture::Loopback`] starts servers and agents in-process on `127.0.0.1:0`.
+//!
+//! Containers:
+//! - [`image`]: cplink's OCI image archive, built from the workspace's binaries and cached by
+//!   content; the `Dockerfile`'s final stage, read for comparison.
+//! - [`containerd`]: a private containerd in namespaces of its own: import images, run
+//!   containers, stop with nothing left behind.
 //!
 //! A cluster on one machine:
 //! - [`cluster`]: a real control plane (etcd, kube-apiserver, kube-controller-manager,
@@ -30,14 +38,17 @@
 //!   link, egress wired.
 
 pub mod binaries;
+pub mod cgroups;
 pub mod client;
 pub mod cluster;
+pub mod containerd;
 pub mod fixture;
 pub mod forwarder;
 pub mod grpc;
 pub mod harness;
 pub mod helm;
 pub mod http1;
+pub mod image;
 pub mod kubelet;
 pub mod metrics;
 pub mod pki;
