@@ -57,9 +57,7 @@ pub struct Cri {
 pub struct Containerd {
     child: Child,
     dir: tempfile::TempDir,
-    socket: PathBuf,
-    /// The cgroup (below each hierarchy's root) under which `run` puts its containers.
-    cgroup_parent: String,
+    client: Client,
     stopped: bool,
 }
 
@@ -69,12 +67,8 @@ impl Containerd {
         let dir = tempfile::Builder::new()
             .prefix("cplink-containerd-")
             .tempdir()?;
-        let socket = dir.path().join("containerd.sock");
-        for sub in ["root", "state", "run", "opt", "fifo"] {
-            std::fs::create_dir(dir.path().join(sub))?;
-        }
-        let config = dir.path().join("config.toml");
-        std::fs::write(&config, config_toml(dir.path(), &socket, &options))?;
+        std::fs::create_dir(dir.path().join("run"))?;
+        let config = write_config(dir.path(), &options)?;
         let log = std::fs::File::create(dir.path().join("containerd.log"))?;
         let dir_name = dir
             .path()
@@ -82,9 +76,15 @@ impl Containerd {
             .context("a temporary directory has a name")?
             .to_string_lossy()
             .into_owned();
-        // `--kill-child`: should this process die first, the namespace still goes.
-        let child = Command::new("unshare")
+        // `--pdeathsig`: should the test process die, unshare dies with it (the signal follows
+        // the thread that spawned it, so start from one that outlives containerd, as a
+        // runtime's workers do); `--kill-child`: should unshare die, the namespace goes too.
+        let child = Command::new("setpriv")
             .args([
+                "--pdeathsig",
+                "KILL",
+                "--",
+                "unshare",
                 "--mount",
                 "--pid",
                 "--fork",
@@ -107,29 +107,27 @@ impl Containerd {
             .context("cannot start containerd under unshare")?;
         let mut containerd = Containerd {
             child,
-            cgroup_parent: dir_name,
+            client: Client::new(dir.path(), &dir_name),
             stopped: false,
             dir,
-            socket,
         };
-        let started = wait::until("containerd to answer on its socket", START, || {
-            std::os::unix::net::UnixStream::connect(&containerd.socket).is_ok()
-                || matches!(containerd.child.try_wait(), Ok(Some(_)))
-        })
-        .await;
+        let Containerd { child, client, .. } = &mut containerd;
+        let serving = client
+            .wait_serving(START, || matches!(child.try_wait(), Ok(Some(_))))
+            .await;
         if let Ok(Some(status)) = containerd.child.try_wait() {
             anyhow::bail!(
                 "containerd exited ({status}) before serving: {}",
-                containerd.log_tail()
+                containerd.client.log_tail()
             );
         }
-        started.with_context(|| containerd.log_tail())?;
+        serving?;
         Ok(containerd)
     }
 
-    /// containerd's API socket.
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    /// `ctr` against this containerd.
+    pub fn client(&self) -> &Client {
+        &self.client
     }
 
     /// The directory holding containerd's configuration, data and log.
@@ -137,10 +135,104 @@ impl Containerd {
         self.dir.path()
     }
 
+    /// Stops containerd and everything it started, and removes its cgroups. Dropping does the
+    /// same, reporting failures as warnings only.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> anyhow::Result<()> {
+        if std::mem::replace(&mut self.stopped, true) {
+            return Ok(());
+        }
+        // unshare dies of SIGKILL, its child (containerd, the namespace's first process) of
+        // the parent-death signal `--kill-child` set, and the namespace's other processes
+        // with it.
+        stop_child(&mut self.child, Duration::ZERO);
+        wait_gone(self.dir.path(), GONE)?;
+        crate::cgroups::remove(&self.client.cgroup_parent)
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Err(err) = self.teardown() {
+            tracing::warn!(error = %format!("{err:#}"), "containerd teardown incomplete");
+        }
+    }
+}
+
+/// Waits until no process names a path under `dir` (see [`processes_naming`]), for at most
+/// `deadline`.
+pub fn wait_gone(dir: &Path, deadline: Duration) -> anyhow::Result<()> {
+    let give_up = std::time::Instant::now() + deadline;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let left = processes_naming(dir)?;
+        if left.is_empty() {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < give_up,
+            "processes of {} still running after {deadline:?}: {left:?}",
+            dir.display()
+        );
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// `ctr` against one containerd, in [`NAMESPACE`].
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+    /// Where `ctr run` puts its standard I/O FIFOs.
+    fifo_dir: PathBuf,
+    /// The cgroup (below each hierarchy's root) under which `run` puts its containers.
+    cgroup_parent: String,
+    /// containerd's log, quoted in errors.
+    log: PathBuf,
+}
+
+impl Client {
+    /// The client of the containerd configured by [`write_config`] in `dir`, whose
+    /// containers' cgroups go under `cgroup_parent`.
+    pub fn new(dir: &Path, cgroup_parent: &str) -> Self {
+        Client {
+            socket: dir.join("containerd.sock"),
+            fifo_dir: dir.join("fifo"),
+            cgroup_parent: cgroup_parent.to_owned(),
+            log: dir.join("containerd.log"),
+        }
+    }
+
+    /// containerd's API socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The cgroup under which [`Client::run`] puts containers.
+    pub fn cgroup_parent(&self) -> &str {
+        &self.cgroup_parent
+    }
+
+    /// Waits until containerd answers on its socket, for at most `deadline`, or until
+    /// `exited` says it is gone.
+    pub async fn wait_serving(
+        &self,
+        deadline: Duration,
+        mut exited: impl FnMut() -> bool,
+    ) -> anyhow::Result<()> {
+        wait::until("containerd to answer on its socket", deadline, || {
+            std::os::unix::net::UnixStream::connect(&self.socket).is_ok() || exited()
+        })
+        .await
+        .with_context(|| self.log_tail())
+    }
+
     /// The last lines of containerd's log, for error messages.
     pub fn log_tail(&self) -> String {
-        let log =
-            std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         format!(
             "containerd log:\n{}",
@@ -202,15 +294,14 @@ impl Containerd {
     }
 
     /// Runs `args` in a container of `image` with the image's user and environment, removes
-    /// the container, and returns its output (stdout then stderr) and exit code.
+    /// the container, and returns its output and exit code.
     pub async fn run(&self, image: &str, id: &str, args: &[&str]) -> anyhow::Result<RunOutput> {
-        let fifo = self.dir.path().join("fifo");
         let cgroup = format!("/{}/{id}", self.cgroup_parent);
         let mut ctr = self.ctr();
         ctr.arg("run")
             .arg("--rm")
             .arg("--fifo-dir")
-            .arg(&fifo)
+            .arg(&self.fifo_dir)
             .args(["--cgroup", &cgroup, image, id])
             .args(args);
         let output = tokio::time::timeout(CTR, ctr.output())
@@ -222,47 +313,6 @@ impl Containerd {
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
         })
-    }
-
-    /// Stops containerd and everything it started, and removes its cgroups. Dropping does the
-    /// same, reporting failures as warnings only.
-    pub fn stop(mut self) -> anyhow::Result<()> {
-        self.teardown()
-    }
-
-    fn teardown(&mut self) -> anyhow::Result<()> {
-        if std::mem::replace(&mut self.stopped, true) {
-            return Ok(());
-        }
-        // unshare dies of SIGKILL, its child (containerd, the namespace's first process) of
-        // the parent-death signal `--kill-child` set, and the namespace's other processes
-        // with it.
-        stop_child(&mut self.child, Duration::ZERO);
-        let dir = self.dir.path().to_owned();
-        let give_up = std::time::Instant::now() + GONE;
-        let mut pause = Duration::from_millis(1);
-        loop {
-            let left = processes_naming(&dir)?;
-            if left.is_empty() {
-                break;
-            }
-            anyhow::ensure!(
-                std::time::Instant::now() < give_up,
-                "processes of {} still running after {GONE:?}: {left:?}",
-                dir.display()
-            );
-            std::thread::sleep(pause);
-            pause = (pause * 2).min(Duration::from_millis(50));
-        }
-        crate::cgroups::remove(&self.cgroup_parent)
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        if let Err(err) = self.teardown() {
-            tracing::warn!(error = %format!("{err:#}"), "containerd teardown incomplete");
-        }
     }
 }
 
@@ -306,11 +356,23 @@ pub fn processes_naming(dir: &Path) -> anyhow::Result<Vec<u32>> {
     Ok(pids)
 }
 
-/// containerd's configuration: everything under `dir`, nothing listening but the socket (and
-/// the CRI streaming server when asked for), no plugin writing outside `dir`.
-fn config_toml(dir: &Path, socket: &Path, options: &Options) -> String {
-    let dir = dir.display();
+/// Writes containerd's configuration into `dir` and makes the directories it names; returns
+/// the configuration's path. Everything is under `dir` (the socket is `containerd.sock`, and
+/// callers log to `containerd.log`), nothing listens but the socket (and the CRI streaming
+/// server when asked for), and no plugin writes outside `dir`.
+pub fn write_config(dir: &Path, options: &Options) -> anyhow::Result<PathBuf> {
+    for sub in ["root", "state", "opt", "fifo"] {
+        std::fs::create_dir_all(dir.join(sub))?;
+    }
+    let config = dir.join("config.toml");
+    std::fs::write(&config, config_toml(dir, options))?;
+    Ok(config)
+}
+
+fn config_toml(dir: &Path, options: &Options) -> String {
+    let socket = dir.join("containerd.sock");
     let socket = socket.display();
+    let dir = dir.display();
     // Top-level keys before the first table: TOML puts later keys in the table above them.
     let disabled = match options.cri {
         None => r#"["io.containerd.grpc.v1.cri"]"#,

@@ -13,6 +13,10 @@
 //! to start: their shared libraries (as `ldd` lists them), `/etc/passwd` and `/etc/group`
 //! naming the user, and `/tmp`. [`Dockerfile`] reads the final stage, so a test can hold the
 //! two in step.
+//!
+//! The same writer makes the other images a real node needs without a registry: the pod
+//! sandbox image of `scripts/kube.sh`'s static `pause`, and a shell image of Debian's static
+//! busybox ([`Spec`]).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -31,6 +35,12 @@ use sha2::{Digest as _, Sha256};
 /// project's own domain: no registry serves it, so nothing can be pulled in its place.
 pub const NAME: &str = "cplink.dev/cplink:dev";
 
+/// The pod sandbox image [`Spec::pause`] makes, for containerd's `sandbox_image`.
+pub const PAUSE_NAME: &str = "cplink.dev/pause:3.4";
+
+/// The shell image [`Spec::busybox`] makes, for test pods.
+pub const BUSYBOX_NAME: &str = "cplink.dev/busybox:dev";
+
 /// The binaries the image carries, as the `Dockerfile` builds them.
 pub const BINARIES: [&str; 3] = ["cplink-server", "cplink-agent", "cplink-operator"];
 
@@ -48,7 +58,7 @@ const SMALL_BLOB: u64 = 1 << 20;
 
 /// Changes whenever what [`build`] puts in an image changes, so older cached archives are not
 /// taken for current ones.
-const FORMAT: &str = "cplink-image/2";
+const FORMAT: &str = "cplink-image/3";
 
 /// The image's entrypoint: the operator, which runs servers and agents from the same image
 /// with explicit commands.
@@ -70,31 +80,248 @@ pub struct Image {
 }
 
 /// Builds the image of the binaries in `bin_dir` (a cargo profile's output directory), or
-/// finds it among the archives built before, in `<cache>/images` (see
-/// [`crate::workspace::cache`]). The archive is named by a hash of everything put into it, so
-/// rebuilding the binaries makes a new one and an unchanged build reuses it.
+/// finds it among the archives built before, in [`images_dir`]. The archive is named by a hash
+/// of everything put into it, so rebuilding the binaries makes a new one and an unchanged build
+/// reuses it.
 pub fn build(bin_dir: &Path) -> anyhow::Result<Image> {
-    build_in(bin_dir, &crate::workspace::cache()?.join("images"))
+    build_in(bin_dir, &images_dir()?)
 }
 
 /// [`build`] with the archives kept in `images`.
 pub fn build_in(bin_dir: &Path, images: &Path) -> anyhow::Result<Image> {
-    let inputs = Inputs::collect(bin_dir)?;
-    let key = inputs.key()?;
-    let archive = images.join(format!("cplink-{}.tar", &key[..24]));
-    if archive.is_file() {
-        return open(&archive);
+    Spec::cplink(bin_dir)?.build_in(images)
+}
+
+/// Where built archives are kept: `images` in [`crate::workspace::cache`].
+pub fn images_dir() -> anyhow::Result<PathBuf> {
+    Ok(crate::workspace::cache()?.join("images"))
+}
+
+/// What an image is made of: files, symbolic links and the process it runs.
+#[derive(Debug)]
+pub struct Spec {
+    name: String,
+    files: Vec<File>,
+    /// Symbolic links: path (without the leading `/`) and target.
+    links: Vec<(String, String)>,
+    user: Option<String>,
+    entrypoint: Vec<String>,
+    cmd: Vec<String>,
+}
+
+impl Spec {
+    /// cplink's image ([`NAME`]) of the binaries in `bin_dir`.
+    pub fn cplink(bin_dir: &Path) -> anyhow::Result<Self> {
+        let mut files = Vec::new();
+        let mut libraries = BTreeMap::new();
+        for name in BINARIES {
+            let binary = bin_dir.join(name);
+            anyhow::ensure!(
+                binary.is_file(),
+                "{} not built: run `cargo build --workspace --bins`",
+                binary.display()
+            );
+            for library in shared_libraries(&binary)? {
+                libraries.insert(library.clone(), library);
+            }
+            files.push(File {
+                path: format!("{}/{name}", BIN_DIR.trim_start_matches('/')),
+                mode: 0o755,
+                source: Source::Binary(binary),
+            });
+        }
+        for (path, _) in libraries {
+            files.push(File {
+                path: path.to_string_lossy().trim_start_matches('/').to_owned(),
+                mode: 0o755,
+                source: Source::Host(path),
+            });
+        }
+        files.push(File {
+            path: "etc/passwd".into(),
+            mode: 0o644,
+            source: Source::Bytes(
+                b"root:x:0:0:root:/root:/sbin/nologin\n\
+                  nonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n"
+                    .to_vec(),
+            ),
+        });
+        files.push(File {
+            path: "etc/group".into(),
+            mode: 0o644,
+            source: Source::Bytes(b"root:x:0:\nnonroot:x:65532:\n".to_vec()),
+        });
+        Ok(Spec {
+            name: NAME.to_owned(),
+            files,
+            links: Vec::new(),
+            user: Some(USER.to_owned()),
+            entrypoint: entrypoint(),
+            cmd: Vec::new(),
+        })
     }
-    std::fs::create_dir_all(images)?;
-    // Written under a temporary name and renamed: a concurrent build of the same key writes
-    // the same bytes, and an interrupted one leaves no archive that looks complete.
-    let work = tempfile::Builder::new()
-        .prefix(".cplink-image-")
-        .tempdir_in(images)?;
-    let partial = work.path().join("image.tar");
-    write_archive(&inputs, work.path(), &partial)?;
-    std::fs::rename(&partial, &archive)?;
-    open(&archive)
+
+    /// The pod sandbox image ([`PAUSE_NAME`]) of the static `pause` in `kube_dir` (built by
+    /// `scripts/kube.sh`), with the upstream image's user and entrypoint.
+    pub fn pause(kube_dir: &Path) -> anyhow::Result<Self> {
+        let pause = kube_dir.join("pause");
+        anyhow::ensure!(
+            shared_libraries(&pause)?.is_empty(),
+            "{} is not static: run scripts/kube.sh",
+            pause.display()
+        );
+        Ok(Spec {
+            name: PAUSE_NAME.to_owned(),
+            files: vec![File {
+                path: "pause".into(),
+                mode: 0o755,
+                source: Source::Host(pause),
+            }],
+            links: Vec::new(),
+            user: Some("65535:65535".into()),
+            entrypoint: vec!["/pause".into()],
+            cmd: Vec::new(),
+        })
+    }
+
+    /// A shell image ([`BUSYBOX_NAME`]): Debian's static busybox as `/bin/busybox`, a link in
+    /// `/bin` for each of its applets, `sh` as command, run as root.
+    pub fn busybox() -> anyhow::Result<Self> {
+        let busybox = PathBuf::from("/bin/busybox");
+        anyhow::ensure!(
+            busybox.is_file() && shared_libraries(&busybox)?.is_empty(),
+            "no static /bin/busybox: install busybox-static (scripts/kube.sh does)"
+        );
+        let list = Command::new(&busybox).arg("--list").output()?;
+        anyhow::ensure!(list.status.success(), "busybox --list: {}", list.status);
+        let links = String::from_utf8_lossy(&list.stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|applet| !applet.is_empty() && *applet != "busybox")
+            .map(|applet| (format!("bin/{applet}"), "busybox".to_owned()))
+            .collect();
+        Ok(Spec {
+            name: BUSYBOX_NAME.to_owned(),
+            files: vec![File {
+                path: "bin/busybox".into(),
+                mode: 0o755,
+                source: Source::Host(busybox),
+            }],
+            links,
+            user: None,
+            entrypoint: Vec::new(),
+            cmd: vec!["sh".into()],
+        })
+    }
+
+    /// The image's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Builds the image in [`images_dir`], or finds it there.
+    pub fn build(self) -> anyhow::Result<Image> {
+        self.build_in(&images_dir()?)
+    }
+
+    /// Builds the image in `images`, or finds it there: archives are named by a hash of
+    /// everything put into them.
+    pub fn build_in(mut self, images: &Path) -> anyhow::Result<Image> {
+        self.files.sort_by(|a, b| a.path.cmp(&b.path));
+        self.links.sort();
+        let key = self.key()?;
+        let stem = self
+            .name
+            .rsplit('/')
+            .next()
+            .and_then(|last| last.split(':').next())
+            .unwrap_or("image");
+        let archive = images.join(format!("{stem}-{}.tar", &key[..24]));
+        if archive.is_file() {
+            return open(&archive);
+        }
+        std::fs::create_dir_all(images)?;
+        // Written under a temporary name and renamed: a concurrent build of the same key
+        // writes the same bytes, and an interrupted one leaves no archive that looks complete.
+        let work = tempfile::Builder::new()
+            .prefix(".image-")
+            .tempdir_in(images)?;
+        let partial = work.path().join("image.tar");
+        write_archive(&self, work.path(), &partial)?;
+        std::fs::rename(&partial, &archive)?;
+        prune(images, stem)?;
+        open(&archive)
+    }
+
+    /// A hash of everything the archive is made of.
+    fn key(&self) -> anyhow::Result<String> {
+        let mut hash = Sha256::new();
+        let mut field = |bytes: &[u8]| {
+            hash.update((bytes.len() as u64).to_be_bytes());
+            hash.update(bytes);
+        };
+        field(FORMAT.as_bytes());
+        field(self.name.as_bytes());
+        field(self.user.as_deref().unwrap_or("").as_bytes());
+        for word in self
+            .entrypoint
+            .iter()
+            .chain(["--".to_owned()].iter())
+            .chain(&self.cmd)
+        {
+            field(word.as_bytes());
+        }
+        for (path, target) in &self.links {
+            field(path.as_bytes());
+            field(target.as_bytes());
+        }
+        for file in &self.files {
+            field(file.path.as_bytes());
+            field(&file.mode.to_be_bytes());
+        }
+        for file in &self.files {
+            match &file.source {
+                Source::Binary(path) | Source::Host(path) => {
+                    let mut source = std::fs::File::open(path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    std::io::copy(&mut source, &mut hash)?;
+                }
+                Source::Bytes(bytes) => hash.update(bytes),
+            }
+        }
+        Ok(hex(&hash.finalize()))
+    }
+}
+
+/// How many archives of one image the cache keeps: a few builds (debug and release, say) can
+/// take turns without rebuilding, and the cache does not grow with every change.
+const KEEP: usize = 4;
+
+/// Removes all but the [`KEEP`] newest archives named `<stem>-<key>.tar` in `images`.
+fn prune(images: &Path, stem: &str) -> anyhow::Result<()> {
+    let mut archives = Vec::new();
+    for entry in std::fs::read_dir(images)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = name
+            .strip_prefix(stem)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|rest| rest.strip_suffix(".tar"))
+            .is_some_and(|key| key.len() == 24 && key.bytes().all(|b| b.is_ascii_hexdigit()));
+        if ours {
+            archives.push((entry.metadata()?.modified()?, entry.path()));
+        }
+    }
+    archives.sort();
+    let excess = archives.len().saturating_sub(KEEP);
+    for (_, path) in archives.into_iter().take(excess) {
+        // Another build may have pruned it already.
+        match std::fs::remove_file(&path) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => return Err(err.into()),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Reads an image archive's index, manifest and configuration.
@@ -263,79 +490,6 @@ enum Source {
     Bytes(Vec<u8>),
 }
 
-/// Everything that goes into the image.
-struct Inputs {
-    files: Vec<File>,
-}
-
-impl Inputs {
-    fn collect(bin_dir: &Path) -> anyhow::Result<Self> {
-        let mut files = Vec::new();
-        let mut libraries = BTreeMap::new();
-        for name in BINARIES {
-            let binary = bin_dir.join(name);
-            anyhow::ensure!(
-                binary.is_file(),
-                "{} not built: run `cargo build --workspace --bins`",
-                binary.display()
-            );
-            for library in shared_libraries(&binary)? {
-                libraries.insert(library.clone(), library);
-            }
-            files.push(File {
-                path: format!("{}/{name}", BIN_DIR.trim_start_matches('/')),
-                mode: 0o755,
-                source: Source::Binary(binary),
-            });
-        }
-        for (path, _) in libraries {
-            files.push(File {
-                path: path.to_string_lossy().trim_start_matches('/').to_owned(),
-                mode: 0o755,
-                source: Source::Host(path),
-            });
-        }
-        files.push(File {
-            path: "etc/passwd".into(),
-            mode: 0o644,
-            source: Source::Bytes(
-                b"root:x:0:0:root:/root:/sbin/nologin\n\
-                  nonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n"
-                    .to_vec(),
-            ),
-        });
-        files.push(File {
-            path: "etc/group".into(),
-            mode: 0o644,
-            source: Source::Bytes(b"root:x:0:\nnonroot:x:65532:\n".to_vec()),
-        });
-        files.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(Inputs { files })
-    }
-
-    /// A hash of everything the archive is made of.
-    fn key(&self) -> anyhow::Result<String> {
-        let mut hash = Sha256::new();
-        hash.update(FORMAT);
-        hash.update([0]);
-        hash.update(NAME);
-        for file in &self.files {
-            hash.update([0]);
-            hash.update(&file.path);
-            hash.update(file.mode.to_be_bytes());
-            match &file.source {
-                Source::Binary(path) | Source::Host(path) => {
-                    let mut source = std::fs::File::open(path)
-                        .with_context(|| format!("reading {}", path.display()))?;
-                    std::io::copy(&mut source, &mut hash)?;
-                }
-                Source::Bytes(bytes) => hash.update(bytes),
-            }
-        }
-        Ok(hex(&hash.finalize()))
-    }
-}
-
 /// The shared libraries `ldd` says `binary` loads, the dynamic loader included (the vDSO,
 /// which has no file, aside). A static binary has none.
 fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
@@ -377,27 +531,34 @@ fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(libraries)
 }
 
-/// Writes the archive of `inputs` to `out`, using `work` for intermediate files.
-fn write_archive(inputs: &Inputs, work: &Path, out: &Path) -> anyhow::Result<()> {
+/// Writes the archive of `spec` to `out`, using `work` for intermediate files.
+fn write_archive(spec: &Spec, work: &Path, out: &Path) -> anyhow::Result<()> {
     // The layer, uncompressed: the archive never crosses a network, and containerd imports
     // and unpacks an uncompressed layer faster than it would a gzip one.
     let layer_path = work.join("layer.tar");
-    let layer = write_layer(inputs, work, &layer_path)?;
+    let layer = write_layer(spec, work, &layer_path)?;
     let diff_id = Digest::from(layer.digest.clone()).to_string();
 
     let config = ImageConfigurationBuilder::default()
         .architecture(Arch::default())
         .os(Os::Linux)
-        .config(
-            ConfigBuilder::default()
-                .user(USER)
-                .entrypoint(entrypoint())
+        .config({
+            let mut config = ConfigBuilder::default()
                 .env(vec![
                     "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
                 ])
-                .working_dir("/")
-                .build()?,
-        )
+                .working_dir("/");
+            if let Some(user) = &spec.user {
+                config = config.user(user.clone());
+            }
+            if !spec.entrypoint.is_empty() {
+                config = config.entrypoint(spec.entrypoint.clone());
+            }
+            if !spec.cmd.is_empty() {
+                config = config.cmd(spec.cmd.clone());
+            }
+            config.build()?
+        })
         .rootfs(
             RootFsBuilder::default()
                 .typ("layers")
@@ -421,7 +582,7 @@ fn write_archive(inputs: &Inputs, work: &Path, out: &Path) -> anyhow::Result<()>
         )])
         .build()?;
     let manifest = Blob::new(manifest.to_string()?.into_bytes());
-    let tag = NAME.rsplit_once(':').map_or("latest", |(_, tag)| tag);
+    let tag = spec.name.rsplit_once(':').map_or("latest", |(_, tag)| tag);
     let mut descriptor = Descriptor::new(
         MediaType::ImageManifest,
         manifest.size(),
@@ -438,7 +599,7 @@ fn write_archive(inputs: &Inputs, work: &Path, out: &Path) -> anyhow::Result<()>
     descriptor.set_annotations(Some(
         [
             (ANNOTATION_REF_NAME.to_owned(), tag.to_owned()),
-            (CONTAINERD_IMAGE_NAME.to_owned(), NAME.to_owned()),
+            (CONTAINERD_IMAGE_NAME.to_owned(), spec.name.clone()),
         ]
         .into(),
     ));
@@ -504,15 +665,20 @@ struct Layer {
     size: u64,
 }
 
-/// Writes the layer tar: the directories every file needs, then the files, sorted, owned by
-/// root, dated at the epoch.
-fn write_layer(inputs: &Inputs, work: &Path, out: &Path) -> anyhow::Result<Layer> {
+/// Writes the layer tar: the directories every file and link needs, then the files and links,
+/// sorted, owned by root, dated at the epoch.
+fn write_layer(spec: &Spec, work: &Path, out: &Path) -> anyhow::Result<Layer> {
     let mut layer = tar::Builder::new(Hashing::new(std::io::BufWriter::new(
         std::fs::File::create(out)?,
     )));
     let mut dirs: BTreeMap<String, u32> = BTreeMap::from([("tmp".to_owned(), 0o1777)]);
-    for file in &inputs.files {
-        let mut parent = Path::new(&file.path).parent();
+    let paths = spec
+        .files
+        .iter()
+        .map(|file| &file.path)
+        .chain(spec.links.iter().map(|(path, _)| path));
+    for path in paths {
+        let mut parent = Path::new(path).parent();
         while let Some(dir) = parent.filter(|d| !d.as_os_str().is_empty()) {
             dirs.entry(dir.to_string_lossy().into_owned())
                 .or_insert(0o755);
@@ -523,7 +689,7 @@ fn write_layer(inputs: &Inputs, work: &Path, out: &Path) -> anyhow::Result<Layer
         let mut header = header(tar::EntryType::Directory, *mode, 0);
         layer.append_data(&mut header, format!("{dir}/"), std::io::empty())?;
     }
-    for file in &inputs.files {
+    for file in &spec.files {
         match &file.source {
             Source::Binary(path) => {
                 let stripped = strip(path, work)?;
@@ -532,6 +698,10 @@ fn write_layer(inputs: &Inputs, work: &Path, out: &Path) -> anyhow::Result<Layer
             Source::Host(path) => append_file(&mut layer, &file.path, path, file.mode)?,
             Source::Bytes(bytes) => append_bytes(&mut layer, &file.path, bytes, file.mode)?,
         }
+    }
+    for (path, target) in &spec.links {
+        let mut header = header(tar::EntryType::Symlink, 0o777, 0);
+        layer.append_link(&mut header, path, target)?;
     }
     let hashing = layer.into_inner()?;
     let (writer, digest, size) = hashing.finish();

@@ -120,14 +120,12 @@ fn containerd_imports_the_image_and_runs_each_binary_from_it_as_user_65532() -> 
             steps.enter("starting a private containerd");
             let containerd = Containerd::start(containerd::Options::default()).await?;
             let dir = containerd.dir().to_owned();
-            let cgroup_parent = dir
-                .file_name()
-                .map(|name| name.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let cgroup_parent = containerd.client().cgroup_parent().to_owned();
+            let ctr = containerd.client().clone();
 
             steps.enter("importing the image archive");
-            containerd.import(&image.archive).await?;
-            let images = containerd.images().await?;
+            ctr.import(&image.archive).await?;
+            let images = ctr.images().await?;
             assert!(
                 images.contains(&(image.name.clone(), image.manifest_digest.clone())),
                 "{} {} not among the images containerd lists: {images:?}",
@@ -136,30 +134,22 @@ fn containerd_imports_the_image_and_runs_each_binary_from_it_as_user_65532() -> 
             );
 
             steps.enter("reading the user of a container made from the image");
-            containerd
-                .ctr_ok(&["containers", "create", &image.name, "user-probe"])
+            ctr.ctr_ok(&["containers", "create", &image.name, "user-probe"])
                 .await?;
-            let info: serde_json::Value = serde_json::from_str(
-                &containerd
-                    .ctr_ok(&["containers", "info", "user-probe"])
-                    .await?,
-            )?;
+            let info: serde_json::Value =
+                serde_json::from_str(&ctr.ctr_ok(&["containers", "info", "user-probe"]).await?)?;
             let user = &info["Spec"]["process"]["user"];
             assert_eq!(
                 (user["uid"].as_u64(), user["gid"].as_u64()),
                 (Some(65532), Some(65532)),
                 "the container's user: {user}"
             );
-            containerd
-                .ctr_ok(&["containers", "delete", "user-probe"])
-                .await?;
+            ctr.ctr_ok(&["containers", "delete", "user-probe"]).await?;
 
             for binary in image::BINARIES {
                 steps.enter(format!("running {binary} --version in a container"));
                 let path = format!("{}/{binary}", image::BIN_DIR);
-                let run = containerd
-                    .run(&image.name, binary, &[&path, "--version"])
-                    .await?;
+                let run = ctr.run(&image.name, binary, &[&path, "--version"]).await?;
                 assert_eq!(run.code, Some(0), "{binary} --version: {run:?}");
                 assert_eq!(
                     run.stdout.trim(),
