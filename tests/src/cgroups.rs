@@ -33,6 +33,16 @@ pub fn existing(relative: &str) -> anyhow::Result<Vec<PathBuf>> {
         .collect())
 }
 
+/// Creates the cgroup `relative` in every hierarchy (a parent for others, such as a kubelet's
+/// `--cgroup-root`).
+pub fn create(relative: &str) -> anyhow::Result<()> {
+    for hierarchy in hierarchies()? {
+        let dir = hierarchy.join(relative.trim_start_matches('/'));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    Ok(())
+}
+
 /// Removes the cgroup `relative` and every cgroup below it, in every hierarchy. Cgroups still
 /// holding a process cannot be removed: that is an error naming them.
 pub fn remove(relative: &str) -> anyhow::Result<()> {

@@ -32,6 +32,8 @@
 //!   kube-scheduler) on loopback.
 //! - [`binaries`]: the workspace's binaries; the operator as a process.
 //! - [`kubelet`]: a pod runner playing kubelet for simulated nodes on loopback addresses.
+//! - [`node`]: real worker nodes: kubelet and containerd in namespaces of their own, on a
+//!   network kube-apiserver has no route to.
 //! - [`forwarder`]: a TCP forwarder to a Service's ready endpoints (a load balancer's role).
 //! - [`helm`]: releases of the Helm chart through the real Helm engine.
 //! - [`stack`]: all of it together: control plane, nodes, cplink installed with its chart, a
@@ -51,6 +53,7 @@ pub mod http1;
 pub mod image;
 pub mod kubelet;
 pub mod metrics;
+pub mod node;
 pub mod pki;
 pub mod stack;
 pub mod targets;
