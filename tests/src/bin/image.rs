@@ -4,9 +4,8 @@
 //! made before (see `cplink_e2e::image`).
 //!
 //! ```text
-//! cargo build --release -p cplink-server -p cplink-agent -p cplink-operator -p cplink-e2e \
-//!     --bin cplink-image
-//! target/release/cplink-image
+//! cargo build --release -p cplink-server -p cplink-agent -p cplink-operator
+//! cargo run --release -p cplink-e2e --bin cplink-image
 //! ctr -n k8s.io images import "$(target/release/cplink-image --path-only)"
 //! ```
 
