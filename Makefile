@@ -20,7 +20,8 @@ setup:
 build:
 	$(CARGO) build --workspace --all-targets
 
-## kube: install etcd and build the real control plane the end-to-end tests run (cached)
+## kube: install etcd, containerd, runc and the CNI plugins; build the real control plane,
+# kubelet and pause that the end-to-end tests run (cached)
 kube:
 	./scripts/kube.sh
 

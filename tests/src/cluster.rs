@@ -104,33 +104,38 @@ impl Drop for ControlPlane {
     }
 }
 
+/// The control plane's binaries, as `scripts/kube.sh` builds them.
+pub const CONTROL_PLANE_BINARIES: [&str; 3] = [
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+];
+
+/// A real node's binaries, built by `scripts/kube.sh` beside the control plane's from the same
+/// source: kubelet and the pod sandbox's `pause`.
+pub const NODE_BINARIES: [&str; 2] = ["kubelet", "pause"];
+
+/// The directory holding the Kubernetes binaries `names`: `$CPLINK_KUBE_BIN`, else the
+/// directory that `scripts/kube.sh` last built into (`$CPLINK_CACHE/kube-current`).
+pub fn kube_binaries(names: &[&str]) -> anyhow::Result<PathBuf> {
+    let dir = match std::env::var_os("CPLINK_KUBE_BIN") {
+        Some(dir) => PathBuf::from(dir),
+        None => crate::workspace::cache()?.join("kube-current"),
+    };
+    for binary in names {
+        anyhow::ensure!(
+            dir.join(binary).is_file(),
+            "{} not found: run scripts/kube.sh (or set CPLINK_KUBE_BIN)",
+            dir.join(binary).display()
+        );
+    }
+    Ok(dir)
+}
+
 impl ControlPlane {
-    /// Where the control-plane binaries are: `$CPLINK_KUBE_BIN`, else the directory that
-    /// `scripts/kube.sh` last built into (`$CPLINK_CACHE`, default `~/.cache/cplink`).
+    /// Where the control-plane binaries are (see [`kube_binaries`]).
     pub fn binaries() -> anyhow::Result<PathBuf> {
-        let dir = match std::env::var_os("CPLINK_KUBE_BIN") {
-            Some(dir) => PathBuf::from(dir),
-            None => {
-                let cache = match std::env::var_os("CPLINK_CACHE") {
-                    Some(cache) => PathBuf::from(cache),
-                    None => PathBuf::from(std::env::var_os("HOME").context("HOME is not set")?)
-                        .join(".cache/cplink"),
-                };
-                cache.join("kube-current")
-            }
-        };
-        for binary in [
-            "kube-apiserver",
-            "kube-controller-manager",
-            "kube-scheduler",
-        ] {
-            anyhow::ensure!(
-                dir.join(binary).is_file(),
-                "{} not found: run scripts/kube.sh (or set CPLINK_KUBE_BIN)",
-                dir.join(binary).display()
-            );
-        }
-        Ok(dir)
+        kube_binaries(&CONTROL_PLANE_BINARIES)
     }
 
     /// Starts etcd and the control plane and waits until the API server is ready.

@@ -1,6 +1,6 @@
 //! Test support for cplink: certificates, in-process servers and agents on loopback, CONNECT
-//! clients, destination fixtures, a real control plane with simulated nodes, and waiting on
-//! conditions.
+//! clients, destination fixtures, a real control plane with simulated nodes, cplink's
+//! container image and private containerds, and waiting on conditions.
 //!
 //! Map of the crate, in layers: each module uses only modules listed above it.
 //!
@@ -9,8 +9,10 @@
 //! - [`harness`]: a test body under a deadline, named steps, bounded runtime shutdown and
 //!   bounded process stops.
 //! - [`pki`]: a CA and leaf certificates written to a private directory.
-//! - [`workspace`]: the repository's root, where charts, CRDs and scripts are found.
+//! - [`workspace`]: the repository's root, where charts, CRDs and scripts are found, and the
+//!   cache the scripts fill.
 //! - [`cli`]: a binary's command line: refused flags, `--help`.
+//! - [`cgroups`]: removing the cgroups test containers leave on the host.
 //! - [`http1`]: plain HTTP/1.1 requests, to admin endpoints and etcd's JSON gateway.
 //! - [`metrics`]: counters in the Prometheus text admin endpoints serve.
 //! - [`procfs`]: a process's memory, CPU time and descendants, from `/proc`.
@@ -21,28 +23,40 @@
 //! - [`grpc`]: konnectivity gRPC peers: a Proxy client and a scripted upstream agent.
 //! - [`fixture`]: [`fixture::Loopback`] starts servers and agents in-process on `127.0.0.1:0`.
 //!
+//! Containers:
+//! - [`image`]: cplink's OCI image archive, built from the workspace's binaries and cached by
+//!   content; the `Dockerfile`'s final stage, read for comparison.
+//! - [`containerd`]: a private containerd in namespaces of its own: import images, run
+//!   containers, stop with nothing left behind.
+//!
 //! A cluster on one machine:
 //! - [`cluster`]: a real control plane (etcd, kube-apiserver, kube-controller-manager,
 //!   kube-scheduler) on loopback.
 //! - [`binaries`]: the workspace's binaries; the operator as a process.
 //! - [`kubelet`]: a pod runner playing kubelet for simulated nodes on loopback addresses.
+//! - [`node`]: real worker nodes: kubelet and containerd in namespaces of their own, on a
+//!   network kube-apiserver has no route to.
 //! - [`forwarder`]: a TCP forwarder to a Service's ready endpoints (a load balancer's role).
 //! - [`helm`]: releases of the Helm chart through the real Helm engine.
 //! - [`stack`]: all of it together: control plane, nodes, cplink installed with its chart, a
 //!   link, egress wired.
 
 pub mod binaries;
+pub mod cgroups;
 pub mod cli;
 pub mod client;
 pub mod cluster;
+pub mod containerd;
 pub mod fixture;
 pub mod forwarder;
 pub mod grpc;
 pub mod harness;
 pub mod helm;
 pub mod http1;
+pub mod image;
 pub mod kubelet;
 pub mod metrics;
+pub mod node;
 pub mod pki;
 pub mod procfs;
 pub mod stack;
