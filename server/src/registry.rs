@@ -356,12 +356,12 @@ impl Index {
     }
 
     /// Agents that may be `host`'s node.
-    fn node<'a>(&'a self, host: &Host) -> Box<dyn Iterator<Item = &'a String> + 'a> {
+    fn node(&self, host: &Host) -> impl Iterator<Item = &String> {
         let ids = match host {
             Host::Name(name) => self.names.get(&name.to_ascii_lowercase()),
             Host::Ip(ip) => self.ips.get(ip),
         };
-        Box::new(ids.into_iter().flatten())
+        ids.into_iter().flatten()
     }
 
     /// Agents with a pod range that may hold `ip`.

@@ -300,6 +300,32 @@ fn wait_child(child: &mut Child, within: Duration) -> Option<ExitStatus> {
     }
 }
 
+/// A token cancelled on SIGTERM or SIGINT, or when standard input closes: how a benchmark's
+/// child process learns that its parent wants it to finish (see [`stop_by_closing_stdin`]).
+pub fn shutdown_on_stdin_eof() -> anyhow::Result<tokio_util::sync::CancellationToken> {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    cplink_runtime::shutdown::cancel_on_signal(shutdown.clone())?;
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt as _;
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 64];
+        while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
+        token.cancel();
+    });
+    Ok(shutdown)
+}
+
+/// Stops a child started with a piped standard input the gentle way: closes that input (its
+/// signal to finish, see [`shutdown_on_stdin_eof`]), gives it `grace` to exit, then kills it.
+pub async fn stop_by_closing_stdin(child: &mut tokio::process::Child, grace: Duration) {
+    drop(child.stdin.take());
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        let _ = child.start_kill();
+        let _ = tokio::time::timeout(REAP, child.wait()).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -42,12 +42,11 @@ use clap::{Parser, Subcommand};
 use cplink_e2e::client;
 use cplink_e2e::grpc::ProxyStream;
 use cplink_e2e::pki::{Pki, Usage};
-use cplink_e2e::{http1, metrics, procfs};
+use cplink_e2e::{harness, http1, metrics, procfs};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
 /// Drives one cplink-server with thousands of agents and idle tunneled connections.
 #[derive(Debug, Parser)]
@@ -163,7 +162,7 @@ async fn run_agents(
 ) -> anyhow::Result<()> {
     let destination = TcpListener::bind("127.0.0.1:0").await?;
     println!("{}", destination.local_addr()?.port());
-    let shutdown = CancellationToken::new();
+    let shutdown = harness::shutdown_on_stdin_eof()?;
     let holder = shutdown.clone();
     tokio::spawn(async move {
         // Accept and hold every connection until it ends; errors (EMFILE) pause the loop.
@@ -208,10 +207,7 @@ async fn run_agents(
         let agent = cplink_agent::Agent::new(args.into_config()?);
         agents.spawn(agent.run(None, shutdown.clone()));
     }
-    let mut stdin = tokio::io::stdin();
-    let mut buf = [0u8; 64];
-    while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
-    shutdown.cancel();
+    shutdown.cancelled().await;
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
         while agents.join_next().await.is_some() {}
     })
@@ -401,14 +397,7 @@ impl Agents {
     }
 
     async fn stop(mut self) {
-        drop(self.child.stdin.take());
-        if tokio::time::timeout(Duration::from_secs(15), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.start_kill();
-            let _ = self.child.wait().await;
-        }
+        harness::stop_by_closing_stdin(&mut self.child, Duration::from_secs(15)).await;
     }
 }
 

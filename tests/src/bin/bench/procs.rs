@@ -14,11 +14,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser as _;
 use cplink_e2e::pki::{CertFiles, Pki};
-use cplink_e2e::procfs;
+use cplink_e2e::{harness, procfs};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, ChildStdout, Command};
-use tokio_util::sync::CancellationToken;
 
 /// Runs the server role: the body of `cplink-server`'s `main`, plus the address report.
 pub async fn run_server(args: Vec<String>) -> anyhow::Result<()> {
@@ -39,7 +38,7 @@ pub async fn run_server(args: Vec<String>) -> anyhow::Result<()> {
         .context("the benchmark needs --admin-address")?
         .local_addr()?;
     println!("{} {frontend} {admin}", listeners.agent.local_addr()?);
-    let shutdown = shutdown_on_stdin_eof()?;
+    let shutdown = harness::shutdown_on_stdin_eof()?;
     cplink_server::Server::new(config)
         .run(listeners, shutdown)
         .await;
@@ -53,26 +52,11 @@ pub async fn run_agent(args: Vec<String>) -> anyhow::Result<()> {
     args.log.init()?;
     let admin = TcpListener::bind(args.admin_address).await?;
     println!("{}", admin.local_addr()?);
-    let shutdown = shutdown_on_stdin_eof()?;
+    let shutdown = harness::shutdown_on_stdin_eof()?;
     cplink_agent::Agent::new(args.into_config()?)
         .run(Some(admin), shutdown)
         .await;
     Ok(())
-}
-
-/// A token cancelled on SIGTERM or SIGINT, or when standard input closes: the parent stops its
-/// children gracefully by closing their standard input.
-fn shutdown_on_stdin_eof() -> anyhow::Result<CancellationToken> {
-    let shutdown = CancellationToken::new();
-    cplink_runtime::shutdown::cancel_on_signal(shutdown.clone())?;
-    let token = shutdown.clone();
-    tokio::spawn(async move {
-        let mut stdin = tokio::io::stdin();
-        let mut buf = [0u8; 64];
-        while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
-        token.cancel();
-    });
-    Ok(shutdown)
 }
 
 /// A child process running one role; killed when dropped.
@@ -126,14 +110,7 @@ impl Process {
 
     /// Stops the process gracefully (by closing its standard input), or kills it after 10 s.
     pub async fn stop(mut self) {
-        drop(self.child.stdin.take());
-        if tokio::time::timeout(Duration::from_secs(10), self.child.wait())
-            .await
-            .is_err()
-        {
-            let _ = self.child.start_kill();
-            let _ = self.child.wait().await;
-        }
+        harness::stop_by_closing_stdin(&mut self.child, Duration::from_secs(10)).await;
     }
 }
 
