@@ -23,7 +23,8 @@ use nix::unistd::Pid;
 #[derive(Parser, Debug)]
 #[command(name = "cplink-demo", version)]
 struct Args {
-    /// Where the demo keeps its pid, kubeconfig and log.
+    /// Where the demo keeps its pid, kubeconfig and log (default: `demo` in `$CPLINK_CACHE`,
+    /// `~/.cache/cplink`).
     #[arg(long, env = "CPLINK_DEMO_DIR", global = true)]
     state_dir: Option<PathBuf>,
     #[command(subcommand)]
@@ -52,8 +53,9 @@ fn state_dir(args: &Args) -> anyhow::Result<PathBuf> {
     if let Some(dir) = &args.state_dir {
         return Ok(dir.clone());
     }
-    let home = std::env::var_os("HOME").context("HOME is not set; pass --state-dir")?;
-    Ok(PathBuf::from(home).join(".cache/cplink/demo"))
+    Ok(cplink_e2e::workspace::cache()
+        .context("no cache directory; pass --state-dir")?
+        .join("demo"))
 }
 
 fn running_pid(dir: &Path) -> Option<i32> {
