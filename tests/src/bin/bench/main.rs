@@ -36,7 +36,7 @@ use clap::{Parser, Subcommand};
 use cplink_e2e::client::TlsClient;
 
 use crate::openssh::OpenSsh;
-use crate::procs::{Certificates, Cpu, Ends, Pair};
+use crate::procs::{Certificates, Cpu, Ends, ExtraFlags, Pair};
 use crate::report::{Report, Stats};
 use crate::workloads::{Direction, Route};
 
@@ -55,6 +55,21 @@ struct Cli {
     /// Run only these workloads (comma-separated), for profiling one of them.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Workload>,
+
+    /// Measure only these paths besides direct TCP (comma-separated), for profiling one of
+    /// them.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    through: Vec<Through>,
+
+    /// A flag for every cplink-server the benchmark starts, after its own (repeatable), e.g.
+    /// `--server-flag=--worker-threads=1`.
+    #[arg(long = "server-flag", value_name = "FLAG", allow_hyphen_values = true)]
+    server_flags: Vec<String>,
+
+    /// A flag for every cplink-agent the benchmark starts, after its own (repeatable), e.g.
+    /// `--agent-flag=--worker-threads=1`.
+    #[arg(long = "agent-flag", value_name = "FLAG", allow_hyphen_values = true)]
+    agent_flags: Vec<String>,
 
     #[command(subcommand)]
     role: Option<Role>,
@@ -77,6 +92,19 @@ enum Role {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+/// The paths measured beside direct TCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Through {
+    /// cplink through its Unix socket (HTTP CONNECT) frontend.
+    Uds,
+    /// cplink through its TLS (HTTP CONNECT) frontend.
+    Tls,
+    /// cplink through its Konnectivity gRPC frontend.
+    Grpc,
+    /// OpenSSH's reverse dynamic forward.
+    Openssh,
 }
 
 /// The workloads, in the order they run.
@@ -141,14 +169,25 @@ impl Sizes {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.role {
-        Some(Role::Server { args }) => procs::run_server(args).await,
-        Some(Role::Agent { args }) => procs::run_agent(args).await,
+        // Each child sizes its runtime from its own flags, as the real binaries do.
+        Some(Role::Server { args }) => procs::run_server(args),
+        Some(Role::Agent { args }) => procs::run_agent(args),
         None => {
-            let report = run(&Sizes::new(cli.quick), &cli.only).await?;
+            let extra = ExtraFlags {
+                server: cli.server_flags,
+                agent: cli.agent_flags,
+            };
+            let runtime = tokio::runtime::Runtime::new()?;
+            let plan = Plan {
+                sizes: Sizes::new(cli.quick),
+                workloads: cli.only,
+                through: cli.through,
+                extra,
+            };
+            let report = runtime.block_on(run(&plan))?;
             print!("{}", report.render(cli.markdown));
             Ok(())
         }
@@ -159,8 +198,35 @@ fn progress(what: &str) {
     eprintln!("cplink-bench: {what}");
 }
 
-async fn run(sizes: &Sizes, only: &[Workload]) -> anyhow::Result<Report> {
-    let wanted = |w: Workload| only.is_empty() || only.contains(&w);
+/// What one run of the benchmark measures.
+struct Plan {
+    sizes: Sizes,
+    /// Empty for all.
+    workloads: Vec<Workload>,
+    /// Empty for all.
+    through: Vec<Through>,
+    extra: ExtraFlags,
+}
+
+impl Plan {
+    fn wanted(&self, workload: Workload) -> bool {
+        self.workloads.is_empty() || self.workloads.contains(&workload)
+    }
+
+    fn through(&self, path: Through) -> bool {
+        self.through.is_empty() || self.through.contains(&path)
+    }
+
+    fn frontends(&self) -> impl Iterator<Item = Frontend> + '_ {
+        Frontend::ALL
+            .into_iter()
+            .filter(|frontend| self.through(frontend.path()))
+    }
+}
+
+async fn run(plan: &Plan) -> anyhow::Result<Report> {
+    let (sizes, extra) = (&plan.sizes, &plan.extra);
+    let wanted = |w: Workload| plan.wanted(w);
     if cfg!(debug_assertions) {
         progress("debug build: figures are not representative, use `make bench`");
     }
@@ -174,12 +240,13 @@ async fn run(sizes: &Sizes, only: &[Workload]) -> anyhow::Result<Report> {
 
     // Memory first, each frontend on a fresh server and agent, so that none inherits another's
     // heap.
-    for frontend in Frontend::ALL {
+    for frontend in plan.frontends() {
         if !wanted(Workload::Memory) {
             break;
         }
-        let pair = Pair::start(&certs).await?;
+        let pair = Pair::start(&certs, extra).await?;
         if frontend == Frontend::Uds {
+            // A linked pair before any connection: what an agent costs on every node.
             report.idle_rss(pair.server.rss_kib()?, pair.agent.rss_kib()?);
         }
         let route = tunnel.route(&pair, frontend).await?;
@@ -196,6 +263,7 @@ async fn run(sizes: &Sizes, only: &[Workload]) -> anyhow::Result<Report> {
         pair.stop().await;
     }
     if wanted(Workload::Memory)
+        && plan.through(Through::Openssh)
         && let Some(ssh) = openssh().await?
     {
         let route = Route::Socks {
@@ -206,11 +274,14 @@ async fn run(sizes: &Sizes, only: &[Workload]) -> anyhow::Result<Report> {
         ssh.stop().await;
     }
 
-    let pair = Pair::start(&certs).await?;
-    let ssh = openssh().await?;
+    let pair = Pair::start(&certs, extra).await?;
+    let ssh = match plan.through(Through::Openssh) {
+        true => openssh().await?,
+        false => None,
+    };
     let mut routes: Vec<(usize, Route, Option<&dyn Ends>)> =
         vec![(report::DIRECT, Route::Direct(destination), None)];
-    for frontend in Frontend::ALL {
+    for frontend in plan.frontends() {
         let route = tunnel.route(&pair, frontend).await?;
         routes.push((frontend.column(), route, Some(&pair)));
     }
@@ -358,6 +429,14 @@ impl Frontend {
             Frontend::Uds => "Unix socket frontend",
             Frontend::Tls => "TLS frontend",
             Frontend::Grpc => "gRPC frontend",
+        }
+    }
+
+    fn path(self) -> Through {
+        match self {
+            Frontend::Uds => Through::Uds,
+            Frontend::Tls => Through::Tls,
+            Frontend::Grpc => Through::Grpc,
         }
     }
 

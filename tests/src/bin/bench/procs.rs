@@ -19,11 +19,16 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, ChildStdout, Command};
 
-/// Runs the server role: the body of `cplink-server`'s `main`, plus the address report.
-pub async fn run_server(args: Vec<String>) -> anyhow::Result<()> {
+/// Runs the server role: the body of `cplink-server`'s `main`, on the runtime its
+/// `--worker-threads` asks for, plus the address report.
+pub fn run_server(args: Vec<String>) -> anyhow::Result<()> {
     let args = cplink_server::Args::try_parse_from(
         std::iter::once("cplink-server".to_owned()).chain(args),
     )?;
+    cplink_runtime::executor::build(args.worker_threads)?.block_on(serve(args))
+}
+
+async fn serve(args: cplink_server::Args) -> anyhow::Result<()> {
     args.log.init()?;
     let config = args.clone().into_config()?;
     let listeners = cplink_server::Listeners::bind(&args).await?;
@@ -45,10 +50,15 @@ pub async fn run_server(args: Vec<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the agent role: the body of `cplink-agent`'s `main`, plus the address report.
-pub async fn run_agent(args: Vec<String>) -> anyhow::Result<()> {
+/// Runs the agent role: the body of `cplink-agent`'s `main`, on the runtime its
+/// `--worker-threads` asks for, plus the address report.
+pub fn run_agent(args: Vec<String>) -> anyhow::Result<()> {
     let args =
         cplink_agent::Args::try_parse_from(std::iter::once("cplink-agent".to_owned()).chain(args))?;
+    cplink_runtime::executor::build(Some(args.worker_threads))?.block_on(link(args))
+}
+
+async fn link(args: cplink_agent::Args) -> anyhow::Result<()> {
     args.log.init()?;
     let admin = TcpListener::bind(args.admin_address).await?;
     println!("{}", admin.local_addr()?);
@@ -57,6 +67,16 @@ pub async fn run_agent(args: Vec<String>) -> anyhow::Result<()> {
         .run(Some(admin), shutdown)
         .await;
     Ok(())
+}
+
+/// Flags added to the benchmark's own for every server and agent it starts, to measure a
+/// setting (e.g. `--worker-threads`) against the defaults.
+#[derive(Debug, Default)]
+pub struct ExtraFlags {
+    /// For every `cplink-server`.
+    pub server: Vec<String>,
+    /// For every `cplink-agent`.
+    pub agent: Vec<String>,
 }
 
 /// A child process running one role; killed when dropped.
@@ -175,7 +195,7 @@ pub struct Pair {
 
 impl Pair {
     /// Starts a server and an agent, and waits until both report ready.
-    pub async fn start(certs: &Certificates) -> anyhow::Result<Self> {
+    pub async fn start(certs: &Certificates, extra: &ExtraFlags) -> anyhow::Result<Self> {
         // Sockets of its own, so that no pair meets one left behind by an earlier pair.
         static STARTED: AtomicUsize = AtomicUsize::new(0);
         let n = STARTED.fetch_add(1, Ordering::Relaxed);
@@ -206,6 +226,7 @@ impl Pair {
             "warn",
         ]
         .map(str::to_owned);
+        let server_args = [&server_args[..], &extra.server].concat();
         let (server, addrs) = Process::spawn("server", &server_args).await?;
         let [agent_addr, tls_addr, server_admin] = addrs.as_slice() else {
             anyhow::bail!("the server reported {addrs:?}");
@@ -233,6 +254,7 @@ impl Pair {
             "warn",
         ]
         .map(str::to_owned);
+        let agent_args = [&agent_args[..], &extra.agent].concat();
         let (agent, addrs) = Process::spawn("agent", &agent_args).await?;
         let [agent_admin] = addrs.as_slice() else {
             anyhow::bail!("the agent reported {addrs:?}");
