@@ -33,6 +33,8 @@ pub const IMAGE: &str = "cplink:e2e";
 pub const RELEASE: &str = "cplink";
 /// The operator's Deployment, as the chart names it for [`RELEASE`].
 pub const OPERATOR: &str = "cplink";
+/// The operator's replicas with the chart's defaults: a leader and a standby.
+pub const OPERATOR_REPLICAS: usize = 2;
 /// How long any single step may take.
 pub const STEP: Duration = Duration::from_secs(90);
 

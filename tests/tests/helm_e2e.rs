@@ -105,7 +105,7 @@ async fn install_upgrade_uninstall(steps: Steps) -> anyhow::Result<()> {
         "customresourcedefinition.apiextensions.k8s.io/controlplanelinks.cplink.dev"
     );
     let first = operator_pods(&stack)?;
-    assert_eq!(first.len(), 2, "{first:?}");
+    assert_eq!(first.len(), stack::OPERATOR_REPLICAS, "{first:?}");
     // One of the two replicas leads, with nothing but the chart's Role for its Lease.
     let leader = wait_leader(&stack, &first).await?;
 
@@ -168,7 +168,7 @@ async fn install_upgrade_uninstall(steps: Steps) -> anyhow::Result<()> {
     let mut pods = Vec::new();
     wait::until("new operator pods to replace the old ones", STEP, || {
         pods = operator_pods(&stack).unwrap_or_default();
-        pods.len() == 2 && pods.iter().all(|pod| !first.contains(pod))
+        pods.len() == stack::OPERATOR_REPLICAS && pods.iter().all(|pod| !first.contains(pod))
     })
     .await
     .map_err(|e| e.context(format!("operator pods {pods:?}, before {first:?}")))?;
