@@ -9,7 +9,8 @@
 //! - [`resources`]: pure builders of every child object
 //! - [`status`]: conditions and the Events changes of state deserve (pure)
 //! - [`linked`]: how many agents each server pod has linked, read from its admin endpoint
-//! - [`metrics`]: Prometheus metrics of reconciles
+//! - [`metrics`]: Prometheus metrics of reconciles and of leadership
+//! - [`election`]: leader election among the operator's replicas, on a Lease
 //! - [`reconciler`]: `Context`, `reconcile` (finalizer → apply/cleanup), `error_policy`, `run`
 //! - [`app`]: command-line configuration and the operator's `run`, with its admin endpoint
 //!
@@ -19,6 +20,7 @@
 pub mod app;
 pub mod certs;
 pub mod crd;
+pub mod election;
 pub mod linked;
 pub mod metrics;
 pub mod reconciler;

@@ -7,6 +7,7 @@ use std::time::Instant;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -26,6 +27,11 @@ pub struct Metrics {
     pub failures: Family<ErrorLabels, Counter>,
     /// Reconcile duration in seconds.
     pub duration: Histogram,
+    /// 1 while this replica leads (holds the leader Lease, or runs without leader election).
+    pub leader: Gauge,
+    /// `leaseTransitions` of the leader Lease as this replica last read it: how many times
+    /// leadership changed hands.
+    pub leader_transitions: Gauge,
     registry: Arc<Registry>,
 }
 
@@ -51,10 +57,24 @@ impl Default for Metrics {
             "Duration of ControlPlaneLink reconciles",
             duration.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica is the leader and runs the controller, else 0",
+            leader.clone(),
+        );
+        let leader_transitions = Gauge::default();
+        registry.register(
+            "leader_transitions",
+            "Times leadership changed hands, from the leader Lease's leaseTransitions",
+            leader_transitions.clone(),
+        );
         Self {
             reconciles,
             failures,
             duration,
+            leader,
+            leader_transitions,
             registry: Arc::new(registry),
         }
     }
@@ -122,6 +142,19 @@ mod tests {
         );
         assert!(
             text.contains("cplink_operator_reconcile_duration_seconds_count 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn leadership_is_exported() {
+        let metrics = Metrics::default();
+        metrics.leader.set(1);
+        metrics.leader_transitions.set(3);
+        let text = metrics.encode().expect("encodes");
+        assert!(text.contains("cplink_operator_leader 1\n"), "{text}");
+        assert!(
+            text.contains("cplink_operator_leader_transitions 3\n"),
             "{text}"
         );
     }

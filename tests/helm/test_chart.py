@@ -103,7 +103,15 @@ def test_every_value_is_documented():
 def test_default_render(chart):
     objects = render(chart)
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
+    assert kinds == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "PodDisruptionBudget",
+        "Role",
+        "RoleBinding",
+        "ServiceAccount",
+    ]
     for obj in objects:
         labels = obj["metadata"]["labels"]
         assert labels["helm.sh/chart"] == f"cplink-{chart.version}"
@@ -113,7 +121,6 @@ def test_default_render(chart):
 
     deployment = one(objects, "Deployment")
     assert deployment["metadata"]["namespace"] == NAMESPACE
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
     pod = deployment["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "cplink"
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -151,6 +158,122 @@ def test_default_render(chart):
     ]
 
 
+def args_of(deployment: dict) -> list[str]:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container["args"]
+
+
+def test_two_replicas_elect_a_leader_roll_and_keep_one_up_by_default(chart):
+    objects = render(chart)
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    # A new pod stands by until the old leader releases the Lease; none goes before its
+    # replacement is ready.
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    args = args_of(deployment)
+    for flag in (
+        "--leader-elect",
+        "--leader-elect-resource-name=cplink",
+        f"--leader-elect-resource-namespace={NAMESPACE}",
+        "--leader-elect-lease-duration=15s",
+        "--leader-elect-renew-deadline=10s",
+        "--leader-elect-retry-period=2s",
+    ):
+        assert flag in args, (flag, args)
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    identity = next(e for e in container["env"] if e["name"] == "CPLINK_LEADER_ELECT_IDENTITY")
+    assert identity["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    spread = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    (preferred,) = spread["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert preferred["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert preferred["podAffinityTerm"]["labelSelector"]["matchLabels"] == selector
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in spread
+
+    budget = one(objects, "PodDisruptionBudget")
+    assert budget["apiVersion"] == "policy/v1"
+    assert budget["metadata"]["namespace"] == NAMESPACE
+    assert budget["spec"] == {"minAvailable": 1, "selector": {"matchLabels": selector}}
+
+    role = one(objects, "Role")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["cplink"],
+            "verbs": ["get", "update"],
+        },
+    ]
+    binding = one(objects, "RoleBinding")
+    assert binding["metadata"]["namespace"] == NAMESPACE
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "cplink", "namespace": NAMESPACE}
+    ]
+
+
+def test_one_replica_without_leader_election_is_recreated(chart):
+    objects = render(chart, {"replicas": 1, "leaderElection": {"enabled": False}})
+    assert sorted(o["kind"] for o in objects) == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "ServiceAccount",
+    ]
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert not [a for a in args_of(deployment) if a.startswith("--leader-elect")]
+    assert "affinity" not in deployment["spec"]["template"]["spec"]
+
+
+def test_one_replica_with_leader_election_rolls_without_a_budget(chart):
+    objects = render(chart, {"replicas": 1})
+    assert "PodDisruptionBudget" not in [o["kind"] for o in objects]
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert "--leader-elect" in args_of(deployment)
+    assert "affinity" not in deployment["spec"]["template"]["spec"]
+    one(objects, "Role")
+
+
+def test_several_replicas_need_leader_election(chart):
+    with pytest.raises(HelmRenderError, match="replicas > 1 needs leaderElection.enabled"):
+        render(chart, {"leaderElection": {"enabled": False}})
+
+
+@pytest.mark.parametrize(
+    ("budget", "spec"),
+    [
+        ({"minAvailable": "50%"}, {"minAvailable": "50%"}),
+        ({"maxUnavailable": 1}, {"maxUnavailable": 1}),
+        ({"minAvailable": 2}, {"minAvailable": 2}),
+    ],
+)
+def test_the_budget_takes_min_available_or_max_unavailable(chart, budget, spec):
+    objects = render(chart, {"replicas": 3, "podDisruptionBudget": budget})
+    rendered = one(objects, "PodDisruptionBudget")["spec"]
+    rendered.pop("selector")
+    assert rendered == spec
+
+
+def test_the_budget_refuses_both_bounds_and_can_be_left_out(chart):
+    with pytest.raises(HelmRenderError, match="set minAvailable or maxUnavailable, not both"):
+        render(chart, {"podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": 1}})
+    objects = render(chart, {"podDisruptionBudget": {"enabled": False}})
+    assert "PodDisruptionBudget" not in [o["kind"] for o in objects]
+
+
 def test_every_option_renders(chart):
     values = yaml.safe_load((Path(__file__).parent / "full-values.yaml").read_text())
     objects = render(chart, values)
@@ -183,6 +306,20 @@ def test_every_option_renders(chart):
     assert container["securityContext"]["privileged"] is False
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert container["resources"] == values["resources"]
+    assert deployment["spec"]["replicas"] == 3
+    for flag in (
+        "--leader-elect-resource-name=edge-leader",
+        "--leader-elect-lease-duration=20s",
+        "--leader-elect-renew-deadline=12s",
+        "--leader-elect-retry-period=3s",
+    ):
+        assert flag in container["args"], (flag, container["args"])
+    budget = one(objects, "PodDisruptionBudget")
+    assert budget["metadata"]["name"] == "edge-tunnel"
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert "minAvailable" not in budget["spec"]
+    assert one(objects, "Role")["rules"][1]["resourceNames"] == ["edge-leader"]
+    assert one(objects, "RoleBinding")["subjects"][0]["name"] == "tunnel-operator"
 
     account = one(objects, "ServiceAccount")
     assert account["metadata"]["name"] == "tunnel-operator"
@@ -205,7 +342,7 @@ def test_existing_service_account_and_no_rbac(chart):
     objects = render(
         chart, {"serviceAccount": {"create": False, "name": "mine"}, "rbac": {"create": False}}
     )
-    assert sorted(o["kind"] for o in objects) == ["Deployment"]
+    assert sorted(o["kind"] for o in objects) == ["Deployment", "PodDisruptionBudget"]
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "mine"
 
@@ -227,7 +364,17 @@ def test_release_name_containing_the_chart_name_is_not_repeated(chart):
     [
         ({"adminPort": "8080"}, "/adminPort"),
         ({"adminPort": 70000}, "/adminPort"),
-        ({"replicas": 2}, "'replicas'"),
+        ({"replica": 2}, "'replica'"),
+        ({"replicas": -1}, "/replicas"),
+        ({"replicas": "2"}, "/replicas"),
+        ({"leaderElection": {"enabled": "yes"}}, "/leaderElection/enabled"),
+        ({"leaderElection": {"leaseDuration": "15"}}, "/leaderElection/leaseDuration"),
+        ({"leaderElection": {"leaseDuration": "1500ms"}}, "/leaderElection/leaseDuration"),
+        ({"leaderElection": {"retryPeriod": 2}}, "/leaderElection/retryPeriod"),
+        ({"leaderElection": {"leaseName": "Not_A_Name"}}, "/leaderElection/leaseName"),
+        ({"leaderElection": {"lease": "x"}}, "'lease'"),
+        ({"podDisruptionBudget": {"minAvailable": "half"}}, "/podDisruptionBudget/minAvailable"),
+        ({"podDisruptionBudget": {"maxUnavailable": -1}}, "/podDisruptionBudget/maxUnavailable"),
         ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
         ({"image": {"tag": 1}}, "/image/tag"),
         ({"logging": {"format": "xml"}}, "/logging/format"),

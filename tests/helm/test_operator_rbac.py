@@ -18,17 +18,22 @@ CHART = Path(__file__).resolve().parents[2] / "charts" / "cplink"
 
 
 @pytest.fixture(scope="module")
-def held() -> dict[tuple[str, str], set[str]]:
-    """(apiGroup, resource) -> verbs of the operator's ClusterRole, as rendered by default."""
+def objects() -> list[dict]:
+    """Every object of the chart, as rendered by default."""
     chart = helm_chart.Chart.load(CHART)
     manifests = chart.render({}, name="cplink", namespace="cplink-system", is_install=True)
-    objects = [
+    return [
         doc
         for path, text in manifests.items()
         if not path.endswith("NOTES.txt")
         for doc in yaml.safe_load_all(text)
         if doc
     ]
+
+
+@pytest.fixture(scope="module")
+def held(objects) -> dict[tuple[str, str], set[str]]:
+    """(apiGroup, resource) -> verbs of the operator's ClusterRole, as rendered by default."""
     (role,) = [o for o in objects if o["kind"] == "ClusterRole"]
     verbs: dict[tuple[str, str], set[str]] = {}
     for rule in role["rules"]:
@@ -79,3 +84,29 @@ def test_the_operator_may_remove_in_cluster_agents_when_a_link_switches_to_certi
 def test_nothing_lets_the_operator_sidestep_escalation_checks(held):
     for (group, resource), verbs in held.items():
         assert not {"bind", "escalate", "impersonate", "*"} & verbs, (group, resource, verbs)
+
+
+def test_the_operator_may_take_and_renew_its_own_lease_and_nothing_more(objects):
+    """Leader election (operator/src/election/store.rs) reads the Lease (get), creates it when
+    missing (create) and writes it with the resourceVersion read (update): on the Lease the
+    operator's arguments name, in the release's namespace."""
+    (deployment,) = [o for o in objects if o["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    flags = dict(a.split("=", 1) for a in container["args"] if "=" in a)
+    lease = flags["--leader-elect-resource-name"]
+    assert flags["--leader-elect-resource-namespace"] == "cplink-system"
+    (role,) = [o for o in objects if o["kind"] == "Role"]
+    assert role["metadata"]["namespace"] == "cplink-system"
+    granted: dict[str | None, set[str]] = {}
+    for rule in role["rules"]:
+        assert rule["apiGroups"] == ["coordination.k8s.io"], rule
+        assert rule["resources"] == ["leases"], rule
+        for name in rule.get("resourceNames", [None]):
+            granted.setdefault(name, set()).update(rule["verbs"])
+    # create cannot be limited by name: the name is in the request body.
+    assert granted == {None: {"create"}, lease: {"get", "update"}}
+    (binding,) = [o for o in objects if o["kind"] == "RoleBinding"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == deployment["spec"]["template"]["spec"][
+        "serviceAccountName"
+    ]

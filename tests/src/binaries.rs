@@ -3,7 +3,8 @@
 //! puts them.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
 
 use anyhow::Context as _;
 
@@ -37,19 +38,32 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// `cplink-operator` as a local process with the control plane's admin kubeconfig; killed
-/// when dropped. Its log is `operator.log` in the control plane's directory.
+/// when dropped. Its log is `operator.log` in the control plane's directory, or the file
+/// [`Operator::start_with`] names.
 pub struct Operator(Child);
 
 impl Operator {
     /// Starts the operator with `--default-image image`.
     pub fn start(plane: &ControlPlane, image: &str) -> anyhow::Result<Self> {
+        Self::start_with(plane, image, "operator.log", &[])
+    }
+
+    /// Starts the operator with `--default-image image` and `args`, logging to `log` in the
+    /// control plane's directory.
+    pub fn start_with(
+        plane: &ControlPlane,
+        image: &str,
+        log: &str,
+        args: &[&str],
+    ) -> anyhow::Result<Self> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(plane.dir().join("operator.log"))?;
+            .open(plane.dir().join(log))?;
         let child = Command::new(binary("cplink-operator")?)
             .env("KUBECONFIG", &plane.kubeconfig)
             .args(["--default-image", image, "--admin-address", "127.0.0.1:0"])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -57,10 +71,27 @@ impl Operator {
             .context("cannot start cplink-operator")?;
         Ok(Operator(child))
     }
+
+    /// Sends SIGTERM, as kubelet does to a pod being stopped, without waiting for the exit.
+    pub fn terminate(&self) -> anyhow::Result<()> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        Ok(())
+    }
+
+    /// Kills the process with SIGKILL, as a crash or the OOM killer would, and reaps it.
+    pub fn kill(&mut self) -> Option<ExitStatus> {
+        crate::harness::stop_child(&mut self.0, Duration::ZERO)
+    }
+
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.0.try_wait().ok().flatten()
+    }
 }
 
 impl Drop for Operator {
     fn drop(&mut self) {
-        crate::harness::stop_child(&mut self.0, std::time::Duration::ZERO);
+        crate::harness::stop_child(&mut self.0, Duration::ZERO);
     }
 }

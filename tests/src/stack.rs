@@ -33,6 +33,8 @@ pub const IMAGE: &str = "cplink:e2e";
 pub const RELEASE: &str = "cplink";
 /// The operator's Deployment, as the chart names it for [`RELEASE`].
 pub const OPERATOR: &str = "cplink";
+/// The operator's replicas with the chart's defaults: a leader and a standby.
+pub const OPERATOR_REPLICAS: usize = 2;
 /// How long any single step may take.
 pub const STEP: Duration = Duration::from_secs(90);
 
@@ -202,8 +204,8 @@ impl Stack {
         Ok(())
     }
 
-    /// Waits until the operator's Deployment has seen its current spec and has one ready pod
-    /// of it, and no other.
+    /// Waits until the operator's Deployment has seen its current spec and has all its
+    /// replicas ready on it (the leader and the standbys), and no other pod.
     pub async fn wait_operator_ready(&self) -> anyhow::Result<()> {
         self.plane
             .wait_kubectl(
@@ -217,12 +219,16 @@ impl Stack {
                     NAMESPACE,
                     "-o",
                     "jsonpath={.metadata.generation}/{.status.observedGeneration} \
+                     {.spec.replicas} \
                      {.status.updatedReplicas}/{.status.readyReplicas}/{.status.replicas}",
                 ],
                 |out| {
-                    let (generations, replicas) = out.split_once(' ').unwrap_or_default();
+                    let fields: Vec<&str> = out.split(' ').collect();
+                    let [generations, wanted, replicas] = fields[..] else {
+                        return false;
+                    };
                     let (generation, observed) = generations.split_once('/').unwrap_or_default();
-                    generation == observed && replicas == "1/1/1"
+                    generation == observed && replicas == format!("{wanted}/{wanted}/{wanted}")
                 },
             )
             .await
@@ -399,11 +405,14 @@ spec:
             "jsonpath={range .items[*]}{.metadata.name}: {.status}{\"\\n\"}{end}",
         ]);
         let events = kubectl(&["get", "events", "-A", "--sort-by=.lastTimestamp"]);
+        // Every replica's: the leader's and the standbys'.
         let operator = kubectl(&[
             "logs",
             "-n",
             NAMESPACE,
-            &format!("deployment/{OPERATOR}"),
+            "-l",
+            "app.kubernetes.io/component=operator",
+            "--prefix",
             "--tail=20",
         ]);
         format!(

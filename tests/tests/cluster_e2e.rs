@@ -498,9 +498,9 @@ async fn http_connect(steps: Steps) -> anyhow::Result<()> {
         !cluster.contains(&format!("cplink:{NAMESPACE}:{LINK}")),
         "{cluster}"
     );
-    // What remains: the hello fixture and the operator.
+    // What remains: the hello fixture and the operator's replicas.
     wait::until("every process of the link to stop", STEP, || {
-        stack.nodes.running() == 2
+        stack.nodes.running() == 1 + stack::OPERATOR_REPLICAS
     })
     .await
     .map_err(|e| e.context(format!("{} containers still run", stack.nodes.running())))?;

@@ -1,6 +1,7 @@
 //! The Helm chart on a real control plane, through the real Helm engine: `install` runs the
 //! operator as a pod with nothing but the chart's RBAC and a link from the values becomes
-//! Ready; `upgrade` with a changed value rolls the operator; `uninstall` (after the link is
+//! Ready, one of its two replicas holding the leader Lease; `upgrade` with a changed value rolls
+//! the operator and the Lease passes to a new pod; `uninstall` (after the link is
 //! removed, as the chart's NOTES say) leaves none of the release's objects behind.
 
 use std::time::Duration;
@@ -52,6 +53,29 @@ fn operator_pods(stack: &Stack) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
+/// Waits until one of `pods` holds the operator's leader Lease (named after the release) and
+/// returns it.
+async fn wait_leader(stack: &Stack, pods: &[String]) -> anyhow::Result<String> {
+    let holder = stack
+        .plane
+        .wait_kubectl(
+            "an operator pod to hold the leader Lease",
+            STEP,
+            &[
+                "get",
+                "lease",
+                RELEASE,
+                "-n",
+                NAMESPACE,
+                "-o",
+                "jsonpath={.spec.holderIdentity}",
+            ],
+            |holder| pods.iter().any(|pod| pod == holder),
+        )
+        .await?;
+    Ok(holder)
+}
+
 /// How long the test may take: it takes 30 to 90 s.
 const DEADLINE: Duration = Duration::from_secs(300);
 
@@ -81,7 +105,9 @@ async fn install_upgrade_uninstall(steps: Steps) -> anyhow::Result<()> {
         "customresourcedefinition.apiextensions.k8s.io/controlplanelinks.cplink.dev"
     );
     let first = operator_pods(&stack)?;
-    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first.len(), stack::OPERATOR_REPLICAS, "{first:?}");
+    // One of the two replicas leads, with nothing but the chart's Role for its Lease.
+    let leader = wait_leader(&stack, &first).await?;
 
     // A link from values: the operator, holding only the chart's permissions, rolls it out.
     steps.enter("upgrading with a link in the values");
@@ -105,14 +131,18 @@ async fn install_upgrade_uninstall(steps: Steps) -> anyhow::Result<()> {
         )
         .await
         .map_err(|e| e.context(stack.diagnostics()))?;
-    let log =
-        stack
-            .plane
-            .kubectl_ok(&["logs", "-n", NAMESPACE, &format!("deployment/{OPERATOR}")])?;
-    assert!(
-        !log.to_lowercase().contains("forbidden"),
-        "the chart's RBAC is enough: {log}"
-    );
+    for pod in &first {
+        let log = stack.plane.kubectl_ok(&["logs", "-n", NAMESPACE, pod])?;
+        assert!(
+            !log.to_lowercase().contains("forbidden"),
+            "the chart's RBAC is enough: {log}"
+        );
+        assert_eq!(
+            log.contains("became the leader"),
+            *pod == leader,
+            "only {leader} leads: {pod}: {log}"
+        );
+    }
 
     // Upgrade with a changed value: the Deployment changes and a new operator pod takes over.
     steps.enter("upgrading with changed logging values");
@@ -136,12 +166,14 @@ async fn install_upgrade_uninstall(steps: Steps) -> anyhow::Result<()> {
     assert!(args.contains("--log-format=json"), "{args}");
     stack.wait_operator_ready().await?;
     let mut pods = Vec::new();
-    wait::until("a new operator pod to replace the old one", STEP, || {
+    wait::until("new operator pods to replace the old ones", STEP, || {
         pods = operator_pods(&stack).unwrap_or_default();
-        pods.len() == 1 && pods != first
+        pods.len() == stack::OPERATOR_REPLICAS && pods.iter().all(|pod| !first.contains(pod))
     })
     .await
     .map_err(|e| e.context(format!("operator pods {pods:?}, before {first:?}")))?;
+    // The old leader released the Lease as it stopped; a new pod holds it.
+    wait_leader(&stack, &pods).await?;
 
     // The NOTES' way out: drop the link (the operator removes its cluster-scoped RBAC), then
     // uninstall.
@@ -177,7 +209,8 @@ async fn install_upgrade_uninstall(steps: Steps) -> anyhow::Result<()> {
             STEP,
             &[
                 "get",
-                "deployments,pods,serviceaccounts,services,clusterroles,clusterrolebindings,controlplanelinks",
+                "deployments,pods,serviceaccounts,services,clusterroles,clusterrolebindings,\
+                 roles,rolebindings,poddisruptionbudgets,controlplanelinks",
                 "-A",
                 "-l",
                 &format!("app.kubernetes.io/instance={RELEASE}"),

@@ -60,3 +60,8 @@ app.kubernetes.io/component: operator
 {{- define "cplink.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+
+{{/* The leader Lease of the operator's replicas. */}}
+{{- define "cplink.leaseName" -}}
+{{- default (include "cplink.fullname" .) .Values.leaderElection.leaseName }}
+{{- end }}
