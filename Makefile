@@ -59,9 +59,11 @@ demo-down:
 	$(CARGO) build --quiet -p cplink-e2e --bin cplink-demo
 	$(TARGET_DIR)/debug/cplink-demo down
 
-## bench: tunnel versus direct TCP, printed as a table of ratios (release build)
+## bench: tunnel versus direct TCP, printed as a table of ratios (release build of the real
+# cplink-server and cplink-agent, run as processes)
 bench:
-	$(CARGO) run --release --quiet -p cplink-e2e --bin cplink-bench -- --markdown
+	$(CARGO) build --release --quiet -p cplink-server -p cplink-agent -p cplink-e2e --bin cplink-server --bin cplink-agent --bin cplink-bench
+	$(TARGET_DIR)/release/cplink-bench --markdown
 
 ## bench-scale: one server, 5 000 agents and 100 000 idle tunneled connections (release build)
 bench-scale:

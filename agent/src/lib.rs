@@ -250,6 +250,12 @@ impl Agent {
                  that ping this often (too_many_pings); cplink-server does not"
             );
         }
+        // The bound address, so that whoever started the agent with port 0 learns it.
+        let admin_address = admin_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let admin_stop = CancellationToken::new();
         let admin_task = admin_listener.map(|listener| {
             let probe = shared.clone();
@@ -265,12 +271,14 @@ impl Agent {
                 agent_id = %config.agent_id,
                 service = %discovery.qualified_name(),
                 protocol = %config.protocol,
+                admin = %admin_address,
                 "cplink-agent started: finding the servers in the Service's EndpointSlices"
             ),
             None => tracing::info!(
                 agent_id = %config.agent_id,
                 servers = config.servers.len(),
                 protocol = %config.protocol,
+                admin = %admin_address,
                 "cplink-agent started"
             ),
         }

@@ -5,6 +5,7 @@
 //! none of it, like the operator, can use this crate without compiling HTTP/2 or gRPC.
 //!
 //! Map of the crate, in layers: each module uses only modules listed above it.
+//! - [`malloc`]: glibc allocator settings for the pods the operator makes.
 //! - [`config`]: configuration errors naming the flag at fault.
 //! - [`backoff`]: pauses between retries, doubling up to a cap, optionally jittered.
 //! - [`telemetry`]: log setup (text or JSON), the same for every binary.
@@ -26,6 +27,7 @@ pub mod backoff;
 pub mod config;
 pub mod executor;
 pub mod kubeapi;
+pub mod malloc;
 pub mod metrics;
 pub mod net;
 pub mod readahead;

@@ -316,9 +316,26 @@ impl Server {
         // Listeners close after the shutdown delay, not at the signal.
         let stop_accepting = CancellationToken::new();
 
+        // Every bound address, so that whoever started the server with port 0 learns it.
+        let tcp = |listener: Option<&TcpListener>| {
+            listener
+                .and_then(|l| l.local_addr().ok())
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        };
+        let uds = |listener: &Option<(UnixListener, PathBuf)>| {
+            listener
+                .as_ref()
+                .map(|(_, path)| path.display().to_string())
+                .unwrap_or_default()
+        };
         tracing::info!(
             server_id = %shared.config.server_id,
-            agents = %listeners.agent.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            agents = %tcp(Some(&listeners.agent)),
+            frontend = %tcp(listeners.frontend_tls.as_ref()),
+            frontend_uds = %uds(&listeners.frontend_uds),
+            grpc_uds = %uds(&listeners.grpc_uds),
+            admin = %tcp(listeners.admin.as_ref()),
             "cplink-server started"
         );
         if shared.config.identity.mode() == identity::IdentityMode::Declared {

@@ -12,29 +12,31 @@ use crate::cluster::ControlPlane;
 
 /// The directory holding `cplink-server`, `cplink-agent` and `cplink-operator` of this build.
 pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    dir_holding(&["cplink-server", "cplink-agent", "cplink-operator"])
+}
+
+/// The path of one workspace binary of this build.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    Ok(dir_holding(&[name])?.join(name))
+}
+
+/// The nearest directory, from this executable's up (test executables live one level below
+/// the binaries, in `deps/`), that holds every one of `names`.
+fn dir_holding(names: &[&str]) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let mut dir: Option<&Path> = exe.parent();
     while let Some(d) = dir {
-        if ["cplink-server", "cplink-agent", "cplink-operator"]
-            .iter()
-            .all(|b| d.join(b).is_file())
-        {
+        if names.iter().all(|b| d.join(b).is_file()) {
             return Ok(d.to_owned());
         }
         dir = d.parent();
     }
     anyhow::bail!(
-        "cplink binaries not found next to {}: build them with `cargo build --workspace --bins` \
-         (`make test` does)",
+        "{} not found next to {}: build with `cargo build --workspace --bins` (`make test` \
+         does)",
+        names.join(", "),
         exe.display()
     )
-}
-
-/// The path of one workspace binary.
-pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
-    let path = bin_dir()?.join(name);
-    anyhow::ensure!(path.is_file(), "{} not built", path.display());
-    Ok(path)
 }
 
 /// `cplink-operator` as a local process with the control plane's admin kubeconfig; killed

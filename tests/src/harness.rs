@@ -282,6 +282,37 @@ pub fn stop_child(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
     status
 }
 
+/// [`stop_child`] for a tokio child: SIGTERM and up to `grace` to exit, then SIGKILL and up
+/// to 5 s to be reaped. Returns its exit status, or `None` if it could not be reaped in time.
+pub async fn stop_child_async(
+    child: &mut tokio::process::Child,
+    grace: Duration,
+) -> Option<ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    if let Some(pid) = child.id().and_then(|pid| i32::try_from(pid).ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        if let Ok(Ok(status)) = tokio::time::timeout(grace, child.wait()).await {
+            return Some(status);
+        }
+    }
+    let _ = child.start_kill();
+    match tokio::time::timeout(REAP, child.wait()).await {
+        Ok(Ok(status)) => Some(status),
+        _ => {
+            tracing::warn!(
+                pid = child.id(),
+                "a killed process was not reaped in time; left"
+            );
+            None
+        }
+    }
+}
+
 /// Polls `child` until it exits, for at most `within`.
 fn wait_child(child: &mut Child, within: Duration) -> Option<ExitStatus> {
     let give_up = Instant::now() + within;

@@ -14,12 +14,13 @@
 //! and pod ranges of the Node the pod runs on. Kubelet renews the token at 80% of its
 //! lifetime. The operator runs this DaemonSet only with `agent.authentication: token`.
 
+use cplink_runtime::malloc;
 use k8s_openapi::api::apps::v1::{
     DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet,
 };
 use k8s_openapi::api::core::v1::{
-    Container, PodSpec, PodTemplateSpec, ProjectedVolumeSource, ServiceAccountTokenProjection,
-    Volume, VolumeMount, VolumeProjection,
+    Container, EnvVar, PodSpec, PodTemplateSpec, ProjectedVolumeSource,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -129,6 +130,11 @@ pub fn agent_daemonset(plan: &Plan, tls_checksum: &str) -> DaemonSet {
             field_env("CPLINK_NODE_NAME", "spec.nodeName"),
             field_env("CPLINK_HOST_IP", "status.hostIP"),
             field_env("CPLINK_POD_IP", "status.podIP"),
+            EnvVar {
+                name: malloc::GLIBC_TUNABLES.to_owned(),
+                value: Some(malloc::TUNABLES.to_owned()),
+                ..EnvVar::default()
+            },
         ]),
         ports: Some(vec![container_port("admin", AGENT_ADMIN_PORT)]),
         readiness_probe: Some(http_probe("/readyz", AGENT_ADMIN_PORT, 5, 2)),
@@ -211,7 +217,8 @@ mod tests {
             json!([
                 {"name": "CPLINK_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
                 {"name": "CPLINK_HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}},
-                {"name": "CPLINK_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
+                {"name": "CPLINK_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                {"name": "GLIBC_TUNABLES", "value": "glibc.malloc.trim_threshold=1048576"}
             ])
         );
         let readiness = http_get(c.readiness_probe.as_ref());

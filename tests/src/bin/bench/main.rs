@@ -32,7 +32,7 @@ mod report;
 mod workloads;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use cplink_e2e::client::TlsClient;
 
 use crate::openssh::OpenSsh;
@@ -70,28 +70,6 @@ struct Cli {
     /// `--agent-flag=--worker-threads=1`.
     #[arg(long = "agent-flag", value_name = "FLAG", allow_hyphen_values = true)]
     agent_flags: Vec<String>,
-
-    #[command(subcommand)]
-    role: Option<Role>,
-}
-
-/// The roles of the child processes.
-#[derive(Debug, Subcommand)]
-enum Role {
-    /// Run a cplink-server (flags as `cplink-server`), then print the bound addresses.
-    #[command(hide = true)]
-    Server {
-        /// cplink-server flags.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
-    /// Run a cplink-agent (flags as `cplink-agent`), then print the admin address.
-    #[command(hide = true)]
-    Agent {
-        /// cplink-agent flags.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
 }
 
 /// The paths measured beside direct TCP.
@@ -171,27 +149,18 @@ impl Sizes {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.role {
-        // Each child sizes its runtime from its own flags, as the real binaries do.
-        Some(Role::Server { args }) => procs::run_server(args),
-        Some(Role::Agent { args }) => procs::run_agent(args),
-        None => {
-            let extra = ExtraFlags {
-                server: cli.server_flags,
-                agent: cli.agent_flags,
-            };
-            let runtime = tokio::runtime::Runtime::new()?;
-            let plan = Plan {
-                sizes: Sizes::new(cli.quick),
-                workloads: cli.only,
-                through: cli.through,
-                extra,
-            };
-            let report = runtime.block_on(run(&plan))?;
-            print!("{}", report.render(cli.markdown));
-            Ok(())
-        }
-    }
+    let plan = Plan {
+        sizes: Sizes::new(cli.quick),
+        workloads: cli.only,
+        through: cli.through,
+        extra: ExtraFlags {
+            server: cli.server_flags,
+            agent: cli.agent_flags,
+        },
+    };
+    let report = tokio::runtime::Runtime::new()?.block_on(run(&plan))?;
+    print!("{}", report.render(cli.markdown));
+    Ok(())
 }
 
 fn progress(what: &str) {

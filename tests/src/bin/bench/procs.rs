@@ -1,9 +1,9 @@
 //! cplink-server and cplink-agent as child processes of the benchmark, so that each one's
-//! memory can be measured on its own.
+//! memory and CPU can be measured on its own.
 //!
-//! The benchmark re-executes itself with a hidden `server` or `agent` subcommand; the child
-//! runs the same library code as the real binaries, then prints the addresses it bound on its
-//! first line of standard output.
+//! They are the real binaries of the same build (next to the benchmark's executable), with
+//! their own allocator and runtime settings. Each binds port 0 and logs JSON; the benchmark
+//! reads the addresses from its "started" line and passes the rest of its log on.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,62 +12,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Parser as _;
 use cplink_e2e::pki::{CertFiles, Pki};
-use cplink_e2e::{harness, procfs};
+use cplink_e2e::{binaries, harness, procfs};
+use cplink_runtime::malloc;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, ChildStdout, Command};
-
-/// Runs the server role: the body of `cplink-server`'s `main`, on the runtime its
-/// `--worker-threads` asks for, plus the address report.
-pub fn run_server(args: Vec<String>) -> anyhow::Result<()> {
-    let args = cplink_server::Args::try_parse_from(
-        std::iter::once("cplink-server".to_owned()).chain(args),
-    )?;
-    cplink_runtime::executor::build(args.worker_threads)?.block_on(serve(args))
-}
-
-async fn serve(args: cplink_server::Args) -> anyhow::Result<()> {
-    args.log.init()?;
-    let config = args.clone().into_config()?;
-    let listeners = cplink_server::Listeners::bind(&args).await?;
-    let frontend = listeners
-        .frontend_tls
-        .as_ref()
-        .context("the benchmark needs --frontend-address")?
-        .local_addr()?;
-    let admin = listeners
-        .admin
-        .as_ref()
-        .context("the benchmark needs --admin-address")?
-        .local_addr()?;
-    println!("{} {frontend} {admin}", listeners.agent.local_addr()?);
-    let shutdown = harness::shutdown_on_stdin_eof()?;
-    cplink_server::Server::new(config)
-        .run(listeners, shutdown)
-        .await;
-    Ok(())
-}
-
-/// Runs the agent role: the body of `cplink-agent`'s `main`, on the runtime its
-/// `--worker-threads` asks for, plus the address report.
-pub fn run_agent(args: Vec<String>) -> anyhow::Result<()> {
-    let args =
-        cplink_agent::Args::try_parse_from(std::iter::once("cplink-agent".to_owned()).chain(args))?;
-    cplink_runtime::executor::build(Some(args.worker_threads))?.block_on(link(args))
-}
-
-async fn link(args: cplink_agent::Args) -> anyhow::Result<()> {
-    args.log.init()?;
-    let admin = TcpListener::bind(args.admin_address).await?;
-    println!("{}", admin.local_addr()?);
-    let shutdown = harness::shutdown_on_stdin_eof()?;
-    cplink_agent::Agent::new(args.into_config()?)
-        .run(Some(admin), shutdown)
-        .await;
-    Ok(())
-}
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
 
 /// Flags added to the benchmark's own for every server and agent it starts, to measure a
 /// setting (e.g. `--worker-threads`) against the defaults.
@@ -79,43 +29,57 @@ pub struct ExtraFlags {
     pub agent: Vec<String>,
 }
 
-/// A child process running one role; killed when dropped.
+/// A cplink binary running as a child of the benchmark; killed when dropped.
 pub struct Process {
     child: Child,
     pid: u32,
-    // Kept open so that a late write by the child never meets a closed pipe.
-    _stdout: BufReader<ChildStdout>,
 }
 
 impl Process {
-    async fn spawn(role: &str, args: &[String]) -> anyhow::Result<(Self, Vec<String>)> {
-        let exe = std::env::current_exe().context("cannot find the benchmark executable")?;
-        let mut child = Command::new(exe)
-            .arg(role)
+    /// Starts `binary` (a cplink binary of this build) with `args` and `env`, and waits up to 30 s for
+    /// the JSON log line whose message starts with `started`, returned as its fields.
+    async fn spawn(
+        binary: &'static str,
+        args: &[String],
+        env: &[(&str, &str)],
+        started: &str,
+    ) -> anyhow::Result<(Self, serde_json::Map<String, serde_json::Value>)> {
+        let path = binaries::binary(binary)?;
+        let mut child = Command::new(&path)
             .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .args(["--log-format", "json"])
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("cannot start the {role}"))?;
+            .with_context(|| format!("cannot start {}", path.display()))?;
         let pid = child.id().context("child exited at once")?;
-        let stdout = child.stdout.take().context("child stdout not piped")?;
-        let mut stdout = BufReader::new(stdout);
-        let mut line = String::new();
-        tokio::time::timeout(Duration::from_secs(30), stdout.read_line(&mut line))
-            .await
-            .with_context(|| format!("the {role} did not report its addresses"))??;
-        anyhow::ensure!(!line.is_empty(), "the {role} exited before it was ready");
-        let words = line.split_whitespace().map(str::to_owned).collect();
-        Ok((
-            Process {
-                child,
-                pid,
-                _stdout: stdout,
-            },
-            words,
-        ))
+        let mut log = BufReader::new(child.stderr.take().context("stderr not piped")?).lines();
+        let fields = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = log.next_line().await? {
+                let Ok(serde_json::Value::Object(fields)) = serde_json::from_str(&line) else {
+                    eprintln!("{binary}: {line}");
+                    continue;
+                };
+                let message = fields.get("message").and_then(|m| m.as_str());
+                if message.is_some_and(|m| m.starts_with(started)) {
+                    return Ok(fields);
+                }
+                eprintln!("{binary}: {line}");
+            }
+            anyhow::bail!("{binary} exited before it logged {started:?}")
+        })
+        .await
+        .with_context(|| format!("{binary} did not log {started:?} within 30 s"))??;
+        // The rest of its log (warnings and errors at the level the benchmark sets).
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = log.next_line().await {
+                eprintln!("{binary}: {line}");
+            }
+        });
+        Ok((Process { child, pid }, fields))
     }
 
     /// Resident set size in KiB, from `/proc/<pid>/status`.
@@ -130,7 +94,7 @@ impl Process {
 
     /// Stops the process gracefully (by closing its standard input), or kills it after 10 s.
     pub async fn stop(mut self) {
-        harness::stop_by_closing_stdin(&mut self.child, Duration::from_secs(10)).await;
+        harness::stop_child_async(&mut self.child, Duration::from_secs(10)).await;
     }
 }
 
@@ -222,22 +186,21 @@ impl Pair {
             &path(certs.ca()),
             "--frontend-ca",
             &path(certs.ca()),
-            "--log-level",
-            "warn",
         ]
         .map(str::to_owned);
         let server_args = [&server_args[..], &extra.server].concat();
-        let (server, addrs) = Process::spawn("server", &server_args).await?;
-        let [agent_addr, tls_addr, server_admin] = addrs.as_slice() else {
-            anyhow::bail!("the server reported {addrs:?}");
-        };
+        let (server, logged) =
+            Process::spawn("cplink-server", &server_args, &[], "cplink-server started").await?;
+        let [agent_addr, tls_addr, server_admin] =
+            ["agents", "frontend", "admin"].map(|field| address(&logged, field));
+        let (agent_addr, tls_addr, server_admin) = (agent_addr?, tls_addr?, server_admin?);
         let agent_args = [
             "--agent-id",
             "bench-agent",
             "--node-name",
             "bench-node",
             "--server-address",
-            agent_addr,
+            &agent_addr.to_string(),
             "--server-name",
             "localhost",
             "--tls-cert",
@@ -250,22 +213,26 @@ impl Pair {
             "127.0.0.0/8",
             "--admin-address",
             "127.0.0.1:0",
-            "--log-level",
-            "warn",
         ]
         .map(str::to_owned);
         let agent_args = [&agent_args[..], &extra.agent].concat();
-        let (agent, addrs) = Process::spawn("agent", &agent_args).await?;
-        let [agent_admin] = addrs.as_slice() else {
-            anyhow::bail!("the agent reported {addrs:?}");
-        };
+        // With the environment the operator gives agents.
+        let agent_env = [(malloc::GLIBC_TUNABLES, malloc::TUNABLES)];
+        let (agent, logged) = Process::spawn(
+            "cplink-agent",
+            &agent_args,
+            &agent_env,
+            "cplink-agent started",
+        )
+        .await?;
+        let agent_admin = address(&logged, "admin")?;
         for admin in [server_admin, agent_admin] {
-            wait_ready(admin.parse()?).await?;
+            wait_ready(admin).await?;
         }
         Ok(Pair {
             server,
             agent,
-            tls_addr: tls_addr.parse()?,
+            tls_addr,
             uds,
             grpc,
         })
@@ -276,6 +243,20 @@ impl Pair {
         self.agent.stop().await;
         self.server.stop().await;
     }
+}
+
+/// The socket address in field `field` of a "started" log line.
+fn address(
+    logged: &serde_json::Map<String, serde_json::Value>,
+    field: &str,
+) -> anyhow::Result<SocketAddr> {
+    let value = logged
+        .get(field)
+        .and_then(|v| v.as_str())
+        .unwrap_or_default();
+    value
+        .parse()
+        .with_context(|| format!("the started line has no address in {field:?}: {logged:?}"))
 }
 
 /// Polls `/readyz` until it answers 200, for at most 30 s.
