@@ -106,6 +106,14 @@ pub struct ServerSpec {
     /// required in `GRPC` mode, where servers on one node would share the socket directory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
+    /// Publish a Lease per server in the link's namespace, as konnectivity-server does
+    /// (`konnectivity-proxy-server-<pod>`, label `k8s-app=konnectivity-server`, 30 s, renewed
+    /// every 15 s, deleted when the server stops), for upstream konnectivity agents run with
+    /// `--count-server-leases --lease-namespace <the link's namespace>`: they then link to
+    /// every server. The servers get the rights on leases in that namespace. cplink agents do
+    /// not need it: they follow the agent Service's EndpointSlices.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub publish_leases: bool,
 }
 
 impl Default for ServerSpec {
@@ -119,6 +127,7 @@ impl Default for ServerSpec {
             node_selector: None,
             tolerations: None,
             affinity: None,
+            publish_leases: false,
         }
     }
 }
