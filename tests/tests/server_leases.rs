@@ -1,7 +1,7 @@
 //! Server Leases in a real kube-apiserver, as upstream agents run with `--count-server-leases`
 //! (v0.31 and later) read them: `konnectivity-proxy-server-<id>` in `kube-system`, labelled
 //! `k8s-app=konnectivity-server`, held by the server id for 30 s and renewed; deleted when the
-//! server shuts down.
+//! server shuts down; with no more rights than the operator grants servers.
 
 use std::time::Duration;
 
@@ -9,9 +9,11 @@ use cplink_e2e::cluster::{ControlPlane, Options};
 use cplink_e2e::fixture::Loopback;
 use cplink_e2e::harness::{self, Steps};
 use cplink_e2e::wait;
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, PostParams};
 
 const TEST_DEADLINE: Duration = Duration::from_secs(240);
 const NAMESPACE: &str = "kube-system";
@@ -37,6 +39,68 @@ async fn counted(leases: &Api<Lease>) -> anyhow::Result<Vec<String>> {
     Ok(holders)
 }
 
+/// A kubeconfig for a service account holding exactly the rights on leases the operator grants
+/// servers with `server.publishLeases` (operator/src/resources/rbac.rs), in `kube-system`.
+async fn restricted_kubeconfig(plane: &ControlPlane) -> anyhow::Result<std::path::PathBuf> {
+    let manifest = plane.dir().join("lease-rbac.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: v1
+kind: ServiceAccount
+metadata: {name: lease-writer, namespace: kube-system}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: lease-writer, namespace: kube-system}
+rules:
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  verbs: [get, create, patch, delete]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: lease-writer, namespace: kube-system}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: lease-writer}
+subjects:
+- {kind: ServiceAccount, name: lease-writer, namespace: kube-system}
+",
+    )?;
+    plane.kubectl_ok(&["apply", "-f", &manifest.display().to_string()])?;
+    let accounts: Api<ServiceAccount> = Api::namespaced(plane.client().await?, NAMESPACE);
+    let issued: TokenRequest = accounts
+        .create_subresource(
+            "token",
+            "lease-writer",
+            &PostParams::default(),
+            &TokenRequest {
+                spec: TokenRequestSpec {
+                    expiration_seconds: Some(3600),
+                    ..TokenRequestSpec::default()
+                },
+                ..TokenRequest::default()
+            },
+        )
+        .await?;
+    let token = issued.status.map(|s| s.token).unwrap_or_default();
+    anyhow::ensure!(!token.is_empty(), "no token issued");
+    let path = plane.dir().join("lease-writer.kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1
+kind: Config
+clusters: [{{name: c, cluster: {{server: \"{url}\", certificate-authority: \"{ca}\"}}}}]
+users: [{{name: u, user: {{token: \"{token}\"}}}}]
+contexts: [{{name: x, context: {{cluster: c, user: u}}}}]
+current-context: x
+",
+            url = plane.url,
+            ca = plane.pki().ca_file().display(),
+        ),
+    )?;
+    Ok(path)
+}
+
 #[test]
 fn servers_publish_the_leases_upstream_agents_count_and_remove_them_on_shutdown()
 -> anyhow::Result<()> {
@@ -53,17 +117,26 @@ async fn publish(steps: Steps) -> anyhow::Result<()> {
     let kubeconfig = plane.kubeconfig.display().to_string();
     let leases: Api<Lease> = Api::namespaced(plane.client().await?, NAMESPACE);
 
+    steps.enter("a service account with the rights the operator grants servers");
+    let restricted = restricted_kubeconfig(&plane).await?;
+    let restricted = restricted.display().to_string();
+
     steps.enter("a server publishing its Lease");
     let lo = Loopback::new()?;
     // Renewed every second here, to see renewals within the test; 15 s by default.
-    let flags = [
-        "--publish-server-leases",
-        "--kubeconfig",
-        &kubeconfig,
-        "--lease-renew-interval",
-        "1s",
-    ];
-    let first = lo.start_server(&flags).await?;
+    let flags = |kubeconfig: &str| {
+        [
+            "--publish-server-leases",
+            "--kubeconfig",
+            kubeconfig,
+            "--lease-renew-interval",
+            "1s",
+        ]
+        .map(str::to_owned)
+    };
+    let first_flags = flags(&restricted);
+    let first_flags: Vec<&str> = first_flags.iter().map(String::as_str).collect();
+    let first = lo.start_server(&first_flags).await?;
     let name = "konnectivity-proxy-server-server-0";
     {
         let leases = leases.clone();
@@ -110,7 +183,9 @@ async fn publish(steps: Steps) -> anyhow::Result<()> {
     );
 
     steps.enter("a second server: an agent counts both");
-    let second = lo.start_server(&flags).await?;
+    let second_flags = flags(&kubeconfig);
+    let second_flags: Vec<&str> = second_flags.iter().map(String::as_str).collect();
+    let second = lo.start_server(&second_flags).await?;
     {
         let leases = leases.clone();
         wait::until_async("two counted servers", Duration::from_secs(20), || {
