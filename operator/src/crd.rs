@@ -106,6 +106,14 @@ pub struct ServerSpec {
     /// required in `GRPC` mode, where servers on one node would share the socket directory).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Affinity>,
+    /// Publish a Lease per server in the link's namespace, as konnectivity-server does
+    /// (`konnectivity-proxy-server-<pod>`, label `k8s-app=konnectivity-server`, 30 s, renewed
+    /// every 15 s, deleted when the server stops), for upstream konnectivity agents run with
+    /// `--count-server-leases --lease-namespace <the link's namespace>`: they then link to
+    /// every server. The servers get the rights on leases in that namespace. cplink agents do
+    /// not need it: they follow the agent Service's EndpointSlices.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub publish_leases: bool,
 }
 
 impl Default for ServerSpec {
@@ -119,6 +127,7 @@ impl Default for ServerSpec {
             node_selector: None,
             tolerations: None,
             affinity: None,
+            publish_leases: false,
         }
     }
 }
@@ -164,6 +173,40 @@ pub struct FrontendSpec {
     /// frontend when it is not the Service DNS name. Added to the server certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_address: Option<String>,
+    /// Egress selections the generated `EgressSelectorConfiguration` lists besides `cluster`,
+    /// each with `proxyProtocol: Direct` (kube-apiserver connects on its own, as it does for a
+    /// selection the file leaves out): `controlplane` (webhooks, aggregated API servers) and
+    /// `etcd`. Empty by default: the file has `cluster` only. These names are read by every
+    /// kube-apiserver from 1.20 on; the old alias `master` is never written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub direct_egress: Vec<DirectEgress>,
+}
+
+/// An egress selection kube-apiserver keeps connecting to directly.
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
+pub enum DirectEgress {
+    /// Traffic to the control plane: admission webhooks, aggregated API servers.
+    #[serde(rename = "controlplane")]
+    ControlPlane,
+    /// Traffic to etcd.
+    #[serde(rename = "etcd")]
+    Etcd,
+}
+
+impl DirectEgress {
+    /// Every selection, in the order the generated file lists them.
+    pub const ALL: [DirectEgress; 2] = [DirectEgress::ControlPlane, DirectEgress::Etcd];
+
+    /// The selection's name in `EgressSelectorConfiguration`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DirectEgress::ControlPlane => "controlplane",
+            DirectEgress::Etcd => "etcd",
+        }
+    }
 }
 
 impl Default for FrontendSpec {
@@ -174,6 +217,7 @@ impl Default for FrontendSpec {
             port: default_frontend_port(),
             service_type: ServiceType::default(),
             external_address: None,
+            direct_egress: Vec::new(),
         }
     }
 }

@@ -357,6 +357,7 @@ pub fn validate(name: &str, spec: &ControlPlaneLinkSpec) -> Result<ValidSpec, In
     if let Err(e) = cplink_runtime::telemetry::parse_filter(&spec.log_level) {
         return Err(InvalidSpec::new("spec.logLevel", e.to_string()));
     }
+    direct_egress(spec)?;
     Ok(ValidSpec {
         validity,
         renew_before,
@@ -371,6 +372,21 @@ pub fn validate(name: &str, spec: &ControlPlaneLinkSpec) -> Result<ValidSpec, In
         allow: allowed_destinations(spec)?,
         grpc_socket: grpc_socket(spec)?,
     })
+}
+
+/// Each pass-through egress selection at most once: kube-apiserver refuses a file that names
+/// one twice.
+fn direct_egress(spec: &ControlPlaneLinkSpec) -> Result<(), InvalidSpec> {
+    let listed = &spec.server.frontend.direct_egress;
+    for (i, selection) in listed.iter().enumerate() {
+        if listed[..i].contains(selection) {
+            return Err(InvalidSpec::new(
+                "spec.server.frontend.directEgress",
+                format!("{} is listed twice", selection.as_str()),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -645,6 +661,18 @@ mod tests {
             validate("link", &spec).expect_err("invalid").field,
             "spec.server.frontend.externalAddress"
         );
+    }
+
+    #[test]
+    fn a_pass_through_egress_selection_listed_twice_is_refused() {
+        use crate::crd::DirectEgress;
+        let mut s = spec();
+        s.server.frontend.direct_egress = vec![DirectEgress::Etcd, DirectEgress::ControlPlane];
+        validate("l", &s).expect("each once is valid");
+        s.server.frontend.direct_egress.push(DirectEgress::Etcd);
+        let err = validate("l", &s).expect_err("etcd twice");
+        assert_eq!(err.field, "spec.server.frontend.directEgress");
+        assert_eq!(err.message, "etcd is listed twice");
     }
 
     /// Every non-empty key of `example` is also in `typed`: catches misspelled example fields,

@@ -120,6 +120,34 @@ pub struct Args {
     #[arg(long, env = "CPLINK_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
 
+    /// Publish a Lease named `konnectivity-proxy-server-<server-id>` in --lease-namespace, as
+    /// konnectivity-server's lease controller does, so that upstream agents run with
+    /// `--count-server-leases` count this server; deleted on shutdown. Needs the Kubernetes API
+    /// (--kubeconfig, else in-cluster) and get, create, update, patch and delete on leases in
+    /// that namespace.
+    #[arg(long, env = "CPLINK_PUBLISH_SERVER_LEASES")]
+    pub publish_server_leases: bool,
+
+    /// Namespace of the server Lease (upstream agents' --lease-namespace).
+    #[arg(long, env = "CPLINK_LEASE_NAMESPACE", default_value = "kube-system")]
+    pub lease_namespace: String,
+
+    /// Labels of the server Lease, `key=value[,key=value]` (upstream agents' --lease-label).
+    #[arg(
+        long,
+        env = "CPLINK_LEASE_LABEL",
+        default_value = "k8s-app=konnectivity-server"
+    )]
+    pub lease_label: String,
+
+    /// How long the server Lease counts after each renewal (its leaseDurationSeconds).
+    #[arg(long, env = "CPLINK_LEASE_DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
+
+    /// How often the server Lease is renewed; less than --lease-duration.
+    #[arg(long, env = "CPLINK_LEASE_RENEW_INTERVAL", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_renew_interval: Duration,
+
     /// How long to wait for an agent to answer a dial.
     #[arg(long, env = "CPLINK_DIAL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub dial_timeout: Duration,
@@ -217,6 +245,8 @@ pub struct Config {
     pub token_auth: Option<Arc<TokenAuth>>,
     /// How agents are bound to their nodes.
     pub identity: NodeBinding,
+    /// The Lease to publish for upstream agents that count servers by Leases, when asked.
+    pub leases: Option<crate::leases::LeaseConfig>,
 }
 
 impl std::fmt::Debug for Config {
@@ -234,6 +264,7 @@ impl std::fmt::Debug for Config {
                 &self.token_auth.as_ref().map(|t| t.expected_user()),
             )
             .field("identity", &self.identity.mode())
+            .field("leases", &self.leases)
             .finish_non_exhaustive()
     }
 }
@@ -247,7 +278,7 @@ impl Args {
             .map_err(|e| ConfigError::new("agent-ca", e))?;
         let api = self.api()?;
         let token_auth = self.token_auth(api.as_ref())?.map(Arc::new);
-        let node_binding = self.identity(api, token_auth.as_ref())?;
+        let node_binding = self.identity(api.clone(), token_auth.as_ref())?;
         let client_auth = if token_auth.is_some() {
             tls::ClientAuth::Optional
         } else {
@@ -301,13 +332,14 @@ impl Args {
                 return Err(ConfigError::new(flag, "must be greater than zero"));
             }
         }
-        let server_id = match self.server_id {
+        let server_id = match &self.server_id {
             Some(id) if id.trim().is_empty() => {
                 return Err(ConfigError::new("server-id", "must not be empty"));
             }
-            Some(id) => id,
+            Some(id) => id.clone(),
             None => default_server_id(),
         };
+        let leases = self.leases(api, &server_id)?;
         Ok(Config {
             server_id,
             server_count: self.server_count,
@@ -329,18 +361,74 @@ impl Args {
                 .map_or_else(cplink_runtime::accept::default_max_pending, |n| n as usize),
             token_auth,
             identity: node_binding,
+            leases,
         })
+    }
+
+    /// The server Lease, with `--publish-server-leases`.
+    fn leases(
+        &self,
+        api: Option<Arc<KubeApi>>,
+        server_id: &str,
+    ) -> Result<Option<crate::leases::LeaseConfig>, ConfigError> {
+        let Some(api) = api.filter(|_| self.publish_server_leases) else {
+            return Ok(None);
+        };
+        let name = format!("{}{server_id}", crate::leases::NAME_PREFIX);
+        if !crate::leases::valid_subdomain(&name) {
+            return Err(ConfigError::new(
+                "server-id",
+                format!(
+                    "{server_id:?} makes the Lease name {name:?}, which is not a valid object                      name (lowercase letters, digits, '-' and '.')"
+                ),
+            ));
+        }
+        if !crate::leases::valid_subdomain(&self.lease_namespace)
+            || self.lease_namespace.contains('.')
+        {
+            return Err(ConfigError::new(
+                "lease-namespace",
+                format!("{:?} is not a namespace name", self.lease_namespace),
+            ));
+        }
+        let labels = crate::leases::parse_labels(&self.lease_label)
+            .map_err(|e| ConfigError::new("lease-label", e))?;
+        let seconds = self.lease_duration.as_secs();
+        if seconds == 0 || i32::try_from(seconds).is_err() {
+            return Err(ConfigError::new(
+                "lease-duration",
+                "must be whole seconds, at least 1s",
+            ));
+        }
+        if self.lease_renew_interval.is_zero() || self.lease_renew_interval >= self.lease_duration {
+            return Err(ConfigError::new(
+                "lease-renew-interval",
+                "must be greater than zero and less than --lease-duration, or the Lease lapses \
+                 between renewals",
+            ));
+        }
+        Ok(Some(crate::leases::LeaseConfig {
+            api,
+            namespace: self.lease_namespace.clone(),
+            name,
+            holder: server_id.to_owned(),
+            labels,
+            duration: self.lease_duration,
+            renew_interval: self.lease_renew_interval,
+        }))
     }
 
     /// The Kubernetes API, when token reviews or node binding need it.
     fn api(&self) -> Result<Option<Arc<KubeApi>>, ConfigError> {
-        let needed =
-            self.agent_service_account.is_some() || self.agent_identity != IdentityMode::Declared;
+        let needed = self.agent_service_account.is_some()
+            || self.agent_identity != IdentityMode::Declared
+            || self.publish_server_leases;
         if !needed {
             if self.kubeconfig.is_some() {
                 return Err(ConfigError::new(
                     "kubeconfig",
-                    "only used with --agent-service-account or --agent-identity token|certificate",
+                    "only used with --agent-service-account, --agent-identity token|certificate \
+                     or --publish-server-leases",
                 ));
             }
             return Ok(None);
@@ -508,6 +596,50 @@ mod tests {
         let err = a.api().unwrap_err();
         assert_eq!(err.flag, "kubeconfig");
         assert!(err.to_string().contains("/nonexistent/kubeconfig"), "{err}");
+    }
+
+    /// What `--publish-server-leases` is checked for: a Lease name the API accepts, labels
+    /// agents can select, and a renewal well inside the duration.
+    #[test]
+    fn server_leases_are_checked_before_anything_is_published() {
+        let kubeconfig = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            kubeconfig.path(),
+            "apiVersion: v1\nkind: Config\nclusters: []\nusers: []\ncontexts: []\n",
+        )
+        .unwrap();
+        let path = kubeconfig.path().display().to_string();
+        let leases = |extra: &[&str]| {
+            let mut argv = vec!["--publish-server-leases", "--kubeconfig", &path];
+            argv.extend_from_slice(extra);
+            let args = args(&argv).unwrap();
+            let api = args.api().unwrap();
+            let id = args.server_id.clone().unwrap_or_else(|| "s-0".into());
+            args.leases(api, &id)
+        };
+        let config = leases(&["--server-id", "cplink-server-0"])
+            .unwrap()
+            .expect("published");
+        assert_eq!(config.name, "konnectivity-proxy-server-cplink-server-0");
+        assert_eq!(config.holder, "cplink-server-0");
+        assert_eq!(config.namespace, "kube-system");
+        assert_eq!(config.labels["k8s-app"], "konnectivity-server");
+        assert_eq!(config.duration, Duration::from_secs(30));
+        assert_eq!(config.renew_interval, Duration::from_secs(15));
+
+        for (extra, flag) in [
+            (&["--server-id", "Server_0"][..], "server-id"),
+            (&["--lease-namespace", "Kube-System"], "lease-namespace"),
+            (&["--lease-label", "novalue"], "lease-label"),
+            (&["--lease-duration", "500ms"], "lease-duration"),
+            (&["--lease-renew-interval", "30s"], "lease-renew-interval"),
+        ] {
+            let err = leases(extra).unwrap_err();
+            assert_eq!(err.flag, flag, "{extra:?}: {err}");
+        }
+        // Without the flag nothing is published and no API is needed.
+        let plain = args(&[]).unwrap();
+        assert!(plain.leases(None, "s-0").unwrap().is_none());
     }
 
     #[test]

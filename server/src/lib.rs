@@ -9,6 +9,7 @@
 //! - [`registry`]: linked agents and the routing strategies that pick one.
 //! - [`identity`]: which node an agent is, proven by its pod's token or its certificate and
 //!   backed by the Node object.
+//! - [`leases`]: the Lease upstream agents count servers by, when asked to publish one.
 //! - `grpc`: serving tonic services one HTTP/2 connection at a time.
 //! - [`config`]: command line and validated configuration; [`metrics`]: Prometheus metrics.
 //!
@@ -20,6 +21,7 @@ pub mod config;
 pub mod frontends;
 mod grpc;
 pub mod identity;
+pub mod leases;
 pub mod metrics;
 pub mod registry;
 mod tunnel;
@@ -387,6 +389,12 @@ impl Server {
                 force.clone(),
             ));
         }
+        let lease_stop = CancellationToken::new();
+        let lease_task = shared.config.leases.clone().map(|config| {
+            let shared = shared.clone();
+            let stop = lease_stop.clone();
+            tokio::spawn(async move { leases::run(config, &shared.metrics, stop).await })
+        });
         let identity_stop = CancellationToken::new();
         let identity_watch =
             tokio::spawn(agents::watch::run(shared.clone(), identity_stop.clone()));
@@ -402,6 +410,8 @@ impl Server {
 
         shutdown.cancelled().await;
         shared.draining.store(true, Ordering::Relaxed);
+        // Agents that count Leases stop counting this server now, not when its Lease expires.
+        lease_stop.cancel();
         let delay = shared.config.shutdown_delay;
         if !delay.is_zero() {
             tracing::info!(
@@ -430,6 +440,12 @@ impl Server {
 
         identity_stop.cancel();
         if let Err(err) = identity_watch.await
+            && err.is_panic()
+        {
+            std::panic::resume_unwind(err.into_panic());
+        }
+        if let Some(task) = lease_task
+            && let Err(err) = task.await
             && err.is_panic()
         {
             std::panic::resume_unwind(err.into_panic());

@@ -76,6 +76,8 @@ pub struct Metrics {
     /// Connections through upstream konnectivity agents closed because their frontend client
     /// fell more than the per-connection budget behind the agent.
     pub konnectivity_overflows: Counter,
+    /// Renewals of the server Lease (`--publish-server-leases`) by result.
+    pub lease_renewals: Family<ResultLabels, Counter>,
 }
 
 impl Metrics {
@@ -91,6 +93,12 @@ impl Metrics {
                 Gauge::default(),
             ),
             streams_active: streams_active(r),
+            lease_renewals: registered(
+                r,
+                "lease_renewals",
+                "Renewals of the server Lease upstream agents count servers by, by result",
+                Family::default(),
+            ),
             dials: registered(
                 r,
                 "dials",

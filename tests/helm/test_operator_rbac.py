@@ -45,11 +45,13 @@ def held(objects) -> dict[tuple[str, str], set[str]]:
 
 
 # What the operator grants the servers of a link: reviewing agents' tokens and reading Nodes
-# cluster-wide; reading agent pods in the link's namespace.
+# cluster-wide; reading agent pods and, with server.publishLeases, writing their Leases in the
+# link's namespace.
 SERVER_GRANTS = [
     ("authentication.k8s.io", "tokenreviews", {"create"}),
     ("", "nodes", {"get", "list", "watch"}),
     ("", "pods", {"get", "list", "watch"}),
+    ("coordination.k8s.io", "leases", {"get", "create", "patch", "delete"}),
 ]
 # What it grants in-cluster agents: their Node, server discovery.
 AGENT_GRANTS = [

@@ -133,7 +133,8 @@ impl ProxyStream {
 
     /// The connection as a byte stream, for code written against sockets (benchmarks): bytes
     /// written become DATA packets, DATA packets become bytes to read; shutting down the write
-    /// side sends CLOSE_REQ, and CLOSE_RSP or the end of the stream ends the read side.
+    /// side sends CLOSE_REQ, and CLOSE_RSP or the end of the stream ends the read side. There
+    /// is no half-close: CLOSE_REQ closes the whole connection, as konnectivity-client's does.
     pub fn into_io(self, connect_id: i64) -> DuplexStream {
         let (ours, theirs) = tokio::io::duplex(256 * 1024);
         tokio::spawn(async move {

@@ -21,6 +21,8 @@
 //! - [`targets`]: destinations: echo, source, sink, a closed port and a black hole.
 //! - [`client`]: CONNECT clients for the Unix socket and TLS frontends.
 //! - [`grpc`]: konnectivity gRPC peers: a Proxy client and a scripted upstream agent.
+//! - [`grpc_wire`]: a Proxy client at the HTTP/2 frame level, sending kube-apiserver's exact
+//!   header blocks.
 //! - [`fixture`]: [`fixture::Loopback`] starts servers and agents in-process on `127.0.0.1:0`.
 //!
 //! Containers:
@@ -50,6 +52,7 @@ pub mod containerd;
 pub mod fixture;
 pub mod forwarder;
 pub mod grpc;
+pub mod grpc_wire;
 pub mod harness;
 pub mod helm;
 pub mod http1;

@@ -242,8 +242,10 @@ impl Stack {
     pub fn link_yaml(&self) -> String {
         let mode = match self.egress {
             Egress::HttpConnect => String::new(),
+            // A GRPC-mode link also asks for the pass-through selections, so that the real
+            // kube-apiserver reads a file with all three names.
             Egress::Grpc => format!(
-                "      mode: GRPC\n      socketHostPath: \"{}\"\n",
+                "      mode: GRPC\n      socketHostPath: \"{}\"\n      directEgress: [etcd, controlplane]\n",
                 self.socket_dir().display()
             ),
         };

@@ -138,6 +138,32 @@ pub struct BlackHole {
     _queued: Vec<std::net::TcpStream>,
 }
 
+impl BlackHole {
+    /// How many connection attempts to it are hanging (SYN-SENT), from `/proc/net/tcp`: a dial
+    /// under way, seen from outside the dialer.
+    pub fn hanging_dials(&self) -> usize {
+        let std::net::IpAddr::V4(ip) = self.addr.ip() else {
+            return 0;
+        };
+        // The kernel prints the address as the in-memory u32 (little-endian here) and the port.
+        let remote = format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(ip.octets()),
+            self.addr.port()
+        );
+        std::fs::read_to_string("/proc/net/tcp")
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .filter(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                // sl, local_address, rem_address, st: 02 is SYN_SENT.
+                fields.get(2) == Some(&remote.as_str()) && fields.get(3) == Some(&"02")
+            })
+            .count()
+    }
+}
+
 /// Creates a [`BlackHole`].
 pub fn black_hole() -> anyhow::Result<BlackHole> {
     use socket2::{Domain, Socket, Type};

@@ -555,6 +555,14 @@ async fn grpc(steps: Steps) -> anyhow::Result<()> {
         egress.contains(&format!("udsName: {}", socket.display())),
         "{egress}"
     );
+    // kube-apiserver started with it: the pass-through selections are valid as written.
+    assert!(
+        egress.ends_with(
+            "- name: controlplane\n  connection:\n    proxyProtocol: Direct\n\
+             - name: etcd\n  connection:\n    proxyProtocol: Direct\n"
+        ),
+        "{egress}"
+    );
     steps.enter("requests through the tunnel");
     requests_cross_the_tunnel(&stack, &nodes, &agents, "grpc").await?;
     steps.enter("stopping the stack");

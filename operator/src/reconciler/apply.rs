@@ -155,9 +155,11 @@ async fn apply_accounts(client: &Client, plan: &Plan) -> Result<(), Error> {
     apply_object(&accounts, &rbac::server_account(plan)).await?;
     apply_object(&cluster_roles, &rbac::server_cluster_role(plan)).await?;
     apply_object(&cluster_bindings, &rbac::server_cluster_role_binding(plan)).await?;
-    if plan.agents_in_cluster() {
+    if rbac::server_role_needed(plan) {
         apply_object(&roles, &rbac::server_role(plan)).await?;
         apply_object(&bindings, &rbac::server_role_binding(plan)).await?;
+    }
+    if plan.agents_in_cluster() {
         apply_object(&accounts, &rbac::agent_account(plan)).await?;
         apply_object(&roles, &rbac::agent_role(plan)).await?;
         apply_object(&bindings, &rbac::agent_role_binding(plan)).await?;

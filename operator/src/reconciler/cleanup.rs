@@ -44,8 +44,11 @@ pub(super) async fn remove_in_cluster_agents(client: &Client, plan: &Plan) -> Re
     delete_ignoring_missing(&daemonsets, &names.agent()).await?;
     let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), &plan.namespace);
     let roles: Api<Role> = Api::namespaced(client.clone(), &plan.namespace);
-    delete_ignoring_missing(&bindings, &names.server()).await?;
-    delete_ignoring_missing(&roles, &names.server()).await?;
+    // Kept, with the Lease rights only, when the servers publish Leases.
+    if !crate::resources::rbac::server_role_needed(plan) {
+        delete_ignoring_missing(&bindings, &names.server()).await?;
+        delete_ignoring_missing(&roles, &names.server()).await?;
+    }
     let cluster_bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
     let cluster_roles: Api<ClusterRole> = Api::all(client.clone());
     delete_ignoring_missing(&cluster_bindings, &names.agent_cluster_role()).await?;

@@ -110,6 +110,13 @@ pub fn server_args(plan: &Plan) -> Vec<String> {
         format!("--frontend-ca={TLS_MOUNT_PATH}/{CA_CRT}"),
     ]);
     args.extend(agent_identity_args(plan));
+    if server.publish_leases {
+        // The server id, the pod's name, names the Lease.
+        args.extend([
+            "--publish-server-leases".to_owned(),
+            format!("--lease-namespace={}", plan.namespace),
+        ]);
+    }
     args.extend([
         format!("--shutdown-delay={SHUTDOWN_DELAY_SECONDS}s"),
         format!("--drain-timeout={DRAIN_TIMEOUT_SECONDS}s"),
@@ -433,6 +440,29 @@ mod tests {
             "SIGKILL only after the shutdown delay and the drain: {grace}s"
         );
         assert_eq!(grace, 50);
+    }
+
+    #[test]
+    fn servers_publish_leases_in_the_links_namespace_when_asked() {
+        let args = |plan: &Plan| server_args(plan);
+        let plain = args(&ControlPlaneLink::test().plan());
+        assert!(
+            !plain.iter().any(|a| a.contains("lease")),
+            "none by default: {plain:?}"
+        );
+        let leases = args(
+            &ControlPlaneLink::test()
+                .with_spec(|s| s.server.publish_leases = true)
+                .plan(),
+        );
+        assert!(
+            leases.contains(&"--publish-server-leases".to_owned()),
+            "{leases:?}"
+        );
+        assert!(
+            leases.contains(&"--lease-namespace=tunnels".to_owned()),
+            "{leases:?}"
+        );
     }
 
     #[test]

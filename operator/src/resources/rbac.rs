@@ -124,12 +124,30 @@ pub fn server_cluster_role_binding(plan: &Plan) -> ClusterRoleBinding {
     }
 }
 
-/// Token mode: lets servers read the agent pods tokens are bound to, in the link's namespace
-/// (the pod's owner reference names the DaemonSet; the DaemonSet itself is never read).
+/// Whether the servers need a Role in the link's namespace: to read agent pods (token mode),
+/// or to publish their Leases (`server.publishLeases`).
+pub fn server_role_needed(plan: &Plan) -> bool {
+    plan.agents_in_cluster() || plan.spec.server.publish_leases
+}
+
+/// Lets servers, in the link's namespace, read the agent pods tokens are bound to (token mode;
+/// the pod's owner reference names the DaemonSet, which itself is never read) and write the
+/// Leases upstream agents count them by (`server.publishLeases`).
 pub fn server_role(plan: &Plan) -> Role {
+    let mut rules = Vec::new();
+    if plan.agents_in_cluster() {
+        rules.push(rule("", "pods", &["get", "list", "watch"]));
+    }
+    if plan.spec.server.publish_leases {
+        rules.push(rule(
+            "coordination.k8s.io",
+            "leases",
+            &["get", "create", "patch", "delete"],
+        ));
+    }
     Role {
         metadata: plan.meta(plan.names().server(), Component::Server),
-        rules: Some(vec![rule("", "pods", &["get", "list", "watch"])]),
+        rules: Some(rules),
     }
 }
 
@@ -234,6 +252,47 @@ mod tests {
         );
     }
 
+    /// `server.publishLeases` adds the rights on Leases, in the link's namespace only, to the
+    /// servers' Role, which then exists in certificate mode too.
+    #[test]
+    fn servers_publishing_leases_may_write_leases_in_the_links_namespace() {
+        let leases = serde_json::json!({
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["get", "create", "patch", "delete"],
+        });
+        let token = ControlPlaneLink::test()
+            .with_spec(|s| s.server.publish_leases = true)
+            .plan();
+        let role = server_role(&token);
+        assert_eq!(role.metadata.namespace.as_deref(), Some("tunnels"));
+        let rules = serde_json::to_value(&role.rules).expect("json");
+        assert_eq!(rules.as_array().map(Vec::len), Some(2), "{rules}");
+        assert_eq!(rules[1], leases);
+
+        let certificate = ControlPlaneLink::test()
+            .with_agents_outside_the_cluster()
+            .with_spec(|s| s.server.publish_leases = true)
+            .plan();
+        assert!(server_role_needed(&certificate));
+        assert_eq!(
+            serde_json::to_value(&server_role(&certificate).rules).expect("json"),
+            serde_json::json!([leases])
+        );
+        let plain = ControlPlaneLink::test()
+            .with_agents_outside_the_cluster()
+            .plan();
+        assert!(
+            !server_role_needed(&plain),
+            "nothing to grant, nothing kept"
+        );
+        assert!(
+            !serde_json::to_string(&server_role(&ControlPlaneLink::test().plan()).rules)
+                .expect("json")
+                .contains("leases")
+        );
+    }
+
     #[test]
     fn agents_may_only_list_and_watch_endpointslices_in_their_namespace() {
         let plan = ControlPlaneLink::test().plan();
@@ -329,10 +388,14 @@ mod tests {
         let certificate = ControlPlaneLink::test()
             .with_agents_outside_the_cluster()
             .plan();
+        let leases = ControlPlaneLink::test()
+            .with_spec(|s| s.server.publish_leases = true)
+            .plan();
         let granted = [
             server_cluster_role(&token).rules,
             server_cluster_role(&certificate).rules,
             server_role(&token).rules,
+            server_role(&leases).rules,
             agent_cluster_role(&token).rules,
             agent_role(&token).rules,
         ];
@@ -351,6 +414,6 @@ mod tests {
                 }
             }
         }
-        assert_eq!(checked, 13, "every granted verb was checked");
+        assert_eq!(checked, 20, "every granted verb was checked");
     }
 }

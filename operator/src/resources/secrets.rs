@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Component, Plan};
 use crate::certs::{CertPair, StoredLeaf};
-use crate::crd::FrontendMode;
+use crate::crd::{DirectEgress, FrontendMode};
 
 /// Key of the certificate.
 pub const TLS_CRT: &str = "tls.crt";
@@ -125,7 +125,9 @@ struct EgressSelection {
 #[serde(rename_all = "camelCase")]
 struct Connection {
     proxy_protocol: &'static str,
-    transport: Transport,
+    /// Absent for `Direct`, which kube-apiserver refuses with one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    transport: Option<Transport>,
 }
 
 /// Exactly one of `tcp` and `uds`.
@@ -158,10 +160,15 @@ struct Uds {
     uds_name: String,
 }
 
-/// The `EgressSelectorConfiguration` (apiserver.k8s.io/v1beta1, as kube-apiserver 1.20 reads
-/// it) that sends kube-apiserver's cluster traffic (kubelet, pods, services) through the link:
-/// HTTP CONNECT over mutual TLS to the frontend, or in `GRPC` mode konnectivity gRPC over the
-/// server's Unix socket on the same host.
+/// The `EgressSelectorConfiguration` that sends kube-apiserver's cluster traffic (kubelet,
+/// pods, services) through the link: HTTP CONNECT over mutual TLS to the frontend, or in `GRPC`
+/// mode konnectivity gRPC over the server's Unix socket on the same host; then the selections
+/// of `frontend.directEgress` as `Direct`.
+///
+/// Valid from kube-apiserver 1.20 to 1.34: `apiserver.k8s.io/v1beta1` is read from 1.20 on;
+/// the names are `cluster`, `controlplane` and `etcd`, never the `master` alias later versions
+/// refuse; each at most once; no field beyond the schema's (newer versions decode strictly);
+/// no `transport` for `Direct`.
 pub fn egress_configuration(plan: &Plan) -> Result<String, crate::yaml::Error> {
     let (proxy_protocol, transport) = match &plan.valid.grpc_socket {
         Some(socket) => (
@@ -188,16 +195,30 @@ pub fn egress_configuration(plan: &Plan) -> Result<String, crate::yaml::Error> {
             },
         ),
     };
+    let mut egress_selections = vec![EgressSelection {
+        name: "cluster",
+        connection: Connection {
+            proxy_protocol: proxy_protocol.as_str(),
+            transport: Some(transport),
+        },
+    }];
+    let direct = &plan.spec.server.frontend.direct_egress;
+    egress_selections.extend(
+        DirectEgress::ALL
+            .into_iter()
+            .filter(|selection| direct.contains(selection))
+            .map(|selection| EgressSelection {
+                name: selection.as_str(),
+                connection: Connection {
+                    proxy_protocol: "Direct",
+                    transport: None,
+                },
+            }),
+    );
     crate::yaml::to_string(&EgressSelectorConfiguration {
         api_version: "apiserver.k8s.io/v1beta1",
         kind: "EgressSelectorConfiguration",
-        egress_selections: vec![EgressSelection {
-            name: "cluster",
-            connection: Connection {
-                proxy_protocol: proxy_protocol.as_str(),
-                transport,
-            },
-        }],
+        egress_selections,
     })
 }
 
@@ -315,6 +336,80 @@ egressSelections:
 "
             )
         );
+    }
+
+    #[test]
+    fn pass_through_selections_follow_cluster_as_direct_without_transport() {
+        let plan = ControlPlaneLink::test()
+            .with_spec(|s| {
+                s.server.frontend.mode = FrontendMode::Grpc;
+                s.server.frontend.socket_host_path = Some("/etc/kubernetes/cplink".into());
+                // Listed in any order, written in a fixed one.
+                s.server.frontend.direct_egress =
+                    vec![DirectEgress::Etcd, DirectEgress::ControlPlane];
+            })
+            .plan();
+        assert_eq!(
+            egress_configuration(&plan).expect("yaml"),
+            egress_file(
+                "    proxyProtocol: GRPC
+    transport:
+      uds:
+        udsName: /etc/kubernetes/cplink/konnectivity-server.socket
+- name: controlplane
+  connection:
+    proxyProtocol: Direct
+- name: etcd
+  connection:
+    proxyProtocol: Direct
+"
+            )
+        );
+        let only_etcd = ControlPlaneLink::test()
+            .with_spec(|s| s.server.frontend.direct_egress = vec![DirectEgress::Etcd])
+            .plan();
+        let config = egress_configuration(&only_etcd).expect("yaml");
+        assert!(
+            config.ends_with("- name: etcd\n  connection:\n    proxyProtocol: Direct\n"),
+            "{config}"
+        );
+        assert!(!config.contains("controlplane"), "{config}");
+    }
+
+    /// Names and fields every kube-apiserver from 1.20 to 1.34 accepts: no `master` (the alias
+    /// 1.32 and later no longer convert), no selection twice, nothing but the schema's fields.
+    #[test]
+    fn the_egress_file_uses_only_names_and_fields_every_version_reads() {
+        let plan = ControlPlaneLink::test()
+            .with_spec(|s| s.server.frontend.direct_egress = DirectEgress::ALL.to_vec())
+            .plan();
+        let config = egress_configuration(&plan).expect("yaml");
+        let parsed: serde_json::Value = serde_saphyr::from_str(&config).expect("YAML");
+        assert_eq!(parsed["apiVersion"], "apiserver.k8s.io/v1beta1");
+        let selections = parsed["egressSelections"].as_array().expect("a list");
+        let names: Vec<&str> = selections
+            .iter()
+            .map(|s| s["name"].as_str().expect("a name"))
+            .collect();
+        assert_eq!(names, ["cluster", "controlplane", "etcd"]);
+        let allowed = |value: &serde_json::Value, keys: &[&str]| {
+            value
+                .as_object()
+                .expect("an object")
+                .keys()
+                .all(|k| keys.contains(&k.as_str()))
+        };
+        assert!(allowed(
+            &parsed,
+            &["apiVersion", "kind", "egressSelections"]
+        ));
+        for selection in selections {
+            assert!(allowed(selection, &["name", "connection"]), "{selection}");
+            assert!(
+                allowed(&selection["connection"], &["proxyProtocol", "transport"]),
+                "{selection}"
+            );
+        }
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Normalizes the `:authority` of gRPC frontend requests before the HTTP/2 server reads them.
 //!
-//! kube-apiserver 1.20 (the gRPC library of its day) names the Unix socket's path as the
-//! authority of its Proxy requests, `/etc/kubernetes/…/konnectivity-server.socket`, which is
-//! not a valid authority; h2 refuses every such stream as malformed. [`AuthorityFix`] sits
+//! kube-apiserver names the Unix socket's path as the authority of its Proxy requests: as it is
+//! up to 1.28 (`/etc/kubernetes/…/konnectivity-server.socket`), percent-encoded from 1.29 on,
+//! whose grpc-go (1.58 and later) escapes every byte an authority may not hold
+//! (`%2Fetc%2Fkubernetes%2F…`). Neither is a valid authority (a `%` may not appear in a host),
+//! and h2 refuses every such stream as malformed. [`AuthorityFix`] sits
 //! between the socket and the HTTP/2 server: it passes every frame through unchanged except
 //! header blocks, which it decodes (HPACK, keeping the client's dynamic table), rewrites an
 //! invalid `:authority` to `localhost`, and encodes again (keeping the server's table in step).
@@ -326,8 +328,8 @@ mod tests {
     }
 
     /// An h2 server behind the adapter takes requests whose authority is a socket path, in
-    /// one HEADERS frame, padded with a priority, and split across CONTINUATION frames; the
-    /// dynamic table stays in step from one request to the next.
+    /// one HEADERS frame, padded with a priority, split across CONTINUATION frames, and
+    /// percent-encoded; the dynamic table stays in step from one request to the next.
     #[tokio::test]
     async fn a_socket_path_authority_reaches_h2_as_localhost() {
         let (mut client, server_io) = tokio::io::duplex(1 << 20);
@@ -344,7 +346,7 @@ mod tests {
                 ));
                 let response = http::Response::new(());
                 respond.send_response(response, true).unwrap();
-                if seen.len() == 3 {
+                if seen.len() == 4 {
                     break;
                 }
             }
@@ -369,6 +371,10 @@ mod tests {
         let (a, b) = block.split_at(block.len() / 2);
         wire.extend(frame(HEADERS, 0, 5, a));
         wire.extend(frame(CONTINUATION, END_HEADERS, 5, b));
+        // The path percent-encoded, as grpc-go 1.58 and later send it.
+        let encoded = b"%2Fetc%2Fkubernetes%2Fkonnectivity-server%2Fkonnectivity-server.socket";
+        let block = request_headers(&mut encoder, encoded);
+        wire.extend(frame(HEADERS, END_HEADERS, 7, &block));
         client.write_all(&wire).await.unwrap();
 
         let seen = tokio::time::timeout(std::time::Duration::from_secs(10), server)
@@ -390,8 +396,29 @@ mod tests {
                     Some("cplink.example:8090".to_owned()),
                     "/ProxyService/Proxy".to_owned()
                 ),
+                (
+                    Some("localhost".to_owned()),
+                    "/ProxyService/Proxy".to_owned()
+                ),
             ]
         );
+    }
+
+    /// What makes the adapter necessary: both forms kube-apiserver sends are refused by the
+    /// `http` crate h2 validates authorities with, so both are rewritten.
+    #[test]
+    fn neither_form_of_the_socket_path_is_a_valid_authority() {
+        let forms: [&[u8]; 2] = [
+            b"/etc/kubernetes/konnectivity-server/konnectivity-server.socket",
+            b"%2Fetc%2Fkubernetes%2Fkonnectivity-server%2Fkonnectivity-server.socket",
+        ];
+        for form in forms {
+            assert!(
+                http::uri::Authority::try_from(form).is_err(),
+                "{}",
+                String::from_utf8_lossy(form)
+            );
+        }
     }
 
     #[test]

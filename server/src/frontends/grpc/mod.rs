@@ -9,6 +9,13 @@
 //! The two directions run concurrently, each flow-controlled on its own: a DATA packet is taken
 //! from the client only once the agent's end has room for it, and the agent's bytes are
 //! released only once they were queued for the client.
+//!
+//! Closing follows konnectivity-client, which has no half-close: its `Close` sends CLOSE_REQ
+//! and waits up to 10 s for CLOSE_RSP, and reads nothing more. CLOSE_REQ is answered at once;
+//! the agent's end is told after every byte the client sent, and is given [`CLOSE_LINGER`] to
+//! finish (its bytes discarded) before it is reset. DIAL_CLS (v0.28 and later, when the dial
+//! times out or the caller's context ends) cancels a pending dial at the agent; one that
+//! crosses the dial's answer closes the connection that answer opened.
 
 mod authority;
 
@@ -115,13 +122,22 @@ impl ProxyService for ProxyFrontend {
         let connect_id = self.next_connect_id.fetch_add(1, Ordering::Relaxed) + 1;
         self.streams.spawn(
             async move {
-                tokio::select! {
-                    () = serve(&shared, inbound, &tx, connect_id) => {}
+                let closing = tokio::select! {
+                    closing = serve(&shared, inbound, &tx, connect_id) => closing,
                     () = force.cancelled() => {
                         tracing::info!("drain deadline reached: connection cut");
                         let _ = tx.try_send(Err(Status::unavailable(
                             "cplink-server shutting down: drain deadline reached",
                         )));
+                        None
+                    }
+                };
+                // The client's call ends here; a closing agent end finishes on its own.
+                drop(tx);
+                if let Some(closing) = closing {
+                    tokio::select! {
+                        () = closing.finish() => {}
+                        () = force.cancelled() => {}
                     }
                 }
             }
@@ -142,14 +158,94 @@ enum RelayError {
     ClientGone,
     #[error("{0}")]
     Agent(String),
-    #[error(
-        "agent did not finish within {} of the close",
-        humantime::format_duration(CLOSE_LINGER)
-    )]
-    Linger,
+    #[error("the client cancelled the dial (DIAL_CLS) after it was answered")]
+    DialCancelled,
 }
 
-async fn serve(shared: &Shared, mut inbound: Streaming<Packet>, tx: &Outbound, connect_id: i64) {
+/// How a relay that did not fail ended.
+enum Ended {
+    /// The agent's end finished first: the connection is over.
+    ByAgent,
+    /// The client closed: the agent's end still has to finish.
+    ByClient(AgentEnd),
+}
+
+/// The agent's end of a connection whose client closed, with everything the connection holds
+/// (its share of `--max-tunnels`, the link's stream count, the active-streams gauge) until it
+/// has finished.
+struct Closing<'a> {
+    end: AgentEnd,
+    _route: crate::registry::Route,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    _active: ActiveStream<'a>,
+}
+
+/// The agent's end of a connection, by carrier.
+enum AgentEnd {
+    /// END_STREAM was queued behind the client's bytes.
+    H2 {
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+    },
+    /// CLOSE_REQ is still to be sent, behind the client's bytes.
+    Mux(MuxConn),
+}
+
+impl Closing<'_> {
+    /// Waits up to [`CLOSE_LINGER`] for the agent to finish, discarding what it still sends
+    /// (the client reads nothing after its close), then resets what is left.
+    async fn finish(self) {
+        let mut discarded = 0usize;
+        match self.end {
+            AgentEnd::H2 { mut send, mut recv } => {
+                let drain = async {
+                    while let Some(data) = recv.data().await {
+                        let Ok(data) = data else { return false };
+                        discarded += data.len();
+                        let _ = recv.flow_control().release_capacity(data.len());
+                    }
+                    true
+                };
+                let finished = tokio::time::timeout(CLOSE_LINGER, drain).await;
+                if !matches!(finished, Ok(true)) {
+                    send.send_reset(h2::Reason::CANCEL);
+                }
+                tracing::debug!(
+                    discarded,
+                    finished = finished.is_ok(),
+                    "agent end closed after the client"
+                );
+            }
+            AgentEnd::Mux(mut conn) => {
+                let drain = async {
+                    conn.close().await.ok()?;
+                    loop {
+                        match conn.recv().await.ok()? {
+                            Event::Data(data) => discarded += data.len(),
+                            Event::Closed(_) => return Some(()),
+                        }
+                    }
+                };
+                let finished = tokio::time::timeout(CLOSE_LINGER, drain).await;
+                tracing::debug!(
+                    discarded,
+                    finished = matches!(finished, Ok(Some(()))),
+                    "agent end closed after the client"
+                );
+                // Dropping the connection forgets it on the agent's stream.
+            }
+        }
+    }
+}
+
+/// Serves one Proxy stream until the connection is over for the client; what is left to close
+/// at the agent's end comes back, to finish after the client's call has ended.
+async fn serve<'a>(
+    shared: &'a Shared,
+    mut inbound: Streaming<Packet>,
+    tx: &Outbound,
+    connect_id: i64,
+) -> Option<Closing<'a>> {
     shared
         .metrics
         .frontend_connections
@@ -157,12 +253,12 @@ async fn serve(shared: &Shared, mut inbound: Streaming<Packet>, tx: &Outbound, c
         .inc();
     let dial = match first_packet(shared, &mut inbound).await {
         Ok(Some(dial)) => dial,
-        Ok(None) => return,
+        Ok(None) => return None,
         Err((reason, status)) => {
             count_request_error(shared, reason);
             tracing::info!(%status, "frontend request refused");
             let _ = tx.send(Err(status)).await;
-            return;
+            return None;
         }
     };
     let random = dial.random;
@@ -174,7 +270,7 @@ async fn serve(shared: &Shared, mut inbound: Streaming<Packet>, tx: &Outbound, c
             let _ = tx
                 .send(Ok(Packet::dial_failed(random, failure.reason_line())))
                 .await;
-            return;
+            return None;
         }
     };
 
@@ -182,14 +278,16 @@ async fn serve(shared: &Shared, mut inbound: Streaming<Packet>, tx: &Outbound, c
     async move {
         let dialed = tokio::select! {
             dialed = tunnel::open_counted(shared, &target) => dialed,
-            () = cancelled(&mut inbound, random) => {
+            why = cancelled(&mut inbound, random) => {
+                // Dropping the dial resets its stream at a native agent and sends DIAL_CLS to
+                // an upstream one; the route and the tunnel permit go with it.
                 shared
                     .metrics
                     .dials
                     .get_or_create(&ResultLabels { result: "cancelled" })
                     .inc();
-                tracing::info!("dial cancelled by the client");
-                return;
+                tracing::info!(why, "dial cancelled by the client");
+                return None;
             }
         };
         let tunnel = match dialed {
@@ -198,7 +296,7 @@ async fn serve(shared: &Shared, mut inbound: Streaming<Packet>, tx: &Outbound, c
                 let _ = tx
                     .send(Ok(Packet::dial_failed(random, failure.reason_line())))
                     .await;
-                return;
+                return None;
             }
         };
         if tx
@@ -207,20 +305,35 @@ async fn serve(shared: &Shared, mut inbound: Streaming<Packet>, tx: &Outbound, c
             .is_err()
         {
             tracing::info!("frontend left before the tunnel was established");
-            return;
+            return None;
         }
-        let _active = ActiveStream::new(&shared.metrics.streams_active);
+        let active = ActiveStream::new(&shared.metrics.streams_active);
         let bytes = &shared.metrics.bytes;
+        let ids = Ids { connect_id, random };
         let result = match tunnel.carried {
-            Carried::H2 { send, recv } => {
-                relay_h2(&mut inbound, tx, connect_id, send, recv, bytes).await
-            }
-            Carried::Mux(conn) => relay_mux(&mut inbound, tx, connect_id, conn, bytes).await,
+            Carried::H2 { send, recv } => relay_h2(&mut inbound, tx, ids, send, recv, bytes).await,
+            Carried::Mux(conn) => relay_mux(&mut inbound, tx, ids, conn, bytes).await,
         };
         match result {
-            Ok(()) => {
-                tracing::debug!("tunnel closed");
+            Ok(ended) => {
+                // Answered before the agent's end has finished: the client waits for nothing
+                // else, and reads nothing more.
                 let _ = tx.send(Ok(Packet::close_response(connect_id, ""))).await;
+                match ended {
+                    Ended::ByAgent => tracing::debug!("tunnel closed by the destination"),
+                    Ended::ByClient(end) => {
+                        tracing::debug!("tunnel closed by the client");
+                        return Some(Closing {
+                            end,
+                            _route: tunnel.route,
+                            _permit: tunnel._permit,
+                            _active: active,
+                        });
+                    }
+                }
+            }
+            Err(RelayError::DialCancelled) => {
+                tracing::info!("dial cancelled by the client (DIAL_CLS) after its answer");
             }
             Err(err) => {
                 tracing::info!(%err, "tunnel aborted");
@@ -232,10 +345,10 @@ async fn serve(shared: &Shared, mut inbound: Streaming<Packet>, tx: &Outbound, c
                 let _ = tx.send(Err(Status::aborted(err.to_string()))).await;
             }
         }
-        drop(tunnel.route);
+        None
     }
     .instrument(span)
-    .await;
+    .await
 }
 
 /// Waits for the dial request that opens every Proxy stream, within the header timeout.
@@ -284,23 +397,31 @@ fn parse_dial(dial: &DialRequest) -> Result<Target, DialFailure> {
         .map_err(|e: cplink_proto::target::TargetError| DialFailure::BadTarget(e.to_string()))
 }
 
-/// Resolves when the client cancels the dial `random` (DIAL_CLS) or leaves.
-async fn cancelled(inbound: &mut Streaming<Packet>, random: i64) {
+/// Resolves when the client cancels the dial `random` (DIAL_CLS) or leaves, saying which.
+async fn cancelled(inbound: &mut Streaming<Packet>, random: i64) -> &'static str {
     loop {
         match inbound.message().await {
             Ok(Some(Packet {
                 payload: Some(Payload::CloseDial(cancel)),
                 ..
-            })) if cancel.random == random => return,
+            })) if cancel.random == random => return "DIAL_CLS",
             Ok(Some(packet)) => {
                 tracing::debug!(
                     packet = packet_name(&packet),
                     "ignored before the dial answer"
                 );
             }
-            Ok(None) | Err(_) => return,
+            Ok(None) => return "the client ended its stream",
+            Err(_) => return "the client's stream failed",
         }
     }
+}
+
+/// The ids of one connection: the client's for its dial, the server's for the connection.
+#[derive(Clone, Copy)]
+struct Ids {
+    connect_id: i64,
+    random: i64,
 }
 
 /// What the client asked for next on an established connection.
@@ -314,7 +435,7 @@ enum FromClient {
 async fn next_from_client(
     inbound: &mut Streaming<Packet>,
     tx: &Outbound,
-    connect_id: i64,
+    ids: Ids,
 ) -> Result<FromClient, RelayError> {
     loop {
         let packet = match inbound.message().await {
@@ -323,11 +444,16 @@ async fn next_from_client(
             Err(status) => return Err(RelayError::Client(status)),
         };
         match packet.payload {
-            Some(Payload::Data(data)) if data.connect_id == connect_id => {
+            Some(Payload::Data(data)) if data.connect_id == ids.connect_id => {
                 return Ok(FromClient::Data(Bytes::from(data.data)));
             }
-            Some(Payload::CloseRequest(close)) if close.connect_id == connect_id => {
+            Some(Payload::CloseRequest(close)) if close.connect_id == ids.connect_id => {
                 return Ok(FromClient::Close);
+            }
+            // The client gave up on the dial as the answer crossed it: it will never use this
+            // connection.
+            Some(Payload::CloseDial(cancel)) if cancel.random == ids.random => {
+                return Err(RelayError::DialCancelled);
             }
             Some(Payload::Data(data)) => unknown(tx, data.connect_id).await?,
             Some(Payload::CloseRequest(close)) => unknown(tx, close.connect_id).await?,
@@ -370,21 +496,21 @@ async fn to_client(
 
 /// Relays between the client and a native agent's HTTP/2 stream.
 ///
-/// When the client closes, END_STREAM tells the agent to finish writing and shut down its
-/// socket; its remaining bytes are passed on until its END_STREAM, for at most [`CLOSE_LINGER`].
-/// When the agent finishes first, the connection is over (konnectivity has no half-close).
+/// When the client closes, END_STREAM follows its last bytes to the agent, which finishes
+/// writing and shuts its socket down; the rest is [`Closing::finish`]'s. When the agent
+/// finishes first, the connection is over (konnectivity has no half-close).
 async fn relay_h2(
     inbound: &mut Streaming<Packet>,
     tx: &Outbound,
-    connect_id: i64,
+    ids: Ids,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     counters: &pump::ByteCounters,
-) -> Result<(), RelayError> {
+) -> Result<Ended, RelayError> {
     let result = {
         let up = async {
             loop {
-                match next_from_client(inbound, tx, connect_id).await? {
+                match next_from_client(inbound, tx, ids).await? {
                     FromClient::Data(data) => {
                         let len = data.len() as u64;
                         pump::send_all(&mut send, data)
@@ -408,7 +534,7 @@ async fn relay_h2(
                     // An END_STREAM frame without payload: nothing to pass on.
                     continue;
                 }
-                to_client(tx, connect_id, data, &counters.stream_to_socket).await?;
+                to_client(tx, ids.connect_id, data, &counters.stream_to_socket).await?;
                 recv.flow_control()
                     .release_capacity(len)
                     .map_err(|e| RelayError::Agent(e.to_string()))?;
@@ -425,70 +551,81 @@ async fn relay_h2(
             }
             Ok(())
         };
-        until_done(up, down).await
+        first_to_end(up, down).await
     };
-    match &result {
-        // The agent finished (or both did): end ours too, without a reset.
-        Ok(()) => {
+    match result {
+        Ok(Side::Client) => Ok(Ended::ByClient(AgentEnd::H2 { send, recv })),
+        // The agent finished: end ours too, without a reset.
+        Ok(Side::Agent) => {
             let _ = send.send_data(Bytes::new(), true);
+            Ok(Ended::ByAgent)
         }
-        Err(_) => send.send_reset(h2::Reason::CANCEL),
+        Err(err) => {
+            send.send_reset(h2::Reason::CANCEL);
+            Err(err)
+        }
     }
-    result
 }
 
-/// Relays between the client and a connection on an upstream agent's shared stream.
+/// Relays between the client and a connection on an upstream agent's shared stream. When the
+/// client closes, CLOSE_REQ is [`Closing::finish`]'s to send, after the client's last bytes.
 async fn relay_mux(
     inbound: &mut Streaming<Packet>,
     tx: &Outbound,
-    connect_id: i64,
+    ids: Ids,
     mut conn: MuxConn,
     counters: &pump::ByteCounters,
-) -> Result<(), RelayError> {
+) -> Result<Ended, RelayError> {
     let sender = conn.sender();
     let agent = |e: cplink_proto::konnectivity::mux::MuxError| RelayError::Agent(e.to_string());
-    let up = async {
-        loop {
-            match next_from_client(inbound, tx, connect_id).await? {
-                FromClient::Data(data) => {
-                    let len = data.len() as u64;
-                    sender.send(data).await.map_err(agent)?;
-                    counters.socket_to_stream.inc_by(len);
+    let result = {
+        let up = async {
+            loop {
+                match next_from_client(inbound, tx, ids).await? {
+                    FromClient::Data(data) => {
+                        let len = data.len() as u64;
+                        sender.send(data).await.map_err(agent)?;
+                        counters.socket_to_stream.inc_by(len);
+                    }
+                    FromClient::Close => return Ok(()),
                 }
-                FromClient::Close => return sender.close().await.map_err(agent),
             }
-        }
-    };
-    let down = async {
-        loop {
-            match conn.recv().await.map_err(agent)? {
-                Event::Data(data) => {
-                    to_client(tx, connect_id, data, &counters.stream_to_socket).await?;
+        };
+        let down = async {
+            loop {
+                match conn.recv().await.map_err(agent)? {
+                    Event::Data(data) => {
+                        to_client(tx, ids.connect_id, data, &counters.stream_to_socket).await?;
+                    }
+                    Event::Closed(None) => return Ok(()),
+                    Event::Closed(Some(error)) => return Err(RelayError::Agent(error)),
                 }
-                Event::Closed(None) => return Ok(()),
-                Event::Closed(Some(error)) => return Err(RelayError::Agent(error)),
             }
-        }
+        };
+        first_to_end(up, down).await
     };
-    until_done(up, down).await
+    match result {
+        Ok(Side::Client) => Ok(Ended::ByClient(AgentEnd::Mux(conn))),
+        Ok(Side::Agent) => Ok(Ended::ByAgent),
+        // Dropping the connection closes it towards the agent.
+        Err(err) => Err(err),
+    }
 }
 
-/// Runs both directions of a relay. When the client's side ends first, the agent's gets
-/// [`CLOSE_LINGER`] to finish; when the agent's ends first, the connection is over
-/// (konnectivity has no half-close).
-async fn until_done(
+/// Which side of a relay ended it.
+enum Side {
+    Client,
+    Agent,
+}
+
+/// Runs both directions of a relay until either ends or fails.
+async fn first_to_end(
     up: impl Future<Output = Result<(), RelayError>>,
     down: impl Future<Output = Result<(), RelayError>>,
-) -> Result<(), RelayError> {
-    tokio::pin!(up, down);
+) -> Result<Side, RelayError> {
     tokio::select! {
-        closed = &mut up => match closed {
-            Ok(()) => tokio::time::timeout(CLOSE_LINGER, down)
-                .await
-                .unwrap_or(Err(RelayError::Linger)),
-            Err(err) => Err(err),
-        },
-        finished = &mut down => finished,
+        closed = up => closed.map(|()| Side::Client),
+        finished = down => finished.map(|()| Side::Agent),
     }
 }
 

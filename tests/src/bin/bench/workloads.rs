@@ -22,7 +22,9 @@ pub const MESSAGE: usize = 64;
 
 /// What the destination does with a connection, chosen by the client's first byte.
 mod op {
-    /// Read until end of stream, then answer the byte count as a big-endian u64.
+    /// Read frames (a big-endian u32 length, then that many bytes) until an empty one, then
+    /// answer the byte count as a big-endian u64. The end is in the stream, not a half-close:
+    /// the gRPC frontend's close (CLOSE_REQ) ends the whole connection, as konnectivity's does.
     pub const UPLOAD: u8 = b'U';
     /// Followed by a big-endian u64: send that many bytes, then end the stream.
     pub const DOWNLOAD: u8 = b'D';
@@ -54,7 +56,7 @@ async fn serve(mut stream: TcpStream) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     match stream.read_u8().await? {
         op::UPLOAD => {
-            let total = count_to_end(&mut stream).await?;
+            let total = count_frames(&mut stream).await?;
             stream.write_u64(total).await?;
             stream.shutdown().await
         }
@@ -227,6 +229,27 @@ pub async fn upload(route: &Route, bytes: u64) -> anyhow::Result<Duration> {
     Ok(start.elapsed())
 }
 
+/// Reads frames until an empty one, [`CHUNK`] bytes at a time; returns how many bytes came.
+async fn count_frames<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let mut left = stream.read_u32().await? as usize;
+        if left == 0 {
+            return Ok(total);
+        }
+        while left > 0 {
+            let want = left.min(buf.len());
+            let n = stream.read(&mut buf[..want]).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            left -= n;
+            total += n as u64;
+        }
+    }
+}
+
 /// Reads until end of stream, [`CHUNK`] bytes at a time; returns how many bytes came.
 async fn count_to_end<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<u64> {
     let mut buf = vec![0u8; CHUNK];
@@ -237,6 +260,13 @@ async fn count_to_end<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<u
             n => total += n as u64,
         }
     }
+}
+
+/// Writes `data` as one upload frame.
+async fn write_frame<S: AsyncWrite + Unpin>(stream: &mut S, data: &[u8]) -> std::io::Result<()> {
+    let len = u32::try_from(data.len()).map_err(std::io::Error::other)?;
+    stream.write_u32(len).await?;
+    stream.write_all(data).await
 }
 
 /// Writes `bytes` copies of `byte`, [`CHUNK`] bytes at a time.
@@ -259,8 +289,16 @@ async fn write_filler<S: AsyncWrite + Unpin>(
 
 async fn send_upload(stream: &mut Box<dyn Io>, bytes: u64) -> anyhow::Result<()> {
     stream.write_u8(op::UPLOAD).await?;
-    write_filler(stream, 0x5a, bytes).await?;
-    stream.shutdown().await?;
+    let buf = vec![0x5au8; CHUNK];
+    let mut remaining = bytes;
+    while remaining > 0 {
+        let n = buf
+            .len()
+            .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+        write_frame(stream, &buf[..n]).await?;
+        remaining -= n as u64;
+    }
+    stream.write_u32(0).await?;
     let received = stream.read_u64().await?;
     anyhow::ensure!(
         received == bytes,
@@ -392,7 +430,7 @@ pub async fn round_trips_under_bulk(
             let buf = vec![0x5au8; CHUNK];
             let mut filled = Some(filled);
             while !stop.load(Ordering::Relaxed) {
-                bulk.write_all(&buf).await?;
+                write_frame(&mut bulk, &buf).await?;
                 let total = sent.fetch_add(buf.len() as u64, Ordering::Relaxed);
                 // Every buffer on the way is full long before 16 MiB went through.
                 if total >= 16 << 20
@@ -401,7 +439,7 @@ pub async fn round_trips_under_bulk(
                     let _ = filled.send(());
                 }
             }
-            bulk.shutdown().await?;
+            bulk.write_u32(0).await?;
             let received = bulk.read_u64().await?;
             let total = sent.load(Ordering::Relaxed);
             anyhow::ensure!(
