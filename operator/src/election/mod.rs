@@ -427,6 +427,8 @@ impl<S: LeaseStore> Elector<S> {
     fn lose(&mut self, why: LostLeadership) -> Renewal {
         tracing::error!(reason = %why, "lost leadership");
         self.metrics.leader.set(0);
+        // The new leader reports the links from now on; what this replica saw goes stale.
+        self.metrics.forget_links();
         let holder = match &why {
             LostLeadership::TakenBy(holder) => Some(holder.clone()),
             LostLeadership::RenewDeadline(_) => None,

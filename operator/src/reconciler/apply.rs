@@ -53,6 +53,7 @@ pub(super) async fn apply(link: &ControlPlaneLink, ctx: &Context) -> Result<Acti
             tracing::warn!(link = %key(link), %invalid, "invalid spec");
             let status = status::invalid_status(old, &invalid, generation, &now_time);
             write_status(&links, &name, &status).await?;
+            ctx.metrics.record_status(&ns, &name, &status);
             publish(ctx, link, status::transitions(old, &status, false)).await;
             // Only a spec change can fix this, and that triggers a reconcile by itself.
             return Ok(Action::await_change());
@@ -80,6 +81,7 @@ pub(super) async fn apply(link: &ControlPlaneLink, ctx: &Context) -> Result<Acti
             };
             let status = status::desired_status(old, &observed, &now_time);
             write_status(&links, &name, &status).await?;
+            ctx.metrics.record_status(&ns, &name, &status);
             publish(ctx, link, status::transitions(old, &status, false)).await;
             return Ok(Action::requeue(CA_RETRY_INTERVAL));
         }
@@ -134,6 +136,13 @@ pub(super) async fn apply(link: &ControlPlaneLink, ctx: &Context) -> Result<Acti
     };
     let status = status::desired_status(old, &observed, &now_time);
     write_status(&links, &name, &status).await?;
+    ctx.metrics.record_status(&ns, &name, &status);
+    let expiries: Vec<(&'static str, i64)> = issued
+        .expiries
+        .iter()
+        .map(|(kind, not_after)| (*kind, not_after.unix_timestamp()))
+        .collect();
+    ctx.metrics.record_certificates(&ns, &name, &expiries);
     publish(ctx, link, status::transitions(old, &status, issued.renewed)).await;
 
     let next = next_check(issued.renew_at, now);

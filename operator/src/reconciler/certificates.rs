@@ -21,6 +21,9 @@ pub(super) struct Issued {
     pub(super) egress: Secret,
     /// Earliest expiry among CA and leaves.
     pub(super) not_after: OffsetDateTime,
+    /// Expiry of each certificate, by the `certificate` label of
+    /// `cplink_operator_certificate_expiry_timestamp_seconds`.
+    pub(super) expiries: Vec<(&'static str, OffsetDateTime)>,
     /// Earliest renewal among CA and leaves.
     pub(super) renew_at: OffsetDateTime,
     /// Whether an existing certificate was replaced in this pass.
@@ -102,6 +105,7 @@ pub(super) async fn certificates(
     let (dns_names, ips) = plan.server_sans();
     let leaves = [
         (
+            "server",
             names.server_tls_secret(),
             Profile::Server {
                 common_name: names.server(),
@@ -110,12 +114,14 @@ pub(super) async fn certificates(
             },
         ),
         (
+            "agent",
             names.agent_tls_secret(),
             Profile::Client {
                 common_name: "cplink-agent".into(),
             },
         ),
         (
+            "apiserver",
             names.egress_secret(),
             Profile::Client {
                 common_name: "cplink-apiserver".into(),
@@ -124,8 +130,9 @@ pub(super) async fn certificates(
     ];
     let mut not_after = ca_info.not_after;
     let mut renew_at = ca_info.renew_at(renew_before);
+    let mut expiries = vec![("ca", ca_info.not_after)];
     let mut pairs: Vec<CertPair> = Vec::with_capacity(leaves.len());
-    for (secret_name, profile) in &leaves {
+    for (kind, secret_name, profile) in &leaves {
         let stored = get_secret(api, secret_name).await?;
         let stored_leaf = stored.as_ref().and_then(secrets::read_leaf);
         let (pair, info) =
@@ -139,6 +146,7 @@ pub(super) async fn certificates(
                 }
             };
         not_after = not_after.min(info.not_after);
+        expiries.push((*kind, info.not_after));
         renew_at = renew_at.min(info.renew_at(renew_before));
         // `reusable_leaf` only succeeds for a parsed stored leaf, so the pair is always present.
         pairs.extend(pair);
@@ -151,6 +159,7 @@ pub(super) async fn certificates(
         egress: secrets::egress_secret(plan, &apiserver, &ca.cert_pem)?,
         ca: ca_secret,
         not_after,
+        expiries,
         renew_at,
         renewed,
     })))

@@ -30,6 +30,7 @@ pub(super) async fn cleanup(link: &ControlPlaneLink, ctx: &Context) -> Result<Ac
         delete_ignoring_missing(&cluster_bindings, &name).await?;
         delete_ignoring_missing(&cluster_roles, &name).await?;
     }
+    ctx.metrics.forget_link(&ns, &link.name_any());
     tracing::info!(link = %key(link), "cleaned up cluster-scoped objects");
     Ok(Action::await_change())
 }

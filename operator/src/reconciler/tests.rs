@@ -661,6 +661,8 @@ async fn the_status_counts_the_agents_linked_to_each_running_server() {
     let metrics = "# TYPE cplink_server_agents_linked gauge\ncplink_server_agents_linked 3\n";
     let admin = crate::linked::fixtures::admin_endpoint(200, metrics).await;
     let (ctx, verifier) = context_reading_servers_on(admin.port());
+    // Only the metrics are kept: the verifier ends once the context's client is dropped.
+    let metrics = ctx.metrics.clone();
     let link = ControlPlaneLink::test().finalized();
     let (result, recorded) = reconcile_in(
         Arc::new(ctx),
@@ -689,6 +691,63 @@ async fn the_status_counts_the_agents_linked_to_each_running_server() {
         result.expect("an unreadable server fails nothing"),
         Action::requeue(LINKS_RECHECK_INTERVAL),
         "links are read again soon while a server is unaccounted for"
+    );
+    // The metrics say what the status says, under the link's namespace and name.
+    let metrics = metrics.encode().expect("metrics");
+    let series = |name: &str, labels: &str| {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "{name}{{namespace=\"{NS}\",link=\"link\"{labels}}} "
+                ))
+            })
+            .map(str::to_owned)
+    };
+    let linked = series(
+        "cplink_operator_link_server_agents_linked",
+        ",pod=\"link-server-a\"",
+    );
+    assert_eq!(linked.as_deref(), Some("3"), "{metrics}");
+    assert_eq!(
+        series(
+            "cplink_operator_link_server_agents_linked",
+            ",pod=\"link-server-b\""
+        ),
+        None,
+        "{metrics}"
+    );
+    assert_eq!(
+        series("cplink_operator_link_servers_desired", "").as_deref(),
+        Some("2"),
+        "{metrics}"
+    );
+    assert_eq!(
+        series("cplink_operator_link_condition", ",condition=\"Ready\"").as_deref(),
+        Some("0"),
+        "{metrics}"
+    );
+    let not_after = recorded.status["certificates"]["notAfter"]
+        .as_str()
+        .expect("notAfter")
+        .parse::<k8s_openapi::jiff::Timestamp>()
+        .expect("a timestamp")
+        .as_second();
+    let expiries: Vec<i64> = ["ca", "server", "agent", "apiserver"]
+        .iter()
+        .map(|kind| {
+            series(
+                "cplink_operator_certificate_expiry_timestamp_seconds",
+                &format!(",certificate=\"{kind}\""),
+            )
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no expiry of {kind} in {metrics}"))
+        })
+        .collect();
+    assert_eq!(
+        expiries.iter().min(),
+        Some(&not_after),
+        "the earliest is the status' notAfter"
     );
 }
 
@@ -840,10 +899,19 @@ async fn an_api_error_fails_the_reconcile_and_error_policy_requeues_with_backoff
 
 #[tokio::test]
 async fn deleting_a_link_removes_its_cluster_rbac_then_the_finalizer() {
+    let (ctx, verifier) = test_context();
+    let metrics = ctx.metrics.clone();
+    metrics.record_certificates(NS, "link", &[("ca", 2_000_000_000)]);
+    assert!(metrics.encode().expect("metrics").contains("link=\"link\""));
     let link = ControlPlaneLink::test().finalized().deleting();
-    let (result, recorded) = reconcile_with(link, Scenario::Cleanup).await;
+    let (result, recorded) = reconcile_in(ctx, verifier, link, Scenario::Cleanup).await;
     assert_eq!(result.expect("cleanup succeeds"), Action::await_change());
     assert_eq!(recorded.deleted.len(), 4);
+    let metrics = metrics.encode().expect("metrics");
+    assert!(
+        !metrics.contains("link=\"link\""),
+        "the link's series go with it: {metrics}"
+    );
 }
 
 #[tokio::test]
