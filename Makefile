@@ -8,7 +8,7 @@ export CPLINK_PYTHON := $(PYTHON)
 # Where cargo puts what it builds (honours CARGO_TARGET_DIR, as cargo does).
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: all build test lint fmt crds demo demo-down bench bench-scale setup kube
+.PHONY: all build test lint fmt crds metric-names demo demo-down bench bench-scale setup kube
 
 all: build
 
@@ -42,10 +42,16 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-## crds: regenerate the CRD from the operator's types, in crds/ and in the chart
+## crds: regenerate the CRD from the operator's types, in crds/ and in the chart (whose
+# templates/crds.yaml renders it, so that `helm upgrade` updates it)
 crds:
 	$(CARGO) run --quiet -p cplink-operator --bin crdgen > crds/controlplanelinks.cplink.dev.yaml
-	cp crds/controlplanelinks.cplink.dev.yaml charts/cplink/crds/controlplanelinks.cplink.dev.yaml
+	cp crds/controlplanelinks.cplink.dev.yaml charts/cplink/files/crds/controlplanelinks.cplink.dev.yaml
+
+## metric-names: list the metric families the binaries export, which the chart's alerts and
+# dashboard may name (tests/helm checks them against it)
+metric-names:
+	$(CARGO) run --quiet -p cplink-e2e --bin cplink-metric-names > tests/helm/exported-metrics.txt
 
 ## demo: a local Kubernetes cluster with cplink, kube-apiserver wired through the tunnel
 # Returns once `kubectl logs` works through the tunnel; the cluster keeps running until

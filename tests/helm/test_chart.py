@@ -65,13 +65,38 @@ def test_chart_version_follows_the_workspace(chart):
         assert chart.metadata.get(field), field
 
 
-def test_crds_are_the_generated_ones(chart):
+def test_the_charts_crd_is_the_generated_one(chart):
     generated = (REPO / "crds" / CRD).read_text()
-    assert (CHART / "crds" / CRD).read_text() == generated, "run `make crds`"
-    crds = chart.crds
-    assert [c["name"] for c in crds] == [f"crds/{CRD}"]
-    crd = yaml.safe_load(crds[0]["data"])
-    assert crd["metadata"]["name"] == "controlplanelinks.cplink.dev"
+    assert (CHART / "files" / "crds" / CRD).read_text() == generated, "run `make crds`"
+    # Not under crds/, which Helm installs once and never upgrades: templates/crds.yaml.
+    assert chart.crds == []
+    assert not (CHART / "crds").exists()
+
+
+def test_the_crd_renders_as_generated_with_the_releases_labels_and_keep(chart):
+    generated = yaml.safe_load((REPO / "crds" / CRD).read_text())
+    crd = one(render(chart), "CustomResourceDefinition")
+    metadata = crd["metadata"]
+    labels = metadata.pop("labels")
+    annotations = metadata.pop("annotations")
+    assert crd == generated, "the template changes nothing but labels and annotations"
+    assert labels == {
+        "helm.sh/chart": f"cplink-{chart.version}",
+        "app.kubernetes.io/name": "cplink",
+        "app.kubernetes.io/instance": "cplink",
+        "app.kubernetes.io/version": chart.metadata["appVersion"],
+        "app.kubernetes.io/managed-by": "Helm",
+        "app.kubernetes.io/component": "crds",
+    }
+    assert annotations == {"helm.sh/resource-policy": "keep"}
+
+
+def test_the_crd_follows_crds_enabled_and_keep(chart):
+    crd = one(render(chart, {"crds": {"keep": False}}), "CustomResourceDefinition")
+    assert "annotations" not in crd["metadata"]
+    assert crd["metadata"]["labels"]["app.kubernetes.io/component"] == "crds"
+    objects = render(chart, {"crds": {"enabled": False}})
+    assert "CustomResourceDefinition" not in {o["kind"] for o in objects}
 
 
 # Values whose defaults are Kubernetes objects, documented as a whole.
@@ -106,6 +131,7 @@ def test_default_render(chart):
     assert kinds == [
         "ClusterRole",
         "ClusterRoleBinding",
+        "CustomResourceDefinition",
         "Deployment",
         "PodDisruptionBudget",
         "Role",
@@ -342,7 +368,11 @@ def test_existing_service_account_and_no_rbac(chart):
     objects = render(
         chart, {"serviceAccount": {"create": False, "name": "mine"}, "rbac": {"create": False}}
     )
-    assert sorted(o["kind"] for o in objects) == ["Deployment", "PodDisruptionBudget"]
+    assert sorted(o["kind"] for o in objects) == [
+        "CustomResourceDefinition",
+        "Deployment",
+        "PodDisruptionBudget",
+    ]
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "mine"
 

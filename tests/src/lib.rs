@@ -14,7 +14,8 @@
 //! - [`cli`]: a binary's command line: refused flags, `--help`.
 //! - [`cgroups`]: removing the cgroups test containers leave on the host.
 //! - [`http1`]: plain HTTP/1.1 requests, to admin endpoints and etcd's JSON gateway.
-//! - [`metrics`]: counters in the Prometheus text admin endpoints serve.
+//! - [`metrics`]: counters in the Prometheus text admin endpoints serve; the metric families
+//!   the binaries export.
 //! - [`procfs`]: a process's memory, CPU time and descendants, from `/proc`.
 //!
 //! In-process, on loopback:

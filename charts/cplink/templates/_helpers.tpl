@@ -65,3 +65,14 @@ app.kubernetes.io/component: operator
 {{- define "cplink.leaseName" -}}
 {{- default (include "cplink.fullname" .) .Values.leaderElection.leaseName }}
 {{- end }}
+
+{{/*
+Labels of the monitoring objects: the chart's, with component "monitoring", plus the extra
+labels given (for a Prometheus' or Grafana's selectors). Called with (list . extraLabels).
+*/}}
+{{- define "cplink.monitoringLabels" -}}
+{{- $root := index . 0 }}
+{{- $labels := include "cplink.commonLabels" $root | fromYaml }}
+{{- $_ := set $labels "app.kubernetes.io/component" "monitoring" }}
+{{- toYaml (merge $labels (deepCopy (index . 1 | default dict))) }}
+{{- end }}
