@@ -2,7 +2,9 @@
 //! operator as a pod with nothing but the chart's RBAC and a link from the values becomes
 //! Ready, one of its two replicas holding the leader Lease; `upgrade` with a changed value rolls
 //! the operator and the Lease passes to a new pod; `uninstall` (after the link is
-//! removed, as the chart's NOTES say) leaves none of the release's objects behind.
+//! removed, as the chart's NOTES say) leaves none of the release's objects behind. On the way,
+//! the pods' metrics are read: every family is one the chart may name, and the operator
+//! reports the link.
 
 use std::time::Duration;
 
@@ -11,7 +13,7 @@ use cplink_e2e::stack::{
     self, AGENT_SERVICE, FRONTEND_SERVICE, LINK, NAMESPACE, OPERATOR, RELEASE, STEP, Stack,
     StackOptions,
 };
-use cplink_e2e::wait;
+use cplink_e2e::{http1, metrics, wait, workspace};
 use serde_json::json;
 
 /// The release's link, from values: one server, its Services reached through the forwarder
@@ -76,6 +78,77 @@ async fn wait_leader(stack: &Stack, pods: &[String]) -> anyhow::Result<String> {
     Ok(holder)
 }
 
+/// Admin ports of the chart's operator (`adminPort`) and of the link's servers and agents.
+const ADMIN_PORTS: [(&str, u16); 3] = [("operator", 8080), ("server", 8095), ("agent", 8096)];
+
+/// Every family the running pods export is one the chart's alerts and dashboard may name
+/// (`tests/helm/exported-metrics.txt`), and the operator reports the link it made Ready: its
+/// condition, each server pod's linked agents and every certificate's expiry.
+async fn scrape_metrics(stack: &Stack) -> anyhow::Result<()> {
+    let listed = std::fs::read_to_string(workspace::root().join(metrics::EXPORTED_FAMILIES_PATH))?;
+    let link = format!("namespace=\"{NAMESPACE}\",link=\"{LINK}\"");
+    let servers = stack.pods("server")?;
+    let last = std::sync::Mutex::new(String::new());
+    let (servers_ref, link_ref, last_ref) = (&servers, &link, &last);
+    wait::until_async(
+        "the operator to report every agent linked",
+        STEP,
+        || async move {
+            let mut pages = String::new();
+            for (_, _, ip) in stack.pods("operator").unwrap_or_default() {
+                let Ok(address) = format!("{ip}:{}", ADMIN_PORTS[0].1).parse() else {
+                    continue;
+                };
+                if let Ok(page) = http1::get(address, "/metrics").await {
+                    pages.push_str(&page);
+                }
+            }
+            let linked = servers_ref.iter().all(|(pod, _, _)| {
+                let linked = format!(
+                    "cplink_operator_link_server_agents_linked{{{link_ref},pod=\"{pod}\"}} 2"
+                );
+                pages.lines().any(|l| l == linked)
+            });
+            *last_ref
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = pages;
+            linked
+        },
+    )
+    .await
+    .map_err(|e| e.context(last.lock().map(|l| l.clone()).unwrap_or_default()))?;
+    let operator = last.into_inner().unwrap_or_default();
+    let ready = format!("cplink_operator_link_condition{{{link},condition=\"Ready\"}} 1");
+    assert!(operator.lines().any(|l| l == ready), "{operator}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64();
+    for certificate in ["ca", "server", "agent", "apiserver"] {
+        let series = format!(
+            "cplink_operator_certificate_expiry_timestamp_seconds{{{link},certificate=\"{certificate}\"}} "
+        );
+        let expiry = operator
+            .lines()
+            .find_map(|l| l.strip_prefix(&series)?.parse::<f64>().ok());
+        assert!(expiry.is_some_and(|t| t > now), "{certificate}: {operator}");
+    }
+    for (component, port) in ADMIN_PORTS {
+        let pods = stack.pods(component)?;
+        anyhow::ensure!(!pods.is_empty(), "no {component} pod");
+        for (pod, _, ip) in pods {
+            let page = http1::get(format!("{ip}:{port}").parse()?, "/metrics").await?;
+            for family in page.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+                assert!(
+                    listed.lines().any(|l| l == family),
+                    "{component} {pod} exports {family:?}, missing from {}: run `make metric-names`",
+                    metrics::EXPORTED_FAMILIES_PATH
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// How long the test may take: it takes 30 to 90 s.
 const DEADLINE: Duration = Duration::from_secs(300);
 
@@ -131,6 +204,8 @@ async fn install_upgrade_uninstall(steps: Steps) -> anyhow::Result<()> {
         )
         .await
         .map_err(|e| e.context(stack.diagnostics()))?;
+    steps.enter("reading the operator's, servers' and agents' metrics");
+    scrape_metrics(&stack).await?;
     for pod in &first {
         let log = stack.plane.kubectl_ok(&["logs", "-n", NAMESPACE, pod])?;
         assert!(
