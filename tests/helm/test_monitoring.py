@@ -351,3 +351,15 @@ def test_schema_rejects_wrong_monitoring_values(chart, values, named):
     with pytest.raises(HelmValuesError) as error:
         render(chart, values)
     assert named in str(error.value)
+
+
+def test_a_group_whose_alerts_are_all_disabled_is_left_out(chart):
+    certificates = {"CplinkCertificateExpiringSoon": True, "CplinkCertificateExpiryCritical": True}
+    objects = render(chart, {"prometheusRule": {"enabled": True, "disabled": certificates}})
+    groups = one(objects, "PrometheusRule")["spec"]["groups"]
+    assert [g["name"] for g in groups] == ["cplink.links", "cplink.operator"]
+    assert all(g["rules"] for g in groups)
+
+    everything = {name: True for name in ALERTS}
+    objects = render(chart, {**ALL_ON, "prometheusRule": {"enabled": True, "disabled": everything}})
+    assert [o for o in objects if o["kind"] == "PrometheusRule"] == []
