@@ -253,6 +253,7 @@ def test_one_replica_without_leader_election_is_recreated(chart):
     assert sorted(o["kind"] for o in objects) == [
         "ClusterRole",
         "ClusterRoleBinding",
+        "CustomResourceDefinition",
         "Deployment",
         "ServiceAccount",
     ]

@@ -283,7 +283,8 @@ def test_the_operator_down_alert_names_the_scraped_job(chart):
     objects = render(chart, ALL_ON)
     (down,) = [a for a in rules(objects) if a["alert"] == "CplinkOperatorDown"]
     service = one(objects, "Service")["metadata"]["name"]
-    assert selectors(down["expr"]) == [("up", {"job": service, "namespace": NAMESPACE})]
+    job = {"job": service, "namespace": NAMESPACE}
+    assert selectors(down["expr"]) == [("up", job), ("cplink_operator_leader", job)]
 
 
 def test_the_dashboard_is_a_configmap_for_the_grafana_sidecar(chart):

@@ -457,6 +457,31 @@ async fn a_leader_whose_lease_was_taken_stops_at_its_next_renewal() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_leader_that_loses_the_lease_drops_the_links_it_reported() {
+    let store = FakeLease::default();
+    let metrics = Arc::new(Metrics::default());
+    let mut a = Elector::new(
+        store.clone(),
+        "op-a".into(),
+        Timing::DEFAULT,
+        metrics.clone(),
+    );
+    assert!(a.acquire(&CancellationToken::new()).await);
+    metrics.record_certificates("tunnels", "edge", &[("ca", 2_000_000_000)]);
+    store.write_holder("op-c");
+    assert!(matches!(
+        a.renew(&CancellationToken::new()).await,
+        Renewal::Lost(_)
+    ));
+    let text = metrics.encode().expect("encodes");
+    assert!(
+        !text.contains("link=\"edge\""),
+        "the new leader reports it: {text}"
+    );
+    assert!(text.contains("cplink_operator_leader 0\n"), "{text}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_leader_rides_out_failures_shorter_than_the_renew_deadline() {
     let store = FakeLease::default();
     let mut a = elector(&store, "op-a");
