@@ -64,8 +64,11 @@ fn touch_server(metrics: cplink_server::metrics::Metrics) {
         connections_shed,
         bytes: _,
         konnectivity_overflows: _,
+        lease_renewals,
     } = metrics;
-    dials.get_or_create(&ResultLabels { result: "ok" }).inc();
+    for family in [&dials, &lease_renewals] {
+        family.get_or_create(&ResultLabels { result: "ok" }).inc();
+    }
     routed
         .get_or_create(&StrategyLabels { strategy: "node" })
         .inc();
