@@ -23,10 +23,9 @@ use cplink_proto::konnectivity::{
     DialRequest, PROTOCOL_TCP, Packet, Payload, ProxyService, ProxyServiceServer,
     UNRECOGNIZED_CONNECT_ID,
 };
-use cplink_proto::pump::{self, ActiveStream};
+use cplink_proto::pump::{self, ActiveStream, CountBytes};
 use cplink_proto::target::Target;
 use h2::{RecvStream, SendStream};
-use prometheus_client::metrics::counter::Counter;
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -181,7 +180,7 @@ async fn serve(shared: &Shared, mut inbound: Streaming<Packet>, tx: &Outbound, c
     let span = tracing::info_span!("dial", dest = %target, agent_id = tracing::field::Empty);
     async move {
         let dialed = tokio::select! {
-            dialed = tunnel::open_counted(shared, &target) => dialed,
+            dialed = tunnel::open_counted(shared, &target, "grpc") => dialed,
             () = cancelled(&mut inbound, random) => {
                 shared
                     .metrics
@@ -210,7 +209,7 @@ async fn serve(shared: &Shared, mut inbound: Streaming<Packet>, tx: &Outbound, c
             return;
         }
         let _active = ActiveStream::new(&shared.metrics.streams_active);
-        let bytes = &shared.metrics.bytes;
+        let bytes = &tunnel::counted(&shared.metrics.bytes, &tunnel.tracked, &tunnel.route);
         let result = match tunnel.carried {
             Carried::H2 { send, recv } => {
                 relay_h2(&mut inbound, tx, connect_id, send, recv, bytes).await
@@ -358,13 +357,13 @@ async fn to_client(
     tx: &Outbound,
     connect_id: i64,
     data: Bytes,
-    counter: &Counter,
+    counters: &impl CountBytes,
 ) -> Result<(), RelayError> {
     let len = data.len() as u64;
     tx.send(Ok(Packet::data(connect_id, data)))
         .await
         .map_err(|_| RelayError::ClientGone)?;
-    counter.inc_by(len);
+    counters.to_socket(len);
     Ok(())
 }
 
@@ -379,7 +378,7 @@ async fn relay_h2(
     connect_id: i64,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
-    counters: &pump::ByteCounters,
+    counters: &impl CountBytes,
 ) -> Result<(), RelayError> {
     let result = {
         let up = async {
@@ -390,7 +389,7 @@ async fn relay_h2(
                         pump::send_all(&mut send, data)
                             .await
                             .map_err(|e| RelayError::Agent(e.to_string()))?;
-                        counters.socket_to_stream.inc_by(len);
+                        counters.to_stream(len);
                     }
                     FromClient::Close => {
                         send.send_data(Bytes::new(), true)
@@ -408,7 +407,7 @@ async fn relay_h2(
                     // An END_STREAM frame without payload: nothing to pass on.
                     continue;
                 }
-                to_client(tx, connect_id, data, &counters.stream_to_socket).await?;
+                to_client(tx, connect_id, data, counters).await?;
                 recv.flow_control()
                     .release_capacity(len)
                     .map_err(|e| RelayError::Agent(e.to_string()))?;
@@ -443,7 +442,7 @@ async fn relay_mux(
     tx: &Outbound,
     connect_id: i64,
     mut conn: MuxConn,
-    counters: &pump::ByteCounters,
+    counters: &impl CountBytes,
 ) -> Result<(), RelayError> {
     let sender = conn.sender();
     let agent = |e: cplink_proto::konnectivity::mux::MuxError| RelayError::Agent(e.to_string());
@@ -453,7 +452,7 @@ async fn relay_mux(
                 FromClient::Data(data) => {
                     let len = data.len() as u64;
                     sender.send(data).await.map_err(agent)?;
-                    counters.socket_to_stream.inc_by(len);
+                    counters.to_stream(len);
                 }
                 FromClient::Close => return sender.close().await.map_err(agent),
             }
@@ -463,7 +462,7 @@ async fn relay_mux(
         loop {
             match conn.recv().await.map_err(agent)? {
                 Event::Data(data) => {
-                    to_client(tx, connect_id, data, &counters.stream_to_socket).await?;
+                    to_client(tx, connect_id, data, counters).await?;
                 }
                 Event::Closed(None) => return Ok(()),
                 Event::Closed(Some(error)) => return Err(RelayError::Agent(error)),
