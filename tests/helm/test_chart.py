@@ -103,7 +103,13 @@ def test_every_value_is_documented():
 def test_default_render(chart):
     objects = render(chart)
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"]
+    assert kinds == [
+        "ClusterRole",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "ServiceAccount",
+    ]
     for obj in objects:
         labels = obj["metadata"]["labels"]
         assert labels["helm.sh/chart"] == f"cplink-{chart.version}"
@@ -132,7 +138,9 @@ def test_default_render(chart):
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
 
-    role = one(objects, "ClusterRole")
+    (role,) = [
+        o for o in objects if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "cplink"
+    ]
     rules = {
         (group, resource): set(rule["verbs"])
         for rule in role["rules"]
@@ -149,6 +157,25 @@ def test_default_render(chart):
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "cplink", "namespace": NAMESPACE}
     ]
+
+
+def test_the_viewer_role_reads_links_pods_and_their_debug_views_only(chart):
+    objects = render(chart)
+    (viewer,) = [o for o in objects if o["metadata"]["name"] == "cplink-viewer"]
+    assert viewer["kind"] == "ClusterRole"
+    rules = {
+        (group, resource): sorted(rule["verbs"])
+        for rule in viewer["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+    assert rules == {
+        ("cplink.dev", "controlplanelinks"): ["get", "list"],
+        ("", "pods"): ["get", "list"],
+        ("", "pods/proxy"): ["get"],
+    }
+    off = render(chart, {"rbac": {"viewer": False}})
+    assert all(o["metadata"]["name"] != "cplink-viewer" for o in off)
 
 
 def test_every_option_renders(chart):
@@ -184,6 +211,7 @@ def test_every_option_renders(chart):
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert container["resources"] == values["resources"]
 
+    assert all(o["metadata"]["name"] != "edge-tunnel-viewer" for o in objects)
     account = one(objects, "ServiceAccount")
     assert account["metadata"]["name"] == "tunnel-operator"
     assert account["metadata"]["annotations"] == {"example.com/owner": "platform"}

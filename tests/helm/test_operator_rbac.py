@@ -29,7 +29,9 @@ def held() -> dict[tuple[str, str], set[str]]:
         for doc in yaml.safe_load_all(text)
         if doc
     ]
-    (role,) = [o for o in objects if o["kind"] == "ClusterRole"]
+    (role,) = [
+        o for o in objects if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "cplink"
+    ]
     verbs: dict[tuple[str, str], set[str]] = {}
     for rule in role["rules"]:
         assert "resourceNames" not in rule, rule
