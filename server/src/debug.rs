@@ -7,8 +7,10 @@
 //!   routing code as a dial, without dialing;
 //! - `/debug/check?node=NAME[&port=P]`: a dial to a node's kubelet port (10250 unless `port`)
 //!   through the tunnel, closed as soon as the agent answered: the latency or the exact
-//!   failure. It goes through the same routing and dial code as kube-apiserver's dials, but
-//!   counts in no dial metric, so probing does not move the dial-failure ratio.
+//!   failure. Like kube-apiserver it dials the node's address: the first its agent announces,
+//!   else (no agent of that node linked) the Node's InternalIP where the server reads Nodes,
+//!   else the name. It goes through the same routing and dial code as kube-apiserver's dials,
+//!   but counts in no dial metric, so probing does not move the dial-failure ratio.
 //!
 //! Lists are paged as [`cplink_runtime::introspect`] says.
 
@@ -87,7 +89,10 @@ impl Introspect for Views {
                 };
                 let shared = shared.clone();
                 Box::pin(async move {
-                    let info = check(&shared, &target).await;
+                    let info = match node_target(&shared, &target).await {
+                        Ok(dialed) => check(&shared, &dialed).await,
+                        Err(failure) => unchecked(&shared, &target, failure),
+                    };
                     drop(permit);
                     DebugReply::json(&info)
                 })
@@ -316,6 +321,62 @@ pub(crate) fn route(shared: &Shared, target: &Target) -> RouteInfo {
         node,
         strategy,
         refusal,
+    }
+}
+
+/// What a check of node `target` (a name and a port) dials: the node's address as its agent
+/// announces it, else its Node's InternalIP (when the server reads Nodes), else its name.
+async fn node_target(shared: &Shared, target: &Target) -> Result<Target, DialFailure> {
+    let Host::Name(name) = &target.host else {
+        return Ok(target.clone());
+    };
+    let at = |ip: std::net::IpAddr| Target {
+        host: Host::Ip(ip),
+        port: target.port,
+    };
+    if let Some(ip) = shared.registry.node_address(name) {
+        return Ok(at(ip));
+    }
+    let Some(api) = shared.config.identity.api() else {
+        return Ok(target.clone());
+    };
+    let lookup = async {
+        let client = api
+            .client()
+            .await
+            .map_err(|e| DialFailure::Unreachable(format!("cannot read Node {name}: {e}")))?;
+        let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+        nodes
+            .get_opt(name)
+            .await
+            .map_err(|e| DialFailure::Unreachable(format!("cannot read Node {name}: {e}")))
+    };
+    let budget = shared.config.dial_timeout;
+    let node = tokio::time::timeout(budget, lookup)
+        .await
+        .map_err(|_| DialFailure::Timeout(budget))??
+        .ok_or_else(|| DialFailure::Unreachable(format!("node {name} not found")))?;
+    let addresses = node.status.and_then(|s| s.addresses).unwrap_or_default();
+    let internal = addresses
+        .iter()
+        .filter(|a| a.type_ == "InternalIP")
+        .chain(addresses.iter().filter(|a| a.type_ == "ExternalIP"))
+        .find_map(|a| a.address.parse().ok());
+    Ok(internal.map_or_else(|| target.clone(), at))
+}
+
+/// The answer to a check that could not dial.
+fn unchecked(shared: &Shared, target: &Target, failure: DialFailure) -> CheckInfo {
+    CheckInfo {
+        server: shared.config.server_id.clone(),
+        destination: target.to_string(),
+        ok: false,
+        agent: None,
+        node: None,
+        strategy: None,
+        latency_seconds: 0.0,
+        error_kind: Some(failure.kind().to_owned()),
+        error: Some(failure.reason_line()),
     }
 }
 
@@ -590,6 +651,18 @@ mod tests {
             assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {err}");
             assert!(err["error"].is_string(), "{bad}: {err}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_check_dials_the_address_the_nodes_agent_announces() {
+        let shared = shared();
+        link(&shared.registry, "a", "node-a", "10.0.0.1", "10.244.1.0/24").await;
+        let target = |s: &str| s.parse::<Target>().unwrap();
+        let dialed = node_target(&shared, &target("NODE-A:10250")).await.unwrap();
+        assert_eq!(dialed.to_string(), "10.0.0.1:10250");
+        // Without an agent of that node nor Nodes to read, the name is all there is.
+        let dialed = node_target(&shared, &target("node-b:10255")).await.unwrap();
+        assert_eq!(dialed.to_string(), "node-b:10255");
     }
 
     #[tokio::test]

@@ -582,6 +582,19 @@ impl Registry {
             .collect()
     }
 
+    /// The first host IP the agent of node `name` announces (its Node's first address when
+    /// verified), if an agent of that node is linked.
+    pub fn node_address(&self, name: &str) -> Option<IpAddr> {
+        let state = self.read();
+        let host = Host::Name(name.to_owned());
+        state
+            .index
+            .node(&host)
+            .filter_map(|id| state.agents.get(id).and_then(|links| preferred(links)))
+            .filter(|link| link.serves_node(&host))
+            .find_map(|link| link.routes().host_ips.first().copied())
+    }
+
     /// Of `links`, all of one agent, the one new dials take.
     pub fn preferred_link(links: &[Arc<AgentLink>]) -> Option<&Arc<AgentLink>> {
         preferred(links)

@@ -239,6 +239,11 @@ async fn the_debug_views_show_live_tunnels_their_agents_and_routes() -> anyhow::
         view(admin, &format!("/debug/check?node=localhost&port={port}")).await?;
     assert!(reached.ok, "{reached:?}");
     assert_eq!(reached.agent.as_deref(), Some("agent-1"));
+    assert_eq!(
+        reached.destination,
+        destination.authority(),
+        "the node's address, as its agent announces it"
+    );
     assert!(reached.latency_seconds < 10.0);
     let closed = targets::closed_port()?;
     let refused: CheckInfo = view(
