@@ -173,6 +173,7 @@ def test_the_viewer_role_reads_links_pods_and_their_debug_views_only(chart):
         ("cplink.dev", "controlplanelinks"): ["get", "list"],
         ("", "pods"): ["get", "list"],
         ("", "pods/proxy"): ["get"],
+        ("apps", "deployments"): ["get"],
     }
     off = render(chart, {"rbac": {"viewer": False}})
     assert all(o["metadata"]["name"] != "cplink-viewer" for o in off)
