@@ -101,7 +101,8 @@ pub enum Command {
         #[arg(long)]
         node: Option<String>,
         /// Most connections listed per server.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 1000,
+              value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         limit: usize,
     },
     /// Dials the node's kubelet through each server and its agent, and closes at once: the
