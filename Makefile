@@ -7,8 +7,10 @@ PYTHON ?= $(CPLINK_CACHE)/venv/bin/python
 export CPLINK_PYTHON := $(PYTHON)
 # Where cargo puts what it builds (honours CARGO_TARGET_DIR, as cargo does).
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
+# Where `make install-plugin` installs kubectl-cplink: $(PREFIX)/bin.
+PREFIX ?= $(HOME)/.local
 
-.PHONY: all build test lint fmt crds metric-names demo demo-down bench bench-scale setup kube
+.PHONY: all build test lint fmt crds metric-names demo demo-down bench bench-scale setup kube install-plugin
 
 all: build
 
@@ -52,6 +54,12 @@ crds:
 # dashboard may name (tests/helm checks them against it)
 metric-names:
 	$(CARGO) run --quiet -p cplink-e2e --bin cplink-metric-names > tests/helm/exported-metrics.txt
+
+## install-plugin: build the kubectl plugin (release) and install it as $(PREFIX)/bin/kubectl-cplink
+# kubectl finds it on the PATH: `kubectl cplink status`.
+install-plugin:
+	$(CARGO) build --release --locked -p cplink-cli
+	install -D -m 0755 $(TARGET_DIR)/release/kubectl-cplink $(PREFIX)/bin/kubectl-cplink
 
 ## demo: a local Kubernetes cluster with cplink, kube-apiserver wired through the tunnel
 # Returns once `kubectl logs` works through the tunnel; the cluster keeps running until

@@ -112,6 +112,12 @@ pub struct Args {
     #[arg(long, env = "CPLINK_ADMIN_ADDRESS", default_value = "127.0.0.1:8096")]
     pub admin_address: SocketAddr,
 
+    /// Serve the read-only debug view /debug/links on the admin endpoint: every server address,
+    /// its links' servers, states, ages and tunneled connections, and why an address is down.
+    /// It names servers and their addresses: whoever reaches the admin port reads it.
+    #[arg(long, env = "CPLINK_DEBUG_ENDPOINTS")]
+    pub debug_endpoints: bool,
+
     /// On SIGTERM, how long in-flight tunneled connections may take to finish.
     #[arg(long, env = "CPLINK_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -298,6 +304,8 @@ pub struct Config {
     pub link_timeout: Duration,
     /// Drain budget on shutdown.
     pub drain_timeout: Duration,
+    /// Whether the admin endpoint serves the debug view.
+    pub debug_endpoints: bool,
     /// Link liveness.
     pub keepalive: KeepaliveConfig,
     /// Pauses between link attempts.
@@ -429,6 +437,7 @@ impl Args {
             dial_timeout: self.dial_timeout,
             link_timeout: Duration::from_secs(15),
             drain_timeout: self.drain_timeout,
+            debug_endpoints: self.debug_endpoints,
             keepalive: KeepaliveConfig {
                 interval: self.keepalive_interval,
                 timeout: self.keepalive_timeout,

@@ -12,6 +12,7 @@
 //!   Node's pod ranges.
 //! - `token` (the service-account token that proves the agent's pod to servers),
 //!   `grpc_metadata` (what konnectivity requests carry).
+//! - `debug`: the admin endpoint's read-only view of the links (`--debug-endpoints`).
 //! - [`config`]: command line and validated configuration; [`policy`]: which destinations may
 //!   be dialed; [`metrics`]: Prometheus metrics.
 //!
@@ -20,6 +21,7 @@
 
 mod cluster;
 pub mod config;
+mod debug;
 mod dial;
 mod grpc_metadata;
 mod link;
@@ -66,8 +68,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Whether the agent is shutting down.
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     fn readiness(&self) -> Result<(), String> {
-        if self.draining.load(Ordering::Relaxed) {
+        if self.is_draining() {
             return Err("shutting down".into());
         }
         self.links.readiness()
@@ -259,10 +266,14 @@ impl Agent {
         let admin_stop = CancellationToken::new();
         let admin_task = admin_listener.map(|listener| {
             let probe = shared.clone();
-            tokio::spawn(admin::serve(
+            let views = config
+                .debug_endpoints
+                .then(|| Arc::new(debug::Views(shared.clone())) as Arc<dyn admin::Introspect>);
+            tokio::spawn(admin::serve_with_debug(
                 listener,
                 self.prometheus.clone(),
                 Arc::new(move || probe.readiness()),
+                views,
                 admin_stop.clone(),
             ))
         });

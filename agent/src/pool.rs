@@ -178,6 +178,7 @@ async fn maintain<C: Connector>(
                     }
                     Err(err) => {
                         link::count_attempt(shared, err.kind());
+                        shared.links.failed(target.slot, err.to_string());
                         let delay = backoff.next_delay();
                         let delay_text = humantime::format_duration(delay);
                         let _enter = span.enter();

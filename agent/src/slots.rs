@@ -16,7 +16,9 @@
 //! `servers_known`, but its links stay (and count in `links_up`) until their servers close them.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
 
 use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
@@ -77,6 +79,8 @@ struct Slot {
     /// The server count the servers last reported, at least one.
     server_count: u32,
     retired: bool,
+    /// Why the last attempt on this address failed, until a link comes up.
+    last_error: Option<String>,
     up: Vec<Held>,
 }
 
@@ -84,7 +88,28 @@ struct Slot {
 struct Held {
     id: u64,
     info: LinkInfo,
+    since: SystemTime,
+    streams: Arc<AtomicUsize>,
     superseded: CancellationToken,
+}
+
+/// A slot as the debug view shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SlotView {
+    pub(crate) id: SlotId,
+    pub(crate) address: String,
+    pub(crate) retired: bool,
+    pub(crate) last_error: Option<String>,
+    pub(crate) links: Vec<LinkView>,
+}
+
+/// A link up, as the debug view shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LinkView {
+    pub(crate) id: u64,
+    pub(crate) server_id: String,
+    pub(crate) since: SystemTime,
+    pub(crate) streams: usize,
 }
 
 impl Slot {
@@ -109,9 +134,26 @@ pub(crate) struct HeldLink {
     id: u64,
     superseded: CancellationToken,
     replaced: bool,
+    streams: Arc<AtomicUsize>,
+}
+
+/// Counts a tunneled connection on its link while it lives.
+#[derive(Debug)]
+pub(crate) struct StreamCount(Arc<AtomicUsize>);
+
+impl Drop for StreamCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl HeldLink {
+    /// Counts a tunneled connection on this link until the count is dropped.
+    pub(crate) fn count_stream(&self) -> StreamCount {
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        StreamCount(self.streams.clone())
+    }
+
     /// Whether this link replaced an older link to the same server.
     pub(crate) fn replaced(&self) -> bool {
         self.replaced
@@ -180,6 +222,7 @@ impl Slots {
                 wants,
                 server_count: 1,
                 retired: false,
+                last_error: None,
                 up: Vec::new(),
             },
         );
@@ -237,9 +280,13 @@ impl Slots {
             }
         }
         let superseded = CancellationToken::new();
+        let streams = Arc::new(AtomicUsize::new(0));
+        entry.last_error = None;
         entry.up.push(Held {
             id,
             info,
+            since: SystemTime::now(),
+            streams: streams.clone(),
             superseded: superseded.clone(),
         });
         self.publish(&table);
@@ -249,7 +296,39 @@ impl Slots {
             id,
             superseded,
             replaced: duplicate.is_some(),
+            streams,
         })
+    }
+
+    /// Records why an attempt on `slot` failed, for the debug view.
+    pub(crate) fn failed(&self, slot: SlotId, error: String) {
+        if let Some(slot) = self.lock().slots.get_mut(&slot) {
+            slot.last_error = Some(error);
+        }
+    }
+
+    /// Every slot and its links up, in the order they were added.
+    pub(crate) fn views(&self) -> Vec<SlotView> {
+        self.lock()
+            .slots
+            .iter()
+            .map(|(id, slot)| SlotView {
+                id: *id,
+                address: slot.address.clone(),
+                retired: slot.retired,
+                last_error: slot.last_error.clone(),
+                links: slot
+                    .up
+                    .iter()
+                    .map(|held| LinkView {
+                        id: held.id,
+                        server_id: held.info.server_id.clone(),
+                        since: held.since,
+                        streams: held.streams.load(Ordering::Relaxed),
+                    })
+                    .collect(),
+            })
+            .collect()
     }
 
     /// Records how many servers the servers behind `slot` report; at least one.

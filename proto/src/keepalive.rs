@@ -37,11 +37,22 @@ pub enum KeepaliveError {
 }
 
 /// Pings forever; returns only when the link must be considered dead.
-pub async fn run(mut ping_pong: PingPong, config: KeepaliveConfig) -> KeepaliveError {
+pub async fn run(ping_pong: PingPong, config: KeepaliveConfig) -> KeepaliveError {
+    run_timed(ping_pong, config, |_| {}).await
+}
+
+/// [`run`], telling `answered` how long each PING took to be answered (the link's round trip,
+/// as seen by whoever introspects it).
+pub async fn run_timed(
+    mut ping_pong: PingPong,
+    config: KeepaliveConfig,
+    answered: impl Fn(Duration),
+) -> KeepaliveError {
     loop {
         tokio::time::sleep(config.interval).await;
+        let sent = tokio::time::Instant::now();
         match tokio::time::timeout(config.timeout, ping_pong.ping(Ping::opaque())).await {
-            Ok(Ok(_pong)) => {}
+            Ok(Ok(_pong)) => answered(sent.elapsed()),
             Ok(Err(err)) => return KeepaliveError::Closed(err),
             Err(_elapsed) => return KeepaliveError::Timeout(config.timeout),
         }
@@ -80,6 +91,25 @@ mod tests {
         assert!(
             watched.is_err(),
             "still alive after 20 intervals: {watched:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_answer_reports_its_round_trip() {
+        let (ping_pong, _client, mut server) = link().await;
+        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        let answers = std::sync::Mutex::new(Vec::new());
+        let watched = tokio::time::timeout(
+            CONFIG.interval * 3 + CONFIG.interval / 2,
+            run_timed(ping_pong, CONFIG, |rtt| answers.lock().unwrap().push(rtt)),
+        )
+        .await;
+        assert!(watched.is_err(), "still alive: {watched:?}");
+        let answers = answers.into_inner().unwrap();
+        assert_eq!(answers.len(), 3, "{answers:?}");
+        assert!(
+            answers.iter().all(|rtt| *rtt < CONFIG.timeout),
+            "{answers:?}"
         );
     }
 

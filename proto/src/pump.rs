@@ -113,6 +113,25 @@ impl From<[Counter; 2]> for ByteCounters {
     }
 }
 
+/// Where a pump counts the bytes it moves, as it moves them: metrics, and wherever else a
+/// caller keeps count (a server counts each connection and each agent link too).
+pub trait CountBytes: Sync {
+    /// `n` bytes read from the socket and sent on the stream.
+    fn to_stream(&self, n: u64);
+    /// `n` bytes received on the stream and written to the socket.
+    fn to_socket(&self, n: u64);
+}
+
+impl CountBytes for ByteCounters {
+    fn to_stream(&self, n: u64) {
+        self.socket_to_stream.inc_by(n);
+    }
+
+    fn to_socket(&self, n: u64) {
+        self.stream_to_socket.inc_by(n);
+    }
+}
+
 impl ByteCounters {
     /// The bytes counted so far, by direction.
     pub fn totals(&self) -> PumpStats {
@@ -166,21 +185,22 @@ impl PumpError {
 /// `initial` holds bytes already read from the socket (for example right behind a CONNECT
 /// request); they are sent first. On failure the stream is reset before returning; the caller
 /// closes the socket abortively.
-pub async fn pump<R, W>(
+pub async fn pump<R, W, C>(
     reader: &mut R,
     writer: &mut W,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     initial: Bytes,
-    counters: &ByteCounters,
+    counters: &C,
 ) -> Result<PumpStats, PumpError>
 where
     R: ReadChunk,
     W: AsyncWrite + Unpin + Send,
+    C: CountBytes,
 {
     let result = tokio::try_join!(
-        socket_to_stream(reader, &mut send, initial, &counters.socket_to_stream),
-        stream_to_socket(&mut recv, writer, &counters.stream_to_socket),
+        socket_to_stream(reader, &mut send, initial, counters),
+        stream_to_socket(&mut recv, writer, counters),
     );
     match result {
         Ok((socket_to_stream, stream_to_socket)) => Ok(PumpStats {
@@ -228,10 +248,10 @@ async fn socket_to_stream<R: ReadChunk>(
     reader: &mut R,
     send: &mut SendStream<Bytes>,
     initial: Bytes,
-    counter: &Counter,
+    counters: &impl CountBytes,
 ) -> Result<u64, PumpError> {
     let mut total = initial.len() as u64;
-    counter.inc_by(total);
+    counters.to_stream(total);
     send_all(send, initial).await?;
     let mut read_size = MIN_READ;
     loop {
@@ -257,7 +277,7 @@ async fn socket_to_stream<R: ReadChunk>(
             read_size = (read_size / 2).max(MIN_READ);
         }
         total += chunk.len() as u64;
-        counter.inc_by(chunk.len() as u64);
+        counters.to_stream(chunk.len() as u64);
         send_all(send, chunk).await?;
     }
 }
@@ -288,7 +308,7 @@ pub async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(
 async fn stream_to_socket<W: AsyncWrite + Unpin>(
     recv: &mut RecvStream,
     writer: &mut W,
-    counter: &Counter,
+    counters: &impl CountBytes,
 ) -> Result<u64, PumpError> {
     let mut total = 0u64;
     while let Some(data) = recv.data().await {
@@ -308,7 +328,7 @@ async fn stream_to_socket<W: AsyncWrite + Unpin>(
             .release_capacity(len)
             .map_err(PumpError::Stream)?;
         total += len as u64;
-        counter.inc_by(len as u64);
+        counters.to_socket(len as u64);
     }
     let trailers =
         poll_fn(|cx| recv.poll_trailers(cx))

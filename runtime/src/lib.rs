@@ -17,7 +17,9 @@
 //! - [`readahead`]: a read-ahead buffer under TLS, and [`forward_async_write!`] for wrappers
 //!   that change only how a transport is read.
 //! - [`accept`]: accept loops with backoff, a rate-limited error log and a handshake cap.
-//! - [`admin`]: the `/healthz`, `/readyz`, `/metrics` HTTP endpoint.
+//! - [`introspect`]: what the `/debug/...` views answer (JSON types shared with `kubectl
+//!   cplink`), their query parameters and paging.
+//! - [`admin`]: the `/healthz`, `/readyz`, `/metrics` HTTP endpoint, and the debug views.
 //! - [`kubeapi`]: where the Kubernetes API is, and a client for it made on first use.
 
 pub mod accept;
@@ -26,6 +28,7 @@ pub mod args;
 pub mod backoff;
 pub mod config;
 pub mod executor;
+pub mod introspect;
 pub mod kubeapi;
 pub mod malloc;
 pub mod metrics;

@@ -59,6 +59,14 @@ pub struct Args {
     #[arg(long, env = "CPLINK_ADMIN_ADDRESS", default_value = "127.0.0.1:8095")]
     pub admin_address: SocketAddr,
 
+    /// Serve the read-only debug views on the admin endpoint: /debug/agents (linked agents,
+    /// their identifiers, streams, bytes and keepalive), /debug/connections (tunneled
+    /// connections open now), /debug/route (which agent a destination goes to) and
+    /// /debug/check (dials a node's kubelet port and closes at once). They name nodes, IPs and
+    /// destinations: whoever reaches the admin port reads them.
+    #[arg(long, env = "CPLINK_DEBUG_ENDPOINTS")]
+    pub debug_endpoints: bool,
+
     /// The server's certificate, shown to agents and to frontend clients, and its key.
     #[command(flatten)]
     pub tls: TlsIdentityArgs,
@@ -229,6 +237,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// How long to keep accepting after SIGTERM, not-ready.
     pub shutdown_delay: Duration,
+    /// Whether the admin endpoint serves the debug views.
+    pub debug_endpoints: bool,
     /// CONNECT head budget.
     pub header_timeout: Duration,
     /// Budget for the TLS handshake and hello of an agent link.
@@ -348,6 +358,7 @@ impl Args {
             dial_timeout: self.dial_timeout,
             drain_timeout: self.drain_timeout,
             shutdown_delay: self.shutdown_delay,
+            debug_endpoints: self.debug_endpoints,
             header_timeout: self.header_timeout,
             handshake_timeout: Duration::from_secs(10),
             keepalive: KeepaliveConfig {

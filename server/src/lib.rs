@@ -7,6 +7,9 @@
 //!   keeps verified links true to their Pods and Nodes.
 //! - `tunnel`: opening a tunneled connection through an agent (routing, dial, answer).
 //! - [`registry`]: linked agents and the routing strategies that pick one.
+//! - `connections`: the tunneled connections open now, bytes counted as they move.
+//! - `debug`: the admin endpoint's read-only views of agents, connections and routes
+//!   (`--debug-endpoints`).
 //! - [`identity`]: which node an agent is, proven by its pod's token or its certificate and
 //!   backed by the Node object.
 //! - [`leases`]: the Lease upstream agents count servers by, when asked to publish one.
@@ -18,6 +21,8 @@
 
 mod agents;
 pub mod config;
+mod connections;
+mod debug;
 pub mod frontends;
 mod grpc;
 pub mod identity;
@@ -50,6 +55,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Metrics,
     /// One permit per tunneled connection: `--max-tunnels`.
     pub(crate) tunnels: Arc<tokio::sync::Semaphore>,
+    /// The tunneled connections open now.
+    pub(crate) connections: Arc<connections::Connections>,
     draining: AtomicBool,
 }
 
@@ -217,6 +224,11 @@ impl ServerHandle {
 }
 
 impl Shared {
+    /// Whether the server is shutting down.
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     /// The accept side of `listener`: the handshake cap, shed connections counted.
     pub(crate) fn acceptor(&self, listener: &'static str) -> cplink_runtime::accept::Acceptor {
         let shed = self
@@ -270,7 +282,7 @@ impl Shared {
 }
 
 fn readiness(shared: &Shared) -> Result<(), String> {
-    if shared.draining.load(Ordering::Relaxed) {
+    if shared.is_draining() {
         Err("shutting down".into())
     } else if shared.registry.is_empty() {
         Err("no agent linked".into())
@@ -291,6 +303,7 @@ impl Server {
                 registry: Registry::default(),
                 metrics,
                 tunnels,
+                connections: Arc::default(),
                 draining: AtomicBool::new(false),
             }),
             prometheus: Arc::new(prometheus),
@@ -400,10 +413,15 @@ impl Server {
             tokio::spawn(agents::watch::run(shared.clone(), identity_stop.clone()));
         let admin_task = listeners.admin.map(|listener| {
             let probe = shared.clone();
-            tokio::spawn(admin::serve(
+            let views = shared
+                .config
+                .debug_endpoints
+                .then(|| Arc::new(debug::Views::new(shared.clone())) as Arc<dyn admin::Introspect>);
+            tokio::spawn(admin::serve_with_debug(
                 listener,
                 self.prometheus.clone(),
                 Arc::new(move || readiness(&probe)),
+                views,
                 admin_stop.clone(),
             ))
         });

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use cplink_proto::dial::DialFailure;
@@ -105,6 +105,8 @@ pub struct AgentLink {
     pub verified: Option<Verified>,
     /// When the link was established.
     pub linked_at: Instant,
+    /// When the link was established, by the wall clock.
+    pub linked_since: SystemTime,
     /// What the agent routes. Replaced when the Node behind a verified agent changes.
     identifiers: RwLock<Identifiers>,
     /// How tunneled connections reach the agent.
@@ -113,9 +115,19 @@ pub struct AgentLink {
     active: AtomicUsize,
     /// The agent announced it is going away; take no new dials.
     draining: AtomicBool,
+    /// Bytes carried towards the agent and from it, by connections that are done or as they
+    /// move.
+    bytes_to_agent: AtomicU64,
+    bytes_from_agent: AtomicU64,
+    /// The round trip of the last answered keepalive PING, in microseconds; [`NO_RTT`] before
+    /// the first.
+    keepalive_rtt_us: AtomicU64,
     /// Closes the link.
     pub(crate) closer: CancellationToken,
 }
+
+/// No keepalive PING answered yet.
+const NO_RTT: u64 = u64::MAX;
 
 impl fmt::Debug for AgentLink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -147,10 +159,14 @@ impl AgentLink {
             node_name,
             verified,
             linked_at: Instant::now(),
+            linked_since: SystemTime::now(),
             identifiers: RwLock::new(identifiers),
             carrier,
             active: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
+            bytes_to_agent: AtomicU64::new(0),
+            bytes_from_agent: AtomicU64::new(0),
+            keepalive_rtt_us: AtomicU64::new(NO_RTT),
             closer: CancellationToken::new(),
         }
     }
@@ -188,6 +204,38 @@ impl AgentLink {
     /// Stops routing new dials to this agent.
     pub fn mark_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Counts `n` bytes carried towards the agent.
+    pub(crate) fn count_to_agent(&self, n: u64) {
+        self.bytes_to_agent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts `n` bytes carried from the agent.
+    pub(crate) fn count_from_agent(&self, n: u64) {
+        self.bytes_from_agent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Bytes carried so far: towards the agent, and from it.
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.bytes_to_agent.load(Ordering::Relaxed),
+            self.bytes_from_agent.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Records the round trip of an answered keepalive PING.
+    pub(crate) fn record_keepalive_rtt(&self, rtt: Duration) {
+        let micros = u64::try_from(rtt.as_micros()).unwrap_or(NO_RTT - 1);
+        self.keepalive_rtt_us.store(micros, Ordering::Relaxed);
+    }
+
+    /// The round trip of the last answered keepalive PING, if any was.
+    pub fn keepalive_rtt(&self) -> Option<Duration> {
+        match self.keepalive_rtt_us.load(Ordering::Relaxed) {
+            NO_RTT => None,
+            micros => Some(Duration::from_micros(micros)),
+        }
     }
 
     /// Whether the agent speaks the upstream konnectivity protocol.
@@ -513,6 +561,45 @@ impl Registry {
             .collect()
     }
 
+    /// The links of at most `count` agents whose ids come after `after` (from the first when
+    /// `None`), by agent id, each agent's oldest first.
+    pub fn links_after(
+        &self,
+        after: Option<&str>,
+        count: usize,
+    ) -> Vec<(String, Vec<Arc<AgentLink>>)> {
+        let state = self.read();
+        let mut agents: Vec<(&String, &Vec<Arc<AgentLink>>)> = state
+            .agents
+            .iter()
+            .filter(|(id, _)| after.is_none_or(|after| id.as_str() > after))
+            .collect();
+        agents.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        agents
+            .into_iter()
+            .take(count)
+            .map(|(id, links)| (id.clone(), links.clone()))
+            .collect()
+    }
+
+    /// The first host IP the agent of node `name` announces (its Node's first address when
+    /// verified), if an agent of that node is linked.
+    pub fn node_address(&self, name: &str) -> Option<IpAddr> {
+        let state = self.read();
+        let host = Host::Name(name.to_owned());
+        state
+            .index
+            .node(&host)
+            .filter_map(|id| state.agents.get(id).and_then(|links| preferred(links)))
+            .filter(|link| link.serves_node(&host))
+            .find_map(|link| link.routes().host_ips.first().copied())
+    }
+
+    /// Of `links`, all of one agent, the one new dials take.
+    pub fn preferred_link(links: &[Arc<AgentLink>]) -> Option<&Arc<AgentLink>> {
+        preferred(links)
+    }
+
     /// Closes every link.
     pub fn close_all(&self) {
         for link in self.read().agents.values().flatten() {
@@ -522,6 +609,20 @@ impl Registry {
 
     /// Picks the agent for `target` by walking the strategy chain.
     pub fn route(&self, target: &Target, chain: &[Strategy]) -> Result<Route, DialFailure> {
+        let (link, strategy) = self.choose(target, chain)?;
+        Ok(Route {
+            guard: StreamGuard::new(link),
+            strategy,
+        })
+    }
+
+    /// The link [`Self::route`] would pick for `target` now, and the strategy that picks it,
+    /// without counting a stream on it.
+    pub fn choose(
+        &self,
+        target: &Target,
+        chain: &[Strategy],
+    ) -> Result<(Arc<AgentLink>, Strategy), DialFailure> {
         let state = self.read();
         let State { agents, index } = &*state;
         let link_of = |id: &String| agents.get(id).and_then(|links| preferred(links));
@@ -552,10 +653,7 @@ impl Registry {
                 Strategy::Any => least_loaded(agents.values().filter_map(|links| preferred(links))),
             };
             if let Some(link) = chosen {
-                return Ok(Route {
-                    guard: StreamGuard::new(link.clone()),
-                    strategy,
-                });
+                return Ok((link.clone(), strategy));
             }
         }
         Err(DialFailure::NoAgent(if agents.is_empty() {
@@ -591,11 +689,11 @@ fn least_loaded<'a>(links: impl Iterator<Item = &'a Arc<AgentLink>>) -> Option<&
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A link backed by a real HTTP/2 connection over an in-memory pipe.
-    async fn link(
+    pub(crate) async fn link(
         registry: &Registry,
         id: &str,
         node: &str,

@@ -13,6 +13,7 @@ use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 
 use crate::Shared;
+use crate::connections::{Counted, Tracked};
 use crate::metrics::{ResultLabels, StrategyLabels};
 use crate::registry::{AgentLink, Carrier, Route};
 
@@ -27,8 +28,24 @@ pub(crate) struct Tunnel {
     pub carried: Carried,
     /// The route, holding the link's stream count.
     pub route: Route,
+    /// The connection's entry in the server's table of connections.
+    pub tracked: Tracked,
     /// This connection's share of `--max-tunnels`.
     pub _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Where the pump of the tunnel with `route` and `tracked` counts its bytes: `totals` (the
+/// server's metrics), the connection and its link.
+pub(crate) fn counted<'a>(
+    totals: &'a cplink_proto::pump::ByteCounters,
+    tracked: &'a Tracked,
+    route: &'a Route,
+) -> Counted<'a> {
+    Counted {
+        totals,
+        connection: tracked.entry(),
+        link: route.guard.link(),
+    }
 }
 
 /// The agent's end of an established tunneled connection.
@@ -45,13 +62,30 @@ pub(crate) enum Carried {
     Mux(MuxConn),
 }
 
-/// [`open`], timed and counted in the dial metrics, the chosen agent recorded in the current
-/// span.
-pub(crate) async fn open_counted(shared: &Shared, target: &Target) -> Result<Tunnel, DialFailure> {
+/// [`open`], timed and counted in the dial metrics, entered in the table of connections from
+/// `frontend`, the chosen agent recorded in the current span.
+pub(crate) async fn open_counted(
+    shared: &Shared,
+    target: &Target,
+    frontend: &'static str,
+) -> Result<Tunnel, DialFailure> {
     let metrics = &shared.metrics;
     let started = Instant::now();
+    let tracked = shared.connections.track(frontend, target);
     let tunnel = match shared.tunnels.clone().try_acquire_owned() {
-        Ok(permit) => open(shared, target, permit).await,
+        Ok(permit) => open(shared, target, &|route| {
+            tracked.entry().set_link(route.guard.link())
+        })
+        .await
+        .map(|(carried, route)| {
+            tracked.entry().set_established();
+            Tunnel {
+                carried,
+                route,
+                tracked,
+                _permit: permit,
+            }
+        }),
         Err(_) => Err(DialFailure::Busy(format!(
             "{} tunneled connections open (--max-tunnels)",
             shared.config.max_tunnels
@@ -96,28 +130,24 @@ enum Attempt {
     LinkUnavailable(String),
 }
 
-/// Routes `target` and dials it through the chosen agent, within the dial timeout.
+/// Routes `target` and dials it through the chosen agent, within the dial timeout; `routed`
+/// learns of each route tried. The caller holds a share of `--max-tunnels`.
 pub(crate) async fn open(
     shared: &Shared,
     target: &Target,
-    permit: tokio::sync::OwnedSemaphorePermit,
-) -> Result<Tunnel, DialFailure> {
+    routed: &(dyn Fn(&Route) + Sync),
+) -> Result<(Carried, Route), DialFailure> {
     let budget = shared.config.dial_timeout;
     let deadline = tokio::time::Instant::now() + budget;
     let mut last_error = None;
     // A link that is going away refuses new streams; try the next best agent a few times.
     for _ in 0..3 {
         let route = shared.registry.route(target, &shared.config.strategies)?;
+        routed(&route);
         let link = route.guard.link().clone();
         match tokio::time::timeout_at(deadline, attempt(&link, target)).await {
             Err(_elapsed) => return Err(DialFailure::Timeout(budget)),
-            Ok(Ok(carried)) => {
-                return Ok(Tunnel {
-                    carried,
-                    route,
-                    _permit: permit,
-                });
-            }
+            Ok(Ok(carried)) => return Ok((carried, route)),
             Ok(Err(Attempt::Answered(failure))) => return Err(failure),
             Ok(Err(Attempt::LinkUnavailable(reason))) => {
                 tracing::debug!(agent_id = %link.id, %reason, "link unavailable, rerouting");

@@ -130,6 +130,7 @@ def test_default_render(chart):
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == [
         "ClusterRole",
+        "ClusterRole",
         "ClusterRoleBinding",
         "CustomResourceDefinition",
         "Deployment",
@@ -165,7 +166,9 @@ def test_default_render(chart):
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
 
-    role = one(objects, "ClusterRole")
+    (role,) = [
+        o for o in objects if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "cplink"
+    ]
     rules = {
         (group, resource): set(rule["verbs"])
         for rule in role["rules"]
@@ -301,6 +304,26 @@ def test_the_budget_refuses_both_bounds_and_can_be_left_out(chart):
     assert "PodDisruptionBudget" not in [o["kind"] for o in objects]
 
 
+def test_the_viewer_role_reads_links_pods_and_their_debug_views_only(chart):
+    objects = render(chart)
+    (viewer,) = [o for o in objects if o["metadata"]["name"] == "cplink-viewer"]
+    assert viewer["kind"] == "ClusterRole"
+    rules = {
+        (group, resource): sorted(rule["verbs"])
+        for rule in viewer["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+    assert rules == {
+        ("cplink.dev", "controlplanelinks"): ["get", "list"],
+        ("", "pods"): ["get", "list"],
+        ("", "pods/proxy"): ["get"],
+        ("apps", "deployments"): ["get"],
+    }
+    off = render(chart, {"rbac": {"viewer": False}})
+    assert all(o["metadata"]["name"] != "cplink-viewer" for o in off)
+
+
 def test_every_option_renders(chart):
     values = yaml.safe_load((Path(__file__).parent / "full-values.yaml").read_text())
     objects = render(chart, values)
@@ -348,6 +371,7 @@ def test_every_option_renders(chart):
     assert one(objects, "Role")["rules"][1]["resourceNames"] == ["edge-leader"]
     assert one(objects, "RoleBinding")["subjects"][0]["name"] == "tunnel-operator"
 
+    assert all(o["metadata"]["name"] != "edge-tunnel-viewer" for o in objects)
     account = one(objects, "ServiceAccount")
     assert account["metadata"]["name"] == "tunnel-operator"
     assert account["metadata"]["annotations"] == {"example.com/owner": "platform"}

@@ -34,7 +34,9 @@ def objects() -> list[dict]:
 @pytest.fixture(scope="module")
 def held(objects) -> dict[tuple[str, str], set[str]]:
     """(apiGroup, resource) -> verbs of the operator's ClusterRole, as rendered by default."""
-    (role,) = [o for o in objects if o["kind"] == "ClusterRole"]
+    (role,) = [
+        o for o in objects if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "cplink"
+    ]
     verbs: dict[tuple[str, str], set[str]] = {}
     for rule in role["rules"]:
         assert "resourceNames" not in rule, rule

@@ -8,8 +8,8 @@
 //! stable and the archive can be cached by content; no root, container storage or extra system
 //! package is needed; and `index.json` carries containerd's image-name annotation directly.
 //!
-//! The image holds what the `Dockerfile`'s final stage holds (the three binaries in
-//! `/usr/local/bin`, user 65532, the operator as entrypoint) on the files the binaries need
+//! The image holds what the `Dockerfile`'s final stage holds (the three binaries and the
+//! kubectl plugin in `/usr/local/bin`, user 65532, the operator as entrypoint) on the files the binaries need
 //! to start: their shared libraries (as `ldd` lists them), `/etc/passwd` and `/etc/group`
 //! naming the user, and `/tmp`. [`Dockerfile`] reads the final stage, so a test can hold the
 //! two in step.
@@ -42,7 +42,12 @@ pub const PAUSE_NAME: &str = "cplink.dev/pause:3.4";
 pub const BUSYBOX_NAME: &str = "cplink.dev/busybox:dev";
 
 /// The binaries the image carries, as the `Dockerfile` builds them.
-pub const BINARIES: [&str; 3] = ["cplink-server", "cplink-agent", "cplink-operator"];
+pub const BINARIES: [&str; 4] = [
+    "cplink-server",
+    "cplink-agent",
+    "cplink-operator",
+    "kubectl-cplink",
+];
 
 /// Where the binaries are in the image.
 pub const BIN_DIR: &str = "/usr/local/bin";

@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 
 /// The crates checked, by directory: every crate of the workspace.
-const CRATES: &[&str] = &["proto", "runtime", "agent", "server", "operator", "tests"];
+const CRATES: &[&str] = &[
+    "proto", "runtime", "agent", "server", "operator", "cli", "tests",
+];
 
 /// Most cycles listed per crate root: past a few dozen, more say nothing new.
 const MAX_CYCLES: usize = 50;

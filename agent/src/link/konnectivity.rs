@@ -263,7 +263,7 @@ async fn serve(
     force: &CancellationToken,
 ) -> Result<(), LinkError> {
     let Link {
-        _held,
+        _held: held,
         _client,
         mut connection,
         out,
@@ -280,6 +280,7 @@ async fn serve(
     );
     let link = LinkTasks {
         shared: shared.clone(),
+        held,
         mux: mux.clone(),
         pending: PendingDials::default(),
         tasks: TaskTracker::new(),
@@ -356,6 +357,8 @@ async fn serve(
 /// What serves the dial requests of one link.
 struct LinkTasks {
     shared: Arc<Shared>,
+    /// The link's place in the agent's table, which counts its connections.
+    held: HeldLink,
     mux: Arc<Mux>,
     pending: PendingDials,
     /// Dials and connections of this link, so that a drain can wait for them.
@@ -405,6 +408,7 @@ impl LinkTasks {
                 Ok((target, pending))
             })
         };
+        let counted = self.held.count_stream();
         let task = serve_dial(
             self.shared.clone(),
             self.mux.clone(),
@@ -412,6 +416,10 @@ impl LinkTasks {
             plan,
             self.cancel.clone(),
         );
+        let task = async move {
+            task.await;
+            drop(counted);
+        };
         let task = self.streams.track_future(self.tasks.track_future(task));
         tokio::spawn(task.instrument(span));
     }

@@ -133,9 +133,11 @@ async fn serve(shared: &Arc<Shared>, link: Link, context: &LinkContext) -> Resul
             accepted = connection.accept() => match accepted {
                 Some(Ok((request, respond))) => {
                     let shared = shared.clone();
-                    context
-                        .streams
-                        .spawn(async move { dial::serve(&shared, request, respond).await });
+                    let counted = held.count_stream();
+                    context.streams.spawn(async move {
+                        dial::serve(&shared, request, respond).await;
+                        drop(counted);
+                    });
                 }
                 // While draining, the server may close the link as soon as it has seen the
                 // GOAWAY, before h2 finishes its closing handshake: that is the expected end.

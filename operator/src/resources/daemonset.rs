@@ -75,6 +75,8 @@ pub fn agent_args(plan: &Plan) -> Vec<String> {
         format!("--tls-key={TLS_MOUNT_PATH}/{TLS_KEY}"),
         format!("--service-account-token-path={IDENTITY_TOKEN_MOUNT_PATH}/{IDENTITY_TOKEN_FILE}"),
         format!("--admin-address=$(CPLINK_POD_IP):{AGENT_ADMIN_PORT}"),
+        // The read-only debug views `kubectl cplink` reads through the pod proxy.
+        "--debug-endpoints".to_owned(),
         format!("--drain-timeout={DRAIN_TIMEOUT_SECONDS}s"),
         format!("--log-level={}", plan.spec.log_level),
     ]);
@@ -207,6 +209,7 @@ mod tests {
                 "--tls-key=/etc/cplink/tls/tls.key",
                 "--service-account-token-path=/var/run/secrets/cplink/token",
                 "--admin-address=$(CPLINK_POD_IP):8096",
+                "--debug-endpoints",
                 "--drain-timeout=30s",
                 "--log-level=info",
                 "--allow=$(CPLINK_HOST_IP)/32:10250",

@@ -104,6 +104,8 @@ pub fn server_args(plan: &Plan) -> Vec<String> {
     }
     args.extend([
         format!("--admin-address=$(CPLINK_POD_IP):{SERVER_ADMIN_PORT}"),
+        // The read-only debug views `kubectl cplink` reads through the pod proxy.
+        "--debug-endpoints".to_owned(),
         format!("--tls-cert={TLS_MOUNT_PATH}/{TLS_CRT}"),
         format!("--tls-key={TLS_MOUNT_PATH}/{TLS_KEY}"),
         format!("--agent-ca={TLS_MOUNT_PATH}/{CA_CRT}"),
@@ -371,6 +373,7 @@ mod tests {
                 "--agent-address=$(CPLINK_POD_IP):8091",
                 "--frontend-address=$(CPLINK_POD_IP):8090",
                 "--admin-address=$(CPLINK_POD_IP):8095",
+                "--debug-endpoints",
                 "--tls-cert=/etc/cplink/tls/tls.crt",
                 "--tls-key=/etc/cplink/tls/tls.key",
                 "--agent-ca=/etc/cplink/tls/ca.crt",

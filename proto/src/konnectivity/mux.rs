@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{Packet, Payload, UNRECOGNIZED_CONNECT_ID};
-use crate::pump::{ByteCounters, PumpStats, ReadChunk};
+use crate::pump::{CountBytes, PumpStats, ReadChunk};
 
 /// Bytes from the peer that may wait for one connection's reader before the connection is
 /// closed with [`MuxError::Overflow`].
@@ -657,17 +657,18 @@ impl Drop for MuxConn {
 /// towards the peer; a dialer then waits up to `linger` for the peer's confirmation, passing on
 /// the bytes the peer sent before it, and an acceptor shuts its socket down at once. When the
 /// peer closes, the socket is shut down after every byte was written.
-pub async fn pump<R, W>(
+pub async fn pump<R, W, C>(
     reader: &mut R,
     writer: &mut W,
     conn: &mut MuxConn,
     initial: Bytes,
-    counters: &ByteCounters,
+    counters: &C,
     linger: Duration,
 ) -> Result<PumpStats, MuxError>
 where
     R: ReadChunk,
     W: AsyncWrite + Unpin + Send,
+    C: CountBytes,
 {
     let sender = conn.sender();
     let role = sender.role();
@@ -677,13 +678,13 @@ where
             reader,
             &sender,
             initial,
-            &counters.socket_to_stream,
+            |n| counters.to_stream(n),
             &mut stats.socket_to_stream,
         );
         let down = peer_to_socket(
             conn,
             &mut *writer,
-            &counters.stream_to_socket,
+            |n| counters.to_socket(n),
             &mut stats.stream_to_socket,
         );
         tokio::pin!(up, down);
@@ -720,11 +721,11 @@ async fn socket_to_peer<R: ReadChunk>(
     reader: &mut R,
     sender: &MuxSender,
     initial: Bytes,
-    counter: &Counter,
+    counter: impl Fn(u64),
     total: &mut u64,
 ) -> Result<(), MuxError> {
     if !initial.is_empty() {
-        count(counter, total, initial.len());
+        count(&counter, total, initial.len());
         sender.send(initial).await?;
     }
     loop {
@@ -735,7 +736,7 @@ async fn socket_to_peer<R: ReadChunk>(
         if chunk.is_empty() {
             return sender.close().await;
         }
-        count(counter, total, chunk.len());
+        count(&counter, total, chunk.len());
         sender.send(chunk).await?;
     }
 }
@@ -744,7 +745,7 @@ async fn socket_to_peer<R: ReadChunk>(
 async fn peer_to_socket<W: AsyncWrite + Unpin>(
     conn: &mut MuxConn,
     writer: &mut W,
-    counter: &Counter,
+    counter: impl Fn(u64),
     total: &mut u64,
 ) -> Result<(), MuxError> {
     let state = conn.sender.state.clone();
@@ -762,7 +763,7 @@ async fn peer_to_socket<W: AsyncWrite + Unpin>(
                     written = written => written.map_err(MuxError::SocketWrite)?,
                     () = state.overflowed.cancelled() => return Err(MuxError::Overflow(budget)),
                 }
-                count(counter, total, data.len());
+                count(&counter, total, data.len());
             }
             Event::Closed(Some(error)) => return Err(MuxError::Remote(error)),
             Event::Closed(None) => {
@@ -776,8 +777,8 @@ async fn peer_to_socket<W: AsyncWrite + Unpin>(
     }
 }
 
-fn count(counter: &Counter, total: &mut u64, n: usize) {
-    counter.inc_by(n as u64);
+fn count(counter: &impl Fn(u64), total: &mut u64, n: usize) {
+    counter(n as u64);
     *total += n as u64;
 }
 
@@ -980,7 +981,7 @@ mod tests {
         let (test, socket) = tokio::io::duplex(buffer);
         let task = tokio::spawn(async move {
             let (reader, mut writer) = tokio::io::split(socket);
-            let counters = ByteCounters::default();
+            let counters = crate::pump::ByteCounters::default();
             let mut reader = Buffered(reader);
             pump(
                 &mut reader,

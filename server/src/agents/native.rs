@@ -220,7 +220,12 @@ async fn serve(
 
     let keepalive = async {
         match ping_pong {
-            Some(ping_pong) => keepalive::run(ping_pong, shared.config.keepalive).await,
+            Some(ping_pong) => {
+                keepalive::run_timed(ping_pong, shared.config.keepalive, |rtt| {
+                    link.record_keepalive_rtt(rtt);
+                })
+                .await
+            }
             // Only one PingPong exists per connection and it was just created.
             None => std::future::pending().await,
         }

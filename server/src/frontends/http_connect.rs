@@ -182,7 +182,7 @@ async fn serve<S: FrontendStream>(
     let target = request.target;
     let span = tracing::info_span!("dial", dest = %target, agent_id = tracing::field::Empty);
     async move {
-        let tunnel = match tunnel::open_counted(shared, &target).await {
+        let tunnel = match tunnel::open_counted(shared, &target, frontend).await {
             Ok(tunnel) => tunnel,
             Err(failure) => {
                 let response = connect::error_response(failure.status(), &failure.reason_line());
@@ -199,6 +199,7 @@ async fn serve<S: FrontendStream>(
         }
         let _active = pump::ActiveStream::new(&metrics.streams_active);
         let (mut reader, mut writer) = stream.split();
+        let counted = tunnel::counted(&metrics.bytes, &tunnel.tracked, &tunnel.route);
         let result = match tunnel.carried {
             Carried::H2 { send, recv } => pump::pump(
                 &mut reader,
@@ -206,7 +207,7 @@ async fn serve<S: FrontendStream>(
                 send,
                 recv,
                 request.leftover,
-                &metrics.bytes,
+                &counted,
             )
             .await
             .map_err(|e| (e.to_string(), e.delivered_then_aborted())),
@@ -215,7 +216,7 @@ async fn serve<S: FrontendStream>(
                 &mut writer,
                 &mut conn,
                 request.leftover,
-                &metrics.bytes,
+                &counted,
                 tunnel::CLOSE_LINGER,
             )
             .await

@@ -87,26 +87,50 @@ pub(crate) struct Runtime {
     apiserver: (String, u16),
 }
 
-/// Process groups of running containers, killed when the runner goes away.
+/// Process groups of running containers, by the pod they run for (`namespace/name`), killed
+/// when the runner goes away; and the pods whose containers a test keeps from restarting.
 #[derive(Default)]
-pub(crate) struct Processes(Mutex<HashSet<i32>>);
+pub(crate) struct Processes {
+    groups: Mutex<HashMap<i32, String>>,
+    held: Mutex<HashSet<String>>,
+    released: tokio::sync::Notify,
+}
 
 impl Processes {
-    fn add(&self, group: i32) {
-        self.0.lock().expect("process table").insert(group);
+    fn add(&self, group: i32, pod: &str) {
+        self.groups
+            .lock()
+            .expect("process table")
+            .insert(group, pod.to_owned());
     }
 
     fn remove(&self, group: i32) {
-        self.0.lock().expect("process table").remove(&group);
+        self.groups.lock().expect("process table").remove(&group);
     }
 
     fn count(&self) -> usize {
-        self.0.lock().expect("process table").len()
+        self.groups.lock().expect("process table").len()
     }
 
     fn kill_all(&self) {
-        for group in self.0.lock().expect("process table").drain() {
+        for (group, _) in self.groups.lock().expect("process table").drain() {
             let _ = killpg(Pid::from_raw(group), Signal::SIGKILL);
+        }
+    }
+
+    /// Whether `pod`'s containers must not restart for now.
+    fn is_held(&self, pod: &str) -> bool {
+        self.held.lock().expect("held pods").contains(pod)
+    }
+
+    /// Waits until `pod` is no longer held.
+    async fn wait_released(&self, pod: &str) {
+        loop {
+            let released = self.released.notified();
+            if !self.is_held(pod) {
+                return;
+            }
+            released.await;
         }
     }
 }
@@ -294,6 +318,41 @@ impl Nodes {
     /// How many container processes run right now.
     pub fn running(&self) -> usize {
         self.processes.count()
+    }
+
+    /// Kills every container of pod `namespace/name` at once (SIGKILL to its process groups)
+    /// and keeps them from restarting until [`Nodes::release`], as a crashed process whose
+    /// restart has not come yet. Returns how many were killed.
+    pub fn kill_and_hold(&self, namespace: &str, name: &str) -> usize {
+        let pod = format!("{namespace}/{name}");
+        self.processes
+            .held
+            .lock()
+            .expect("held pods")
+            .insert(pod.clone());
+        let groups: Vec<i32> = self
+            .processes
+            .groups
+            .lock()
+            .expect("process table")
+            .iter()
+            .filter(|(_, of)| **of == pod)
+            .map(|(group, _)| *group)
+            .collect();
+        for group in &groups {
+            let _ = killpg(Pid::from_raw(*group), Signal::SIGKILL);
+        }
+        groups.len()
+    }
+
+    /// Lets the containers of a pod held by [`Nodes::kill_and_hold`] restart.
+    pub fn release(&self, namespace: &str, name: &str) {
+        self.processes
+            .held
+            .lock()
+            .expect("held pods")
+            .remove(&format!("{namespace}/{name}"));
+        self.processes.released.notify_waiters();
     }
 
     /// The captured logs of every container.

@@ -274,6 +274,7 @@ impl Worker {
             containers.spawn(supervise(
                 Arc::clone(&self.rt),
                 Arc::clone(&shared),
+                format!("{}/{}", self.namespace(), self.name()),
                 index,
                 container.clone(),
                 prepared,
@@ -598,6 +599,7 @@ fn host_targets(mounts: &mut [Mount]) {
 async fn supervise(
     rt: Arc<Runtime>,
     shared: Arc<Shared>,
+    pod_key: String,
     index: usize,
     container: Container,
     mut prepared: Prepared,
@@ -637,7 +639,7 @@ async fn supervise(
         };
         let pid = child.id().and_then(|p| i32::try_from(p).ok());
         if let Some(pid) = pid {
-            rt.processes.add(pid);
+            rt.processes.add(pid, &pod_key);
         }
         let capture = tokio::spawn(log.clone().capture(
             child.stdout.take().expect("piped stdout"),
@@ -716,7 +718,11 @@ async fn supervise(
             c.restarts += 1;
         });
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
+            () = async {
+                tokio::time::sleep(backoff).await;
+                // A test holding the pod down keeps it crashed until it lets go.
+                rt.processes.wait_released(&pod_key).await;
+            } => {}
             () = wait_stop(&mut stop) => return,
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);

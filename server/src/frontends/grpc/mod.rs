@@ -30,10 +30,9 @@ use cplink_proto::konnectivity::{
     DialRequest, PROTOCOL_TCP, Packet, Payload, ProxyService, ProxyServiceServer,
     UNRECOGNIZED_CONNECT_ID,
 };
-use cplink_proto::pump::{self, ActiveStream};
+use cplink_proto::pump::{self, ActiveStream, CountBytes};
 use cplink_proto::target::Target;
 use h2::{RecvStream, SendStream};
-use prometheus_client::metrics::counter::Counter;
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -176,6 +175,7 @@ enum Ended {
 struct Closing<'a> {
     end: AgentEnd,
     _route: crate::registry::Route,
+    _tracked: tunnel::Tracked,
     _permit: tokio::sync::OwnedSemaphorePermit,
     _active: ActiveStream<'a>,
 }
@@ -277,7 +277,7 @@ async fn serve<'a>(
     let span = tracing::info_span!("dial", dest = %target, agent_id = tracing::field::Empty);
     async move {
         let dialed = tokio::select! {
-            dialed = tunnel::open_counted(shared, &target) => dialed,
+            dialed = tunnel::open_counted(shared, &target, "grpc") => dialed,
             why = cancelled(&mut inbound, random) => {
                 // Dropping the dial resets its stream at a native agent and sends DIAL_CLS to
                 // an upstream one; the route and the tunnel permit go with it.
@@ -308,7 +308,7 @@ async fn serve<'a>(
             return None;
         }
         let active = ActiveStream::new(&shared.metrics.streams_active);
-        let bytes = &shared.metrics.bytes;
+        let bytes = &tunnel::counted(&shared.metrics.bytes, &tunnel.tracked, &tunnel.route);
         let ids = Ids { connect_id, random };
         let result = match tunnel.carried {
             Carried::H2 { send, recv } => relay_h2(&mut inbound, tx, ids, send, recv, bytes).await,
@@ -326,6 +326,7 @@ async fn serve<'a>(
                         return Some(Closing {
                             end,
                             _route: tunnel.route,
+                            _tracked: tunnel.tracked,
                             _permit: tunnel._permit,
                             _active: active,
                         });
@@ -484,13 +485,13 @@ async fn to_client(
     tx: &Outbound,
     connect_id: i64,
     data: Bytes,
-    counter: &Counter,
+    counters: &impl CountBytes,
 ) -> Result<(), RelayError> {
     let len = data.len() as u64;
     tx.send(Ok(Packet::data(connect_id, data)))
         .await
         .map_err(|_| RelayError::ClientGone)?;
-    counter.inc_by(len);
+    counters.to_socket(len);
     Ok(())
 }
 
@@ -505,7 +506,7 @@ async fn relay_h2(
     ids: Ids,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
-    counters: &pump::ByteCounters,
+    counters: &impl CountBytes,
 ) -> Result<Ended, RelayError> {
     let result = {
         let up = async {
@@ -516,7 +517,7 @@ async fn relay_h2(
                         pump::send_all(&mut send, data)
                             .await
                             .map_err(|e| RelayError::Agent(e.to_string()))?;
-                        counters.socket_to_stream.inc_by(len);
+                        counters.to_stream(len);
                     }
                     FromClient::Close => {
                         send.send_data(Bytes::new(), true)
@@ -534,7 +535,7 @@ async fn relay_h2(
                     // An END_STREAM frame without payload: nothing to pass on.
                     continue;
                 }
-                to_client(tx, ids.connect_id, data, &counters.stream_to_socket).await?;
+                to_client(tx, ids.connect_id, data, counters).await?;
                 recv.flow_control()
                     .release_capacity(len)
                     .map_err(|e| RelayError::Agent(e.to_string()))?;
@@ -574,7 +575,7 @@ async fn relay_mux(
     tx: &Outbound,
     ids: Ids,
     mut conn: MuxConn,
-    counters: &pump::ByteCounters,
+    counters: &impl CountBytes,
 ) -> Result<Ended, RelayError> {
     let sender = conn.sender();
     let agent = |e: cplink_proto::konnectivity::mux::MuxError| RelayError::Agent(e.to_string());
@@ -585,7 +586,7 @@ async fn relay_mux(
                     FromClient::Data(data) => {
                         let len = data.len() as u64;
                         sender.send(data).await.map_err(agent)?;
-                        counters.socket_to_stream.inc_by(len);
+                        counters.to_stream(len);
                     }
                     FromClient::Close => return Ok(()),
                 }
@@ -595,7 +596,7 @@ async fn relay_mux(
             loop {
                 match conn.recv().await.map_err(agent)? {
                     Event::Data(data) => {
-                        to_client(tx, ids.connect_id, data, &counters.stream_to_socket).await?;
+                        to_client(tx, ids.connect_id, data, counters).await?;
                     }
                     Event::Closed(None) => return Ok(()),
                     Event::Closed(Some(error)) => return Err(RelayError::Agent(error)),
