@@ -255,6 +255,7 @@ def test_one_replica_without_leader_election_is_recreated(chart):
     objects = render(chart, {"replicas": 1, "leaderElection": {"enabled": False}})
     assert sorted(o["kind"] for o in objects) == [
         "ClusterRole",
+        "ClusterRole",
         "ClusterRoleBinding",
         "CustomResourceDefinition",
         "Deployment",

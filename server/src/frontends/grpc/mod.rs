@@ -175,7 +175,7 @@ enum Ended {
 struct Closing<'a> {
     end: AgentEnd,
     _route: crate::registry::Route,
-    _tracked: tunnel::Tracked,
+    _tracked: crate::connections::Tracked,
     _permit: tokio::sync::OwnedSemaphorePermit,
     _active: ActiveStream<'a>,
 }
