@@ -38,7 +38,7 @@ fn a_real_node_runs_a_pod_out_of_the_control_planes_reach_and_leaves_nothing_beh
     harness::run("a_real_node", DEADLINE, |steps| async move {
         steps.enter("starting the control plane");
         let plane = ControlPlane::start(cluster::Options::default()).await?;
-        let network = Network::create()?;
+        let network = Network::create().await?;
         let bridge = network.bridge().to_owned();
         let routes = network.routes().to_vec();
 
