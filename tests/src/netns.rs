@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
 
 use anyhow::Context as _;
 
@@ -19,7 +19,7 @@ type Job = Box<dyn FnOnce() + Send>;
 pub struct Netns(Arc<Inner>);
 
 struct Inner {
-    jobs: Mutex<mpsc::Sender<Job>>,
+    jobs: mpsc::Sender<Job>,
     tid: i32,
 }
 
@@ -46,10 +46,7 @@ impl Netns {
         let tid = tid
             .recv()
             .context("the namespace's thread ended before reporting")??;
-        Ok(Netns(Arc::new(Inner {
-            jobs: Mutex::new(jobs),
-            tid,
-        })))
+        Ok(Netns(Arc::new(Inner { jobs, tid })))
     }
 
     /// The id of the thread holding the namespace: `ip link set ... netns <tid>` moves a link
@@ -67,8 +64,6 @@ impl Netns {
         let (done, result) = tokio::sync::oneshot::channel();
         self.0
             .jobs
-            .lock()
-            .map_err(|_| anyhow::anyhow!("the namespace's job queue is poisoned"))?
             .send(Box::new(move || {
                 let _ = done.send(job());
             }))
