@@ -28,7 +28,8 @@ kube:
 	./scripts/kube.sh
 
 ## test: formatting, lints, generated-file drift, the chart and every test (what CI runs)
-# The end-to-end tests run the operator, server and agent binaries as processes; cargo builds a
+# The end-to-end tests run the operator, server and agent binaries as processes and in cplink's
+# image on real nodes (kubelet and containerd in namespaces, which need root); cargo builds a
 # package's binaries for its own integration tests only, so build them all first.
 test: lint kube
 	$(PYTHON) -m pytest -p no:cacheprovider tests/helm -q

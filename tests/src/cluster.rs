@@ -142,8 +142,9 @@ impl ControlPlane {
     pub async fn start(options: Options) -> anyhow::Result<Self> {
         crate::init_logs();
         let bin = Self::binaries()?;
+        // Named for this process: a later run sweeps what a killed one left (`sweep`).
         let dir = tempfile::Builder::new()
-            .prefix("cplink-cluster-")
+            .prefix(&crate::sweep::dir_prefix("cluster"))
             .tempdir()?;
         let pki = Pki::new(dir.path(), "cluster")?;
         let serving = pki.issue(

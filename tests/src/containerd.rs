@@ -65,7 +65,7 @@ impl Containerd {
     /// Starts containerd and waits until it answers on its socket.
     pub async fn start(options: Options) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
-            .prefix("cplink-containerd-")
+            .prefix(&crate::sweep::dir_prefix("containerd"))
             .tempdir()?;
         std::fs::create_dir(dir.path().join("run"))?;
         let config = write_config(dir.path(), &options)?;

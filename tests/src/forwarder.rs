@@ -13,6 +13,9 @@
 //! Connections already forwarded stay piped until either end closes; a backend that closes or
 //! resets its side closes the client's too, so a client never waits on a dead backend.
 //! Tests read [`Forwarder::history`] and [`Forwarder::connections`] to check both.
+//!
+//! Where the endpoints are pods of real nodes, out of the host's reach, it connects from the
+//! nodes' network ([`Forwarder::start_from`]), as a load balancer in that network would.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,6 +31,8 @@ use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+
+use crate::netns::Netns;
 
 /// An endpoint and whether it is ready.
 type Endpoint = (SocketAddr, bool);
@@ -103,6 +108,16 @@ impl Forwarder {
         namespace: &str,
         services: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::start_from(kubeconfig, namespace, services, None).await
+    }
+
+    /// [`Forwarder::start`], connecting to the endpoints from inside `edge` when given.
+    pub async fn start_from(
+        kubeconfig: &Path,
+        namespace: &str,
+        services: &[&str],
+        edge: Option<Netns>,
+    ) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("cplink-forwarder")
@@ -121,6 +136,7 @@ impl Forwarder {
             let namespace = namespace.to_owned();
             let service = (*service).to_owned();
             let shutdown = shutdown.clone();
+            let edge = edge.clone();
             runtime
                 .spawn(async move {
                     let client = crate::cluster::client_for(&kubeconfig).await?;
@@ -132,7 +148,7 @@ impl Forwarder {
                         Arc::clone(&table),
                         shutdown.clone(),
                     ));
-                    tokio::spawn(accept(listener, table, shutdown));
+                    tokio::spawn(accept(listener, table, edge, shutdown));
                     anyhow::Ok(())
                 })
                 .await
@@ -262,7 +278,12 @@ fn endpoints(slice: &serde_json::Value) -> Vec<Endpoint> {
 /// The pause after a failed `accept`.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-async fn accept(listener: TcpListener, table: Arc<Mutex<Backends>>, shutdown: CancellationToken) {
+async fn accept(
+    listener: TcpListener,
+    table: Arc<Mutex<Backends>>,
+    edge: Option<Netns>,
+    shutdown: CancellationToken,
+) {
     loop {
         let (client, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -282,10 +303,16 @@ async fn accept(listener: TcpListener, table: Arc<Mutex<Backends>>, shutdown: Ca
         let candidates = table.lock().expect("backends").rotation();
         let shutdown = shutdown.clone();
         let table = Arc::clone(&table);
+        let edge = edge.clone();
         tokio::spawn(async move {
             for backend in candidates {
-                let connect =
-                    tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(backend));
+                let connect = async {
+                    match &edge {
+                        Some(edge) => edge.connect(backend).await,
+                        None => TcpStream::connect(backend).await,
+                    }
+                };
+                let connect = tokio::time::timeout(Duration::from_secs(5), connect);
                 if let Ok(Ok(upstream)) = connect.await {
                     table
                         .lock()

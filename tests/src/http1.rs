@@ -21,9 +21,31 @@ pub async fn request(
     body: Option<(&str, &[u8])>,
     timeout: Duration,
 ) -> anyhow::Result<String> {
-    let mut stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address))
+    let stream = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(address))
         .await
         .context("connect timed out")??;
+    request_on(stream, address, method, path, body, timeout).await
+}
+
+/// A `GET` over a connection already open to `address`, with a 5 s timeout; returns the
+/// body of a 200.
+pub async fn get_on(
+    stream: tokio::net::TcpStream,
+    address: SocketAddr,
+    path: &str,
+) -> anyhow::Result<String> {
+    request_on(stream, address, "GET", path, None, Duration::from_secs(5)).await
+}
+
+/// [`request`] over a connection already open to `address`.
+pub async fn request_on(
+    mut stream: tokio::net::TcpStream,
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<(&str, &[u8])>,
+    timeout: Duration,
+) -> anyhow::Result<String> {
     let mut request =
         format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n");
     if let Some((content_type, body)) = body {

@@ -17,6 +17,9 @@
 //! - [`metrics`]: counters in the Prometheus text admin endpoints serve; the metric families
 //!   the binaries export.
 //! - [`procfs`]: a process's memory, CPU time and descendants, from `/proc`.
+//! - [`netns`]: a network namespace held by a thread: sockets and commands made inside it.
+//! - [`sweep`]: what runs with real nodes make on the host, named for their process, and the
+//!   sweep of what killed runs left.
 //!
 //! In-process, on loopback:
 //! - [`targets`]: destinations: echo, source, sink, a closed port and a black hole.
@@ -39,6 +42,8 @@
 //! - [`kubelet`]: a pod runner playing kubelet for simulated nodes on loopback addresses.
 //! - [`node`]: real worker nodes: kubelet and containerd in namespaces of their own, on a
 //!   network kube-apiserver has no route to.
+//! - [`nodes`]: N real nodes of one cluster, started in parallel after a check of the machine
+//!   and a sweep; the run's images imported into each.
 //! - [`forwarder`]: a TCP forwarder to a Service's ready endpoints (a load balancer's role).
 //! - [`helm`]: releases of the Helm chart through the real Helm engine.
 //! - [`stack`]: all of it together: control plane, nodes, cplink installed with its chart, a
@@ -60,10 +65,13 @@ pub mod http1;
 pub mod image;
 pub mod kubelet;
 pub mod metrics;
+pub mod netns;
 pub mod node;
+pub mod nodes;
 pub mod pki;
 pub mod procfs;
 pub mod stack;
+pub mod sweep;
 pub mod targets;
 pub mod wait;
 pub mod workspace;

@@ -7,19 +7,24 @@
 //! The host routes both ranges as unreachable, so kube-apiserver (on the host's loopback)
 //! cannot reach nodes or pods, and nothing addressed to them leaves the machine. Kubelets and
 //! pods reach kube-apiserver at its Service address (`10.0.0.1:443`), which a relay in this
-//! process answers inside each node and forwards to the host's loopback.
+//! process answers inside each node and forwards to the host's loopback. The network's edge
+//! (`198.18.k.1`, a namespace of this process on the bridge) reaches nodes and pods the way a
+//! load balancer in the nodes' network would.
 //!
 //! Each node's first process runs `unshare --net --mount --pid --fork --mount-proc` with
 //! private binds over `/run`, `/var/lib` and `/var/log` (kubelet and containerd hard-code
 //! paths there) and over the `/proc/sys` entries kubelet sets at start: copies of the host's
-//! values, which kubelet rewrites instead of the host's (it refuses to start if it cannot). Stopping the node kills that namespace, and with it every container; its cgroups, veth
-//! and, for the network, the bridge and routes are removed after.
+//! values, which kubelet rewrites instead of the host's (it refuses to start if it cannot).
+//! Stopping the node kills that namespace, and with it every container; its cgroups, veth
+//! and, for the network, the bridge and routes are removed after. Every name on the host
+//! carries this process's id, so that a later run can sweep what a killed one left
+//! ([`crate::sweep`]).
 
 use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -27,7 +32,9 @@ use anyhow::Context as _;
 use crate::cluster::{ControlPlane, NODE_BINARIES, kube_binaries};
 use crate::containerd::{self, Cri};
 use crate::harness::stop_child;
+use crate::netns::Netns;
 use crate::pki::Usage;
+use crate::sweep;
 
 /// kube-apiserver's Service address, first of `cluster::SERVICE_CIDR`, and in its certificate.
 pub const APISERVER_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -52,46 +59,111 @@ const NAMESPACE: Duration = Duration::from_secs(10);
 /// How long containerd inside a node gets to answer.
 const CONTAINERD_START: Duration = Duration::from_secs(30);
 
-/// Networks made by this process, so concurrent ones pick different ranges.
-static NEXT_NETWORK: AtomicU8 = AtomicU8::new(0);
+/// Veths made by this process, numbered for their names.
+static NEXT_VETH: AtomicU16 = AtomicU16::new(0);
+
+/// The network indices a host may use: 16, each with a `/24` of nodes and a `/20` of pods.
+const NETWORKS: u8 = 16;
+
+/// The nodes a network has room for: a pod `/24` each in its `/20`.
+pub const MAX_NODES: u8 = 16;
 
 /// The host's side of the nodes' network: a bridge without address and unreachable routes for
-/// the node and pod ranges. Removed when dropped.
+/// the node and pod ranges; and the edge, a network namespace of this process on that bridge
+/// (`198.18.k.1`) with routes to every node's pods, where a load balancer's forwarder and the
+/// tests' probes connect from ([`Network::edge`]). Removed when dropped.
 pub struct Network {
     index: u8,
     bridge: String,
     routes: Vec<String>,
+    edge: Netns,
+    edge_veth: String,
 }
 
 impl Network {
-    /// Creates the bridge and the routes, in the first range no other network on the host
-    /// uses.
-    pub fn create() -> anyhow::Result<Self> {
-        for _ in 0..16 {
-            let index = NEXT_NETWORK.fetch_add(1, Ordering::Relaxed) % 16;
-            let bridge = format!("cplbr{}n{index}", std::process::id() % 100_000);
-            let routes = vec![
-                format!("198.18.{index}.0/24"),
-                format!("198.19.{}.0/20", index * 16),
-            ];
-            let taken = ip_output(&["route", "show", &routes[0]])?;
-            if !taken.trim().is_empty() {
-                continue;
+    /// Creates the bridge, the routes and the edge, in the first range no other network on
+    /// the host uses. A network is claimed by its route, under the sweep's lock: the bridge,
+    /// named for this process and the index, comes first, so that a sweep never takes the
+    /// route of a network being made for its own.
+    pub async fn create() -> anyhow::Result<Self> {
+        let owner = std::process::id();
+        let edge = Netns::create("cplink-edge")?;
+        let claimed = {
+            let _lock = sweep::lock()?;
+            let mut claimed = None;
+            let mut last_error = None;
+            for index in 0..NETWORKS {
+                let bridge = sweep::bridge(owner, index);
+                // Taken by another network of this process.
+                if let Err(err) = sweep::ip(&["link", "add", &bridge, "type", "bridge"]) {
+                    last_error = Some(err);
+                    continue;
+                }
+                match sweep::ip(&["route", "add", "unreachable", &sweep::node_range(index)]) {
+                    Ok(()) => {
+                        claimed = Some((index, bridge));
+                        break;
+                    }
+                    Err(err) => {
+                        last_error = Some(err);
+                        sweep::ip(&["link", "del", &bridge])?;
+                    }
+                }
             }
-            let mut network = Network {
-                index,
-                bridge,
-                routes: Vec::new(),
-            };
-            ip(&["link", "add", &network.bridge, "type", "bridge"])?;
-            ip(&["link", "set", &network.bridge, "up"])?;
-            for route in routes {
-                ip(&["route", "add", "unreachable", &route])?;
-                network.routes.push(route);
-            }
-            return Ok(network);
+            claimed.with_context(|| {
+                format!(
+                    "no free network among {NETWORKS} in 198.18.0.0/15; last error: {}",
+                    last_error.map_or_else(String::new, |e| format!("{e:#}"))
+                )
+            })?
+        };
+        let (index, bridge) = claimed;
+        let edge_veth = sweep::veth(owner, NEXT_VETH.fetch_add(1, Ordering::Relaxed) % 1000);
+        let mut network = Network {
+            index,
+            bridge,
+            routes: vec![sweep::node_range(index)],
+            edge,
+            edge_veth,
+        };
+        let pods = sweep::pod_range(index);
+        sweep::ip(&["route", "add", "unreachable", &pods])?;
+        network.routes.push(pods);
+        sweep::ip(&["link", "set", &network.bridge, "up"])?;
+        network.wire_edge().await?;
+        Ok(network)
+    }
+
+    async fn wire_edge(&self) -> anyhow::Result<()> {
+        let tid = self.edge.tid().to_string();
+        sweep::ip(&[
+            "link",
+            "add",
+            &self.edge_veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &tid,
+        ])?;
+        sweep::ip(&["link", "set", &self.edge_veth, "master", &self.bridge, "up"])?;
+        let address = format!("{}/24", Ipv4Addr::new(198, 18, self.index, 1));
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &["addr", "add", &address, "dev", "eth0"],
+            &["link", "set", "eth0", "up"],
+        ] {
+            self.edge.command("ip", args).await?;
         }
-        anyhow::bail!("no free 198.18.k.0/24 range among 16")
+        for n in 0..MAX_NODES {
+            let via = self.node_ip(n).to_string();
+            self.edge
+                .command("ip", &["route", "add", &self.pod_cidr(n), "via", &via])
+                .await?;
+        }
+        Ok(())
     }
 
     /// The address of node `n`.
@@ -99,9 +171,14 @@ impl Network {
         Ipv4Addr::new(198, 18, self.index, n + 2)
     }
 
-    /// The pod range of node `n` (at most 16 nodes).
+    /// The pod range of node `n` (at most [`MAX_NODES`]).
     pub fn pod_cidr(&self, n: u8) -> String {
-        format!("198.19.{}.0/24", self.index * 16 + n)
+        format!("198.19.{}.0/24", u16::from(self.index) * 16 + u16::from(n))
+    }
+
+    /// The pod range of every node: `198.19.<16 k>.0/20`.
+    pub fn pod_range(&self) -> String {
+        sweep::pod_range(self.index)
     }
 
     /// The host bridge the nodes' veths join.
@@ -113,16 +190,23 @@ impl Network {
     pub fn routes(&self) -> &[String] {
         &self.routes
     }
+
+    /// The edge: connections opened there reach every node and pod.
+    pub fn edge(&self) -> &Netns {
+        &self.edge
+    }
 }
 
 impl Drop for Network {
     fn drop(&mut self) {
         for route in &self.routes {
-            if let Err(err) = ip(&["route", "del", "unreachable", route]) {
+            if let Err(err) = sweep::ip(&["route", "del", "unreachable", route]) {
                 tracing::warn!(%route, error = %format!("{err:#}"), "route left");
             }
         }
-        if let Err(err) = ip(&["link", "del", &self.bridge]) {
+        // Goes with the edge's namespace too, once its thread and sockets are gone.
+        let _ = sweep::ip(&["link", "del", &self.edge_veth]);
+        if let Err(err) = sweep::ip(&["link", "del", &self.bridge]) {
             tracing::warn!(bridge = %self.bridge, error = %format!("{err:#}"), "bridge left");
         }
     }
@@ -132,6 +216,7 @@ impl Drop for Network {
 pub struct Node {
     name: String,
     ip: Ipv4Addr,
+    pod_cidr: String,
     child: Child,
     dir: tempfile::TempDir,
     containerd: containerd::Client,
@@ -154,7 +239,9 @@ impl Node {
         let kube = kube_binaries(&NODE_BINARIES)?;
         let name = format!("node-{n}");
         let ip = network.node_ip(n);
-        let dir = tempfile::Builder::new().prefix("cplink-node-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix(&sweep::dir_prefix("node"))
+            .tempdir()?;
         let d = dir.path();
         for sub in [
             "run",
@@ -314,11 +401,14 @@ exec "$kubelet" "$@" >"$d/kubelet.log" 2>&1
             .spawn()
             .context("cannot start the node's namespaces")?;
         let stdin = child.stdin.take();
-        // At most 15 characters, with the peer's `p`.
-        let host_veth = format!("cplv{}n{}x{n}", std::process::id() % 100_000, network.index);
+        let host_veth = sweep::veth(
+            std::process::id(),
+            NEXT_VETH.fetch_add(1, Ordering::Relaxed) % 1000,
+        );
         let mut node = Node {
             name,
             ip,
+            pod_cidr: network.pod_cidr(n),
             child,
             containerd: containerd::Client::new(&containerd_dir, &dir_name),
             cgroup_root: cgroup_root.clone(),
@@ -364,10 +454,8 @@ exec "$kubelet" "$@" >"$d/kubelet.log" 2>&1
         })
         .await
         .with_context(|| self.log_tail())?;
-        // The peer is made on the host under a name of its own (the host has an `eth0`), then
-        // moved into the node and renamed there.
-        let peer = format!("{}p", self.host_veth);
-        ip(&[
+        // The peer is made in the node's namespace directly, as its `eth0`.
+        sweep::ip(&[
             "link",
             "add",
             &self.host_veth,
@@ -375,10 +463,11 @@ exec "$kubelet" "$@" >"$d/kubelet.log" 2>&1
             "veth",
             "peer",
             "name",
-            &peer,
+            "eth0",
+            "netns",
+            &pid,
         ])?;
-        ip(&["link", "set", &peer, "netns", &pid])?;
-        ip(&[
+        sweep::ip(&[
             "link",
             "set",
             &self.host_veth,
@@ -392,7 +481,6 @@ exec "$kubelet" "$@" >"$d/kubelet.log" 2>&1
                 .args(args))
         };
         let cidr = format!("{}/24", self.ip);
-        inside(&["ip", "link", "set", &peer, "name", "eth0"])?;
         inside(&["ip", "link", "set", "lo", "up"])?;
         inside(&["ip", "addr", "add", &cidr, "dev", "eth0"])?;
         inside(&["ip", "link", "set", "eth0", "up"])?;
@@ -405,7 +493,7 @@ exec "$kubelet" "$@" >"$d/kubelet.log" 2>&1
             "lo",
         ])?;
         inside(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])?;
-        for other in (0..16u8).filter(|m| *m != n) {
+        for other in (0..MAX_NODES).filter(|m| *m != n) {
             let via = network.node_ip(other).to_string();
             inside(&["ip", "route", "add", &network.pod_cidr(other), "via", &via])?;
         }
@@ -415,19 +503,42 @@ exec "$kubelet" "$@" >"$d/kubelet.log" 2>&1
         Ok(())
     }
 
-    /// Waits until the Node is Ready.
+    /// Waits until the Node is registered, gives it its pod range (`spec.podCIDR`, which
+    /// kubelet does not set and the agents read), and waits until it is Ready; `deadline`
+    /// bounds the whole.
     pub async fn wait_ready(&self, plane: &ControlPlane, deadline: Duration) -> anyhow::Result<()> {
+        let give_up = tokio::time::Instant::now() + deadline;
+        let registered = plane
+            .wait_kubectl(
+                &format!("node {} to register", self.name),
+                deadline,
+                &["get", "node", &self.name, "-o", "jsonpath={.spec.podCIDR}"],
+                |_| true,
+            )
+            .await
+            .with_context(|| self.log_tail())?;
+        if registered.is_empty() {
+            let patch = serde_json::json!({
+                "spec": { "podCIDR": self.pod_cidr, "podCIDRs": [self.pod_cidr] },
+            });
+            plane.kubectl_ok(&["patch", "node", &self.name, "-p", &patch.to_string()])?;
+        }
         let jsonpath = r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#;
         plane
             .wait_kubectl(
                 &format!("node {} to be Ready", self.name),
-                deadline,
+                give_up.saturating_duration_since(tokio::time::Instant::now()),
                 &["get", "node", &self.name, "-o", jsonpath],
                 |status| status == "True",
             )
             .await
             .with_context(|| self.log_tail())
             .map(drop)
+    }
+
+    /// The node's pod range.
+    pub fn pod_cidr(&self) -> &str {
+        &self.pod_cidr
     }
 
     /// The Node's name.
@@ -503,7 +614,7 @@ exec "$kubelet" "$@" >"$d/kubelet.log" 2>&1
         containerd::wait_gone(self.dir.path(), GONE)?;
         // The peer went with the namespace, taking this end with it; an error here is a veth
         // that was already gone.
-        let _ = ip(&["link", "del", &self.host_veth]);
+        let _ = sweep::ip(&["link", "del", &self.host_veth]);
         // Containers of the killed namespace may take a moment longer to leave their cgroups.
         let give_up = std::time::Instant::now() + GONE;
         loop {
@@ -565,18 +676,6 @@ fn relay(pid: &str, plane: &ControlPlane) -> anyhow::Result<tokio::task::AbortHa
         }
     })
     .abort_handle())
-}
-
-/// Runs `ip args...`.
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    run(Command::new("ip").args(args))
-}
-
-/// Runs `ip args...` and returns its output.
-fn ip_output(args: &[&str]) -> anyhow::Result<String> {
-    let output = Command::new("ip").args(args).output()?;
-    anyhow::ensure!(output.status.success(), "ip {args:?}: {}", output.status);
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 fn run(command: &mut Command) -> anyhow::Result<()> {

@@ -1,9 +1,15 @@
-//! The whole product on one machine: a real control plane, simulated nodes running real pods,
-//! cplink installed with its Helm chart (the operator runs as a pod, with the chart's RBAC),
-//! a ControlPlaneLink, and kube-apiserver sending its node and pod traffic through the
-//! tunnel. Shared by the end-to-end tests and `make demo`.
+//! The whole product on one machine: a real control plane, nodes running real pods, cplink
+//! installed with its Helm chart (the operator runs as a pod, with the chart's RBAC), a
+//! ControlPlaneLink, and kube-apiserver sending its node and pod traffic through the tunnel.
+//! Shared by the end-to-end tests and `make demo`.
+//!
+//! The nodes are simulated ([`kubelet::Nodes`], pods as host processes of the freshly built
+//! binaries, [`Stack::start`]) or real ([`RealNodes`], kubelet and containerd running cplink's
+//! image, [`Stack::start_on_real_nodes`]).
 
+use std::future::Future;
 use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -17,7 +23,8 @@ use crate::cluster::{ControlPlane, Options};
 use crate::forwarder::Forwarder;
 use crate::helm::Helm;
 use crate::kubelet::{self, Nodes};
-use crate::workspace;
+use crate::nodes::RealNodes;
+use crate::{image, workspace};
 
 /// Namespace of the link and its children.
 pub const NAMESPACE: &str = "cplink-system";
@@ -80,15 +87,71 @@ impl Default for StackOptions {
     }
 }
 
+/// What a stack needs of its nodes, simulated or real.
+pub trait StackNodes {
+    /// The pod range of every node: the link's `network.podCIDRs`.
+    fn range(&self) -> String;
+
+    /// Opens a connection to a pod's address (an admin endpoint), from where pods can be
+    /// reached.
+    fn connect(
+        &self,
+        address: SocketAddr,
+    ) -> impl Future<Output = std::io::Result<tokio::net::TcpStream>> + Send;
+
+    /// What the nodes know that the API does not say, for failure messages.
+    fn diagnostics(&self) -> String;
+}
+
+impl StackNodes for Nodes {
+    fn range(&self) -> String {
+        Nodes::range(self).to_owned()
+    }
+
+    fn connect(
+        &self,
+        address: SocketAddr,
+    ) -> impl Future<Output = std::io::Result<tokio::net::TcpStream>> + Send {
+        tokio::net::TcpStream::connect(address)
+    }
+
+    fn diagnostics(&self) -> String {
+        String::new()
+    }
+}
+
+impl StackNodes for RealNodes {
+    fn range(&self) -> String {
+        RealNodes::range(self)
+    }
+
+    fn connect(
+        &self,
+        address: SocketAddr,
+    ) -> impl Future<Output = std::io::Result<tokio::net::TcpStream>> + Send {
+        let edge = self.network().map(|network| network.edge().clone());
+        async move { edge.map_err(std::io::Error::other)?.connect(address).await }
+    }
+
+    fn diagnostics(&self) -> String {
+        let kubelets: Vec<String> = self.nodes().iter().map(|node| node.log_tail()).collect();
+        format!(
+            "container logs of {NAMESPACE}:\n{}\n{}",
+            self.container_logs(NAMESPACE),
+            kubelets.join("\n")
+        )
+    }
+}
+
 /// Everything running; dropped in order: the forwarder, the nodes and their pods (the
 /// operator among them), then the control plane.
-pub struct Stack {
+pub struct Stack<N = Nodes> {
     /// Helm for the control plane.
     pub helm: Helm,
     /// The load balancer in front of the link's Services.
     pub forwarder: Forwarder,
-    /// The simulated nodes.
-    pub nodes: Nodes,
+    /// The nodes.
+    pub nodes: N,
     /// The control plane.
     pub plane: ControlPlane,
     options: StackOptions,
@@ -99,9 +162,15 @@ pub struct Stack {
 /// Chart values for the tests: the image the pod runner accepts, plus `extra` top-level
 /// values (`("logging", json!({...}))`).
 pub fn chart_values(extra: &[(&str, serde_json::Value)]) -> serde_json::Value {
-    let (repository, tag) = IMAGE.split_once(':').expect("IMAGE has a tag");
+    chart_values_for(IMAGE, extra)
+}
+
+/// Chart values installing the operator from `image` (`repository:tag`, never pulled), plus
+/// `extra` top-level values.
+pub fn chart_values_for(image: &str, extra: &[(&str, serde_json::Value)]) -> serde_json::Value {
+    let (repository, tag) = image.rsplit_once(':').expect("the image has a tag");
     let mut values = serde_json::json!({
-        "image": { "repository": repository, "tag": tag },
+        "image": { "repository": repository, "tag": tag, "pullPolicy": "Never" },
     });
     for (key, value) in extra {
         values[*key] = value.clone();
@@ -177,7 +246,53 @@ impl Stack {
         stack.wait_operator_ready().await?;
         Ok(stack)
     }
+}
 
+impl Stack<RealNodes> {
+    /// Starts the control plane and `options.nodes` real nodes ([`RealNodes::start`]: the
+    /// machine checked, earlier runs' leftovers swept, cplink's image imported into every
+    /// node), installs the chart with the operator running from that image, and starts the
+    /// forwarder for the link's frontend, which connects from the nodes' network. Agents find
+    /// the servers in the cluster (pods reach pods; the host's loopback is out of their
+    /// reach). Servers and agents run from the image too, as the operator's default.
+    pub async fn start_on_real_nodes(
+        options: StackOptions,
+        egress: Egress,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            egress != Egress::Grpc || options.servers == 1,
+            "GRPC mode runs one server: the nodes share the host's socket directory"
+        );
+        crate::nodes::preflight()?;
+        let plane = ControlPlane::start(Options::default()).await?;
+        let nodes = RealNodes::start(&plane, options.nodes).await?;
+        let forwarder = Forwarder::start_from(
+            &plane.kubeconfig,
+            NAMESPACE,
+            &[FRONTEND_SERVICE, AGENT_SERVICE],
+            Some(nodes.network()?.edge().clone()),
+        )
+        .await?;
+        let helm = Helm::new(&plane.kubeconfig)?;
+        helm.install(NAMESPACE, RELEASE, &chart_values_for(image::NAME, &[]))?;
+        let stack = Stack {
+            helm,
+            forwarder,
+            nodes,
+            plane,
+            options,
+            egress,
+            agent_endpoint: AgentEndpoint::Discovery,
+        };
+        if stack.egress == Egress::Grpc {
+            stack.prepare_socket_dir()?;
+        }
+        stack.wait_operator_ready().await?;
+        Ok(stack)
+    }
+}
+
+impl<N: StackNodes> Stack<N> {
     /// The stack with its link's agents reaching the servers as `endpoint` says (by default
     /// through the forwarder); takes effect at [`Stack::apply_link`].
     pub fn with_agent_endpoint(mut self, endpoint: AgentEndpoint) -> Self {
@@ -419,10 +534,21 @@ spec:
         ]);
         format!(
             "pods:\n{pods}\nlinks:\n{link}\nevents:\n{events}\n\
-             operator log:\n{operator}\nkube-scheduler:\n{}\nkube-apiserver:\n{}",
+             operator log:\n{operator}\nkube-scheduler:\n{}\nkube-apiserver:\n{}\n{}",
             self.plane.log_tail("kube-scheduler"),
-            self.plane.log_tail("kube-apiserver")
+            self.plane.log_tail("kube-apiserver"),
+            self.nodes.diagnostics()
         )
+    }
+
+    /// `GET path` of a pod's admin endpoint at `address` (`/metrics`, `/readyz`), connecting
+    /// from where the nodes' pods are reachable; the body of a 200.
+    pub async fn admin_get(&self, address: SocketAddr, path: &str) -> anyhow::Result<String> {
+        let stream = tokio::time::timeout(Duration::from_secs(5), self.nodes.connect(address))
+            .await
+            .with_context(|| format!("connecting to {address} timed out"))?
+            .with_context(|| format!("cannot connect to {address}"))?;
+        crate::http1::get_on(stream, address, path).await
     }
 }
 
@@ -435,7 +561,7 @@ pub struct Follow {
 
 impl Follow {
     /// Starts `kubectl args...` against the stack's control plane.
-    pub fn start(stack: &Stack, args: &[&str]) -> anyhow::Result<Self> {
+    pub fn start<N>(stack: &Stack<N>, args: &[&str]) -> anyhow::Result<Self> {
         let mut child = stack
             .plane
             .kubectl(args)

@@ -1,0 +1,350 @@
+//! cplink on real nodes: three kubelets with containerd, each in namespaces of its own on a
+//! network kube-apiserver has no route to; the chart's operator, the link's servers and its
+//! agents running from cplink's own image. Until kube-apiserver is wired to the link,
+//! `kubectl logs` and `kubectl exec` to a pod on a worker node fail to dial its kubelet; once
+//! it is wired, both work (exec with standard input, and 50 MiB of checksummed standard
+//! output), and the server's counters show that they came through the frontend of the egress
+//! mode (HTTP CONNECT over mutual TLS, or konnectivity gRPC over the server's Unix socket) and
+//! crossed the tunnel.
+//!
+//! The two modes' tests run one after the other: each runs a whole cluster.
+
+use std::io::Write as _;
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use cplink_e2e::harness::{self, Steps};
+use cplink_e2e::image;
+use cplink_e2e::metrics::counter;
+use cplink_e2e::node::PROTECTED_SYSCTLS;
+use cplink_e2e::nodes::{self, RealNodes};
+use cplink_e2e::stack::{Egress, NAMESPACE, STEP, Stack, StackOptions};
+use cplink_e2e::sweep::Leftovers;
+use sha2::{Digest as _, Sha256};
+
+/// How long the test may take: it takes 60 to 120 s.
+const DEADLINE: Duration = Duration::from_secs(480);
+
+/// What the shell pod prints first.
+const GREETING: &str = "hello from a real node";
+
+/// The standard output `kubectl exec` carries, checksummed.
+const LARGE: usize = 50 << 20;
+
+/// The standard input `kubectl exec -i` carries, checksummed.
+const STDIN: usize = 1 << 20;
+
+fn host_sysctls() -> anyhow::Result<Vec<(String, String)>> {
+    PROTECTED_SYSCTLS
+        .iter()
+        .map(|entry| {
+            let value = std::fs::read_to_string(format!("/proc/sys/{entry}"))?;
+            Ok((entry.to_string(), value.trim().to_owned()))
+        })
+        .collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One cluster at a time.
+static CLUSTER: Mutex<()> = Mutex::new(());
+
+/// The frontend of an egress mode, as the server's metrics label it.
+fn frontend(egress: Egress) -> &'static str {
+    match egress {
+        Egress::HttpConnect => "tls",
+        Egress::Grpc => "grpc",
+    }
+}
+
+/// What the server pods counted, summed over them.
+#[derive(Debug, Clone, Copy, Default)]
+struct ServerCounts {
+    /// Successful dials through the tunnel.
+    dials: f64,
+    /// Connections accepted by the frontend of the mode.
+    frontend: f64,
+    /// Bytes from agents to the frontend.
+    from_agents: f64,
+}
+
+async fn server_counts(stack: &Stack<RealNodes>, egress: Egress) -> anyhow::Result<ServerCounts> {
+    let mut counts = ServerCounts::default();
+    for (_, _, ip) in stack.pods("server")? {
+        let metrics = stack
+            .admin_get(format!("{ip}:8095").parse()?, "/metrics")
+            .await?;
+        counts.dials += counter(&metrics, "cplink_server_dials_total", "result=\"ok\"");
+        counts.frontend += counter(
+            &metrics,
+            "cplink_server_frontend_connections_total",
+            &format!("frontend=\"{}\"", frontend(egress)),
+        );
+        counts.from_agents += counter(
+            &metrics,
+            "cplink_server_tunnel_bytes_total",
+            "direction=\"from_agent\"",
+        );
+    }
+    Ok(counts)
+}
+
+/// Successful dials of the agent on `node`.
+async fn agent_dials(stack: &Stack<RealNodes>, node: &str) -> anyhow::Result<f64> {
+    let agents = stack.pods("agent")?;
+    let (_, _, ip) = agents
+        .iter()
+        .find(|(_, on, _)| on == node)
+        .ok_or_else(|| anyhow::anyhow!("no agent on {node}: {agents:?}"))?;
+    let metrics = stack
+        .admin_get(format!("{ip}:8096").parse()?, "/metrics")
+        .await?;
+    Ok(counter(
+        &metrics,
+        "cplink_agent_dials_total",
+        "result=\"ok\"",
+    ))
+}
+
+/// `kubectl args...` that must fail: its standard error.
+fn kubectl_fails(stack: &Stack<RealNodes>, args: &[&str]) -> anyhow::Result<String> {
+    let out = stack.plane.kubectl(args).output()?;
+    anyhow::ensure!(
+        !out.status.success(),
+        "kubectl {} succeeded: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+}
+
+/// `kubectl args...` fed `stdin`; its standard output and error.
+fn kubectl_with_stdin(
+    stack: &Stack<RealNodes>,
+    args: &[&str],
+    stdin: &[u8],
+) -> anyhow::Result<(Vec<u8>, String)> {
+    let mut child = stack
+        .plane
+        .kubectl(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut pipe = child.stdin.take().expect("stdin is piped");
+    let input = stdin.to_vec();
+    let writer = std::thread::spawn(move || pipe.write_all(&input));
+    let out = child.wait_with_output()?;
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the stdin writer panicked"))??;
+    anyhow::ensure!(
+        out.status.success(),
+        "kubectl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok((
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+fn run(test: &str, egress: Egress) -> anyhow::Result<()> {
+    let _one = CLUSTER
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let sysctls = host_sysctls()?;
+    harness::run(test, DEADLINE, move |steps| logs_and_exec(steps, egress))?;
+    assert_eq!(host_sysctls()?, sysctls, "host sysctls changed");
+    Ok(())
+}
+
+#[test]
+fn on_real_nodes_logs_and_exec_cross_the_tunnel_once_kube_apiserver_is_wired() -> anyhow::Result<()>
+{
+    run(
+        "on_real_nodes_logs_and_exec_cross_the_tunnel_once_kube_apiserver_is_wired",
+        Egress::HttpConnect,
+    )
+}
+
+#[test]
+fn in_grpc_mode_on_real_nodes_logs_and_exec_cross_the_tunnel_through_the_socket()
+-> anyhow::Result<()> {
+    run(
+        "in_grpc_mode_on_real_nodes_logs_and_exec_cross_the_tunnel_through_the_socket",
+        Egress::Grpc,
+    )
+}
+
+async fn logs_and_exec(steps: Steps, egress: Egress) -> anyhow::Result<()> {
+    steps.enter("starting the control plane, three real nodes and cplink from its image");
+    let mut stack = Stack::start_on_real_nodes(StackOptions::default(), egress).await?;
+    let names = stack.nodes.names();
+    assert_eq!(names.len(), nodes::DEFAULT_NODES);
+
+    steps.enter("rolling out the link");
+    stack.apply_link()?;
+    stack.wait_link_ready().await?;
+    // Every cplink pod (operators, server, agents) runs the image, on a real node.
+    let images = stack.plane.kubectl_ok(&[
+        "get",
+        "pods",
+        "-n",
+        NAMESPACE,
+        "-o",
+        "jsonpath={range .items[*]}{.spec.nodeName} {.spec.containers[0].image} \
+         {.status.containerStatuses[0].imageID}{\"\\n\"}{end}",
+    ])?;
+    let pods: Vec<Vec<&str>> = images
+        .lines()
+        .map(|line| line.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        pods.len(),
+        cplink_e2e::stack::OPERATOR_REPLICAS + 1 + names.len(),
+        "two operators, a server and an agent per node: {images}"
+    );
+    for pod in &pods {
+        assert!(
+            matches!(pod[..], [node, image, id] if names.iter().any(|n| n == node)
+                && image == image::NAME && id.starts_with("sha256:")),
+            "a cplink pod not running the image on a real node: {pod:?}"
+        );
+    }
+
+    let node = names.last().expect("three nodes").clone();
+    let node_ip = stack.nodes.nodes().last().expect("three nodes").ip();
+    steps.enter(format!("a shell pod on {node}"));
+    nodes::run_shell_pod(
+        &stack.plane,
+        "shell",
+        &node,
+        &format!("echo {GREETING}; exec sleep 3600"),
+    )
+    .await
+    .map_err(|err| err.context(stack.diagnostics()))?;
+
+    steps.enter("kubectl logs and exec before kube-apiserver is wired");
+    let dial = format!("dial tcp {node_ip}:10250");
+    let logs = kubectl_fails(&stack, &["logs", "shell", "--request-timeout=20s"])?;
+    assert!(
+        logs.contains(&dial),
+        "logs should fail to dial the kubelet: {logs}"
+    );
+    let exec = kubectl_fails(
+        &stack,
+        &["exec", "shell", "--request-timeout=20s", "--", "true"],
+    )?;
+    assert!(
+        exec.contains("error dialing backend") && exec.contains(&dial),
+        "exec should fail to dial the kubelet: {exec}"
+    );
+    let before = server_counts(&stack, egress).await?;
+    assert_eq!(
+        before.frontend, 0.0,
+        "nothing came through the frontend yet"
+    );
+    let agent_before = agent_dials(&stack, &node).await?;
+
+    steps.enter("restarting kube-apiserver with the egress configuration");
+    let wired = std::fs::read_to_string(stack.wire_egress().await?)?;
+    let protocol = match egress {
+        Egress::HttpConnect => "proxyProtocol: HTTPConnect",
+        Egress::Grpc => "proxyProtocol: GRPC",
+    };
+    assert!(wired.contains(protocol), "{wired}");
+
+    steps.enter("kubectl logs through the tunnel");
+    stack
+        .plane
+        .wait_kubectl(
+            "kubectl logs through the tunnel",
+            STEP,
+            &["logs", "shell"],
+            |out| out.contains(GREETING),
+        )
+        .await?;
+
+    steps.enter("kubectl exec with standard input through the tunnel");
+    let input: Vec<u8> = (0..STDIN).map(|_| rand::random::<u8>()).collect();
+    let (out, _) = kubectl_with_stdin(&stack, &["exec", "-i", "shell", "--", "sha256sum"], &input)?;
+    let summed = String::from_utf8_lossy(&out);
+    assert_eq!(
+        summed.split_whitespace().next(),
+        Some(hex(&Sha256::digest(&input)).as_str()),
+        "the pod read the exact {STDIN} bytes sent"
+    );
+
+    steps.enter("kubectl exec with 50 MiB of standard output through the tunnel");
+    let script = format!(
+        "head -c {LARGE} /dev/urandom >/tmp/blob && sha256sum /tmp/blob >&2 && cat /tmp/blob \
+         && rm /tmp/blob"
+    );
+    let (blob, stderr) =
+        kubectl_with_stdin(&stack, &["exec", "shell", "--", "sh", "-c", &script], &[])?;
+    assert_eq!(blob.len(), LARGE, "stdout length");
+    assert_eq!(
+        stderr.split_whitespace().next(),
+        Some(hex(&Sha256::digest(&blob)).as_str()),
+        "the 50 MiB arrived as the pod wrote them"
+    );
+
+    steps.enter("the server's and the agent's counters");
+    let after = server_counts(&stack, egress).await?;
+    let agent_after = agent_dials(&stack, &node).await?;
+    // kube-apiserver dials once per exec and at least once for logs, each dial a connection
+    // to the frontend and a dial by the agent of the pod's node.
+    let frontend = frontend(egress);
+    assert!(
+        after.frontend >= before.frontend + 3.0,
+        "logs and two execs came through the {frontend} frontend: {before:?} -> {after:?}"
+    );
+    assert!(
+        after.dials >= before.dials + 3.0,
+        "the server dialed through the tunnel: {before:?} -> {after:?}"
+    );
+    assert!(
+        after.from_agents >= before.from_agents + LARGE as f64,
+        "the 50 MiB crossed the tunnel: {before:?} -> {after:?}"
+    );
+    assert!(
+        agent_after >= agent_before + 3.0,
+        "the agent on {node} dialed its kubelet: {agent_before} -> {agent_after}"
+    );
+    println!(
+        "on {} real nodes running cplink from its image: before kube-apiserver was wired, logs \
+         and exec failed to dial {node_ip}:10250; after, logs, exec with 1 MiB of stdin and \
+         50 MiB of checksummed stdout went through the {frontend} frontend ({} connections, {} dials, \
+         {:.0} MiB from the agents) and the agent on {node} ({} dials)",
+        names.len(),
+        after.frontend - before.frontend,
+        after.dials - before.dials,
+        (after.from_agents - before.from_agents) / f64::from(1u32 << 20),
+        agent_after - agent_before,
+    );
+
+    steps.enter("stopping everything");
+    let routes = stack.nodes.network()?.routes().to_vec();
+    drop(stack);
+    let left = Leftovers::of(std::process::id())?;
+    assert!(
+        left.processes.is_empty()
+            && left.mounts.is_empty()
+            && left.cgroups.is_empty()
+            && left.links.is_empty()
+            && left.dirs.is_empty(),
+        "left behind: {left}"
+    );
+    for route in routes {
+        let shown = std::process::Command::new("ip")
+            .args(["route", "show", &route])
+            .output()?;
+        assert!(shown.stdout.is_empty(), "route {route} left");
+    }
+    Ok(())
+}
