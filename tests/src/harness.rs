@@ -313,8 +313,8 @@ pub async fn stop_child_async(
     }
 }
 
-/// Polls `child` until it exits, for at most `within`.
-fn wait_child(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+/// Polls `child` until it exits, for at most `within`; `None` if it is still running.
+pub fn wait_child(child: &mut Child, within: Duration) -> Option<ExitStatus> {
     let give_up = Instant::now() + within;
     let mut pause = Duration::from_millis(1);
     loop {

@@ -2,20 +2,39 @@
 //! workload moved all its bytes through the three frontends and through the OpenSSH baseline
 //! (installed by `scripts/setup.sh`), or the binary would have failed.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use cplink_e2e::harness;
+
+/// How long the quick run may take: about a minute, ten on a loaded machine.
+const DEADLINE: Duration = Duration::from_secs(600);
 
 #[test]
 fn quick_benchmark_prints_a_complete_table() {
-    let output = Command::new(env!("CARGO_BIN_EXE_cplink-bench"))
+    // Output to files, read once the run is over: the deadline holds whatever the run does.
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cplink-bench"))
         .args(["--quick", "--markdown"])
-        .output()
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("stdout file"))
+        .stderr(std::fs::File::create(&err).expect("stderr file"))
+        .spawn()
         .expect("cplink-bench starts");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let status = harness::wait_child(&mut child, DEADLINE);
+    if status.is_none() {
+        harness::stop_child(&mut child, Duration::from_secs(5));
+    }
+    let stdout = std::fs::read_to_string(&out).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+    // The last progress line names the workload it was on.
+    let status = status.unwrap_or_else(|| {
+        panic!("cplink-bench did not finish within {DEADLINE:?}:\n{stdout}\n{stderr}")
+    });
     assert!(
-        output.status.success(),
-        "cplink-bench failed: {}\n{stdout}\n{stderr}",
-        output.status
+        status.success(),
+        "cplink-bench failed: {status}\n{stdout}\n{stderr}"
     );
     let rows: Vec<Vec<&str>> = stdout
         .lines()

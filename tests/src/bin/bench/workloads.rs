@@ -299,6 +299,8 @@ async fn send_upload(stream: &mut Box<dyn Io>, bytes: u64) -> anyhow::Result<()>
         remaining -= n as u64;
     }
     stream.write_u32(0).await?;
+    // A TLS or gRPC client may still hold the last frames: send them before waiting.
+    stream.flush().await?;
     let received = stream.read_u64().await?;
     anyhow::ensure!(
         received == bytes,
@@ -380,6 +382,7 @@ pub async fn round_trips(
     for i in 0..warmup + samples {
         let start = Instant::now();
         stream.write_all(&request).await?;
+        stream.flush().await?;
         stream.read_exact(&mut response).await?;
         if i >= warmup {
             times.push(start.elapsed());
@@ -440,6 +443,7 @@ pub async fn round_trips_under_bulk(
                 }
             }
             bulk.write_u32(0).await?;
+            bulk.flush().await?;
             let received = bulk.read_u64().await?;
             let total = sent.load(Ordering::Relaxed);
             anyhow::ensure!(
@@ -481,6 +485,7 @@ async fn echo_once(route: &Route) -> anyhow::Result<Box<dyn Io>> {
     let mut stream = route.dial().await?;
     stream.write_u8(op::ECHO).await?;
     stream.write_all(&request).await?;
+    stream.flush().await?;
     stream.read_exact(&mut response).await?;
     anyhow::ensure!(response == request, "echo returned different bytes");
     Ok(stream)
