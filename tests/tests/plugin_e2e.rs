@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use cplink_e2e::harness::{self, Steps};
-use cplink_e2e::stack::{Follow, LINK, NAMESPACE, STEP, Stack, StackOptions};
+use cplink_e2e::stack::{Follow, LINK, NAMESPACE, OPERATOR_REPLICAS, STEP, Stack, StackOptions};
 use cplink_e2e::{binaries, wait};
 
 /// How long the test may take.
@@ -317,11 +317,14 @@ async fn scenario(steps: Steps) -> anyhow::Result<()> {
 
     // 4. A server missing: a third replica asked for, which the namespace's pod quota refuses.
     steps.enter("a server missing");
+    // Room for exactly the pods running now: the operator's replicas, two servers and three
+    // agents. A third server is then refused.
+    let running = (OPERATOR_REPLICAS + 2 + 3).to_string();
     stack.apply(
         "quota",
         &format!(
             "apiVersion: v1\nkind: ResourceQuota\nmetadata:\n  name: pods\n  namespace: {NAMESPACE}\n\
-             spec:\n  hard:\n    pods: \"6\"\n"
+             spec:\n  hard:\n    pods: \"{running}\"\n"
         ),
     )?;
     stack
@@ -338,7 +341,7 @@ async fn scenario(steps: Steps) -> anyhow::Result<()> {
                 "-o",
                 "jsonpath={.status.used.pods}",
             ],
-            |used| used.trim() == "6",
+            |used| used.trim() == running,
         )
         .await?;
     stack.patch_link(r#"{"spec":{"server":{"replicas":3}}}"#)?;
