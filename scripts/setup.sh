@@ -38,6 +38,10 @@ done
 # tests/helm/requirements.txt, in a virtualenv outside the repository.
 VENV="${CPLINK_CACHE:-$HOME/.cache/cplink}/venv"
 REQUIREMENTS="$(dirname "$0")/../tests/helm/requirements.txt"
+mkdir -p "$(dirname "$VENV")"
+# One setup at a time rebuilds the shared environment (say `make demo` beside `make test`).
+exec 9>"$VENV.lock"
+flock 9
 if ! cmp -s "$REQUIREMENTS" "$VENV/requirements.txt" 2>/dev/null; then
     echo "setup: installing the Python test environment in $VENV"
     rm -rf "$VENV"
@@ -45,4 +49,5 @@ if ! cmp -s "$REQUIREMENTS" "$VENV/requirements.txt" 2>/dev/null; then
     "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQUIREMENTS"
     cp "$REQUIREMENTS" "$VENV/requirements.txt"
 fi
+exec 9>&-
 echo "setup: ok"
