@@ -331,29 +331,7 @@ pub struct RunOutput {
 /// processes (containerd is started with its configuration there, shims with its socket).
 pub fn processes_naming(dir: &Path) -> anyhow::Result<Vec<u32>> {
     let needle = dir.to_string_lossy().into_owned();
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc")? {
-        let entry = entry?;
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // A process may exit between the listing and the read: then it is gone, as wanted.
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        if pid != std::process::id()
-            && String::from_utf8_lossy(&cmdline)
-                .split('\0')
-                .any(|arg| arg.contains(&needle))
-        {
-            pids.push(pid);
-        }
-    }
-    Ok(pids)
+    crate::procfs::processes_with_arg(|arg| arg.contains(&needle))
 }
 
 /// Writes containerd's configuration into `dir` and makes the directories it names; returns

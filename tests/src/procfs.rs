@@ -86,6 +86,30 @@ pub fn raise_open_files_limit() {
     }
 }
 
+/// The processes other than this one with a command-line argument that `matches` accepts.
+pub fn processes_with_arg(matches: impl Fn(&str) -> bool) -> anyhow::Result<Vec<u32>> {
+    let me = std::process::id();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let entry = entry?;
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process may exit between the listing and the read: then it is gone, as wanted.
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if pid != me && String::from_utf8_lossy(&cmdline).split('\0').any(&matches) {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

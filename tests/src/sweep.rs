@@ -347,29 +347,7 @@ fn digits(text: &str) -> Option<u32> {
 
 /// Processes whose command line names a path in a directory of an owner `owned` accepts.
 fn processes(owned: &impl Fn(u32) -> bool) -> anyhow::Result<Vec<u32>> {
-    let me = std::process::id();
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc")? {
-        let entry = entry?;
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // A process may exit between the listing and the read: then it is gone, as wanted.
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let names_a_dir = String::from_utf8_lossy(&cmdline)
-            .split('\0')
-            .any(|arg| mentioned_owners(arg).any(owned));
-        if pid != me && names_a_dir {
-            pids.push(pid);
-        }
-    }
-    Ok(pids)
+    crate::procfs::processes_with_arg(|arg| mentioned_owners(arg).any(owned))
 }
 
 /// The owners of every `cplink-<kind>-<owner>-` directory name within `arg`
