@@ -14,6 +14,13 @@
 //!
 //! A slot that discovery no longer lists is retired: it no longer counts for readiness nor in
 //! `servers_known`, but its links stay (and count in `links_up`) until their servers close them.
+//!
+//! Readiness gates a new agent until it has held every slot's links once; after that the agent
+//! stays ready while any link is up. A server that drains and exits is still listed by its
+//! Service until its pod is gone (the agent Service publishes not-ready servers), and a
+//! DaemonSet's rolling update deletes every unready agent at once, without waiting: were each
+//! lost link to make the agent unready, the end of one server's drain would restart every
+//! agent together.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -79,6 +86,8 @@ struct Slot {
     /// The server count the servers last reported, at least one.
     server_count: u32,
     retired: bool,
+    /// Whether the slot has held as many links as it wants at least once.
+    complete: bool,
     /// Why the last attempt on this address failed, until a link comes up.
     last_error: Option<String>,
     up: Vec<Held>,
@@ -222,6 +231,7 @@ impl Slots {
                 wants,
                 server_count: 1,
                 retired: false,
+                complete: false,
                 last_error: None,
                 up: Vec::new(),
             },
@@ -289,6 +299,7 @@ impl Slots {
             streams: streams.clone(),
             superseded: superseded.clone(),
         });
+        entry.complete |= entry.up.len() >= entry.wanted() as usize;
         self.publish(&table);
         Ok(HeldLink {
             links: self.clone(),
@@ -335,7 +346,12 @@ impl Slots {
     pub(crate) fn set_server_count(&self, slot: SlotId, count: u32) {
         let mut table = self.lock();
         if let Some(slot) = table.slots.get_mut(&slot) {
+            let more = count.max(1) > slot.server_count;
             slot.server_count = count.max(1);
+            // More servers than the slot held at once: readiness waits for them as well.
+            if more {
+                slot.complete = slot.up.len() >= slot.wanted() as usize;
+            }
         }
         self.publish(&table);
     }
@@ -367,8 +383,8 @@ impl Slots {
             .collect()
     }
 
-    /// `Ok` when every address has as many links as it wants, and discovery found at least
-    /// one; otherwise what is missing.
+    /// `Ok` once every address has held as many links as it wants, and discovery found at
+    /// least one, for as long as a link is up; otherwise what is missing.
     pub(crate) fn readiness(&self) -> Result<(), String> {
         let table = self.lock();
         let active = || table.slots.values().filter(|s| !s.retired);
@@ -386,7 +402,7 @@ impl Slots {
         }
         let mut down = Vec::new();
         let mut short = Vec::new();
-        for slot in active() {
+        for slot in active().filter(|slot| !slot.complete) {
             match (slot.up.len(), slot.wanted()) {
                 (0, _) => down.push(slot.address.as_str()),
                 (up, wanted) if up < wanted as usize => short.push(format!(
@@ -399,6 +415,10 @@ impl Slots {
         let mut missing = short;
         if !down.is_empty() {
             missing.insert(0, format!("not linked to {}", down.join(", ")));
+        }
+        if missing.is_empty() && !table.slots.values().any(|slot| !slot.up.is_empty()) {
+            let all: Vec<&str> = active().map(|slot| slot.address.as_str()).collect();
+            missing.push(format!("no link up: not linked to {}", all.join(", ")));
         }
         if missing.is_empty() {
             Ok(())
@@ -431,7 +451,7 @@ mod tests {
         let b = links.add("b:1".into(), Wants::One);
         assert_eq!(known.get(), 2);
         assert_eq!(links.readiness().unwrap_err(), "not linked to a:1, b:1");
-        let _a = links.hold(a, info("s1", 3), OnDuplicate::Refuse).unwrap();
+        let held_a = links.hold(a, info("s1", 3), OnDuplicate::Refuse).unwrap();
         links.set_server_count(b, 3);
         assert_eq!(
             known.get(),
@@ -444,7 +464,45 @@ mod tests {
         assert!(!links.short_of(b));
         drop(held_b);
         assert_eq!(up.get(), 1);
-        assert_eq!(links.readiness().unwrap_err(), "not linked to b:1");
+        assert!(
+            links.readiness().is_ok(),
+            "a server lost after linking leaves the agent ready while another link is up"
+        );
+        drop(held_a);
+        assert_eq!(
+            links.readiness().unwrap_err(),
+            "no link up: not linked to a:1, b:1"
+        );
+        let _b = links.hold(b, info("s2", 3), OnDuplicate::Refuse).unwrap();
+        assert!(links.readiness().is_ok());
+    }
+
+    #[test]
+    fn a_server_that_drains_away_while_still_listed_leaves_the_agent_ready() {
+        let (links, _, _) = links(Source::Discovering("ns/svc".into()));
+        links.discovered();
+        let old = links.add("10.0.0.1:8091".into(), Wants::One);
+        let new = links.add("10.0.0.2:8091".into(), Wants::One);
+        let held_old = links
+            .hold(old, info("s1", 2), OnDuplicate::Replace)
+            .unwrap();
+        let _held_new = links
+            .hold(new, info("s2", 2), OnDuplicate::Replace)
+            .unwrap();
+        assert!(links.readiness().is_ok());
+        // The old server finished draining and exited; its pod is still in the slices.
+        drop(held_old);
+        assert!(links.readiness().is_ok());
+        // A server listed later gates readiness until the agent has linked to it once.
+        let later = links.add("10.0.0.3:8091".into(), Wants::One);
+        assert_eq!(
+            links.readiness().unwrap_err(),
+            "not linked to 10.0.0.3:8091"
+        );
+        let _held_later = links
+            .hold(later, info("s3", 3), OnDuplicate::Replace)
+            .unwrap();
+        assert!(links.readiness().is_ok());
     }
 
     #[test]

@@ -222,7 +222,7 @@ pub struct Node {
     containerd: containerd::Client,
     cgroup_root: String,
     host_veth: String,
-    relay: Option<tokio::task::AbortHandle>,
+    relay: Option<Relay>,
     stopped: bool,
 }
 
@@ -605,9 +605,7 @@ exec "$kubelet" "$@" >"$d/kubelet.log" 2>&1
         if std::mem::replace(&mut self.stopped, true) {
             return Ok(());
         }
-        if let Some(relay) = self.relay.take() {
-            relay.abort();
-        }
+        drop(self.relay.take());
         // setpriv became unshare: SIGKILL to it kills the namespace's first process (the
         // parent-death signal of `--kill-child`), and the kernel kills the rest.
         stop_child(&mut self.child, Duration::ZERO);
@@ -635,9 +633,29 @@ impl Drop for Node {
     }
 }
 
+/// The relay of a node's kube-apiserver Service address: a thread of its own with a runtime
+/// of its own, so that a test blocking its runtime (on `kubectl`, say) never cuts kubelet
+/// and pods off kube-apiserver. Stopped, and its thread joined, when dropped.
+struct Relay {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            // The runtime drops its connections as it ends: this returns at once.
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Answers `10.0.0.1:443` inside the network namespace of `pid` and forwards each connection
 /// to kube-apiserver on the host's loopback.
-fn relay(pid: &str, plane: &ControlPlane) -> anyhow::Result<tokio::task::AbortHandle> {
+fn relay(pid: &str, plane: &ControlPlane) -> anyhow::Result<Relay> {
     let upstream: std::net::SocketAddr = plane
         .url
         .strip_prefix("https://")
@@ -656,26 +674,51 @@ fn relay(pid: &str, plane: &ControlPlane) -> anyhow::Result<tokio::task::AbortHa
     })
     .join()
     .map_err(|_| anyhow::anyhow!("the relay's binding thread panicked"))??;
-    let listener = tokio::net::TcpListener::from_std(listener)?;
-    Ok(tokio::spawn(async move {
-        loop {
-            let mut inbound = match listener.accept().await {
-                Ok((inbound, _)) => inbound,
-                Err(err) => {
-                    // Out of descriptors, most likely: pause instead of spinning on it.
-                    tracing::warn!(%err, "relay accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            tokio::spawn(async move {
-                if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name(format!("relay-{pid}"))
+        .spawn(move || {
+            runtime.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => listener,
+                    Err(err) => {
+                        tracing::warn!(%err, "the relay cannot listen");
+                        return;
+                    }
+                };
+                tokio::select! {
+                    _ = stopped => {}
+                    () = forward(listener, upstream) => {}
                 }
             });
-        }
+        })?;
+    Ok(Relay {
+        stop: Some(stop),
+        thread: Some(thread),
     })
-    .abort_handle())
+}
+
+/// Accepts on `listener` and joins each connection to one made to `upstream`.
+async fn forward(listener: tokio::net::TcpListener, upstream: std::net::SocketAddr) {
+    loop {
+        let mut inbound = match listener.accept().await {
+            Ok((inbound, _)) => inbound,
+            Err(err) => {
+                // Out of descriptors, most likely: pause instead of spinning on it.
+                tracing::warn!(%err, "relay accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+            }
+        });
+    }
 }
 
 fn run(command: &mut Command) -> anyhow::Result<()> {
