@@ -147,11 +147,16 @@ impl Counted {
              through the {name} frontend, {dials} server dials, {agents} agent dials, \
              {carried} bytes from the agents: {before:?} -> {after:?}"
         );
-        Ok(format!(
-            "{frontend} {name} frontend connections, {dials} server dials, {agents} agent dials, \
-             {:.1} MiB from the agents",
-            carried / f64::from(1u32 << 20)
-        ))
+        let mut counted = format!(
+            "{frontend} {name} frontend connections, {dials} server dials, {agents} agent dials"
+        );
+        if bytes > 0 {
+            counted += &format!(
+                ", {:.1} MiB from the agents",
+                carried / f64::from(1u32 << 20)
+            );
+        }
+        Ok(counted)
     }
 }
 
