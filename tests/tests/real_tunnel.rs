@@ -218,9 +218,19 @@ async fn logs_and_exec(steps: Steps, egress: Egress) -> anyhow::Result<()> {
         "head -c {LARGE} /dev/urandom >/tmp/blob && sha256sum /tmp/blob >&2 && cat /tmp/blob \
          && rm /tmp/blob"
     );
+    let carried_before = stack.tunnel_counts().await?.from_agents;
     let (blob, stderr) =
         kubectl_with_stdin(&stack, &["exec", "shell", "--", "sh", "-c", &script], &[])?;
-    assert_eq!(blob.len(), LARGE, "stdout length");
+    if blob.len() != LARGE {
+        // Where the bytes went missing: before the server (the tunnel's count falls short
+        // too) or after it.
+        let carried = stack.tunnel_counts().await?.from_agents - carried_before;
+        panic!(
+            "kubectl exec returned {} of {LARGE} bytes of standard output; meanwhile the \
+             agents sent {carried} bytes to the server",
+            blob.len()
+        );
+    }
     assert_eq!(
         stderr.split_whitespace().next(),
         Some(hex(&Sha256::digest(&blob)).as_str()),
