@@ -9,7 +9,8 @@
 //!
 //! It follows readiness as the watch reports it (no polling): a server marked not ready in its
 //! Service's slices, or removed from them as it starts terminating, takes no new connection
-//! from then on.
+//! from then on. While the watch lists the slices again (after kube-apiserver restarted), the
+//! endpoints known before keep taking connections.
 //! Connections already forwarded stay piped until either end closes; a backend that closes or
 //! resets its side closes the client's too, so a client never waits on a dead backend.
 //! Tests read [`Forwarder::history`] and [`Forwarder::connections`] to check both.
@@ -42,6 +43,11 @@ type Endpoint = (SocketAddr, bool);
 struct Backends {
     /// Endpoints by EndpointSlice name.
     by_slice: HashMap<String, Vec<Endpoint>>,
+    /// The slices of a list in progress (the watch's start, or its restart after the API
+    /// server went away), taking over from [`Backends::by_slice`] once complete: until then
+    /// the endpoints known before keep taking connections, as a load balancer keeps its
+    /// backends while its control plane is away.
+    relisting: Option<HashMap<String, Vec<Endpoint>>>,
     next: usize,
     /// Every change of [`Backends::all`], with when the watch reported it.
     history: Vec<(Instant, Vec<SocketAddr>)>,
@@ -60,6 +66,31 @@ impl Backends {
             .collect();
         all.sort_unstable();
         all
+    }
+
+    /// Follows one event of the watch of the Service's slices.
+    fn follow(&mut self, event: watcher::Event<DynamicObject>) {
+        let name = |slice: &DynamicObject| slice.metadata.name.clone().unwrap_or_default();
+        match event {
+            watcher::Event::Init => self.relisting = Some(HashMap::new()),
+            watcher::Event::InitApply(slice) => {
+                self.relisting
+                    .get_or_insert_with(HashMap::new)
+                    .insert(name(&slice), endpoints(&slice.data));
+            }
+            watcher::Event::InitDone => {
+                if let Some(listed) = self.relisting.take() {
+                    self.by_slice = listed;
+                }
+            }
+            watcher::Event::Apply(slice) => {
+                self.by_slice.insert(name(&slice), endpoints(&slice.data));
+            }
+            watcher::Event::Delete(slice) => {
+                self.by_slice.remove(&name(&slice));
+            }
+        }
+        self.note_change();
     }
 
     /// Records the endpoints taking connections if they changed.
@@ -233,21 +264,10 @@ async fn watch_slices(
         .take_until(shutdown.cancelled_owned())
         .boxed();
     while let Some(event) = events.next().await {
-        let mut backends = table.lock().expect("backends");
         match event {
-            Ok(watcher::Event::Init) => backends.by_slice.clear(),
-            Ok(watcher::Event::Apply(slice) | watcher::Event::InitApply(slice)) => {
-                let name = slice.metadata.name.clone().unwrap_or_default();
-                backends.by_slice.insert(name, endpoints(&slice.data));
-            }
-            Ok(watcher::Event::Delete(slice)) => {
-                let name = slice.metadata.name.clone().unwrap_or_default();
-                backends.by_slice.remove(&name);
-            }
-            Ok(watcher::Event::InitDone) => {}
+            Ok(event) => table.lock().expect("backends").follow(event),
             Err(err) => tracing::debug!(%service, %err, "EndpointSlice watch failed"),
         }
-        backends.note_change();
     }
 }
 
@@ -387,6 +407,41 @@ mod tests {
         let history: Vec<Vec<SocketAddr>> =
             backends.history.iter().map(|(_, e)| e.clone()).collect();
         assert_eq!(history, [vec![a, b], vec![a]]);
+    }
+
+    #[test]
+    fn the_endpoints_known_keep_taking_connections_while_the_watch_lists_again() {
+        let slice = |name: &str, address: &str| {
+            let mut slice = DynamicObject::new(name, &endpoint_slices());
+            slice.data = json!({
+                "ports": [{ "port": 8090 }],
+                "endpoints": [{ "addresses": [address], "conditions": { "ready": true } }],
+            });
+            slice
+        };
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let mut backends = Backends::default();
+        backends.follow(watcher::Event::Init);
+        backends.follow(watcher::Event::InitApply(slice("a", "127.9.1.2")));
+        assert!(
+            backends.all().is_empty(),
+            "a first list takes over once complete"
+        );
+        backends.follow(watcher::Event::InitDone);
+        assert_eq!(backends.all(), [addr("127.9.1.2:8090")]);
+
+        // The API server restarted: the watch lists again, slowly.
+        backends.follow(watcher::Event::Init);
+        assert_eq!(backends.all(), [addr("127.9.1.2:8090")]);
+        backends.follow(watcher::Event::InitApply(slice("b", "127.9.2.2")));
+        assert_eq!(backends.all(), [addr("127.9.1.2:8090")]);
+        // Slice a went away meanwhile: the new list replaces the old one whole.
+        backends.follow(watcher::Event::InitDone);
+        assert_eq!(backends.all(), [addr("127.9.2.2:8090")]);
+
+        backends.follow(watcher::Event::Apply(slice("c", "127.9.3.2")));
+        backends.follow(watcher::Event::Delete(slice("b", "127.9.2.2")));
+        assert_eq!(backends.all(), [addr("127.9.3.2:8090")]);
     }
 
     /// A connection to a server that goes away: the client sees its end promptly, whether the

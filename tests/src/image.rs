@@ -15,8 +15,8 @@
 //! two in step.
 //!
 //! The same writer makes the other images a real node needs without a registry: the pod
-//! sandbox image of `scripts/kube.sh`'s static `pause`, and a shell image of Debian's static
-//! busybox ([`Spec`]).
+//! sandbox image of `scripts/kube.sh`'s static `pause`, a shell image of Debian's static
+//! busybox, and the test backends' image of `cplink-fixture` ([`Spec`]).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -40,6 +40,13 @@ pub const PAUSE_NAME: &str = "cplink.dev/pause:3.4";
 
 /// The shell image [`Spec::busybox`] makes, for test pods.
 pub const BUSYBOX_NAME: &str = "cplink.dev/busybox:dev";
+
+/// The image of the test backends ([`Spec::fixture`]): `kubectl port-forward`'s echo, the
+/// proxies' HTTP server, an admission webhook and an aggregated API.
+pub const FIXTURE_NAME: &str = "cplink.dev/fixture:dev";
+
+/// The binary of [`FIXTURE_NAME`].
+pub const FIXTURE_BINARY: &str = "cplink-fixture";
 
 /// The binaries the image carries, as the `Dockerfile` builds them.
 pub const BINARIES: [&str; 4] = [
@@ -117,31 +124,7 @@ pub struct Spec {
 impl Spec {
     /// cplink's image ([`NAME`]) of the binaries in `bin_dir`.
     pub fn cplink(bin_dir: &Path) -> anyhow::Result<Self> {
-        let mut files = Vec::new();
-        let mut libraries = BTreeMap::new();
-        for name in BINARIES {
-            let binary = bin_dir.join(name);
-            anyhow::ensure!(
-                binary.is_file(),
-                "{} not built: run `cargo build --workspace --bins`",
-                binary.display()
-            );
-            for library in shared_libraries(&binary)? {
-                libraries.insert(library.clone(), library);
-            }
-            files.push(File {
-                path: format!("{}/{name}", BIN_DIR.trim_start_matches('/')),
-                mode: 0o755,
-                source: Source::Binary(binary),
-            });
-        }
-        for (path, _) in libraries {
-            files.push(File {
-                path: path.to_string_lossy().trim_start_matches('/').to_owned(),
-                mode: 0o755,
-                source: Source::Host(path),
-            });
-        }
+        let mut files = binaries_with_libraries(bin_dir, &BINARIES)?;
         files.push(File {
             path: "etc/passwd".into(),
             mode: 0o644,
@@ -162,6 +145,19 @@ impl Spec {
             links: Vec::new(),
             user: Some(USER.to_owned()),
             entrypoint: entrypoint(),
+            cmd: Vec::new(),
+        })
+    }
+
+    /// The test backends' image ([`FIXTURE_NAME`]): `cplink-fixture` of `bin_dir` with its
+    /// shared libraries, run as [`USER`] with the fixture as entrypoint.
+    pub fn fixture(bin_dir: &Path) -> anyhow::Result<Self> {
+        Ok(Spec {
+            name: FIXTURE_NAME.to_owned(),
+            files: binaries_with_libraries(bin_dir, &[FIXTURE_BINARY])?,
+            links: Vec::new(),
+            user: Some(USER.to_owned()),
+            entrypoint: vec![format!("{BIN_DIR}/{FIXTURE_BINARY}")],
             cmd: Vec::new(),
         })
     }
@@ -493,6 +489,37 @@ enum Source {
     /// A host file copied as it is (a shared library).
     Host(PathBuf),
     Bytes(Vec<u8>),
+}
+
+/// The workspace binaries `names` of `bin_dir`, in [`BIN_DIR`], and the shared libraries
+/// they load, each once.
+fn binaries_with_libraries(bin_dir: &Path, names: &[&str]) -> anyhow::Result<Vec<File>> {
+    let mut files = Vec::new();
+    let mut libraries = BTreeMap::new();
+    for name in names {
+        let binary = bin_dir.join(name);
+        anyhow::ensure!(
+            binary.is_file(),
+            "{} not built: run `cargo build --workspace --bins`",
+            binary.display()
+        );
+        for library in shared_libraries(&binary)? {
+            libraries.insert(library.clone(), library);
+        }
+        files.push(File {
+            path: format!("{}/{name}", BIN_DIR.trim_start_matches('/')),
+            mode: 0o755,
+            source: Source::Binary(binary),
+        });
+    }
+    for (path, _) in libraries {
+        files.push(File {
+            path: path.to_string_lossy().trim_start_matches('/').to_owned(),
+            mode: 0o755,
+            source: Source::Host(path),
+        });
+    }
+    Ok(files)
 }
 
 /// The shared libraries `ldd` says `binary` loads, the dynamic loader included (the vDSO,

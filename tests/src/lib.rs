@@ -18,6 +18,7 @@
 //!   the binaries export.
 //! - [`procfs`]: a process's memory, CPU time and descendants, from `/proc`.
 //! - [`netns`]: a network namespace held by a thread: sockets and commands made inside it.
+//! - [`pty`]: a child process on a pseudo-terminal, for programs that act differently on one.
 //! - [`sweep`]: what runs with real nodes make on the host, named for their process, and the
 //!   sweep of what killed runs left.
 //!
@@ -70,6 +71,7 @@ pub mod node;
 pub mod nodes;
 pub mod pki;
 pub mod procfs;
+pub mod pty;
 pub mod stack;
 pub mod sweep;
 pub mod targets;

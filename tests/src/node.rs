@@ -50,6 +50,17 @@ pub const PROTECTED_SYSCTLS: [&str; 6] = [
     "kernel/keys/root_maxbytes",
 ];
 
+/// The host's values of [`PROTECTED_SYSCTLS`], to compare before and after nodes ran.
+pub fn protected_sysctls() -> anyhow::Result<Vec<(String, String)>> {
+    PROTECTED_SYSCTLS
+        .iter()
+        .map(|entry| {
+            let value = std::fs::read_to_string(format!("/proc/sys/{entry}"))?;
+            Ok((entry.to_string(), value.trim().to_owned()))
+        })
+        .collect()
+}
+
 /// How long a node's processes get to be gone once its namespace is killed.
 const GONE: Duration = Duration::from_secs(15);
 

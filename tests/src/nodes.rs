@@ -1,6 +1,6 @@
 //! A cluster of real worker nodes: the control plane on the host's loopback and N nodes
 //! ([`crate::node`]) on one network, started in parallel, each with the images of the run
-//! imported (cplink's own, the pod sandbox's `pause` and a busybox shell).
+//! imported (cplink's own, the pod sandbox's `pause`, a busybox shell and the test backends).
 //!
 //! Before anything starts, [`preflight`] checks that the machine can run nodes at all (root,
 //! the commands, writable cgroup hierarchies, namespaces) and fails naming what is missing,
@@ -57,12 +57,14 @@ pub struct Images {
     pub pause: Image,
     /// A busybox shell ([`image::BUSYBOX_NAME`]), for test pods.
     pub busybox: Image,
+    /// The test backends ([`image::FIXTURE_NAME`]).
+    pub fixture: Image,
 }
 
 impl Images {
     /// The archives, in the order nodes import them.
     pub fn archives(&self) -> Vec<PathBuf> {
-        [&self.pause, &self.busybox, &self.cplink]
+        [&self.pause, &self.busybox, &self.fixture, &self.cplink]
             .iter()
             .map(|image| image.archive.clone())
             .collect()
@@ -79,8 +81,10 @@ pub fn images() -> anyhow::Result<Arc<Images>> {
         return Ok(Arc::clone(images));
     }
     let kube = cluster::kube_binaries(&cluster::NODE_BINARIES)?;
+    let bin_dir = crate::binaries::bin_dir()?;
     let images = Arc::new(Images {
-        cplink: image::build(&crate::binaries::bin_dir()?)?,
+        cplink: image::build(&bin_dir)?,
+        fixture: Spec::fixture(&bin_dir)?.build()?,
         pause: Spec::pause(&kube)?.build()?,
         busybox: Spec::busybox()?.build()?,
     });
@@ -385,7 +389,13 @@ pub async fn run_shell_pod(
     node: &str,
     command: &str,
 ) -> anyhow::Result<String> {
-    let manifest = serde_json::json!({
+    run_pod(plane, &shell_pod(name, node, command)).await
+}
+
+/// The manifest of a busybox pod `name` on `node` in the default namespace, running
+/// `command` with `sh -c` as its container `shell`.
+pub fn shell_pod(name: &str, node: &str, command: &str) -> serde_json::Value {
+    serde_json::json!({
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": { "name": name, "namespace": "default" },
@@ -400,27 +410,41 @@ pub async fn run_shell_pod(
                 "command": ["sh", "-c", command],
             }],
         },
-    });
-    let file = plane.dir().join(format!("pod-{name}.json"));
-    std::fs::write(&file, serde_json::to_vec(&manifest)?)?;
+    })
+}
+
+/// Applies the pod `manifest` and waits until it runs and is ready; returns its IP.
+pub async fn run_pod(plane: &ControlPlane, manifest: &serde_json::Value) -> anyhow::Result<String> {
+    let name = manifest["metadata"]["name"]
+        .as_str()
+        .context("the pod has no name")?;
+    let namespace = manifest["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("default");
+    let node = manifest["spec"]["nodeName"].as_str().unwrap_or("any node");
+    let file = plane.dir().join(format!("pod-{namespace}-{name}.json"));
+    std::fs::write(&file, serde_json::to_vec(manifest)?)?;
     plane.kubectl_ok(&["apply", "-f", &file.to_string_lossy()])?;
     let running = plane
         .wait_kubectl(
-            &format!("pod {name} to run on {node}"),
+            &format!("pod {name} to run on {node} and be ready"),
             Duration::from_secs(90),
             &[
                 "get",
                 "pod",
                 name,
+                "-n",
+                namespace,
                 "-o",
-                "jsonpath={.status.phase} {.status.podIP}",
+                "jsonpath={.status.phase} \
+                 {.status.conditions[?(@.type==\"Ready\")].status} {.status.podIP}",
             ],
-            |out| out.starts_with("Running "),
+            |out| out.starts_with("Running True "),
         )
         .await?;
     Ok(running
         .split_whitespace()
-        .nth(1)
+        .nth(2)
         .unwrap_or_default()
         .to_owned())
 }

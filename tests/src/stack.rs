@@ -7,6 +7,7 @@
 //! binaries, [`Stack::start`]) or real ([`RealNodes`], kubelet and containerd running cplink's
 //! image, [`Stack::start_on_real_nodes`]).
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ use crate::cluster::{ControlPlane, Options};
 use crate::forwarder::Forwarder;
 use crate::helm::Helm;
 use crate::kubelet::{self, Nodes};
+use crate::metrics::counter;
 use crate::nodes::RealNodes;
 use crate::{image, workspace};
 
@@ -56,6 +58,46 @@ pub enum Egress {
     /// konnectivity gRPC over the server's Unix socket, in a directory of this run
     /// ([`Stack::socket_dir`]) that every simulated node shares with kube-apiserver.
     Grpc,
+}
+
+impl Egress {
+    /// The server's frontend kube-apiserver connects to in this mode, as the server's metrics
+    /// label it (`cplink_server_frontend_connections_total{frontend=...}`).
+    pub fn frontend(self) -> &'static str {
+        match self {
+            Egress::HttpConnect => "tls",
+            Egress::Grpc => "grpc",
+        }
+    }
+}
+
+/// What crossed the tunnel so far, as the link's servers (summed over them) and agents count
+/// it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TunnelCounts {
+    /// Connections accepted by the frontend of the stack's egress mode.
+    pub frontend: f64,
+    /// Successful dials through the tunnel.
+    pub dials: f64,
+    /// Bytes from agents to the frontend.
+    pub from_agents: f64,
+    /// Successful dials of each node's agent, by node.
+    pub agent_dials: BTreeMap<String, f64>,
+}
+
+impl TunnelCounts {
+    /// Successful dials of the agent on `node`; fails if no agent runs there.
+    pub fn agent_dials_on(&self, node: &str) -> anyhow::Result<f64> {
+        self.agent_dials
+            .get(node)
+            .copied()
+            .with_context(|| format!("no agent on {node}: {:?}", self.agent_dials))
+    }
+
+    /// Successful dials of every agent.
+    pub fn all_agent_dials(&self) -> f64 {
+        self.agent_dials.values().sum()
+    }
 }
 
 /// How the link's agents reach its servers (the link's `spec.server.agentEndpoint`).
@@ -292,7 +334,38 @@ impl Stack<RealNodes> {
     }
 }
 
+impl Stack<RealNodes> {
+    /// Stops everything (the forwarder, the nodes with their pods, the control plane) and
+    /// fails if this process left anything on the host: processes, mounts, cgroups, links,
+    /// directories or the network's routes.
+    pub fn stop_leaving_nothing(self) -> anyhow::Result<()> {
+        let routes = self.nodes.network()?.routes().to_vec();
+        drop(self);
+        let left = crate::sweep::Leftovers::of(std::process::id())?;
+        anyhow::ensure!(
+            left.processes.is_empty()
+                && left.mounts.is_empty()
+                && left.cgroups.is_empty()
+                && left.links.is_empty()
+                && left.dirs.is_empty(),
+            "left behind: {left}"
+        );
+        for route in routes {
+            let shown = std::process::Command::new("ip")
+                .args(["route", "show", &route])
+                .output()?;
+            anyhow::ensure!(shown.stdout.is_empty(), "route {route} left");
+        }
+        Ok(())
+    }
+}
+
 impl<N: StackNodes> Stack<N> {
+    /// How kube-apiserver reaches the link's servers.
+    pub fn egress(&self) -> Egress {
+        self.egress
+    }
+
     /// The stack with its link's agents reaching the servers as `endpoint` says (by default
     /// through the forwarder); takes effect at [`Stack::apply_link`].
     pub fn with_agent_endpoint(mut self, endpoint: AgentEndpoint) -> Self {
@@ -541,6 +614,37 @@ spec:
         )
     }
 
+    /// What the link's servers and agents have counted so far, read from their admin
+    /// endpoints.
+    pub async fn tunnel_counts(&self) -> anyhow::Result<TunnelCounts> {
+        use cplink_operator::resources::{
+            daemonset::AGENT_ADMIN_PORT, deployment::SERVER_ADMIN_PORT,
+        };
+        let mut counts = TunnelCounts::default();
+        for (_, _, ip) in self.pods("server")? {
+            let address = SocketAddr::new(ip.parse()?, u16::try_from(SERVER_ADMIN_PORT)?);
+            let metrics = self.admin_get(address, "/metrics").await?;
+            counts.dials += counter(&metrics, "cplink_server_dials_total", "result=\"ok\"");
+            counts.frontend += counter(
+                &metrics,
+                "cplink_server_frontend_connections_total",
+                &format!("frontend=\"{}\"", self.egress.frontend()),
+            );
+            counts.from_agents += counter(
+                &metrics,
+                "cplink_server_tunnel_bytes_total",
+                "direction=\"from_agent\"",
+            );
+        }
+        for (_, node, ip) in self.pods("agent")? {
+            let address = SocketAddr::new(ip.parse()?, u16::try_from(AGENT_ADMIN_PORT)?);
+            let metrics = self.admin_get(address, "/metrics").await?;
+            *counts.agent_dials.entry(node).or_default() +=
+                counter(&metrics, "cplink_agent_dials_total", "result=\"ok\"");
+        }
+        Ok(counts)
+    }
+
     /// `GET path` of a pod's admin endpoint at `address` (`/metrics`, `/readyz`), connecting
     /// from where the nodes' pods are reachable; the body of a 200.
     pub async fn admin_get(&self, address: SocketAddr, path: &str) -> anyhow::Result<String> {
@@ -612,6 +716,12 @@ impl Follow {
     /// The exit status, once `kubectl` has ended.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
+    }
+
+    /// Ends `kubectl` (SIGTERM, as Ctrl-C would, then SIGKILL after `grace`); its exit
+    /// status, or `None` if it could not be reaped.
+    pub fn stop(mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        crate::harness::stop_child(&mut self.child, grace)
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use cplink_e2e::harness::{self, stop_child};
-use cplink_e2e::node::PROTECTED_SYSCTLS;
+use cplink_e2e::node::protected_sysctls;
 use cplink_e2e::nodes::RealCluster;
 use cplink_e2e::sweep::{self, Leftovers};
 
@@ -18,19 +18,9 @@ const READY: Duration = Duration::from_secs(180);
 /// How long the test may take: it takes 30 to 60 s.
 const DEADLINE: Duration = Duration::from_secs(360);
 
-fn host_sysctls() -> anyhow::Result<Vec<(String, String)>> {
-    PROTECTED_SYSCTLS
-        .iter()
-        .map(|entry| {
-            let value = std::fs::read_to_string(format!("/proc/sys/{entry}"))?;
-            Ok((entry.to_string(), value.trim().to_owned()))
-        })
-        .collect()
-}
-
 #[test]
 fn what_a_killed_run_left_is_swept_when_the_next_run_starts() -> anyhow::Result<()> {
-    let sysctls = host_sysctls()?;
+    let sysctls = protected_sysctls()?;
     harness::run(
         "what_a_killed_run_left_is_swept_when_the_next_run_starts",
         DEADLINE,
@@ -103,6 +93,6 @@ fn what_a_killed_run_left_is_swept_when_the_next_run_starts() -> anyhow::Result<
             Ok(())
         },
     )?;
-    assert_eq!(host_sysctls()?, sysctls, "host sysctls changed");
+    assert_eq!(protected_sysctls()?, sysctls, "host sysctls changed");
     Ok(())
 }

@@ -16,11 +16,9 @@ use std::time::Duration;
 
 use cplink_e2e::harness::{self, Steps};
 use cplink_e2e::image;
-use cplink_e2e::metrics::counter;
-use cplink_e2e::node::PROTECTED_SYSCTLS;
+use cplink_e2e::node::protected_sysctls;
 use cplink_e2e::nodes::{self, RealNodes};
 use cplink_e2e::stack::{Egress, NAMESPACE, STEP, Stack, StackOptions};
-use cplink_e2e::sweep::Leftovers;
 use sha2::{Digest as _, Sha256};
 
 /// How long the test may take: it takes 60 to 120 s.
@@ -35,79 +33,12 @@ const LARGE: usize = 50 << 20;
 /// The standard input `kubectl exec -i` carries, checksummed.
 const STDIN: usize = 1 << 20;
 
-fn host_sysctls() -> anyhow::Result<Vec<(String, String)>> {
-    PROTECTED_SYSCTLS
-        .iter()
-        .map(|entry| {
-            let value = std::fs::read_to_string(format!("/proc/sys/{entry}"))?;
-            Ok((entry.to_string(), value.trim().to_owned()))
-        })
-        .collect()
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// One cluster at a time.
 static CLUSTER: Mutex<()> = Mutex::new(());
-
-/// The frontend of an egress mode, as the server's metrics label it.
-fn frontend(egress: Egress) -> &'static str {
-    match egress {
-        Egress::HttpConnect => "tls",
-        Egress::Grpc => "grpc",
-    }
-}
-
-/// What the server pods counted, summed over them.
-#[derive(Debug, Clone, Copy, Default)]
-struct ServerCounts {
-    /// Successful dials through the tunnel.
-    dials: f64,
-    /// Connections accepted by the frontend of the mode.
-    frontend: f64,
-    /// Bytes from agents to the frontend.
-    from_agents: f64,
-}
-
-async fn server_counts(stack: &Stack<RealNodes>, egress: Egress) -> anyhow::Result<ServerCounts> {
-    let mut counts = ServerCounts::default();
-    for (_, _, ip) in stack.pods("server")? {
-        let metrics = stack
-            .admin_get(format!("{ip}:8095").parse()?, "/metrics")
-            .await?;
-        counts.dials += counter(&metrics, "cplink_server_dials_total", "result=\"ok\"");
-        counts.frontend += counter(
-            &metrics,
-            "cplink_server_frontend_connections_total",
-            &format!("frontend=\"{}\"", frontend(egress)),
-        );
-        counts.from_agents += counter(
-            &metrics,
-            "cplink_server_tunnel_bytes_total",
-            "direction=\"from_agent\"",
-        );
-    }
-    Ok(counts)
-}
-
-/// Successful dials of the agent on `node`.
-async fn agent_dials(stack: &Stack<RealNodes>, node: &str) -> anyhow::Result<f64> {
-    let agents = stack.pods("agent")?;
-    let (_, _, ip) = agents
-        .iter()
-        .find(|(_, on, _)| on == node)
-        .ok_or_else(|| anyhow::anyhow!("no agent on {node}: {agents:?}"))?;
-    let metrics = stack
-        .admin_get(format!("{ip}:8096").parse()?, "/metrics")
-        .await?;
-    Ok(counter(
-        &metrics,
-        "cplink_agent_dials_total",
-        "result=\"ok\"",
-    ))
-}
 
 /// `kubectl args...` that must fail: its standard error.
 fn kubectl_fails(stack: &Stack<RealNodes>, args: &[&str]) -> anyhow::Result<String> {
@@ -138,15 +69,17 @@ fn kubectl_with_stdin(
     let input = stdin.to_vec();
     let writer = std::thread::spawn(move || pipe.write_all(&input));
     let out = child.wait_with_output()?;
-    writer
+    let written = writer
         .join()
-        .map_err(|_| anyhow::anyhow!("the stdin writer panicked"))??;
+        .map_err(|_| anyhow::anyhow!("the stdin writer panicked"))?;
+    // kubectl's failure first: it explains a broken pipe.
     anyhow::ensure!(
         out.status.success(),
         "kubectl {}: {}",
         args.join(" "),
         String::from_utf8_lossy(&out.stderr).trim()
     );
+    written?;
     Ok((
         out.stdout,
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -157,9 +90,9 @@ fn run(test: &str, egress: Egress) -> anyhow::Result<()> {
     let _one = CLUSTER
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let sysctls = host_sysctls()?;
+    let sysctls = protected_sysctls()?;
     harness::run(test, DEADLINE, move |steps| logs_and_exec(steps, egress))?;
-    assert_eq!(host_sysctls()?, sysctls, "host sysctls changed");
+    assert_eq!(protected_sysctls()?, sysctls, "host sysctls changed");
     Ok(())
 }
 
@@ -244,12 +177,12 @@ async fn logs_and_exec(steps: Steps, egress: Egress) -> anyhow::Result<()> {
         exec.contains("error dialing backend") && exec.contains(&dial),
         "exec should fail to dial the kubelet: {exec}"
     );
-    let before = server_counts(&stack, egress).await?;
+    let before = stack.tunnel_counts().await?;
     assert_eq!(
         before.frontend, 0.0,
         "nothing came through the frontend yet"
     );
-    let agent_before = agent_dials(&stack, &node).await?;
+    let agent_before = before.agent_dials_on(&node)?;
 
     steps.enter("restarting kube-apiserver with the egress configuration");
     let wired = std::fs::read_to_string(stack.wire_egress().await?)?;
@@ -285,9 +218,19 @@ async fn logs_and_exec(steps: Steps, egress: Egress) -> anyhow::Result<()> {
         "head -c {LARGE} /dev/urandom >/tmp/blob && sha256sum /tmp/blob >&2 && cat /tmp/blob \
          && rm /tmp/blob"
     );
+    let carried_before = stack.tunnel_counts().await?.from_agents;
     let (blob, stderr) =
         kubectl_with_stdin(&stack, &["exec", "shell", "--", "sh", "-c", &script], &[])?;
-    assert_eq!(blob.len(), LARGE, "stdout length");
+    if blob.len() != LARGE {
+        // Where the bytes went missing: before the server (the tunnel's count falls short
+        // too) or after it.
+        let carried = stack.tunnel_counts().await?.from_agents - carried_before;
+        panic!(
+            "kubectl exec returned {} of {LARGE} bytes of standard output; meanwhile the \
+             agents sent {carried} bytes to the server",
+            blob.len()
+        );
+    }
     assert_eq!(
         stderr.split_whitespace().next(),
         Some(hex(&Sha256::digest(&blob)).as_str()),
@@ -295,11 +238,11 @@ async fn logs_and_exec(steps: Steps, egress: Egress) -> anyhow::Result<()> {
     );
 
     steps.enter("the server's and the agent's counters");
-    let after = server_counts(&stack, egress).await?;
-    let agent_after = agent_dials(&stack, &node).await?;
+    let after = stack.tunnel_counts().await?;
+    let agent_after = after.agent_dials_on(&node)?;
     // kube-apiserver dials once per exec and at least once for logs, each dial a connection
     // to the frontend and a dial by the agent of the pod's node.
-    let frontend = frontend(egress);
+    let frontend = egress.frontend();
     assert!(
         after.frontend >= before.frontend + 3.0,
         "logs and two execs came through the {frontend} frontend: {before:?} -> {after:?}"
@@ -329,22 +272,5 @@ async fn logs_and_exec(steps: Steps, egress: Egress) -> anyhow::Result<()> {
     );
 
     steps.enter("stopping everything");
-    let routes = stack.nodes.network()?.routes().to_vec();
-    drop(stack);
-    let left = Leftovers::of(std::process::id())?;
-    assert!(
-        left.processes.is_empty()
-            && left.mounts.is_empty()
-            && left.cgroups.is_empty()
-            && left.links.is_empty()
-            && left.dirs.is_empty(),
-        "left behind: {left}"
-    );
-    for route in routes {
-        let shown = std::process::Command::new("ip")
-            .args(["route", "show", &route])
-            .output()?;
-        assert!(shown.stdout.is_empty(), "route {route} left");
-    }
-    Ok(())
+    stack.stop_leaving_nothing()
 }
