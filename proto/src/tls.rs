@@ -257,6 +257,12 @@ pub fn frontend_server_config(
         .with_client_cert_verifier(client_verifier(client_ca)?)
         .with_single_cert(identity.certs.clone(), identity.key.clone_key())?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // kube-apiserver's egress dialer makes a fresh tls.Config for every dial and never resumes
+    // a session: every ticket (TLS 1.3) or cached session (TLS 1.2) would be work and memory
+    // spent on every connection for nothing. A client that does offer to resume gets a full
+    // handshake, its certificate verified again.
+    config.send_tls13_tickets = 0;
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     Ok(Arc::new(config))
 }
 
