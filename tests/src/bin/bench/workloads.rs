@@ -402,7 +402,9 @@ pub async fn dial_rate(route: &Route, total: usize, concurrency: usize) -> anyho
         let count = total / concurrency + usize::from(worker < total % concurrency);
         set.spawn(async move {
             for _ in 0..count {
-                echo_once(&route).await?;
+                // Closed as kube-apiserver closes: Go's `tls.Conn.Close` sends close_notify
+                // first, so the tunnel ends cleanly rather than as a truncated stream.
+                echo_once(&route).await?.shutdown().await?;
             }
             anyhow::Ok(())
         });
