@@ -137,6 +137,14 @@ pub(crate) async fn open(
     target: &Target,
     routed: &(dyn Fn(&Route) + Sync),
 ) -> Result<(Carried, Route), DialFailure> {
+    shared
+        .registry
+        .await_node_agent(
+            target,
+            &shared.config.strategies,
+            shared.config.node_agent_grace,
+        )
+        .await;
     let budget = shared.config.dial_timeout;
     let deadline = tokio::time::Instant::now() + budget;
     let mut last_error = None;
