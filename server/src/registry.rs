@@ -690,36 +690,41 @@ impl Registry {
     /// the node takes dials: until one does (a replaced agent pod linked again), or `grace`
     /// after the agent went (its last link closed, or now while it is draining). Returns at once
     /// when the chain has no `node` strategy, the node strategy routes, or nothing says the
-    /// node had an agent. The dial then routes as usual.
-    pub async fn await_node_agent(&self, target: &Target, chain: &[Strategy], grace: Duration) {
+    /// node had an agent. The dial then routes as usual. Returns whether it waited.
+    pub async fn await_node_agent(
+        &self,
+        target: &Target,
+        chain: &[Strategy],
+        grace: Duration,
+    ) -> bool {
         if grace.is_zero() || !chain.contains(&Strategy::Node) {
-            return;
+            return false;
         }
         let started = tokio::time::Instant::now();
-        let mut logged = false;
+        let mut waited = false;
         loop {
             // Registered before looking, so that a link joining in between still wakes us.
             let linked = self.linked.notified();
             tokio::pin!(linked);
             linked.as_mut().enable();
             let Some(gone) = self.node_agent_gone(&target.host) else {
-                return;
+                return waited;
             };
             // A draining agent says "gone now" at every look: the wait still ends `grace`
             // after it began.
             let until = (tokio::time::Instant::from_std(gone) + grace).min(started + grace);
             if tokio::time::Instant::now() >= until {
-                return;
+                return waited;
             }
-            if !logged {
+            if !waited {
                 tracing::debug!(%target, "the node's agent has just gone: waiting for it to link again");
-                logged = true;
+                waited = true;
             }
             tokio::select! {
                 () = &mut linked => {}
                 () = tokio::time::sleep_until(until) => {
                     tracing::debug!(%target, waited = ?started.elapsed(), "the node's agent did not link again in time");
-                    return;
+                    return true;
                 }
             }
         }
