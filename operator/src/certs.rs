@@ -64,6 +64,10 @@ impl std::fmt::Debug for CertPair {
 /// What the operator needs to know about an existing certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertInfo {
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// Start of validity (issuance, backdated for clock skew).
+    pub not_before: OffsetDateTime,
     /// Expiry.
     pub not_after: OffsetDateTime,
     /// DNS subject alternative names.
@@ -105,7 +109,7 @@ pub enum Profile {
     },
 }
 
-/// Reads expiry, SANs and CA flag of the first certificate in `pem`.
+/// Reads serial, validity, SANs and CA flag of the first certificate in `pem`.
 pub fn inspect(pem: &str) -> Result<CertInfo, CertError> {
     let (_, pem) =
         parse_x509_pem(pem.as_bytes()).map_err(|e| CertError::InvalidCertificate(e.to_string()))?;
@@ -133,6 +137,8 @@ pub fn inspect(pem: &str) -> Result<CertInfo, CertError> {
         }
     }
     Ok(CertInfo {
+        serial: cert.raw_serial_as_string().replace(':', ""),
+        not_before: cert.validity().not_before.to_datetime(),
         not_after: cert.validity().not_after.to_datetime(),
         dns_names,
         ips,
@@ -451,6 +457,59 @@ mod tests {
         let leaf = client_leaf(&ca);
         let err = ca_is_reusable(&leaf, MONTH, now()).expect_err("leaf is no CA");
         assert!(err.contains("not a CA"), "{err}");
+    }
+
+    /// The issuer's common name of the first certificate in `pem`.
+    fn issuer(pem: &str) -> String {
+        let (_, pem) = parse_x509_pem(pem.as_bytes()).expect("pem");
+        let cert = pem.parse_x509().expect("x509");
+        cert.issuer()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .expect("issuer CN")
+            .to_owned()
+    }
+
+    /// A CA Secret whose `tls.crt` holds the signing CA followed by another: the path to a new
+    /// CA without an outage (every `ca.crt` trusts both while leaves move to the new one).
+    #[test]
+    fn a_ca_bundle_signs_with_its_first_certificate_and_is_trusted_whole() {
+        let old = generate_ca("old ca", YEAR, now()).expect("ca");
+        let new = generate_ca("new ca", YEAR, now()).expect("ca");
+        let signing_old = CertPair {
+            cert_pem: format!("{}{}", old.cert_pem, new.cert_pem),
+            key_pem: old.key_pem.clone(),
+        };
+        let info = ca_is_reusable(&signing_old, MONTH, now()).expect("the first CA is checked");
+        assert_eq!(info.not_after, now() + YEAR * 10);
+        let leaf = issue(&signing_old, &server_profile(), YEAR, now()).expect("leaf");
+        assert_eq!(issuer(&leaf.cert_pem), "old ca");
+
+        // The bundle changed, so leaves stored with the old CA alone are reissued.
+        let stored = StoredLeaf {
+            pair: issue(&old, &server_profile(), YEAR, now()).expect("leaf"),
+            ca_pem: old.cert_pem.clone(),
+        };
+        assert!(
+            reusable_leaf(Some(&stored), &signing_old, &server_profile(), MONTH, now()).is_none()
+        );
+
+        // Swapped: the new CA signs, the old one is still in the bundle.
+        let signing_new = CertPair {
+            cert_pem: format!("{}{}", new.cert_pem, old.cert_pem),
+            key_pem: new.key_pem.clone(),
+        };
+        let leaf = issue(&signing_new, &server_profile(), YEAR, now()).expect("leaf");
+        assert_eq!(issuer(&leaf.cert_pem), "new ca");
+        let mismatched = CertPair {
+            cert_pem: signing_new.cert_pem.clone(),
+            key_pem: old.key_pem.clone(),
+        };
+        assert!(
+            ca_is_reusable(&mismatched, MONTH, now()).is_err(),
+            "the key must be the first certificate's"
+        );
     }
 
     #[test]

@@ -613,6 +613,28 @@ pub struct CertificatesStatus {
     /// Earliest expiry among the CA and the issued certificates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_after: Option<Time>,
+    /// kube-apiserver's egress client certificate, which kube-apiserver reads only when it
+    /// starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressCertificateStatus>,
+}
+
+/// kube-apiserver's egress client certificate: the one in the egress Secret, and the one a
+/// kube-apiserver that has not restarted since it was replaced still presents.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EgressCertificateStatus {
+    /// Expiry of the certificate in the egress Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<Time>,
+    /// When the operator replaced a certificate that has not expired yet: a kube-apiserver
+    /// started before then still presents it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced_at: Option<Time>,
+    /// Expiry of that replaced certificate (the earliest, when several were replaced): restart
+    /// kube-apiserver with the egress Secret's files before then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced_not_after: Option<Time>,
 }
 
 /// The CustomResourceDefinition as YAML, as checked in at `crds/controlplanelinks.cplink.dev.yaml`.

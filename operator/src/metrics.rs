@@ -18,14 +18,17 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::crd::ControlPlaneLinkStatus;
-use crate::status::{AGENTS_AVAILABLE, CERTIFICATES_READY, READY, SERVER_AVAILABLE};
+use crate::status::{
+    AGENTS_AVAILABLE, CERTIFICATES_READY, EGRESS_CERTIFICATE_EXPIRING, READY, SERVER_AVAILABLE,
+};
 
 /// The conditions exported by `cplink_operator_link_condition`, as fixed label values.
-pub const CONDITIONS: [&str; 4] = [
+pub const CONDITIONS: [&str; 5] = [
     READY,
     SERVER_AVAILABLE,
     AGENTS_AVAILABLE,
     CERTIFICATES_READY,
+    EGRESS_CERTIFICATE_EXPIRING,
 ];
 
 /// Labels of the reconcile error counter.
@@ -170,7 +173,8 @@ impl Default for Metrics {
         registry.register(
             "link_condition",
             "1 when the link's condition (Ready, ServerAvailable, AgentsAvailable, \
-             CertificatesReady) is True, 0 when it is not, as of the last reconcile",
+             CertificatesReady, EgressCertificateExpiring) is True, 0 when it is not, as of the \
+             last reconcile",
             link_conditions.clone(),
         );
         registry.register(

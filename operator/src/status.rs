@@ -8,8 +8,10 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::crd::{
-    AgentsStatus, CertificatesStatus, ControlPlaneLinkStatus, FrontendStatus, ServerStatus,
+    AgentsStatus, CertificatesStatus, ControlPlaneLinkStatus, EgressCertificateStatus,
+    FrontendStatus, ServerStatus,
 };
+use crate::resources::secrets::EGRESS_DIR;
 use crate::validate::InvalidSpec;
 
 /// Condition: the link carries traffic (all of the below are true).
@@ -21,6 +23,10 @@ pub const SERVER_AVAILABLE: &str = "ServerAvailable";
 pub const AGENTS_AVAILABLE: &str = "AgentsAvailable";
 /// Condition: the CA and all certificates are valid.
 pub const CERTIFICATES_READY: &str = "CertificatesReady";
+/// Condition, a warning outside `Ready`: the operator replaced kube-apiserver's egress client
+/// certificate, and a kube-apiserver that has not restarted since (it reads the file only when
+/// it starts) presents the old one, which expires at the time the message names.
+pub const EGRESS_CERTIFICATE_EXPIRING: &str = "EgressCertificateExpiring";
 
 /// Reason of `Ready=False` until the link has been ready once.
 pub const REASON_PROGRESSING: &str = "Progressing";
@@ -36,6 +42,9 @@ pub enum Certificates {
     Ready {
         /// Earliest `notAfter` of CA and leaves.
         not_after: Time,
+        /// kube-apiserver's client certificate; `None` in `GRPC` mode, where kube-apiserver
+        /// presents none.
+        egress: Option<EgressCertificate>,
     },
     /// The CA could not be used; nothing was issued.
     NotReady {
@@ -44,6 +53,18 @@ pub enum Certificates {
         /// Human readable detail.
         message: String,
     },
+}
+
+/// kube-apiserver's egress client certificate, as the reconciler found or made it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EgressCertificate {
+    /// Name of the egress Secret.
+    pub secret: String,
+    /// `notAfter` of the certificate in the Secret.
+    pub not_after: Time,
+    /// `notAfter` of the certificate this reconcile replaced in the Secret, unless it had
+    /// expired.
+    pub replaced: Option<Time>,
 }
 
 /// What the operator knows of the agents.
@@ -163,7 +184,7 @@ pub fn desired_status(
     };
 
     let certificates = match &observed.certificates {
-        Certificates::Ready { not_after } => cond(
+        Certificates::Ready { not_after, .. } => cond(
             CERTIFICATES_READY,
             true,
             "Issued",
@@ -252,21 +273,137 @@ pub fn desired_status(
         }
     };
 
+    let old_egress = old
+        .and_then(|s| s.certificates.as_ref())
+        .and_then(|c| c.egress.as_ref());
+    let (certificates_status, egress) = match &observed.certificates {
+        Certificates::Ready {
+            not_after,
+            egress: Some(egress),
+        } => {
+            let status = egress_status(old_egress, egress, now);
+            let (ok, reason, message) = egress_condition(&status, egress, now);
+            (
+                Some(CertificatesStatus {
+                    not_after: Some(not_after.clone()),
+                    egress: Some(status),
+                }),
+                Some(cond(EGRESS_CERTIFICATE_EXPIRING, ok, reason, message)),
+            )
+        }
+        Certificates::Ready {
+            not_after,
+            egress: None,
+        } => (
+            Some(CertificatesStatus {
+                not_after: Some(not_after.clone()),
+                egress: None,
+            }),
+            Some(cond(
+                EGRESS_CERTIFICATE_EXPIRING,
+                false,
+                "NotUsed",
+                "in GRPC mode kube-apiserver reaches the servers through their Unix socket and \
+                 presents no client certificate"
+                    .into(),
+            )),
+        ),
+        // Nothing was issued: what was known of the certificates still holds.
+        Certificates::NotReady { .. } => (
+            old.and_then(|s| s.certificates.clone()),
+            find(old_conditions, EGRESS_CERTIFICATE_EXPIRING).cloned(),
+        ),
+    };
+
+    let mut conditions = vec![ready, server, agents, certificates];
+    conditions.extend(egress);
     ControlPlaneLinkStatus {
         observed_generation: generation,
-        conditions: vec![ready, server, agents, certificates],
+        conditions,
         server: observed.server.clone(),
         agents: match &observed.agents {
             Agents::DaemonSet(agents) => agents.clone(),
             Agents::OutsideCluster => None,
         },
         frontend: observed.frontend.clone(),
-        certificates: match &observed.certificates {
-            Certificates::Ready { not_after } => Some(CertificatesStatus {
-                not_after: Some(not_after.clone()),
-            }),
-            Certificates::NotReady { .. } => old.and_then(|s| s.certificates.clone()),
-        },
+        certificates: certificates_status,
+    }
+}
+
+/// The egress certificate's status: the one in the Secret, and the replaced one a
+/// kube-apiserver may still present. A replaced certificate is remembered until it expires,
+/// the earliest of several, since a kube-apiserver started before the first replacement holds
+/// that one; once it has expired, the next replacement takes its place.
+fn egress_status(
+    old: Option<&EgressCertificateStatus>,
+    egress: &EgressCertificate,
+    now: &Time,
+) -> EgressCertificateStatus {
+    let pending = old.filter(|o| o.replaced_not_after.as_ref().is_some_and(|t| t.0 > now.0));
+    let (replaced_at, replaced_not_after) = match (pending, &egress.replaced) {
+        (Some(o), Some(expiry))
+            if o.replaced_not_after
+                .as_ref()
+                .is_some_and(|t| expiry.0 < t.0) =>
+        {
+            (Some(now.clone()), Some(expiry.clone()))
+        }
+        (Some(o), _) => (o.replaced_at.clone(), o.replaced_not_after.clone()),
+        (None, Some(expiry)) => (Some(now.clone()), Some(expiry.clone())),
+        (None, None) => old.map_or((None, None), |o| {
+            (o.replaced_at.clone(), o.replaced_not_after.clone())
+        }),
+    };
+    EgressCertificateStatus {
+        not_after: Some(egress.not_after.clone()),
+        replaced_at,
+        replaced_not_after,
+    }
+}
+
+/// `EgressCertificateExpiring`: True from the replacement of kube-apiserver's client
+/// certificate until the replaced one expires. The operator cannot see which certificate
+/// kube-apiserver loaded, so it warns for as long as a kube-apiserver started before the
+/// replacement would still be working, and says by when to restart it.
+fn egress_condition(
+    status: &EgressCertificateStatus,
+    egress: &EgressCertificate,
+    now: &Time,
+) -> (bool, &'static str, String) {
+    let secret = &egress.secret;
+    match (&status.replaced_at, &status.replaced_not_after) {
+        (Some(at), Some(expiry)) if expiry.0 > now.0 => (
+            true,
+            "KubeAPIServerRestartNeeded",
+            format!(
+                "kube-apiserver reads its egress client certificate only when it starts; Secret \
+                 {secret} holds a new one since {at} and a kube-apiserver started before then \
+                 presents one that expires at {expiry}: copy the Secret's ca.crt, tls.crt and \
+                 tls.key to {EGRESS_DIR} on every control-plane host and restart kube-apiserver \
+                 before {expiry}",
+                at = at.0,
+                expiry = expiry.0,
+            ),
+        ),
+        (Some(at), Some(expiry)) => (
+            false,
+            "ReplacedCertificateExpired",
+            format!(
+                "the egress client certificate replaced at {} expired at {}: a kube-apiserver \
+                 not restarted since then is refused by the servers; Secret {secret} holds one \
+                 valid until {}",
+                at.0, expiry.0, egress.not_after.0
+            ),
+        ),
+        _ => (
+            false,
+            "Current",
+            format!(
+                "Secret {secret} holds kube-apiserver's egress client certificate, valid until \
+                 {}; kube-apiserver reads it only when it starts",
+                egress.not_after.0
+            ),
+        ),
     }
 }
 
@@ -383,6 +520,17 @@ pub fn transitions(
             "issued new certificates; pods roll to pick them up".into(),
         ));
     }
+    if let Some(egress) = find(&new.conditions, EGRESS_CERTIFICATE_EXPIRING)
+        && egress.status == "True"
+        && old
+            .and_then(|s| find(&s.conditions, EGRESS_CERTIFICATE_EXPIRING))
+            .is_none_or(|o| o.status != "True" || o.message != egress.message)
+    {
+        events.push(Transition::warning(
+            EGRESS_CERTIFICATE_EXPIRING,
+            egress.message.clone(),
+        ));
+    }
 
     let was_ready = old_ready.is_some_and(|o| o.status == "True");
     match new_ready {
@@ -429,7 +577,27 @@ mod tests {
             frontend: None,
             certificates: Certificates::Ready {
                 not_after: at(1_900_000_000),
+                egress: Some(egress(1_900_000_000, None)),
             },
+        }
+    }
+
+    fn egress(not_after: i64, replaced: Option<i64>) -> EgressCertificate {
+        EgressCertificate {
+            secret: "edge-apiserver-egress".into(),
+            not_after: at(not_after),
+            replaced: replaced.map(at),
+        }
+    }
+
+    /// `observed(2, 3)` after a reconcile that found the egress certificate `egress`.
+    fn with_egress(egress: EgressCertificate) -> Observed {
+        Observed {
+            certificates: Certificates::Ready {
+                not_after: at(1_900_000_000),
+                egress: Some(egress),
+            },
+            ..observed(2, 3)
         }
     }
 
@@ -438,7 +606,7 @@ mod tests {
     }
 
     #[test]
-    fn a_fully_ready_link_is_ready_with_all_four_conditions() {
+    fn a_fully_ready_link_is_ready_with_all_four_conditions_and_no_warning() {
         let status = desired_status(None, &observed(2, 3), &at(100));
         let types: Vec<_> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
         assert_eq!(
@@ -447,10 +615,16 @@ mod tests {
                 READY,
                 SERVER_AVAILABLE,
                 AGENTS_AVAILABLE,
-                CERTIFICATES_READY
+                CERTIFICATES_READY,
+                EGRESS_CERTIFICATE_EXPIRING
             ]
         );
-        assert!(status.conditions.iter().all(|c| c.status == "True"));
+        assert!(status.conditions[..4].iter().all(|c| c.status == "True"));
+        let egress = &status.conditions[4];
+        assert_eq!(
+            (egress.status.as_str(), egress.reason.as_str()),
+            ("False", "Current")
+        );
         assert_eq!(ready(&status).message, "2/2 servers and 3/3 agents ready");
         assert_eq!(status.observed_generation, Some(1));
         assert_eq!(
@@ -515,7 +689,7 @@ mod tests {
             "spec.tls.validity: invalid duration \"abc\""
         );
         assert_eq!(status.observed_generation, Some(2));
-        assert_eq!(status.conditions.len(), 4);
+        assert_eq!(status.conditions.len(), 5);
         assert_eq!(status.server, up.server);
     }
 
@@ -699,5 +873,120 @@ mod tests {
         );
         server.linked_agents = links(&[None, None]);
         assert!(!links_settled(&server, &agents), "no server answered");
+    }
+
+    fn egress_condition_of(status: &ControlPlaneLinkStatus) -> &Condition {
+        find(&status.conditions, EGRESS_CERTIFICATE_EXPIRING).expect("egress condition")
+    }
+
+    fn warnings(old: &ControlPlaneLinkStatus, new: &ControlPlaneLinkStatus) -> Vec<Transition> {
+        transitions(Some(old), new, false)
+            .into_iter()
+            .filter(|t| t.reason == EGRESS_CERTIFICATE_EXPIRING)
+            .collect()
+    }
+
+    #[test]
+    fn replacing_the_egress_certificate_warns_until_the_replaced_one_expires() {
+        let issued = desired_status(None, &with_egress(egress(1_000, None)), &at(100));
+        assert_eq!(egress_condition_of(&issued).status, "False");
+
+        // Renewed at 800: a kube-apiserver started before holds the one expiring at 1000.
+        let renewed = desired_status(
+            Some(&issued),
+            &with_egress(egress(1_800, Some(1_000))),
+            &at(800),
+        );
+        let warning = egress_condition_of(&renewed);
+        assert_eq!(warning.status, "True");
+        assert_eq!(warning.reason, "KubeAPIServerRestartNeeded");
+        let deadline = at(1_000).0.to_string();
+        assert!(
+            warning.message.contains(&format!("before {deadline}"))
+                && warning.message.contains("edge-apiserver-egress")
+                && warning.message.contains("/etc/kubernetes/cplink")
+                && warning.message.contains("restart kube-apiserver"),
+            "{}",
+            warning.message
+        );
+        let egress_status = renewed
+            .certificates
+            .as_ref()
+            .and_then(|c| c.egress.clone())
+            .expect("egress status");
+        assert_eq!(egress_status.replaced_at, Some(at(800)));
+        assert_eq!(egress_status.replaced_not_after, Some(at(1_000)));
+        assert_eq!(egress_status.not_after, Some(at(1_800)));
+        let events = warnings(&issued, &renewed);
+        assert_eq!(events.len(), 1);
+        assert!(events[0].warning);
+        assert_eq!(events[0].note, warning.message);
+
+        // Nothing new: no second Event.
+        let steady = desired_status(Some(&renewed), &with_egress(egress(1_800, None)), &at(900));
+        assert_eq!(egress_condition_of(&steady).status, "True");
+        assert_eq!(warnings(&renewed, &steady), []);
+
+        // Renewed again before the first replaced one expired: that one still sets the deadline.
+        let again = desired_status(
+            Some(&steady),
+            &with_egress(egress(2_600, Some(1_800))),
+            &at(950),
+        );
+        assert_eq!(egress_condition_of(&again).message, warning.message);
+        assert_eq!(warnings(&steady, &again), []);
+
+        // Past the deadline the warning ends, saying what a kube-apiserver not restarted gets.
+        let expired = desired_status(Some(&again), &with_egress(egress(2_600, None)), &at(1_000));
+        let ended = egress_condition_of(&expired);
+        assert_eq!(ended.status, "False");
+        assert_eq!(ended.reason, "ReplacedCertificateExpired");
+        assert!(ended.message.contains("refused"), "{}", ended.message);
+        assert_eq!(warnings(&again, &expired), []);
+
+        // The next replacement warns again.
+        let next = desired_status(
+            Some(&expired),
+            &with_egress(egress(3_400, Some(2_600))),
+            &at(2_000),
+        );
+        assert_eq!(egress_condition_of(&next).status, "True");
+        assert_eq!(warnings(&expired, &next).len(), 1);
+    }
+
+    #[test]
+    fn in_grpc_mode_there_is_no_egress_certificate_to_warn_about() {
+        let grpc = Observed {
+            certificates: Certificates::Ready {
+                not_after: at(1_900_000_000),
+                egress: None,
+            },
+            ..observed(2, 3)
+        };
+        let status = desired_status(None, &grpc, &at(100));
+        let egress = egress_condition_of(&status);
+        assert_eq!(
+            (egress.status.as_str(), egress.reason.as_str()),
+            ("False", "NotUsed")
+        );
+        assert_eq!(status.certificates.and_then(|c| c.egress), None);
+    }
+
+    #[test]
+    fn certificates_not_ready_keep_the_egress_warning() {
+        let issued = desired_status(None, &with_egress(egress(1_000, None)), &at(100));
+        let renewed = desired_status(
+            Some(&issued),
+            &with_egress(egress(1_800, Some(1_000))),
+            &at(800),
+        );
+        let mut broken = observed(2, 3);
+        broken.certificates = Certificates::NotReady {
+            reason: "CASecretNotFound",
+            message: "gone".into(),
+        };
+        let status = desired_status(Some(&renewed), &broken, &at(900));
+        assert_eq!(egress_condition_of(&status), egress_condition_of(&renewed));
+        assert_eq!(status.certificates, renewed.certificates);
     }
 }

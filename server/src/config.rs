@@ -160,6 +160,14 @@ pub struct Args {
     #[arg(long, env = "CPLINK_DIAL_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub dial_timeout: Duration,
 
+    /// How long a dial for a node waits for that node's own agent when the agent has just gone
+    /// (its link closed this long ago at most, or it is draining) and no other link of the node
+    /// is up: a replaced agent pod (a DaemonSet rolling update) links again within seconds, and
+    /// its node's dials wait for it rather than go to another agent, whose destination policy
+    /// may refuse them. Counted before the dial timeout. 0 routes at once.
+    #[arg(long, env = "CPLINK_NODE_AGENT_GRACE", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub node_agent_grace: Duration,
+
     /// On SIGTERM, how long to keep accepting frontend connections while already reporting
     /// not-ready, so that load balancers and Service endpoints stop sending new clients before
     /// the listeners close (a second signal skips it).
@@ -233,6 +241,8 @@ pub struct Config {
     pub frontend_tls: Option<Arc<rustls::ServerConfig>>,
     /// Dial budget.
     pub dial_timeout: Duration,
+    /// How long a dial for a node waits for that node's agent to come back.
+    pub node_agent_grace: Duration,
     /// Drain budget on shutdown.
     pub drain_timeout: Duration,
     /// How long to keep accepting after SIGTERM, not-ready.
@@ -266,6 +276,7 @@ impl std::fmt::Debug for Config {
             .field("server_count", &self.server_count)
             .field("frontend_tls", &self.frontend_tls.is_some())
             .field("dial_timeout", &self.dial_timeout)
+            .field("node_agent_grace", &self.node_agent_grace)
             .field("drain_timeout", &self.drain_timeout)
             .field("keepalive", &self.keepalive)
             .field("strategies", &self.strategies)
@@ -356,6 +367,7 @@ impl Args {
             link_tls,
             frontend_tls,
             dial_timeout: self.dial_timeout,
+            node_agent_grace: self.node_agent_grace,
             drain_timeout: self.drain_timeout,
             shutdown_delay: self.shutdown_delay,
             debug_endpoints: self.debug_endpoints,

@@ -312,6 +312,8 @@ impl Drop for StreamGuard {
 pub struct Registry {
     state: RwLock<State>,
     next_link_id: AtomicU64,
+    /// Woken whenever a link joins or what a link routes changes.
+    linked: tokio::sync::Notify,
 }
 
 /// The links of each agent id, and the index that finds them by what they route.
@@ -319,6 +321,51 @@ pub struct Registry {
 struct State {
     agents: HashMap<String, Vec<Arc<AgentLink>>>,
     index: Index,
+    departed: Departed,
+}
+
+/// When the last link of each node name and host IP closed: dials for that node may wait a
+/// while for its agent to link again ([`Registry::await_node_agent`]). Forgotten when a link
+/// of the node joins, or after [`DEPARTED_MEMORY`].
+#[derive(Debug, Default)]
+struct Departed {
+    names: HashMap<String, Instant>,
+    ips: HashMap<IpAddr, Instant>,
+}
+
+/// How long a departed node is remembered at most, whatever `--node-agent-grace` says; keeps
+/// the record of nodes gone for good small.
+const DEPARTED_MEMORY: Duration = Duration::from_secs(600);
+
+impl Departed {
+    fn record(&mut self, link: &AgentLink, at: Instant) {
+        if let Some(name) = &link.node_name {
+            self.names.insert(name.to_ascii_lowercase(), at);
+        }
+        for ip in &link.routes().host_ips {
+            self.ips.insert(*ip, at);
+        }
+        self.names
+            .retain(|_, t| at.duration_since(*t) < DEPARTED_MEMORY);
+        self.ips
+            .retain(|_, t| at.duration_since(*t) < DEPARTED_MEMORY);
+    }
+
+    fn forget(&mut self, link: &AgentLink) {
+        if let Some(name) = &link.node_name {
+            self.names.remove(&name.to_ascii_lowercase());
+        }
+        for ip in &link.routes().host_ips {
+            self.ips.remove(ip);
+        }
+    }
+
+    fn since(&self, host: &Host) -> Option<Instant> {
+        match host {
+            Host::Name(name) => self.names.get(&name.to_ascii_lowercase()).copied(),
+            Host::Ip(ip) => self.ips.get(ip).copied(),
+        }
+    }
 }
 
 /// Agent ids by the node names, host IPs and pod ranges of any of their links.
@@ -503,12 +550,20 @@ impl Registry {
     /// from another address is refused.
     pub fn insert(&self, link: Arc<AgentLink>) -> Result<usize, DuplicateAgent> {
         let mut state = self.write();
-        let State { agents, index } = &mut *state;
+        let State {
+            agents,
+            index,
+            departed,
+        } = &mut *state;
         let links = agents.entry(link.id.clone()).or_default();
         check_peer(&link.id, links, link.peer.ip(), link.verified.as_ref())?;
         links.push(link.clone());
         index.update(&link.id, links);
-        Ok(links.len())
+        departed.forget(&link);
+        let count = links.len();
+        drop(state);
+        self.linked.notify_waiters();
+        Ok(count)
     }
 
     /// Replaces what `link` routes (its Node changed) and refiles it; false when nothing
@@ -518,26 +573,41 @@ impl Registry {
         if !link.replace_identifiers(identifiers) {
             return false;
         }
-        let State { agents, index } = &mut *state;
+        let State { agents, index, .. } = &mut *state;
         if let Some(links) = agents.get(&link.id) {
             index.update(&link.id, links);
         }
+        drop(state);
+        self.linked.notify_waiters();
         true
     }
 
     /// Removes the link `link_id` of agent `id`; false when it was already gone.
     pub fn remove(&self, id: &str, link_id: u64) -> bool {
         let mut state = self.write();
-        let State { agents, index } = &mut *state;
+        let State {
+            agents,
+            index,
+            departed,
+        } = &mut *state;
         let Some(links) = agents.get_mut(id) else {
             return false;
         };
         let before = links.len();
+        let gone: Vec<Arc<AgentLink>> = links
+            .iter()
+            .filter(|l| l.link_id == link_id)
+            .cloned()
+            .collect();
         links.retain(|l| l.link_id != link_id);
         let removed = links.len() < before;
         index.update(id, links);
         if links.is_empty() {
             agents.remove(id);
+            let now = Instant::now();
+            for link in &gone {
+                departed.record(link, now);
+            }
         }
         removed
     }
@@ -616,6 +686,74 @@ impl Registry {
         })
     }
 
+    /// With `grace`, waits while `target` is a node whose agent has just gone and no link of
+    /// the node takes dials: until one does (a replaced agent pod linked again), or `grace`
+    /// after the agent went (its last link closed, or now while it is draining). Returns at once
+    /// when the chain has no `node` strategy, the node strategy routes, or nothing says the
+    /// node had an agent. The dial then routes as usual. Returns whether it waited.
+    pub async fn await_node_agent(
+        &self,
+        target: &Target,
+        chain: &[Strategy],
+        grace: Duration,
+    ) -> bool {
+        if grace.is_zero() || !chain.contains(&Strategy::Node) {
+            return false;
+        }
+        let started = tokio::time::Instant::now();
+        let mut waited = false;
+        loop {
+            // Registered before looking, so that a link joining in between still wakes us.
+            let linked = self.linked.notified();
+            tokio::pin!(linked);
+            linked.as_mut().enable();
+            let Some(gone) = self.node_agent_gone(&target.host) else {
+                return waited;
+            };
+            // A draining agent says "gone now" at every look: the wait still ends `grace`
+            // after it began.
+            let until = (tokio::time::Instant::from_std(gone) + grace).min(started + grace);
+            if tokio::time::Instant::now() >= until {
+                return waited;
+            }
+            if !waited {
+                tracing::debug!(%target, "the node's agent has just gone: waiting for it to link again");
+                waited = true;
+            }
+            tokio::select! {
+                () = &mut linked => {}
+                () = tokio::time::sleep_until(until) => {
+                    tracing::debug!(%target, waited = ?started.elapsed(), "the node's agent did not link again in time");
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// When the agent of `host`'s node went away, if it did and no link of the node takes
+    /// dials now: the time its last link closed, or now while its only links are draining.
+    fn node_agent_gone(&self, host: &Host) -> Option<Instant> {
+        let state = self.read();
+        let State {
+            agents,
+            index,
+            departed,
+        } = &*state;
+        let mut draining = false;
+        for links in index.node(host).filter_map(|id| agents.get(id)) {
+            for link in links.iter().filter(|l| l.serves_node(host)) {
+                if !link.is_draining() {
+                    return None;
+                }
+                draining = true;
+            }
+        }
+        if draining {
+            return Some(Instant::now());
+        }
+        departed.since(host)
+    }
+
     /// The link [`Self::route`] would pick for `target` now, and the strategy that picks it,
     /// without counting a stream on it.
     pub fn choose(
@@ -624,7 +762,7 @@ impl Registry {
         chain: &[Strategy],
     ) -> Result<(Arc<AgentLink>, Strategy), DialFailure> {
         let state = self.read();
-        let State { agents, index } = &*state;
+        let State { agents, index, .. } = &*state;
         let link_of = |id: &String| agents.get(id).and_then(|links| preferred(links));
         for &strategy in chain {
             let chosen = match strategy {
@@ -1054,5 +1192,96 @@ pub(crate) mod tests {
             refused.to_string().contains("pod cplink/agent-a"),
             "{refused}"
         );
+    }
+
+    const GRACE: Duration = Duration::from_secs(30);
+
+    #[tokio::test]
+    async fn a_dial_for_a_node_whose_agent_just_left_waits_for_it_to_link_again() {
+        let registry = Arc::new(Registry::default());
+        let _other = link(&registry, "b", "node-b", "10.0.0.2", "10.2.0.0/24").await;
+        let old = link(&registry, "a", "node-a", "10.0.0.1", "10.1.0.0/24").await;
+        assert!(registry.remove("a", old.link_id));
+
+        let waiter = {
+            let registry = Arc::clone(&registry);
+            tokio::spawn(async move {
+                registry
+                    .await_node_agent(&target("10.0.0.1:10250"), &CHAIN, GRACE)
+                    .await;
+                registry.route(&target("10.0.0.1:10250"), &CHAIN)
+            })
+        };
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !waiter.is_finished(),
+            "the dial waits rather than going to node-b's agent"
+        );
+
+        let new = link(&registry, "a", "node-a", "10.0.0.1", "10.1.0.0/24").await;
+        let route = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the new link ends the wait")
+            .expect("joined")
+            .expect("routed");
+        assert_eq!(route.strategy, Strategy::Node);
+        assert_eq!(route.guard.link().link_id, new.link_id);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_for_a_node_agent_ends_after_the_grace() {
+        let registry = Registry::default();
+        let _other = link(&registry, "b", "node-b", "10.0.0.2", "10.2.0.0/24").await;
+        let old = link(&registry, "a", "node-a", "10.0.0.1", "10.1.0.0/24").await;
+        registry.remove("a", old.link_id);
+        let started = tokio::time::Instant::now();
+        registry
+            .await_node_agent(&target("node-a:10250"), &CHAIN, GRACE)
+            .await;
+        let waited = started.elapsed();
+        assert!(
+            waited <= GRACE && waited > GRACE - Duration::from_secs(1),
+            "{waited:?}"
+        );
+        let route = registry.route(&target("node-a:10250"), &CHAIN).unwrap();
+        assert_eq!(route.strategy, Strategy::Any, "then the chain goes on");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_draining_agent_holds_its_nodes_dials_for_the_grace_at_most() {
+        let registry = Registry::default();
+        let _other = link(&registry, "b", "node-b", "10.0.0.2", "10.2.0.0/24").await;
+        let draining = link(&registry, "a", "node-a", "10.0.0.1", "10.1.0.0/24").await;
+        draining.mark_draining();
+        let started = tokio::time::Instant::now();
+        registry
+            .await_node_agent(&target("10.0.0.1:10250"), &CHAIN, GRACE)
+            .await;
+        assert_eq!(started.elapsed(), GRACE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dials_route_at_once_without_a_grace_a_node_strategy_or_a_departed_agent() {
+        let registry = Registry::default();
+        let present = link(&registry, "a", "node-a", "10.0.0.1", "10.1.0.0/24").await;
+        let gone = link(&registry, "c", "node-c", "10.0.0.3", "10.3.0.0/24").await;
+        registry.remove("c", gone.link_id);
+        let started = tokio::time::Instant::now();
+        for (dest, chain, grace) in [
+            ("10.0.0.1:10250", &CHAIN[..], GRACE),
+            ("10.0.0.9:10250", &CHAIN[..], GRACE),
+            ("10.0.0.3:10250", &CHAIN[..], Duration::ZERO),
+            (
+                "10.0.0.3:10250",
+                &[Strategy::Cidr, Strategy::Any][..],
+                GRACE,
+            ),
+        ] {
+            registry.await_node_agent(&target(dest), chain, grace).await;
+        }
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        drop(present);
     }
 }

@@ -138,10 +138,23 @@ pub(crate) async fn open(
     routed: &(dyn Fn(&Route) + Sync),
 ) -> Result<(Carried, Route), DialFailure> {
     let budget = shared.config.dial_timeout;
-    let deadline = tokio::time::Instant::now() + budget;
+    let mut deadline = tokio::time::Instant::now() + budget;
     let mut last_error = None;
     // A link that is going away refuses new streams; try the next best agent a few times.
     for _ in 0..3 {
+        // Also after such a refusal: it may have been the node's own agent, going away.
+        if shared
+            .registry
+            .await_node_agent(
+                target,
+                &shared.config.strategies,
+                shared.config.node_agent_grace,
+            )
+            .await
+        {
+            // The wait is not the agent's: its answer gets the whole budget.
+            deadline = tokio::time::Instant::now() + budget;
+        }
         let route = shared.registry.route(target, &shared.config.strategies)?;
         routed(&route);
         let link = route.guard.link().clone();

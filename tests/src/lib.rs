@@ -49,6 +49,7 @@
 //! - [`helm`]: releases of the Helm chart through the real Helm engine.
 //! - [`stack`]: all of it together: control plane, nodes, cplink installed with its chart, a
 //!   link, egress wired.
+//! - [`prober`]: node proxy requests through kube-apiserver in a loop, each outcome kept.
 
 pub mod binaries;
 pub mod cgroups;
@@ -70,6 +71,7 @@ pub mod netns;
 pub mod node;
 pub mod nodes;
 pub mod pki;
+pub mod prober;
 pub mod procfs;
 pub mod pty;
 pub mod stack;

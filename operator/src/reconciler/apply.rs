@@ -31,7 +31,7 @@ use crate::linked;
 use crate::resources::{
     Component, Plan, PlanError, daemonset, deployment, rbac, secrets, services,
 };
-use crate::status::{self, Agents, Certificates, Observed, Transition};
+use crate::status::{self, Agents, Certificates, EgressCertificate, Observed, Transition};
 use crate::validate::validate;
 
 /// Makes the cluster match the link: certificates, RBAC, Services, workloads, then status.
@@ -132,6 +132,12 @@ pub(super) async fn apply(link: &ControlPlaneLink, ctx: &Context) -> Result<Acti
         }),
         certificates: Certificates::Ready {
             not_after: to_time(issued.not_after),
+            // In GRPC mode kube-apiserver dials the servers' Unix socket without a certificate.
+            egress: plan.valid.grpc_socket.is_none().then(|| EgressCertificate {
+                secret: names.egress_secret(),
+                not_after: to_time(issued.egress_not_after),
+                replaced: issued.egress_replaced.map(to_time),
+            }),
         },
     };
     let status = status::desired_status(old, &observed, &now_time);
@@ -145,7 +151,18 @@ pub(super) async fn apply(link: &ControlPlaneLink, ctx: &Context) -> Result<Acti
     ctx.metrics.record_certificates(&ns, &name, &expiries);
     publish(ctx, link, status::transitions(old, &status, issued.renewed)).await;
 
-    let next = next_check(issued.renew_at, now);
+    // The egress warning ends when the replaced certificate expires: look again then.
+    let replaced_expiry = status
+        .certificates
+        .as_ref()
+        .and_then(|c| c.egress.as_ref())
+        .and_then(|e| e.replaced_not_after.as_ref())
+        .and_then(|t| OffsetDateTime::from_unix_timestamp(t.0.as_second()).ok())
+        .filter(|expiry| *expiry > now);
+    let next = next_check(
+        replaced_expiry.map_or(issued.renew_at, |expiry| issued.renew_at.min(expiry)),
+        now,
+    );
     Ok(Action::requeue(if links_settled {
         next
     } else {

@@ -28,6 +28,11 @@ pub(super) struct Issued {
     pub(super) renew_at: OffsetDateTime,
     /// Whether an existing certificate was replaced in this pass.
     pub(super) renewed: bool,
+    /// Expiry of kube-apiserver's client certificate in the egress Secret.
+    pub(super) egress_not_after: OffsetDateTime,
+    /// Expiry of the client certificate this pass replaced in the egress Secret, unless it had
+    /// expired: kube-apiserver, reading its files only when it starts, may still present it.
+    pub(super) egress_replaced: Option<OffsetDateTime>,
 }
 
 /// Whether the link's certificates are ready to apply, or why not.
@@ -132,6 +137,8 @@ pub(super) async fn certificates(
     let mut renew_at = ca_info.renew_at(renew_before);
     let mut expiries = vec![("ca", ca_info.not_after)];
     let mut pairs: Vec<CertPair> = Vec::with_capacity(leaves.len());
+    let mut egress_not_after = not_after;
+    let mut egress_replaced = None;
     for (kind, secret_name, profile) in &leaves {
         let stored = get_secret(api, secret_name).await?;
         let stored_leaf = stored.as_ref().and_then(secrets::read_leaf);
@@ -140,11 +147,21 @@ pub(super) async fn certificates(
                 Some(info) => (stored_leaf.map(|l| l.pair), info),
                 None => {
                     renewed |= stored.is_some();
+                    if *kind == "apiserver" {
+                        egress_replaced = stored_leaf
+                            .as_ref()
+                            .and_then(|leaf| certs::inspect(&leaf.pair.cert_pem).ok())
+                            .map(|info| info.not_after)
+                            .filter(|expiry| *expiry > now);
+                    }
                     let pair = certs::issue(&ca, profile, plan.valid.validity, now)?;
                     let info = certs::inspect(&pair.cert_pem)?;
                     (Some(pair), info)
                 }
             };
+        if *kind == "apiserver" {
+            egress_not_after = info.not_after;
+        }
         not_after = not_after.min(info.not_after);
         expiries.push((*kind, info.not_after));
         renew_at = renew_at.min(info.renew_at(renew_before));
@@ -162,6 +179,8 @@ pub(super) async fn certificates(
         expiries,
         renew_at,
         renewed,
+        egress_not_after,
+        egress_replaced,
     })))
 }
 

@@ -35,10 +35,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::services::{AGENT_PORT_NAME, FRONTEND_PORT_NAME};
 use super::{
-    Component, DRAIN_TIMEOUT_SECONDS, GRPC_SOCKET_MOUNT_PATH, Plan, SERVER_READINESS_FAILURES,
-    SERVER_READINESS_PERIOD_SECONDS, SERVER_TERMINATION_GRACE_PERIOD_SECONDS,
-    SHUTDOWN_DELAY_SECONDS, TLS_CHECKSUM_ANNOTATION, TLS_MOUNT_PATH, container_security_context,
-    field_env, pod_security_context,
+    Component, DRAIN_TIMEOUT_SECONDS, GRPC_SOCKET_MOUNT_PATH, NODE_AGENT_GRACE_SECONDS, Plan,
+    SERVER_READINESS_FAILURES, SERVER_READINESS_PERIOD_SECONDS,
+    SERVER_TERMINATION_GRACE_PERIOD_SECONDS, SHUTDOWN_DELAY_SECONDS, TLS_CHECKSUM_ANNOTATION,
+    TLS_MOUNT_PATH, container_security_context, field_env, pod_security_context,
 };
 use crate::crd::{AgentAuthentication, GRPC_SOCKET_FILE};
 use crate::resources::secrets::{CA_CRT, TLS_CRT, TLS_KEY};
@@ -122,6 +122,7 @@ pub fn server_args(plan: &Plan) -> Vec<String> {
     args.extend([
         format!("--shutdown-delay={SHUTDOWN_DELAY_SECONDS}s"),
         format!("--drain-timeout={DRAIN_TIMEOUT_SECONDS}s"),
+        format!("--node-agent-grace={NODE_AGENT_GRACE_SECONDS}s"),
         format!("--strategies={}", strategies.join(",")),
         format!("--log-level={}", plan.spec.log_level),
     ]);
@@ -385,6 +386,7 @@ mod tests {
                 "--authentication-audience=cplink.dev/tunnels/link",
                 "--shutdown-delay=5s",
                 "--drain-timeout=30s",
+                "--node-agent-grace=30s",
                 "--strategies=node,cidr,any",
                 "--log-level=info",
             ]

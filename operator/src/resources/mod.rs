@@ -43,6 +43,12 @@ pub const GRPC_SOCKET_MOUNT_PATH: &str = "/run/cplink/frontend";
 pub const RUN_AS_USER: i64 = 65532;
 /// Drain timeout passed to servers and agents; pods get longer than this to exit.
 pub const DRAIN_TIMEOUT_SECONDS: i64 = 30;
+/// How long a server holds a dial for a node whose agent has just gone (`--node-agent-grace`):
+/// a DaemonSet replaces an agent pod (a rolling update, after each certificate renewal) only
+/// once the old one has exited, and the new one takes some seconds to start and link. Until it
+/// has, that node's kubelet is out of every other agent's reach under the default destination
+/// policy, so its dials wait rather than fail.
+pub const NODE_AGENT_GRACE_SECONDS: i64 = 30;
 /// How long a server keeps accepting after SIGTERM while already reporting not-ready
 /// (`--shutdown-delay`): a deleted pod leaves its Services' endpoints at once, and a pod that
 /// just turned unready within [`SERVER_READINESS_PERIOD_SECONDS`] ×
