@@ -178,9 +178,12 @@ async fn losing_a_server_breaks_only_its_own_streams() -> anyhow::Result<()> {
             handle.links().len() == SERVERS - 1
         })
         .await?;
+        // Linked to every server once, it stays ready while a link is up: a server that
+        // drains away must not turn every agent unready at once.
         assert!(
-            agent.handle.readiness().is_err(),
-            "an agent missing a server is not ready"
+            agent.handle.readiness().is_ok(),
+            "an agent that lost one of its servers stays ready: {:?}",
+            agent.handle.readiness()
         );
     }
     Ok(())
