@@ -25,11 +25,11 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher;
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use cplink_e2e::harness::{self, Steps};
 use cplink_e2e::metrics::counter;
+use cplink_e2e::prober::{Outcome, Prober};
 use cplink_e2e::stack::{
     AgentEndpoint, FRONTEND_SERVICE, Follow, LINK, NAMESPACE, STEP, Stack, StackOptions,
 };
@@ -65,106 +65,6 @@ spec:
     image: ticker:e2e
     command: [sh, -c, 'i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done']
 ";
-
-/// One node proxy request: when it started, which node, how long it took, and its error.
-#[derive(Debug, Clone)]
-struct Outcome {
-    at: Instant,
-    node: String,
-    took: Duration,
-    error: Option<String>,
-}
-
-/// Node proxy `healthz` requests in a loop, rotating over the nodes, on a thread and runtime
-/// of their own (the test blocks on `kubectl`); a kube client straight to kube-apiserver, no
-/// process per request. Stopped, and its thread joined, when finished or dropped.
-struct Prober {
-    outcomes: Arc<Mutex<Vec<Outcome>>>,
-    stop: CancellationToken,
-    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
-}
-
-impl Prober {
-    fn start(stack: &Stack, nodes: Vec<String>) -> anyhow::Result<Self> {
-        let kubeconfig = stack.plane.kubeconfig.clone();
-        let outcomes = Arc::new(Mutex::new(Vec::new()));
-        let stop = CancellationToken::new();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let (sink, stopped) = (Arc::clone(&outcomes), stop.clone());
-        // A failed request is an outcome to count, not a reason to pause: the pace is the
-        // interval's either way.
-        let thread = std::thread::spawn(move || {
-            runtime
-                .block_on(stopped.run_until_cancelled_owned(async move {
-                    let client = cplink_e2e::cluster::client_for(&kubeconfig).await?;
-                    let mut tick = tokio::time::interval(REQUEST_INTERVAL);
-                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    for node in nodes.iter().cycle() {
-                        tick.tick().await;
-                        let outcome = healthz(&client, node).await;
-                        sink.lock().expect("outcomes").push(outcome);
-                    }
-                    anyhow::Ok(())
-                }))
-                .unwrap_or(Ok(()))
-        });
-        Ok(Prober {
-            outcomes,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    fn outcomes(&self) -> Vec<Outcome> {
-        self.outcomes.lock().expect("outcomes").clone()
-    }
-
-    fn succeeded(&self) -> usize {
-        self.outcomes().iter().filter(|o| o.error.is_none()).count()
-    }
-
-    fn finish(mut self) -> anyhow::Result<Vec<Outcome>> {
-        self.stop.cancel();
-        if let Some(thread) = self.thread.take() {
-            thread
-                .join()
-                .map_err(|_| anyhow::anyhow!("prober panicked"))??;
-        }
-        Ok(self.outcomes())
-    }
-}
-
-impl Drop for Prober {
-    fn drop(&mut self) {
-        // Cancelled, the thread's runtime returns at once.
-        self.stop.cancel();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// kube-apiserver's node proxy to the kubelet's `/healthz`, through the tunnel.
-async fn healthz(client: &kube::Client, node: &str) -> Outcome {
-    let at = Instant::now();
-    let request = http::Request::get(format!("/api/v1/nodes/{node}/proxy/healthz"))
-        .body(Vec::new())
-        .expect("a valid request");
-    let error = match tokio::time::timeout(REQUEST_TIMEOUT, client.request_text(request)).await {
-        Ok(Ok(body)) if body.trim() == "ok" => None,
-        Ok(Ok(body)) => Some(format!("unexpected answer {body:?}")),
-        Ok(Err(err)) => Some(err.to_string()),
-        Err(_) => Some(format!("no answer within {REQUEST_TIMEOUT:?}")),
-    };
-    Outcome {
-        at,
-        node: node.to_owned(),
-        took: at.elapsed(),
-        error,
-    }
-}
 
 /// When the test first saw each server pod terminating, by pod IP; watched until dropped.
 struct Terminations {
@@ -406,7 +306,12 @@ async fn rolling_restarts(steps: Steps) -> anyhow::Result<()> {
     // 2. Requests in a loop and a followed log, across both rollouts.
     steps.enter("starting node proxy requests and kubectl logs -f");
     let terminations = Terminations::watch(&stack).await?;
-    let prober = Prober::start(&stack, nodes.clone())?;
+    let prober = Prober::start(
+        stack.plane.kubeconfig.clone(),
+        nodes.clone(),
+        REQUEST_INTERVAL,
+        REQUEST_TIMEOUT,
+    )?;
     let mut follow = Follow::start(&stack, &["logs", "-f", "ticker"])?;
     wait::until("node proxy requests and followed lines", STEP, || {
         prober.succeeded() >= 2 * NODES && follow.contains("tick")
