@@ -282,11 +282,7 @@ impl Stack {
             egress,
             agent_endpoint: AgentEndpoint::Forwarder,
         };
-        if stack.egress == Egress::Grpc {
-            stack.prepare_socket_dir()?;
-        }
-        stack.wait_operator_ready().await?;
-        Ok(stack)
+        stack.started().await
     }
 }
 
@@ -326,11 +322,7 @@ impl Stack<RealNodes> {
             egress,
             agent_endpoint: AgentEndpoint::Discovery,
         };
-        if stack.egress == Egress::Grpc {
-            stack.prepare_socket_dir()?;
-        }
-        stack.wait_operator_ready().await?;
-        Ok(stack)
+        stack.started().await
     }
 }
 
@@ -389,6 +381,36 @@ impl<N: StackNodes> Stack<N> {
         std::os::unix::fs::chown(&dir, Some(POD_USER), Some(POD_USER))
             .with_context(|| format!("cannot hand {} to uid {POD_USER}", dir.display()))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750))?;
+        Ok(())
+    }
+
+    /// The last step of both constructors: the socket directory of a `GRPC`-mode link made,
+    /// and the operator ready.
+    async fn started(self) -> anyhow::Result<Self> {
+        if self.egress == Egress::Grpc {
+            self.prepare_socket_dir()?;
+        }
+        self.wait_operator_ready().await?;
+        Ok(self)
+    }
+
+    /// Waits until node proxy `healthz` answers `ok` through kube-apiserver for every one of
+    /// `nodes` (after [`Stack::wire_egress`], through the tunnel).
+    pub async fn wait_node_proxy(&self, nodes: &[String]) -> anyhow::Result<()> {
+        for node in nodes {
+            self.plane
+                .wait_kubectl(
+                    "node proxy through the tunnel",
+                    STEP,
+                    &[
+                        "get",
+                        "--raw",
+                        &format!("/api/v1/nodes/{node}/proxy/healthz"),
+                    ],
+                    |out| out.trim() == "ok",
+                )
+                .await?;
+        }
         Ok(())
     }
 

@@ -225,21 +225,7 @@ async fn renewals(steps: Steps) -> anyhow::Result<()> {
     steps.enter("restarting kube-apiserver with the egress configuration");
     let wired = stack.wire_egress().await?;
     steps.enter("node proxy through the tunnel");
-    for node in &nodes {
-        stack
-            .plane
-            .wait_kubectl(
-                "node proxy through the tunnel",
-                STEP,
-                &[
-                    "get",
-                    "--raw",
-                    &format!("/api/v1/nodes/{node}/proxy/healthz"),
-                ],
-                |out| out.trim() == "ok",
-            )
-            .await?;
-    }
+    stack.wait_node_proxy(&nodes).await?;
 
     steps.enter("starting node proxy requests every 50 ms");
     let prober = Prober::start(

@@ -287,21 +287,7 @@ async fn rolling_restarts(steps: Steps) -> anyhow::Result<()> {
     steps.enter("restarting kube-apiserver with the egress configuration");
     stack.wire_egress().await?;
     steps.enter("node proxy through the tunnel");
-    for node in &nodes {
-        stack
-            .plane
-            .wait_kubectl(
-                "node proxy through the tunnel",
-                STEP,
-                &[
-                    "get",
-                    "--raw",
-                    &format!("/api/v1/nodes/{node}/proxy/healthz"),
-                ],
-                |out| out.trim() == "ok",
-            )
-            .await?;
-    }
+    stack.wait_node_proxy(&nodes).await?;
 
     // 2. Requests in a loop and a followed log, across both rollouts.
     steps.enter("starting node proxy requests and kubectl logs -f");
