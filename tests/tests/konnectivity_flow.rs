@@ -51,6 +51,8 @@ async fn bulk_echo<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> any
             digest.update(&buf);
             writer.write_all(&buf).await?;
         }
+        // A TLS stream may hold the last bytes in its buffer until flushed.
+        writer.flush().await?;
         anyhow::Ok((digest.finalize(), writer))
     };
     let read = async move {
@@ -81,6 +83,7 @@ async fn round_trips<S: AsyncRead + AsyncWrite + Unpin>(
         let mut back = [0u8; 100];
         tokio::time::timeout(ROUND_TRIP, async {
             stream.write_all(&message).await?;
+            stream.flush().await?;
             stream.read_exact(&mut back).await
         })
         .await
