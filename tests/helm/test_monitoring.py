@@ -33,6 +33,7 @@ ALERTS = {
     "CplinkDialFailureRatioHigh",
     "CplinkCertificateExpiringSoon",
     "CplinkCertificateExpiryCritical",
+    "CplinkKubeAPIServerRestartNeeded",
     "CplinkOperatorReconcileErrors",
     "CplinkOperatorDown",
 }
@@ -208,6 +209,25 @@ def test_every_alert_is_complete_and_has_a_runbook(chart):
     assert severities["CplinkCertificateExpiryCritical"] == "critical"
 
 
+def exported_conditions() -> set[str]:
+    """The `condition` label values of `cplink_operator_link_condition`: the operator's
+    `metrics::CONDITIONS`, each a constant of `status.rs`."""
+    source = REPO / "operator" / "src"
+    listed = re.search(
+        r"pub const CONDITIONS: \[&str; \d+\] = \[([^\]]*)\]", (source / "metrics.rs").read_text()
+    )
+    assert listed, "operator/src/metrics.rs has no CONDITIONS"
+    values = dict(
+        re.findall(r'pub const ([A-Z_]+): &str = "([^"]+)";', (source / "status.rs").read_text())
+    )
+    names = [name.strip() for name in listed.group(1).split(",") if name.strip()]
+    return {values[name] for name in names}
+
+
+def test_the_exported_conditions_are_read_from_the_operator():
+    assert {"Ready", "ServerAvailable", "EgressCertificateExpiring"} <= exported_conditions()
+
+
 def test_alerts_and_dashboard_name_only_metrics_the_binaries_export(chart):
     series = exported_series()
     objects = render(chart, ALL_ON)
@@ -220,12 +240,7 @@ def test_alerts_and_dashboard_name_only_metrics_the_binaries_export(chart):
             named.add(name)
             assert name in series | PROMETHEUS_SERIES, f"{name} in {expr!r} is not exported"
             if name == "cplink_operator_link_condition" and "condition" in matchers:
-                assert matchers["condition"] in {
-                    "Ready",
-                    "ServerAvailable",
-                    "AgentsAvailable",
-                    "CertificatesReady",
-                }
+                assert matchers["condition"] in exported_conditions(), expr
     # What the alerts need, and the panels the dashboard promises.
     for needed in (
         "cplink_operator_link_condition",
@@ -355,7 +370,11 @@ def test_schema_rejects_wrong_monitoring_values(chart, values, named):
 
 
 def test_a_group_whose_alerts_are_all_disabled_is_left_out(chart):
-    certificates = {"CplinkCertificateExpiringSoon": True, "CplinkCertificateExpiryCritical": True}
+    certificates = {
+        "CplinkCertificateExpiringSoon": True,
+        "CplinkCertificateExpiryCritical": True,
+        "CplinkKubeAPIServerRestartNeeded": True,
+    }
     objects = render(chart, {"prometheusRule": {"enabled": True, "disabled": certificates}})
     groups = one(objects, "PrometheusRule")["spec"]["groups"]
     assert [g["name"] for g in groups] == ["cplink.links", "cplink.operator"]
