@@ -80,7 +80,9 @@ bench:
 	$(CARGO) build --release --quiet -p cplink-server -p cplink-agent -p cplink-e2e --bin cplink-server --bin cplink-agent --bin cplink-bench
 	$(TARGET_DIR)/release/cplink-bench --markdown
 
-## bench-scale: one server, 5 000 agents and 100 000 idle tunneled connections (release build)
+## bench-scale: one server, 5 000 agents and 100 000 idle tunneled connections, then 5 000
+## EndpointSlice watches on kube-apiserver (release build)
 bench-scale:
-	$(CARGO) build --release --quiet -p cplink-server -p cplink-e2e --bin cplink-server --bin cplink-scale
+	$(CARGO) build --release --quiet -p cplink-server -p cplink-e2e --bin cplink-server --bin cplink-scale --bin cplink-watch-load
 	$(TARGET_DIR)/release/cplink-scale
+	$(TARGET_DIR)/release/cplink-watch-load

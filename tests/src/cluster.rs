@@ -356,6 +356,14 @@ impl ControlPlane {
         self.wait_ready().await
     }
 
+    /// The process id of the control plane's `name` (`etcd`, `kube-apiserver`, ...).
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.processes
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.child.id())
+    }
+
     /// Fails if any control-plane process has exited, with the end of its log.
     pub fn check_running(&mut self) -> anyhow::Result<()> {
         for process in &mut self.processes {

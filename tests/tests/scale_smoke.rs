@@ -1,6 +1,7 @@
 //! The scale benchmark runs end to end on a small scale and prints every figure: agents link,
 //! dials are routed by each strategy, idle connections are held, and the agents come back
-//! after the server is killed, or the binary would have failed.
+//! after the server is killed, or the binary would have failed. The same for the watch load
+//! on kube-apiserver.
 
 use std::process::Command;
 
@@ -58,4 +59,45 @@ fn a_small_scale_run_prints_every_figure() {
     assert!(held.contains("KiB per connection"), "{held}");
     let storm = figure("relinked after a server restart, 12 agents");
     assert!(storm.contains("all in"), "{storm}");
+}
+
+#[test]
+fn a_small_watch_load_run_delivers_every_change_and_prints_every_figure() {
+    let output = Command::new(env!("CARGO_BIN_EXE_cplink-watch-load"))
+        .args([
+            "--watchers",
+            "24",
+            "--changes",
+            "3",
+            "--idle-for",
+            "1s",
+            "--opening",
+            "8",
+        ])
+        .output()
+        .expect("cplink-watch-load starts");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // It fails, naming the change, unless every watcher saw every change.
+    assert!(
+        output.status.success(),
+        "cplink-watch-load failed: {}\n{stdout}\n{stderr}",
+        output.status
+    );
+    let figure = |prefix: &str| -> String {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no line {prefix:?} in\n{stdout}"))
+            .trim()
+            .to_owned()
+    };
+    assert!(figure("kube-apiserver RSS, 24 watches").contains("KiB per watch"));
+    assert!(figure("24 watches opened in").contains("ms of kube-apiserver CPU each"));
+    assert!(figure("kube-apiserver CPU, idle").ends_with("% with 24"));
+    assert!(
+        figure("kube-apiserver CPU per EndpointSlice change, 24 watches")
+            .contains("per watcher told")
+    );
+    assert!(figure("change seen by every watcher after").contains("(3 changes)"));
 }
