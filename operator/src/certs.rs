@@ -273,6 +273,240 @@ pub fn ca_is_reusable(
     Ok(info)
 }
 
+/// The generated CA as its Secret stores it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredCa {
+    /// `tls.crt`: the signing CA first, then any other CA every `ca.crt` still trusts; `tls.key`:
+    /// the signing CA's key.
+    pub pair: CertPair,
+    /// The key of the second CA of the bundle while it waits to sign (`next.key`).
+    pub next_key: Option<String>,
+}
+
+impl std::fmt::Debug for StoredCa {
+    /// Keeps private keys out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredCa")
+            .field("pair", &self.pair)
+            .field("next_key", &self.next_key.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+/// A step of a generated CA's life. Each changes every `ca.crt` or the signer, so every leaf
+/// is issued again and the pods roll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaStep {
+    /// A new CA with nothing to hand over from: the first, or the stored one was unusable (then
+    /// peers of the old and the new CA refuse each other until every pod has rolled).
+    Generated,
+    /// A successor CA is made and added to every `ca.crt`; the current CA still signs.
+    TrustingSuccessor,
+    /// The successor signs; its predecessor is still trusted.
+    SigningWithSuccessor,
+    /// The predecessor leaves every `ca.crt`.
+    RetiredPredecessor,
+}
+
+impl CaStep {
+    /// What the step did, for an Event.
+    pub fn describe(self) -> &'static str {
+        match self {
+            CaStep::Generated => "generated a new CA",
+            CaStep::TrustingSuccessor => {
+                "the CA nears its end: made its successor, now trusted beside it in every ca.crt \
+                 (the current CA still signs)"
+            }
+            CaStep::SigningWithSuccessor => {
+                "the successor CA signs every certificate now; its predecessor stays trusted"
+            }
+            CaStep::RetiredPredecessor => {
+                "the predecessor CA left every ca.crt: the CA replacement is complete"
+            }
+        }
+    }
+}
+
+/// The generated CA for `now`, and the step taken to reach it, if any.
+#[derive(Debug)]
+pub struct CaDecision {
+    /// What the CA Secret holds from now on.
+    pub ca: StoredCa,
+    /// The signing CA's details.
+    pub info: CertInfo,
+    /// What changed, if anything.
+    pub step: Option<CaStep>,
+    /// When the next step is due.
+    pub next_step_at: OffsetDateTime,
+}
+
+/// The certificates of a PEM bundle, each as its own PEM text, in order.
+fn split_bundle(pem: &str) -> Vec<String> {
+    const END: &str = "-----END CERTIFICATE-----";
+    let mut blocks = Vec::new();
+    let mut rest = pem;
+    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
+        let Some(end) = rest[start..].find(END) else {
+            break;
+        };
+        let end = start + end + END.len();
+        blocks.push(format!("{}\n", &rest[start..end]));
+        rest = &rest[end..];
+    }
+    blocks
+}
+
+/// How long each step of a generated CA's replacement lasts: one leaf lifetime, which is how
+/// long a peer keeps a certificate and `ca.crt` it was given (kube-apiserver, which reads its
+/// files only when it starts, must restart before its replaced client certificate expires),
+/// plus the renewal margin to spare.
+fn replacement_step(validity: Duration, renew_before: Duration) -> Duration {
+    validity.saturating_add(renew_before)
+}
+
+/// When a generated CA's replacement starts, this long before it expires: its two steps (the
+/// successor trusted, then signing) and a renewal margin.
+fn replacement_lead(validity: Duration, renew_before: Duration) -> Duration {
+    replacement_step(validity, renew_before)
+        .saturating_mul(2)
+        .saturating_add(renew_before)
+}
+
+/// Decides the generated CA at `now`, replacing it without an outage: a CA due for
+/// replacement (within two steps, each a leaf lifetime and `renew_before`, and another
+/// `renew_before` of its expiry) first makes its successor, trusted beside it in every
+/// `ca.crt`; one step later the successor signs; one more and the predecessor leaves the
+/// bundle. Every peer trusts both CAs whenever
+/// a certificate of either may still be presented. Only a missing or unusable stored CA is
+/// replaced at once. Pure: the caller passes `now`.
+pub fn generated_ca(
+    stored: Option<&StoredCa>,
+    common_name: &str,
+    validity: Duration,
+    renew_before: Duration,
+    now: OffsetDateTime,
+) -> Result<CaDecision, CertError> {
+    let step_length = time::Duration::try_from(replacement_step(validity, renew_before))
+        .map_err(|_| CertError::ValidityOutOfRange)?;
+    let backdate = time::Duration::try_from(BACKDATE).map_err(|_| CertError::ValidityOutOfRange)?;
+    let lead = time::Duration::try_from(replacement_lead(validity, renew_before))
+        .map_err(|_| CertError::ValidityOutOfRange)?;
+    let decide = |ca: StoredCa, step| -> Result<CaDecision, CertError> {
+        let info = inspect_pair(&ca.pair)?;
+        let blocks = split_bundle(&ca.pair.cert_pem);
+        let margin =
+            time::Duration::try_from(renew_before).map_err(|_| CertError::ValidityOutOfRange)?;
+        let next_step_at = match (&ca.next_key, blocks.get(1)) {
+            // Trusting the successor: it signs one step after it was made, or sooner if the
+            // current CA would expire first.
+            (Some(_), Some(successor)) => {
+                let sign: OffsetDateTime = made_at(successor, backdate)? + step_length;
+                sign.min(info.not_after - margin)
+            }
+            // Signing with the successor: the predecessors go one step later, or once they
+            // have expired.
+            (None, Some(_)) => {
+                let mut expired = info.not_before;
+                for other in &blocks[1..] {
+                    expired = expired.max(inspect(other)?.not_after);
+                }
+                let retire: OffsetDateTime = info.not_before + backdate + step_length * 2;
+                retire.min(expired)
+            }
+            _ => info.not_after - lead,
+        };
+        Ok(CaDecision {
+            ca,
+            info,
+            step,
+            next_step_at,
+        })
+    };
+    let fresh = |step| -> Result<CaDecision, CertError> {
+        let pair = generate_ca(common_name, validity, now)?;
+        decide(
+            StoredCa {
+                pair,
+                next_key: None,
+            },
+            step,
+        )
+    };
+    let Some(stored) = stored else {
+        return fresh(Some(CaStep::Generated));
+    };
+    let blocks = split_bundle(&stored.pair.cert_pem);
+    let usable = ca_is_reusable(&stored.pair, Duration::ZERO, now).is_ok() && !blocks.is_empty();
+    if !usable {
+        return fresh(Some(CaStep::Generated));
+    }
+    let current = decide(stored.clone(), None)?;
+    if now < current.next_step_at {
+        return Ok(current);
+    }
+    let signer = &blocks[0];
+    match (&stored.next_key, blocks.get(1)) {
+        (Some(next_key), Some(successor)) => {
+            let successor_pair = CertPair {
+                cert_pem: successor.clone(),
+                key_pem: next_key.clone(),
+            };
+            if ca_is_reusable(&successor_pair, Duration::ZERO, now).is_err() {
+                // A successor that cannot sign is made again.
+                return trust_successor(signer, &stored.pair.key_pem, common_name, validity, now)
+                    .and_then(|ca| decide(ca, Some(CaStep::TrustingSuccessor)));
+            }
+            let mut bundle = successor.clone();
+            bundle.push_str(signer);
+            decide(
+                StoredCa {
+                    pair: CertPair {
+                        cert_pem: bundle,
+                        key_pem: next_key.clone(),
+                    },
+                    next_key: None,
+                },
+                Some(CaStep::SigningWithSuccessor),
+            )
+        }
+        (_, Some(_)) => decide(
+            StoredCa {
+                pair: CertPair {
+                    cert_pem: signer.clone(),
+                    key_pem: stored.pair.key_pem.clone(),
+                },
+                next_key: None,
+            },
+            Some(CaStep::RetiredPredecessor),
+        ),
+        (_, None) => trust_successor(signer, &stored.pair.key_pem, common_name, validity, now)
+            .and_then(|ca| decide(ca, Some(CaStep::TrustingSuccessor))),
+    }
+}
+
+/// The signer followed by a new successor CA, whose key waits in `next_key`.
+fn trust_successor(
+    signer: &str,
+    signer_key: &str,
+    common_name: &str,
+    validity: Duration,
+    now: OffsetDateTime,
+) -> Result<StoredCa, CertError> {
+    let successor = generate_ca(common_name, validity, now)?;
+    Ok(StoredCa {
+        pair: CertPair {
+            cert_pem: format!("{signer}{}", successor.cert_pem),
+            key_pem: signer_key.to_owned(),
+        },
+        next_key: Some(successor.key_pem),
+    })
+}
+
+/// When a generated certificate was made: its start of validity, less the backdating.
+fn made_at(pem: &str, backdate: time::Duration) -> Result<OffsetDateTime, CertError> {
+    Ok(inspect(pem)?.not_before + backdate)
+}
+
 /// A leaf certificate as stored in a Secret, with the CA bundle stored next to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredLeaf {
@@ -510,6 +744,243 @@ mod tests {
             ca_is_reusable(&mismatched, MONTH, now()).is_err(),
             "the key must be the first certificate's"
         );
+    }
+
+    /// The certificates of the CA Secret's bundle, in order.
+    fn blocks(ca: &StoredCa) -> Vec<String> {
+        split_bundle(&ca.pair.cert_pem)
+    }
+
+    /// Runs the operator's decision at each of `times` (ascending) from nothing; the CA held
+    /// from each time on, with the step taken then.
+    fn life(times: &[OffsetDateTime]) -> Vec<(OffsetDateTime, StoredCa, Option<CaStep>)> {
+        let mut held: Option<StoredCa> = None;
+        let mut states = Vec::new();
+        for &at in times {
+            let decision =
+                generated_ca(held.as_ref(), "cplink test", YEAR, MONTH, at).expect("decision");
+            held = Some(decision.ca.clone());
+            states.push((at, decision.ca, decision.step));
+        }
+        states
+    }
+
+    /// A generated CA is replaced in three steps, each due on its own date, and between any
+    /// two states that can meet, each trusts what the other signs: a peer keeps its
+    /// certificate and its `ca.crt` for at most one leaf lifetime after it got them.
+    #[test]
+    fn a_generated_ca_is_replaced_in_steps_that_never_leave_a_peer_untrusted() {
+        let first = generated_ca(None, "cplink test", YEAR, MONTH, now()).expect("ca");
+        assert_eq!(first.step, Some(CaStep::Generated));
+        let a = first.info.clone();
+        let step = YEAR + MONTH;
+        assert_eq!(first.next_step_at, a.not_after - (step * 2 + MONTH));
+
+        // Nothing changes before the first step is due, however often the operator looks.
+        let early = generated_ca(
+            Some(&first.ca),
+            "cplink test",
+            YEAR,
+            MONTH,
+            first.next_step_at - time::Duration::SECOND,
+        )
+        .expect("decision");
+        assert_eq!((early.step, &early.ca), (None, &first.ca));
+
+        let trusting = generated_ca(
+            Some(&first.ca),
+            "cplink test",
+            YEAR,
+            MONTH,
+            first.next_step_at,
+        )
+        .expect("decision");
+        assert_eq!(trusting.step, Some(CaStep::TrustingSuccessor));
+        assert_eq!(blocks(&trusting.ca).len(), 2);
+        assert_eq!(
+            blocks(&trusting.ca)[0],
+            blocks(&first.ca)[0],
+            "the CA still signs"
+        );
+        assert_eq!(trusting.ca.pair.key_pem, first.ca.pair.key_pem);
+        assert!(trusting.ca.next_key.is_some());
+        assert_eq!(trusting.next_step_at, first.next_step_at + step);
+        let successor = blocks(&trusting.ca)[1].clone();
+
+        let signing = generated_ca(
+            Some(&trusting.ca),
+            "cplink test",
+            YEAR,
+            MONTH,
+            trusting.next_step_at,
+        )
+        .expect("decision");
+        assert_eq!(signing.step, Some(CaStep::SigningWithSuccessor));
+        assert_eq!(
+            blocks(&signing.ca),
+            [successor.clone(), blocks(&first.ca)[0].clone()]
+        );
+        assert_eq!(
+            Some(&signing.ca.pair.key_pem),
+            trusting.ca.next_key.as_ref()
+        );
+        assert!(signing.ca.next_key.is_none());
+        assert!(ca_is_reusable(&signing.ca.pair, MONTH, trusting.next_step_at).is_ok());
+        let leaf = issue(
+            &signing.ca.pair,
+            &server_profile(),
+            YEAR,
+            trusting.next_step_at,
+        )
+        .expect("leaf");
+        assert_eq!(
+            inspect(&leaf.cert_pem).expect("leaf").not_after,
+            trusting.next_step_at + YEAR,
+            "the successor signs full-length leaves"
+        );
+
+        let retired = generated_ca(
+            Some(&signing.ca),
+            "cplink test",
+            YEAR,
+            MONTH,
+            signing.next_step_at,
+        )
+        .expect("decision");
+        assert_eq!(retired.step, Some(CaStep::RetiredPredecessor));
+        assert_eq!(blocks(&retired.ca), [successor]);
+        assert_eq!(signing.next_step_at, first.next_step_at + step * 2);
+        assert!(
+            signing.next_step_at < a.not_after,
+            "the predecessor is retired before it expires"
+        );
+        assert_eq!(
+            retired.next_step_at,
+            retired.info.not_after - (step * 2 + MONTH),
+            "and the successor's own replacement is due in its turn"
+        );
+
+        // Every pair of states a peer can hold together: what one signs, the other trusts.
+        let mut times: Vec<OffsetDateTime> = (0..=96)
+            .map(|month| now() + MONTH * month)
+            .chain([
+                first.next_step_at,
+                trusting.next_step_at,
+                signing.next_step_at,
+            ])
+            .flat_map(|t| [t - time::Duration::SECOND, t, t + time::Duration::SECOND])
+            .chain((0..=40).map(|month| first.next_step_at + MONTH * month))
+            .filter(|t| *t >= now())
+            .collect();
+        times.sort();
+        times.dedup();
+        let states = life(&times);
+        let steps: Vec<CaStep> = states.iter().filter_map(|(_, _, step)| *step).collect();
+        assert_eq!(
+            steps,
+            [
+                CaStep::Generated,
+                CaStep::TrustingSuccessor,
+                CaStep::SigningWithSuccessor,
+                CaStep::RetiredPredecessor
+            ]
+        );
+        for (i, (got_at, held, _)) in states.iter().enumerate() {
+            let signer = &blocks(held)[0];
+            let held_until = *got_at + YEAR;
+            for (met_at, other, _) in &states[i..] {
+                if *met_at >= held_until {
+                    break;
+                }
+                let other_signer = &blocks(other)[0];
+                assert!(
+                    blocks(other).contains(signer),
+                    "a certificate issued at {got_at} is refused at {met_at}"
+                );
+                assert!(
+                    blocks(held).contains(other_signer),
+                    "a ca.crt read at {got_at} refuses a certificate issued at {met_at}"
+                );
+            }
+        }
+    }
+
+    /// A CA found closer to its end than the steps need (an operator upgraded late) starts its
+    /// replacement at once, and its successor signs before the CA expires.
+    #[test]
+    fn a_ca_found_near_its_end_hands_over_before_it_expires() {
+        let made = now() - YEAR * 9;
+        let old = generated_ca(None, "cplink test", YEAR, MONTH, made).expect("ca");
+        let trusting =
+            generated_ca(Some(&old.ca), "cplink test", YEAR, MONTH, now()).expect("decision");
+        assert_eq!(trusting.step, Some(CaStep::TrustingSuccessor));
+        assert_eq!(
+            trusting.next_step_at,
+            old.info.not_after - MONTH,
+            "the successor signs a renewal margin before the CA expires"
+        );
+    }
+
+    /// A stored CA that cannot sign (garbled, expired, or a successor key that does not match)
+    /// is replaced; a bad successor is made again.
+    #[test]
+    fn an_unusable_generated_ca_or_successor_is_replaced() {
+        let first = generated_ca(None, "cplink test", YEAR, MONTH, now()).expect("ca");
+        let garbled = StoredCa {
+            pair: CertPair {
+                cert_pem: "not a certificate".into(),
+                key_pem: first.ca.pair.key_pem.clone(),
+            },
+            next_key: None,
+        };
+        let fresh = generated_ca(Some(&garbled), "cplink test", YEAR, MONTH, now()).expect("ca");
+        assert_eq!(fresh.step, Some(CaStep::Generated));
+        let expired = generated_ca(
+            Some(&first.ca),
+            "cplink test",
+            YEAR,
+            MONTH,
+            first.info.not_after + time::Duration::SECOND,
+        )
+        .expect("ca");
+        assert_eq!(expired.step, Some(CaStep::Generated));
+
+        let trusting = generated_ca(
+            Some(&first.ca),
+            "cplink test",
+            YEAR,
+            MONTH,
+            first.next_step_at,
+        )
+        .expect("decision");
+        let wrong_key = StoredCa {
+            next_key: Some(first.ca.pair.key_pem.clone()),
+            ..trusting.ca.clone()
+        };
+        let again = generated_ca(
+            Some(&wrong_key),
+            "cplink test",
+            YEAR,
+            MONTH,
+            trusting.next_step_at,
+        )
+        .expect("decision");
+        assert_eq!(again.step, Some(CaStep::TrustingSuccessor));
+        assert_eq!(blocks(&again.ca)[0], blocks(&first.ca)[0]);
+        assert_ne!(
+            blocks(&again.ca)[1],
+            blocks(&trusting.ca)[1],
+            "a new successor"
+        );
+    }
+
+    #[test]
+    fn stored_ca_keys_stay_out_of_debug_output() {
+        let trusting = generated_ca(None, "cplink test", YEAR, MONTH, now() - YEAR * 9)
+            .and_then(|ca| generated_ca(Some(&ca.ca), "cplink test", YEAR, MONTH, now()))
+            .expect("decision");
+        let debug = format!("{:?}", trusting.ca);
+        assert!(!debug.contains("PRIVATE KEY"), "{debug}");
     }
 
     #[test]

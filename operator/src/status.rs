@@ -457,7 +457,8 @@ pub struct Transition {
 }
 
 impl Transition {
-    fn normal(reason: &'static str, note: String) -> Self {
+    /// An Event of type Normal.
+    pub fn normal(reason: &'static str, note: String) -> Self {
         Self {
             warning: false,
             reason,

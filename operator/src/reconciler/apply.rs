@@ -26,6 +26,7 @@ use super::cleanup::remove_in_cluster_agents;
 use super::{
     CA_RETRY_INTERVAL, Context, Error, FIELD_MANAGER, LINKS_RECHECK_INTERVAL, RESYNC_INTERVAL, key,
 };
+use crate::certs::CaStep;
 use crate::crd::{ControlPlaneLink, ControlPlaneLinkStatus, FrontendStatus, ServerLinks};
 use crate::linked;
 use crate::resources::{
@@ -149,7 +150,11 @@ pub(super) async fn apply(link: &ControlPlaneLink, ctx: &Context) -> Result<Acti
         .map(|(kind, not_after)| (*kind, not_after.unix_timestamp()))
         .collect();
     ctx.metrics.record_certificates(&ns, &name, &expiries);
-    publish(ctx, link, status::transitions(old, &status, issued.renewed)).await;
+    let mut events = status::transitions(old, &status, issued.renewed);
+    if let Some(step) = issued.ca_step.filter(|step| *step != CaStep::Generated) {
+        events.push(Transition::normal("CARotation", step.describe().to_owned()));
+    }
+    publish(ctx, link, events).await;
 
     // The egress warning ends when the replaced certificate expires: look again then.
     let replaced_expiry = status

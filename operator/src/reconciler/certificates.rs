@@ -6,7 +6,7 @@ use kube::Api;
 use time::OffsetDateTime;
 
 use super::Error;
-use crate::certs::{self, CertError, CertPair, Profile};
+use crate::certs::{self, CaStep, CertError, CertPair, Profile};
 use crate::resources::{Plan, secrets};
 
 /// Certificate Secrets ready to apply.
@@ -28,6 +28,8 @@ pub(super) struct Issued {
     pub(super) renew_at: OffsetDateTime,
     /// Whether an existing certificate was replaced in this pass.
     pub(super) renewed: bool,
+    /// The step the generated CA took in this pass, if any.
+    pub(super) ca_step: Option<CaStep>,
     /// Expiry of kube-apiserver's client certificate in the egress Secret.
     pub(super) egress_not_after: OffsetDateTime,
     /// Expiry of the client certificate this pass replaced in the egress Secret, unless it had
@@ -53,6 +55,8 @@ pub(super) async fn certificates(
     let names = plan.names();
     let renew_before = plan.valid.renew_before;
     let mut renewed = false;
+    let mut ca_step = None;
+    let mut ca_next_step_at = None;
 
     let (ca, ca_info, ca_secret) = match &plan.spec.tls.ca_secret_ref {
         Some(reference) => {
@@ -84,26 +88,26 @@ pub(super) async fn certificates(
         }
         None => {
             let stored = get_secret(api, &names.ca_secret()).await?;
-            let reusable = stored.as_ref().and_then(secrets::read_pair).and_then(|ca| {
-                certs::ca_is_reusable(&ca, renew_before, now)
-                    .ok()
-                    .map(|info| (ca, info))
-            });
-            let (ca, info) = match reusable {
-                Some(found) => found,
-                None => {
-                    renewed |= stored.is_some();
-                    let ca = certs::generate_ca(
-                        &format!("cplink {}/{}", plan.namespace, plan.name),
-                        plan.valid.validity,
-                        now,
-                    )?;
-                    let info = certs::inspect(&ca.cert_pem)?;
-                    (ca, info)
-                }
-            };
-            let secret = secrets::ca_secret(plan, &ca);
-            (ca, info, Some(secret))
+            let decision = certs::generated_ca(
+                stored.as_ref().and_then(secrets::read_ca).as_ref(),
+                &format!("cplink {}/{}", plan.namespace, plan.name),
+                plan.valid.validity,
+                renew_before,
+                now,
+            )?;
+            if let Some(step) = decision.step {
+                renewed |= stored.is_some();
+                ca_step = Some(step);
+                tracing::info!(
+                    link = %format!("{}/{}", plan.namespace, plan.name),
+                    step = step.describe(),
+                    next_step_at = %decision.next_step_at,
+                    "CA"
+                );
+            }
+            ca_next_step_at = Some(decision.next_step_at);
+            let secret = secrets::ca_secret(plan, &decision.ca);
+            (decision.ca.pair, decision.info, Some(secret))
         }
     };
 
@@ -134,7 +138,9 @@ pub(super) async fn certificates(
         ),
     ];
     let mut not_after = ca_info.not_after;
-    let mut renew_at = ca_info.renew_at(renew_before);
+    // A generated CA is replaced in steps, each on its own date; one given by the user is
+    // renewed by the user.
+    let mut renew_at = ca_next_step_at.unwrap_or_else(|| ca_info.renew_at(renew_before));
     let mut expiries = vec![("ca", ca_info.not_after)];
     let mut pairs: Vec<CertPair> = Vec::with_capacity(leaves.len());
     let mut egress_not_after = not_after;
@@ -179,6 +185,7 @@ pub(super) async fn certificates(
         expiries,
         renew_at,
         renewed,
+        ca_step,
         egress_not_after,
         egress_replaced,
     })))

@@ -1035,6 +1035,78 @@ async fn a_certificate_due_for_renewal_is_reissued_and_rolls_only_its_pods() {
     }
 }
 
+/// A generated CA near its end is not replaced outright: its successor joins every `ca.crt`
+/// while it keeps signing, and every pod rolls to trust both.
+#[tokio::test]
+async fn a_generated_ca_near_its_end_first_adds_its_successor_to_every_ca_bundle() {
+    let link = ControlPlaneLink::test().finalized();
+    let first = first_apply(link.clone()).await;
+
+    let year = Duration::from_secs(8760 * 3600);
+    let old = certs::generate_ca(
+        "cplink tunnels/link",
+        year,
+        OffsetDateTime::now_utc() - year * 9,
+    )
+    .expect("ca");
+    let mut stored = first.clone();
+    let ca_path = format!("{CORE}/secrets/link-ca");
+    let mut ca_secret = stored.applied[&ca_path].clone();
+    for (key, pem) in [
+        ("tls.crt", &old.cert_pem),
+        ("tls.key", &old.key_pem),
+        ("ca.crt", &old.cert_pem),
+    ] {
+        ca_secret["data"][key] =
+            serde_json::to_value(k8s_openapi::ByteString(pem.clone().into_bytes())).expect("b64");
+    }
+    stored.applied.insert(ca_path.clone(), ca_secret);
+
+    let (result, second) = reconcile_with(
+        first.link_after(link),
+        Scenario::Apply {
+            stored,
+            server_pods: Some(vec![]),
+            // kube-apiserver must load the egress Secret's new files (and CA bundle) too.
+            events: vec![
+                "CertificatesRenewed",
+                "EgressCertificateExpiring",
+                "CARotation",
+            ],
+        },
+    )
+    .await;
+    result.expect("reconcile succeeds");
+
+    let rotating = &second.applied[&ca_path];
+    let bundle = decoded(rotating, "tls.crt");
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2, "{bundle}");
+    assert!(
+        bundle.starts_with(&old.cert_pem),
+        "the old CA still signs first"
+    );
+    assert_eq!(decoded(rotating, "tls.key"), old.key_pem);
+    assert!(decoded(rotating, "next.key").contains("PRIVATE KEY"));
+    for name in ["link-server-tls", "link-agent-tls", "link-apiserver-egress"] {
+        let secret = second.secret(name).expect("leaf secret");
+        assert_eq!(decoded(&secret, "ca.crt"), bundle, "{name} trusts both CAs");
+    }
+    let annotation = |r: &Recorded, path: &str| {
+        r.applied[path]["spec"]["template"]["metadata"]["annotations"]["cplink.dev/tls-checksum"]
+            .clone()
+    };
+    for path in [
+        format!("{APPS}/deployments/link-server"),
+        format!("{APPS}/daemonsets/link-agent"),
+    ] {
+        assert_ne!(
+            annotation(&second, &path),
+            annotation(&first, &path),
+            "{path} rolls"
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_default_link_has_agents_send_tokens_the_servers_may_review() {
     let recorded = first_apply(ControlPlaneLink::test().finalized()).await;

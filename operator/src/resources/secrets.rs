@@ -13,7 +13,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::{Component, Plan};
-use crate::certs::{CertPair, StoredLeaf};
+use crate::certs::{CertPair, StoredCa, StoredLeaf};
 use crate::crd::{DirectEgress, FrontendMode};
 
 /// Key of the certificate.
@@ -22,6 +22,8 @@ pub const TLS_CRT: &str = "tls.crt";
 pub const TLS_KEY: &str = "tls.key";
 /// Key of the CA bundle.
 pub const CA_CRT: &str = "ca.crt";
+/// Key of the generated CA's successor while it waits to sign.
+pub const NEXT_KEY: &str = "next.key";
 /// Key of the egress selector configuration file.
 pub const EGRESS_CONFIG_KEY: &str = "egress-selector-configuration.yaml";
 /// Directory on the control plane host where the egress file expects `ca.crt`, `tls.crt` and
@@ -54,15 +56,28 @@ fn tls_secret(
     }
 }
 
-/// The generated CA (`<link>-ca`); only the operator reads its key.
-pub fn ca_secret(plan: &Plan, ca: &CertPair) -> Secret {
-    tls_secret(
+/// The generated CA (`<link>-ca`); only the operator reads its keys. While a successor CA
+/// waits to sign, its key is kept under `next.key`.
+pub fn ca_secret(plan: &Plan, ca: &StoredCa) -> Secret {
+    let mut secret = tls_secret(
         plan,
         plan.names().ca_secret(),
         Component::Server,
-        ca,
-        &ca.cert_pem,
-    )
+        &ca.pair,
+        &ca.pair.cert_pem,
+    );
+    if let (Some(next), Some(data)) = (&ca.next_key, secret.data.as_mut()) {
+        data.insert(NEXT_KEY.to_owned(), ByteString(next.as_bytes().to_vec()));
+    }
+    secret
+}
+
+/// The generated CA as its Secret holds it.
+pub fn read_ca(secret: &Secret) -> Option<StoredCa> {
+    Some(StoredCa {
+        pair: read_pair(secret)?,
+        next_key: text(secret, NEXT_KEY),
+    })
 }
 
 /// The server certificate, mounted by server pods.
@@ -293,9 +308,24 @@ mod tests {
             "agent"
         );
 
-        let ca = ca_secret(&plan, &pair("ca"));
+        let stored = StoredCa {
+            pair: pair("ca"),
+            next_key: None,
+        };
+        let ca = ca_secret(&plan, &stored);
         assert_eq!(ca.metadata.name.as_deref(), Some("link-ca"));
         assert_eq!(value(&ca, "ca.crt"), "CERT ca");
+        assert!(!ca.data.as_ref().expect("data").contains_key(NEXT_KEY));
+        assert_eq!(read_ca(&ca), Some(stored));
+
+        // A successor's key waits in its own entry and reads back.
+        let rotating = StoredCa {
+            pair: pair("ca"),
+            next_key: Some("KEY next".into()),
+        };
+        let ca = ca_secret(&plan, &rotating);
+        assert_eq!(value(&ca, NEXT_KEY), "KEY next");
+        assert_eq!(read_ca(&ca), Some(rotating));
     }
 
     /// An egress selector configuration for the `cluster` egress, reached over `connection`.
