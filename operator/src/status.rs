@@ -465,7 +465,8 @@ impl Transition {
             note,
         }
     }
-    fn warning(reason: &'static str, note: String) -> Self {
+    /// An Event of type Warning.
+    pub fn warning(reason: &'static str, note: String) -> Self {
         Self {
             warning: true,
             reason,

@@ -151,8 +151,16 @@ pub(super) async fn apply(link: &ControlPlaneLink, ctx: &Context) -> Result<Acti
         .collect();
     ctx.metrics.record_certificates(&ns, &name, &expiries);
     let mut events = status::transitions(old, &status, issued.renewed);
-    if let Some(step) = issued.ca_step.filter(|step| *step != CaStep::Generated) {
-        events.push(Transition::normal("CARotation", step.describe().to_owned()));
+    match issued.ca_step {
+        Some(CaStep::Generated) => events.push(Transition::warning(
+            "CAReplaced",
+            "the stored CA could not sign (garbled, expired or its key lost): \
+             generated a new one; peers of the old and the new CA refuse each other until every \
+             pod has rolled and kube-apiserver has restarted with the egress Secret's files"
+                .to_owned(),
+        )),
+        Some(step) => events.push(Transition::normal("CARotation", step.describe().to_owned())),
+        None => {}
     }
     publish(ctx, link, events).await;
 

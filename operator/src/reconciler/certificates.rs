@@ -28,7 +28,7 @@ pub(super) struct Issued {
     pub(super) renew_at: OffsetDateTime,
     /// Whether an existing certificate was replaced in this pass.
     pub(super) renewed: bool,
-    /// The step the generated CA took in this pass, if any.
+    /// The step the generated CA took in this pass, if any (none for a new link's CA).
     pub(super) ca_step: Option<CaStep>,
     /// Expiry of kube-apiserver's client certificate in the egress Secret.
     pub(super) egress_not_after: OffsetDateTime,
@@ -95,8 +95,9 @@ pub(super) async fn certificates(
                 renew_before,
                 now,
             )?;
-            if let Some(step) = decision.step {
-                renewed |= stored.is_some();
+            // A CA made for a new link is no step worth an Event.
+            if let Some(step) = decision.step.filter(|_| stored.is_some()) {
+                renewed = true;
                 ca_step = Some(step);
                 tracing::info!(
                     link = %format!("{}/{}", plan.namespace, plan.name),

@@ -1107,6 +1107,37 @@ async fn a_generated_ca_near_its_end_first_adds_its_successor_to_every_ca_bundle
     }
 }
 
+/// A stored CA that cannot sign is replaced at once, with a Warning: that is an outage.
+#[tokio::test]
+async fn an_unusable_generated_ca_is_replaced_with_a_warning() {
+    let link = ControlPlaneLink::test().finalized();
+    let first = first_apply(link.clone()).await;
+    let mut stored = first.clone();
+    let ca_path = format!("{CORE}/secrets/link-ca");
+    let mut ca_secret = stored.applied[&ca_path].clone();
+    ca_secret["data"]["tls.key"] =
+        serde_json::to_value(k8s_openapi::ByteString(b"garbled".to_vec())).expect("b64");
+    stored.applied.insert(ca_path.clone(), ca_secret);
+
+    let (result, second) = reconcile_with(
+        first.link_after(link),
+        Scenario::Apply {
+            stored,
+            server_pods: Some(vec![]),
+            events: vec![
+                "CertificatesRenewed",
+                "EgressCertificateExpiring",
+                "CAReplaced",
+            ],
+        },
+    )
+    .await;
+    result.expect("reconcile succeeds");
+    let replaced = decoded(&second.applied[&ca_path], "tls.crt");
+    assert_ne!(replaced, decoded(&first.applied[&ca_path], "tls.crt"));
+    assert_eq!(replaced.matches("BEGIN CERTIFICATE").count(), 1);
+}
+
 #[tokio::test]
 async fn the_default_link_has_agents_send_tokens_the_servers_may_review() {
     let recorded = first_apply(ControlPlaneLink::test().finalized()).await;
