@@ -1,4 +1,5 @@
-//! The chart's CRD on a real control plane, through the real Helm engine: rendered from a
+//! The chart's CRD on a real control plane and a real node (the chart's operator running from
+//! cplink's image), through the real Helm engine: rendered from a
 //! template, it is created with the release's labels and `helm.sh/resource-policy: keep`,
 //! changed by `helm upgrade`, left with its links by an upgrade with `crds.enabled=false` and by
 //! `helm uninstall`; a CRD without Helm's labels, as charts that shipped it under `crds/` left
@@ -9,12 +10,22 @@
 use std::time::Duration;
 
 use cplink_e2e::harness::{self, Steps};
-use cplink_e2e::stack::{self, LINK, NAMESPACE, RELEASE, Stack, StackOptions};
+use cplink_e2e::image;
+use cplink_e2e::nodes::RealNodes;
+use cplink_e2e::stack::{self, Egress, LINK, NAMESPACE, RELEASE, Stack, StackOptions};
 use serde_json::json;
+
+/// The stack on real nodes.
+type Cluster = Stack<RealNodes>;
+
+/// The chart's values for cplink's image, plus `extra`.
+fn values(extra: &[(&str, serde_json::Value)]) -> serde_json::Value {
+    stack::chart_values_for(image::NAME, extra)
+}
 
 const CRD: &str = "crd/controlplanelinks.cplink.dev";
 
-/// How long the test may take: it takes about a minute.
+/// How long the test may take.
 const DEADLINE: Duration = Duration::from_secs(300);
 
 #[test]
@@ -27,7 +38,7 @@ fn the_charts_crd_is_upgraded_kept_and_adopted() -> anyhow::Result<()> {
 }
 
 /// The CRD's labels and annotations, as `key=value` lines.
-fn crd_metadata(stack: &Stack) -> anyhow::Result<String> {
+fn crd_metadata(stack: &Cluster) -> anyhow::Result<String> {
     stack.plane.kubectl_ok(&[
         "get",
         CRD,
@@ -42,7 +53,7 @@ fn has(metadata: &str, line: &str) -> bool {
 }
 
 /// The links the API serves, by name.
-fn links(stack: &Stack) -> anyhow::Result<String> {
+fn links(stack: &Cluster) -> anyhow::Result<String> {
     stack.plane.kubectl_ok(&[
         "get",
         "controlplanelinks",
@@ -54,13 +65,16 @@ fn links(stack: &Stack) -> anyhow::Result<String> {
 }
 
 async fn upgrade_keep_adopt(steps: Steps) -> anyhow::Result<()> {
-    steps.enter("starting the stack: installing the chart");
-    let stack = Stack::start(StackOptions {
-        nodes: 1,
-        servers: 1,
-    })
+    steps.enter("starting the stack on a real node: installing the chart");
+    let stack = Stack::start_on_real_nodes(
+        StackOptions {
+            nodes: 1,
+            servers: 1,
+        },
+        Egress::HttpConnect,
+    )
     .await?;
-    let defaults = stack::chart_values(&[]);
+    let defaults = values(&[]);
 
     let metadata = crd_metadata(&stack)?;
     for line in [
@@ -81,7 +95,7 @@ async fn upgrade_keep_adopt(steps: Steps) -> anyhow::Result<()> {
     stack.helm.upgrade(
         NAMESPACE,
         RELEASE,
-        &stack::chart_values(&[("crds", json!({ "keep": false }))]),
+        &values(&[("crds", json!({ "keep": false }))]),
     )?;
     let metadata = crd_metadata(&stack)?;
     assert!(
@@ -95,7 +109,7 @@ async fn upgrade_keep_adopt(steps: Steps) -> anyhow::Result<()> {
     stack.helm.upgrade(
         NAMESPACE,
         RELEASE,
-        &stack::chart_values(&[("crds", json!({ "enabled": false }))]),
+        &values(&[("crds", json!({ "enabled": false }))]),
     )?;
     assert_eq!(
         links(&stack)?.trim(),
@@ -165,8 +179,7 @@ async fn upgrade_keep_adopt(steps: Steps) -> anyhow::Result<()> {
     stack
         .plane
         .kubectl_ok(&["delete", CRD, "--wait=true", "--timeout=60s"])?;
-    let with_link =
-        stack::chart_values(&[("link", json!({ "create": true, "name": LINK, "spec": {} }))]);
+    let with_link = values(&[("link", json!({ "create": true, "name": LINK, "spec": {} }))]);
     let refused = stack
         .helm
         .install(NAMESPACE, RELEASE, &with_link)
@@ -181,7 +194,12 @@ async fn upgrade_keep_adopt(steps: Steps) -> anyhow::Result<()> {
     stack.helm.install(NAMESPACE, RELEASE, &defaults)?;
     stack.helm.upgrade(NAMESPACE, RELEASE, &with_link)?;
     assert_eq!(links(&stack)?.trim(), LINK);
+    println!(
+        "the chart's CRD: created with the release's labels and the keep policy, rewritten by an \
+         upgrade, kept with its link by crds.enabled=false and by uninstall; without Helm's \
+         ownership it stopped an upgrade until labelled and annotated; one install could not \
+         make both the CRD and a link, an install then an upgrade could"
+    );
     steps.enter("stopping the stack");
-    drop(stack);
-    Ok(())
+    stack.stop_leaving_nothing()
 }
