@@ -1,27 +1,20 @@
 //! The chart's CRD on a real control plane and a real node (the chart's operator running from
-//! cplink's image), through the real Helm engine: rendered from a
-//! template, it is created with the release's labels and `helm.sh/resource-policy: keep`,
-//! changed by `helm upgrade`, left with its links by an upgrade with `crds.enabled=false` and by
-//! `helm uninstall`; a CRD without Helm's labels, as charts that shipped it under `crds/` left
-//! it, stops `helm upgrade` until the README's `kubectl label`/`annotate` adopt it. And, as the
-//! README warns, one `helm install` cannot both create the CRD and a link in it: install, then
-//! upgrade with the link.
+//! cplink's image), through the real Helm engine: rendered from a template, it is created with
+//! the release's labels and `helm.sh/resource-policy: keep`, changed by `helm upgrade`, left
+//! with its links by an upgrade with `crds.enabled=false` and by `helm uninstall`; a CRD
+//! without Helm's labels, as charts that shipped it under `crds/` left it, stops `helm upgrade`
+//! until the README's `kubectl label`/`annotate` adopt it. And, as the README warns, one `helm
+//! install` cannot both create the CRD and a link in it: install, then upgrade with the link.
 
 use std::time::Duration;
 
 use cplink_e2e::harness::{self, Steps};
-use cplink_e2e::image;
 use cplink_e2e::nodes::RealNodes;
 use cplink_e2e::stack::{self, Egress, LINK, NAMESPACE, RELEASE, Stack, StackOptions};
 use serde_json::json;
 
 /// The stack on real nodes.
 type Cluster = Stack<RealNodes>;
-
-/// The chart's values for cplink's image, plus `extra`.
-fn values(extra: &[(&str, serde_json::Value)]) -> serde_json::Value {
-    stack::chart_values_for(image::NAME, extra)
-}
 
 const CRD: &str = "crd/controlplanelinks.cplink.dev";
 
@@ -74,7 +67,7 @@ async fn upgrade_keep_adopt(steps: Steps) -> anyhow::Result<()> {
         Egress::HttpConnect,
     )
     .await?;
-    let defaults = values(&[]);
+    let defaults = stack::chart_values(&[]);
 
     let metadata = crd_metadata(&stack)?;
     for line in [
@@ -95,7 +88,7 @@ async fn upgrade_keep_adopt(steps: Steps) -> anyhow::Result<()> {
     stack.helm.upgrade(
         NAMESPACE,
         RELEASE,
-        &values(&[("crds", json!({ "keep": false }))]),
+        &stack::chart_values(&[("crds", json!({ "keep": false }))]),
     )?;
     let metadata = crd_metadata(&stack)?;
     assert!(
@@ -109,7 +102,7 @@ async fn upgrade_keep_adopt(steps: Steps) -> anyhow::Result<()> {
     stack.helm.upgrade(
         NAMESPACE,
         RELEASE,
-        &values(&[("crds", json!({ "enabled": false }))]),
+        &stack::chart_values(&[("crds", json!({ "enabled": false }))]),
     )?;
     assert_eq!(
         links(&stack)?.trim(),
@@ -179,7 +172,8 @@ async fn upgrade_keep_adopt(steps: Steps) -> anyhow::Result<()> {
     stack
         .plane
         .kubectl_ok(&["delete", CRD, "--wait=true", "--timeout=60s"])?;
-    let with_link = values(&[("link", json!({ "create": true, "name": LINK, "spec": {} }))]);
+    let with_link =
+        stack::chart_values(&[("link", json!({ "create": true, "name": LINK, "spec": {} }))]);
     let refused = stack
         .helm
         .install(NAMESPACE, RELEASE, &with_link)

@@ -14,16 +14,11 @@ use cplink_e2e::nodes::RealNodes;
 use cplink_e2e::stack::{
     self, Egress, FRONTEND_SERVICE, LINK, NAMESPACE, OPERATOR, RELEASE, STEP, Stack, StackOptions,
 };
-use cplink_e2e::{image, metrics, wait, workspace};
+use cplink_e2e::{metrics, wait, workspace};
 use serde_json::json;
 
 /// The stack on real nodes.
 type Cluster = Stack<RealNodes>;
-
-/// The chart's values for cplink's image, plus `extra`.
-fn values(extra: &[(&str, serde_json::Value)]) -> serde_json::Value {
-    stack::chart_values_for(image::NAME, extra)
-}
 
 /// The release's link, from values: one server, its frontend Service reached through the
 /// forwarder (which serves the Services of a link named [`LINK`]), agents finding the servers
@@ -200,7 +195,7 @@ async fn install_upgrade_uninstall(steps: Steps) -> anyhow::Result<()> {
     stack.helm.upgrade(
         NAMESPACE,
         RELEASE,
-        &values(&[("link", link_values(&stack, true))]),
+        &stack::chart_values(&[("link", link_values(&stack, true))]),
     )?;
     stack
         .plane
@@ -240,7 +235,7 @@ async fn install_upgrade_uninstall(steps: Steps) -> anyhow::Result<()> {
     stack.helm.upgrade(
         NAMESPACE,
         RELEASE,
-        &values(&[
+        &stack::chart_values(&[
             ("link", link_values(&stack, true)),
             ("logging", json!({ "level": "debug", "format": "json" })),
         ]),
@@ -272,7 +267,7 @@ async fn install_upgrade_uninstall(steps: Steps) -> anyhow::Result<()> {
     stack.helm.upgrade(
         NAMESPACE,
         RELEASE,
-        &values(&[("link", link_values(&stack, false))]),
+        &stack::chart_values(&[("link", link_values(&stack, false))]),
     )?;
     stack
         .plane
