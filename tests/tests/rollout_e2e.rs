@@ -36,7 +36,7 @@ use cplink_e2e::stack::{
     Egress, FRONTEND_SERVICE, Follow, LINK, NAMESPACE, STEP, Stack, StackOptions,
 };
 use cplink_e2e::wait;
-use cplink_operator::resources::deployment::SERVER_ADMIN_PORT;
+use cplink_operator::resources::{NODE_AGENT_GRACE_SECONDS, deployment::SERVER_ADMIN_PORT};
 
 const NODES: usize = 4;
 const SERVERS: u32 = 3;
@@ -49,8 +49,9 @@ const SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause between two node proxy requests.
 const REQUEST_INTERVAL: Duration = Duration::from_millis(50);
-/// How long one node proxy request may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one node proxy request may take: a dial for a node whose agent is being replaced
+/// waits for the new agent up to the servers' node-agent grace.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(NODE_AGENT_GRACE_SECONDS.unsigned_abs() + 10);
 /// How long a rollout may take: four agents draining one after the other, each for up to the
 /// drain timeout (kube-apiserver's idle connections to its kubelet keep it that long), then
 /// replaced.
