@@ -16,16 +16,12 @@ use std::time::Duration;
 use cplink_e2e::harness::{self, Steps};
 use cplink_e2e::image;
 use cplink_e2e::metrics::counter;
-use cplink_e2e::nodes::RealNodes;
 use cplink_e2e::stack::{self, Egress, Follow, LINK, NAMESPACE, STEP, Stack, StackOptions};
 use cplink_e2e::wait;
 use cplink_operator::resources::{
     AGENT_TERMINATION_GRACE_PERIOD_SECONDS, daemonset::AGENT_ADMIN_PORT,
     deployment::SERVER_ADMIN_PORT,
 };
-
-/// The stack on real nodes.
-type Cluster = Stack<RealNodes>;
 
 /// One cluster at a time.
 static CLUSTER: Mutex<()> = Mutex::new(());
@@ -81,7 +77,7 @@ fn node_healthz(node: &str) -> String {
 }
 
 /// Waits until kube-apiserver's node proxy answers `ok` for every node's kubelet `/healthz`.
-async fn node_proxy_answers(stack: &Cluster, nodes: &[String], what: &str) -> anyhow::Result<()> {
+async fn node_proxy_answers(stack: &Stack, nodes: &[String], what: &str) -> anyhow::Result<()> {
     for node in nodes {
         stack
             .plane
@@ -99,7 +95,7 @@ fn admin(ip: &str, port: i32) -> anyhow::Result<SocketAddr> {
 }
 
 /// Successful dials of each agent, by node.
-async fn agent_dials(stack: &Cluster) -> anyhow::Result<Vec<(String, f64)>> {
+async fn agent_dials(stack: &Stack) -> anyhow::Result<Vec<(String, f64)>> {
     let mut dials = Vec::new();
     for (_, node, ip) in stack.pods("agent")? {
         let metrics = stack
@@ -115,7 +111,7 @@ async fn agent_dials(stack: &Cluster) -> anyhow::Result<Vec<(String, f64)>> {
 }
 
 /// The Ready condition's (status, lastTransitionTime) of the link.
-fn ready_condition(stack: &Cluster) -> anyhow::Result<(String, String)> {
+fn ready_condition(stack: &Stack) -> anyhow::Result<(String, String)> {
     let out = stack.link_jsonpath(
         "{.status.conditions[?(@.type==\"Ready\")].status} \
          {.status.conditions[?(@.type==\"Ready\")].lastTransitionTime}",
@@ -125,7 +121,7 @@ fn ready_condition(stack: &Cluster) -> anyhow::Result<(String, String)> {
 }
 
 /// `kubectl` that is expected to fail: its standard error.
-fn kubectl_err(stack: &Cluster, args: &[&str]) -> String {
+fn kubectl_err(stack: &Stack, args: &[&str]) -> String {
     match stack.plane.kubectl(args).output() {
         Ok(out) if out.status.success() => String::new(),
         Ok(out) => String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -135,7 +131,7 @@ fn kubectl_err(stack: &Cluster, args: &[&str]) -> String {
 
 /// Successful dials counted by every server pod, and tunneled connections accepted by each
 /// frontend (`tls`, `uds`, `grpc`), summed over the server pods.
-async fn server_counts(stack: &Cluster) -> anyhow::Result<(f64, BTreeMap<String, f64>)> {
+async fn server_counts(stack: &Stack) -> anyhow::Result<(f64, BTreeMap<String, f64>)> {
     let mut dials = 0.0;
     let mut frontends = BTreeMap::new();
     for (_, _, ip) in stack.pods("server")? {
@@ -161,7 +157,7 @@ const FRONTENDS: &[&str] = &["tls", "uds", "grpc"];
 /// server and an agent on every node; returns the node names and the agents as
 /// (pod, node, IP).
 async fn link_rolled_out(
-    stack: &Cluster,
+    stack: &Stack,
 ) -> anyhow::Result<(Vec<String>, Vec<(String, String, String)>)> {
     let nodes = stack.nodes.names();
     stack.apply_link()?;
@@ -222,7 +218,7 @@ async fn link_rolled_out(
 
 /// Runs the hello fixture on a node, behind its Service, and waits until the Service's
 /// Endpoints name its ready pod.
-async fn hello_deployed(stack: &Cluster) -> anyhow::Result<()> {
+async fn hello_deployed(stack: &Stack) -> anyhow::Result<()> {
     stack.apply(
         "hello",
         &HELLO.replace("{FIXTURE_IMAGE}", image::FIXTURE_NAME),
@@ -251,7 +247,7 @@ async fn hello_deployed(stack: &Cluster) -> anyhow::Result<()> {
 /// them as dials through `frontend` and through no other frontend; each node's agent dialed
 /// its kubelet. Returns the marker the followed log showed.
 async fn requests_cross_the_tunnel(
-    stack: &Cluster,
+    stack: &Stack,
     nodes: &[String],
     agents: &[(String, String, String)],
     frontend: &str,

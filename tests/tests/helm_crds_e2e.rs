@@ -9,12 +9,8 @@
 use std::time::Duration;
 
 use cplink_e2e::harness::{self, Steps};
-use cplink_e2e::nodes::RealNodes;
 use cplink_e2e::stack::{self, Egress, LINK, NAMESPACE, RELEASE, Stack, StackOptions};
 use serde_json::json;
-
-/// The stack on real nodes.
-type Cluster = Stack<RealNodes>;
 
 const CRD: &str = "crd/controlplanelinks.cplink.dev";
 
@@ -31,7 +27,7 @@ fn the_charts_crd_is_upgraded_kept_and_adopted() -> anyhow::Result<()> {
 }
 
 /// The CRD's labels and annotations, as `key=value` lines.
-fn crd_metadata(stack: &Cluster) -> anyhow::Result<String> {
+fn crd_metadata(stack: &Stack) -> anyhow::Result<String> {
     stack.plane.kubectl_ok(&[
         "get",
         CRD,
@@ -46,7 +42,7 @@ fn has(metadata: &str, line: &str) -> bool {
 }
 
 /// The links the API serves, by name.
-fn links(stack: &Cluster) -> anyhow::Result<String> {
+fn links(stack: &Stack) -> anyhow::Result<String> {
     stack.plane.kubectl_ok(&[
         "get",
         "controlplanelinks",

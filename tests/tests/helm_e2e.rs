@@ -10,20 +10,16 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use cplink_e2e::harness::{self, Steps};
-use cplink_e2e::nodes::RealNodes;
 use cplink_e2e::stack::{
     self, Egress, FRONTEND_SERVICE, LINK, NAMESPACE, OPERATOR, RELEASE, STEP, Stack, StackOptions,
 };
 use cplink_e2e::{metrics, wait, workspace};
 use serde_json::json;
 
-/// The stack on real nodes.
-type Cluster = Stack<RealNodes>;
-
 /// The release's link, from values: one server, its frontend Service reached through the
 /// forwarder (which serves the Services of a link named [`LINK`]), agents finding the servers
 /// in the cluster.
-fn link_values(stack: &Cluster, create: bool) -> serde_json::Value {
+fn link_values(stack: &Stack, create: bool) -> serde_json::Value {
     json!({
         "create": create,
         "name": LINK,
@@ -39,7 +35,7 @@ fn link_values(stack: &Cluster, create: bool) -> serde_json::Value {
     })
 }
 
-fn operator_pods(stack: &Cluster) -> anyhow::Result<Vec<String>> {
+fn operator_pods(stack: &Stack) -> anyhow::Result<Vec<String>> {
     Ok(stack
         .plane
         .kubectl_ok(&[
@@ -59,7 +55,7 @@ fn operator_pods(stack: &Cluster) -> anyhow::Result<Vec<String>> {
 
 /// Waits until one of `pods` holds the operator's leader Lease (named after the release) and
 /// returns it.
-async fn wait_leader(stack: &Cluster, pods: &[String]) -> anyhow::Result<String> {
+async fn wait_leader(stack: &Stack, pods: &[String]) -> anyhow::Result<String> {
     let holder = stack
         .plane
         .wait_kubectl(
@@ -86,7 +82,7 @@ const ADMIN_PORTS: [(&str, u16); 3] = [("operator", 8080), ("server", 8095), ("a
 /// Every family the running pods export is one the chart's alerts and dashboard may name
 /// (`tests/helm/exported-metrics.txt`), and the operator reports the link it made Ready: its
 /// condition, each server pod's linked agents and every certificate's expiry.
-async fn scrape_metrics(stack: &Cluster) -> anyhow::Result<()> {
+async fn scrape_metrics(stack: &Stack) -> anyhow::Result<()> {
     let listed = std::fs::read_to_string(workspace::root().join(metrics::EXPORTED_FAMILIES_PATH))?;
     let link = format!("namespace=\"{NAMESPACE}\",link=\"{LINK}\"");
     let servers = stack.pods("server")?;

@@ -10,14 +10,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use cplink_e2e::harness::{self, Steps};
-use cplink_e2e::nodes::RealNodes;
 use cplink_e2e::stack::{
     Egress, Follow, LINK, NAMESPACE, OPERATOR_REPLICAS, STEP, Stack, StackOptions,
 };
 use cplink_e2e::{binaries, wait};
-
-/// The stack on real nodes.
-type Cluster = Stack<RealNodes>;
 
 /// How long the test may take.
 const DEADLINE: Duration = Duration::from_secs(480);
@@ -31,7 +27,7 @@ struct Run {
 }
 
 /// `kubectl cplink -n NAMESPACE ARGS`, the plugin found on the PATH.
-fn cplink(stack: &Cluster, args: &[&str]) -> anyhow::Result<Run> {
+fn cplink(stack: &Stack, args: &[&str]) -> anyhow::Result<Run> {
     let path = format!(
         "{}:{}",
         binaries::bin_dir()?.display(),
@@ -58,7 +54,7 @@ fn cplink(stack: &Cluster, args: &[&str]) -> anyhow::Result<Run> {
 }
 
 /// The plugin's output; fails unless it exited 0.
-fn cplink_ok(stack: &Cluster, args: &[&str]) -> anyhow::Result<String> {
+fn cplink_ok(stack: &Stack, args: &[&str]) -> anyhow::Result<String> {
     let run = cplink(stack, args)?;
     anyhow::ensure!(
         run.success,

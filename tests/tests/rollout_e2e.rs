@@ -30,7 +30,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use cplink_e2e::harness::{self, Steps};
 use cplink_e2e::metrics::counter;
-use cplink_e2e::nodes::{self, RealNodes};
+use cplink_e2e::nodes;
 use cplink_e2e::prober::{Outcome, Prober};
 use cplink_e2e::stack::{
     Egress, FRONTEND_SERVICE, Follow, LINK, NAMESPACE, STEP, Stack, StackOptions,
@@ -62,9 +62,6 @@ const DEADLINE: Duration = Duration::from_secs(720);
 /// What the ticker pod runs: a line every 200 ms, for `kubectl logs -f`.
 const TICKER: &str = "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done";
 
-/// The stack on real nodes.
-type Cluster = Stack<RealNodes>;
-
 /// When the test first saw each server pod terminating, by pod IP; watched until dropped.
 struct Terminations {
     seen: Arc<Mutex<HashMap<IpAddr, Instant>>>,
@@ -74,7 +71,7 @@ struct Terminations {
 impl Terminations {
     /// Watches the link's server pods; failed watches are retried with backoff (the control
     /// plane may restart or be gone), and the watch stops when this is dropped.
-    async fn watch(stack: &Cluster) -> anyhow::Result<Self> {
+    async fn watch(stack: &Stack) -> anyhow::Result<Self> {
         let seen = Arc::new(Mutex::new(HashMap::new()));
         let pods: kube::Api<Pod> = kube::Api::namespaced(stack.plane.client().await?, NAMESPACE);
         let config = watcher::Config::default().labels(&format!(
@@ -125,7 +122,7 @@ fn server_admin(ip: &str) -> anyhow::Result<SocketAddr> {
 }
 
 /// `status.server.linkedAgents` of the link, as (pod, agents).
-fn linked_agents(stack: &Cluster) -> anyhow::Result<Vec<(String, Option<i64>)>> {
+fn linked_agents(stack: &Stack) -> anyhow::Result<Vec<(String, Option<i64>)>> {
     let out = stack.link_jsonpath("{.status.server.linkedAgents}")?;
     if out.trim().is_empty() {
         return Ok(Vec::new());
@@ -143,7 +140,7 @@ fn linked_agents(stack: &Cluster) -> anyhow::Result<Vec<(String, Option<i64>)>> 
 }
 
 /// The link's server pods that are not terminating, as (name, pod IP).
-fn live_servers(stack: &Cluster) -> anyhow::Result<Vec<(String, String)>> {
+fn live_servers(stack: &Stack) -> anyhow::Result<Vec<(String, String)>> {
     let out = stack.plane.kubectl_ok(&[
         "get",
         "pods",
@@ -168,7 +165,7 @@ fn live_servers(stack: &Cluster) -> anyhow::Result<Vec<(String, String)>> {
 
 /// Waits until the link's status shows every live server linked to every agent, and checks
 /// each server's own metrics say the same; returns the server pods.
-async fn every_server_links_every_agent(stack: &Cluster) -> anyhow::Result<Vec<String>> {
+async fn every_server_links_every_agent(stack: &Stack) -> anyhow::Result<Vec<String>> {
     let mut servers = Vec::new();
     let mut last = Vec::new();
     wait::until("every server to report every agent linked", STEP, || {
@@ -201,7 +198,7 @@ async fn every_server_links_every_agent(stack: &Cluster) -> anyhow::Result<Vec<S
 }
 
 /// Dials routed by each strategy, summed over the live servers.
-async fn routed(stack: &Cluster) -> anyhow::Result<BTreeMap<&'static str, f64>> {
+async fn routed(stack: &Stack) -> anyhow::Result<BTreeMap<&'static str, f64>> {
     let mut routed = BTreeMap::new();
     for (_, ip) in live_servers(stack)? {
         let metrics = stack.admin_get(server_admin(&ip)?, "/metrics").await?;
@@ -218,7 +215,7 @@ async fn routed(stack: &Cluster) -> anyhow::Result<BTreeMap<&'static str, f64>> 
 
 /// `kubectl rollout restart` of `what`, then `kubectl rollout status` until it is done (off
 /// the runtime's workers, which meanwhile serve the forwarder).
-fn roll(stack: &Cluster, what: &str) -> anyhow::Result<Duration> {
+fn roll(stack: &Stack, what: &str) -> anyhow::Result<Duration> {
     let started = Instant::now();
     tokio::task::block_in_place(|| {
         stack
