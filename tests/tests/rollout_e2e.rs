@@ -186,7 +186,8 @@ async fn every_server_links_every_agent(stack: &Stack) -> anyhow::Result<Vec<Str
     .await
     .map_err(|e| {
         e.context(format!(
-            "status.server.linkedAgents: {last:?}, servers {servers:?}"
+            "status.server.linkedAgents: {last:?}, servers {servers:?}\n{}",
+            stack.diagnostics()
         ))
     })?;
     for (pod, ip) in live_servers(stack)? {
