@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the real Kubernetes control plane and node parts that the end-to-end tests and
 # `make demo` run:
-#   - etcd 3.4, bubblewrap and kubectl from Debian;
+#   - etcd 3.4 and kubectl from Debian;
 #   - containerd, runc, the CNI plugins (/usr/lib/cni) and a static busybox (a shell for test
 #     images) from Debian, installed without starting any service;
 #   - kube-apiserver, kube-controller-manager, kube-scheduler and kubelet v1.20.2, built from
@@ -38,7 +38,6 @@ installed() {
 
 packages=()
 command -v etcd >/dev/null 2>&1 || packages+=(etcd-server)
-command -v bwrap >/dev/null 2>&1 || packages+=(bubblewrap)
 command -v kubectl >/dev/null 2>&1 || packages+=(kubernetes-client)
 # What real nodes run: a container runtime, its OCI runtime and the CNI plugins.
 command -v containerd >/dev/null 2>&1 || packages+=(containerd)

@@ -51,13 +51,6 @@ pub struct Args {
     #[arg(long, global = true, default_value = "15s", value_parser = humantime::parse_duration)]
     pub request_timeout: std::time::Duration,
 
-    /// Read the servers' and agents' admin ports at their pod IPs from this machine, not
-    /// through the API server's pod proxy. For test clusters on loopback addresses, which the
-    /// API server refuses to proxy to ("address not allowed"); it bypasses the pods/proxy
-    /// permission, so it is no way to run the plugin against a real cluster.
-    #[arg(long, global = true, hide = true)]
-    pub pod_network: bool,
-
     /// What to show.
     #[command(subcommand)]
     pub command: Command,

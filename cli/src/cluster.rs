@@ -62,8 +62,6 @@ pub struct Cluster {
     /// The links' namespace.
     pub namespace: String,
     timeout: Duration,
-    /// Reach admin ports at pod IPs instead of through the pod proxy (`--pod-network`).
-    pod_network: bool,
 }
 
 /// The body of an error a debug view answers.
@@ -105,7 +103,6 @@ impl Cluster {
             client,
             namespace,
             timeout: args.request_timeout,
-            pod_network: args.pod_network,
         })
     }
 
@@ -230,16 +227,6 @@ impl Cluster {
                     .finish(),
             );
         }
-        if self.pod_network {
-            let ip = pod
-                .status
-                .as_ref()
-                .and_then(|s| s.pod_ip.as_deref())
-                .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
-                .ok_or_else(|| ReadError::Api(format!("pod {name} has no IP")))?;
-            let address = std::net::SocketAddr::new(ip, port);
-            return self.timed(direct_get(address, path_and_query)).await;
-        }
         let uri = format!(
             "/api/v1/namespaces/{}/pods/{name}:{port}/proxy{path_and_query}",
             self.namespace
@@ -275,46 +262,6 @@ impl Cluster {
         }
         Err(answer_error(status, &body))
     }
-}
-
-/// Largest answer read from a pod directly; a debug page is bounded well below it.
-const MAX_DIRECT_BODY: usize = 64 << 20;
-
-/// `GET path_and_query` on `address` over plain HTTP/1.1: the status and body.
-async fn direct_get(
-    address: std::net::SocketAddr,
-    path_and_query: String,
-) -> Result<(http::StatusCode, bytes::Bytes), ReadError> {
-    let failed = |e: &dyn std::fmt::Display| ReadError::Api(format!("{address}: {e}"));
-    let stream = tokio::net::TcpStream::connect(address)
-        .await
-        .map_err(|e| failed(&e))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| failed(&e))?;
-    let exchange = async move {
-        let request = http::Request::get(path_and_query)
-            .header(http::header::HOST, address.to_string())
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .map_err(|e| failed(&e))?;
-        let response = sender.send_request(request).await.map_err(|e| failed(&e))?;
-        let status = response.status();
-        let body = http_body_util::Limited::new(response.into_body(), MAX_DIRECT_BODY)
-            .collect()
-            .await
-            .map_err(|e| failed(&e))?
-            .to_bytes();
-        Ok((status, body))
-    };
-    // The connection must be polled for the exchange to make progress; it may finish first
-    // (the pod closed after answering), having handed over what it read.
-    tokio::pin!(exchange);
-    tokio::select! {
-        result = &mut exchange => return result,
-        closed = connection => closed.map_err(|e| failed(&e))?,
-    }
-    exchange.await
 }
 
 /// What an error answer says: a debug view's `error`, the API server's `Status` message, or

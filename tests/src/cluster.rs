@@ -85,8 +85,6 @@ pub struct ControlPlane {
     processes: Vec<Process>,
     /// kube-apiserver's binary and flags, without the egress selector (for restarts).
     apiserver: (PathBuf, Vec<String>),
-    /// etcd's client URL.
-    etcd: String,
     dir: tempfile::TempDir,
     pki: Pki,
     admin: CertFiles,
@@ -259,10 +257,6 @@ impl ControlPlane {
             // endpoints (a pod) rather than its cluster IP: no kube-proxy answers cluster
             // IPs where kube-apiserver's egress leads (a real node's network).
             "--enable-aggregator-routing=true",
-            // JSON in etcd, so the harness can write what validation forbids on loopback
-            // (see `write_endpoints`).
-            "--storage-media-type",
-            "application/json",
         ]
         .iter()
         .map(|a| (*a).to_owned())
@@ -280,7 +274,6 @@ impl ControlPlane {
         let mut plane = ControlPlane {
             processes,
             apiserver,
-            etcd: etcd_url,
             dir,
             pki,
             admin,
@@ -443,78 +436,6 @@ impl ControlPlane {
             .map_or_else(|| format!("no process {name}"), |p| tail(&p.log))
     }
 
-    /// Writes the Endpoints of a selectorless Service straight into etcd.
-    ///
-    /// Kubernetes refuses loopback endpoint addresses, and every pod here has one, so no
-    /// endpoints controller can publish them. kube-apiserver's service proxy reads Endpoints
-    /// without validating them, so the harness stores them where the API server keeps them.
-    /// The service proxy only uses an address whose target Pod has that IP.
-    /// `ports` are `(name, port)`.
-    pub async fn write_endpoints(
-        &self,
-        namespace: &str,
-        service: &str,
-        pods: &[PodAddress],
-        ports: &[(&str, u16)],
-    ) -> anyhow::Result<()> {
-        let endpoints = serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Endpoints",
-            "metadata": {
-                "name": service,
-                "namespace": namespace,
-                "uid": format!("{:032x}", rand::random::<u128>()),
-                "creationTimestamp": k8s_openapi::jiff::Timestamp::now()
-                    .strftime("%Y-%m-%dT%H:%M:%SZ")
-                    .to_string(),
-            },
-            "subsets": [{
-                "addresses": pods
-                    .iter()
-                    .map(|pod| serde_json::json!({
-                        "ip": pod.ip,
-                        "nodeName": pod.node,
-                        "targetRef": { "kind": "Pod", "namespace": namespace, "name": pod.name },
-                    }))
-                    .collect::<Vec<_>>(),
-                "ports": ports
-                    .iter()
-                    .map(|(name, port)| serde_json::json!({
-                        "name": name, "port": port, "protocol": "TCP",
-                    }))
-                    .collect::<Vec<_>>(),
-            }],
-        });
-        let key = format!("/registry/services/endpoints/{namespace}/{service}");
-        self.etcd_put(&key, &serde_json::to_vec(&endpoints)?)
-            .await
-            .with_context(|| format!("cannot write {key} to etcd"))
-    }
-
-    /// `PUT key value` through etcd's JSON gateway.
-    async fn etcd_put(&self, key: &str, value: &[u8]) -> anyhow::Result<()> {
-        use base64::Engine as _;
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let body = serde_json::to_vec(&serde_json::json!({
-            "key": b64.encode(key),
-            "value": b64.encode(value),
-        }))?;
-        let address = self
-            .etcd
-            .strip_prefix("http://")
-            .context("etcd URL is not http://")?
-            .parse()?;
-        crate::http1::request(
-            address,
-            "POST",
-            "/v3/kv/put",
-            Some(("application/json", &body)),
-            Duration::from_secs(10),
-        )
-        .await
-        .map(drop)
-    }
-
     /// Waits until `kubectl args...` succeeds and its output satisfies `check`.
     pub async fn wait_kubectl<F: FnMut(&str) -> bool>(
         &self,
@@ -541,17 +462,6 @@ impl ControlPlane {
             Err(err) => Err(err.context(format!("last `kubectl {}`: {last}", args.join(" ")))),
         }
     }
-}
-
-/// A pod as an endpoint of a Service.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodAddress {
-    /// The pod's name.
-    pub name: String,
-    /// The node it runs on.
-    pub node: String,
-    /// Its IP.
-    pub ip: String,
 }
 
 /// A kube client for a kubeconfig file, on the current runtime.

@@ -293,6 +293,34 @@ impl Client {
             .collect())
     }
 
+    /// The image of every container whose task is running (pod sandboxes' included).
+    pub async fn running_images(&self) -> anyhow::Result<Vec<String>> {
+        // `TASK PID STATUS` and `CONTAINER IMAGE RUNTIME`, one a line after the header.
+        let tasks = self.ctr_ok(&["tasks", "list"]).await?;
+        let containers = self.ctr_ok(&["containers", "list"]).await?;
+        let images: std::collections::HashMap<&str, &str> = containers
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let mut columns = line.split_whitespace();
+                Some((columns.next()?, columns.next()?))
+            })
+            .collect();
+        Ok(tasks
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let columns: Vec<&str> = line.split_whitespace().collect();
+                match columns[..] {
+                    [task, _, "RUNNING"] => {
+                        Some(images.get(task).copied().unwrap_or("").to_owned())
+                    }
+                    _ => None,
+                }
+            })
+            .collect())
+    }
+
     /// Runs `args` in a container of `image` with the image's user and environment, removes
     /// the container, and returns its output and exit code.
     pub async fn run(&self, image: &str, id: &str, args: &[&str]) -> anyhow::Result<RunOutput> {

@@ -15,8 +15,9 @@
 //! resets its side closes the client's too, so a client never waits on a dead backend.
 //! Tests read [`Forwarder::history`] and [`Forwarder::connections`] to check both.
 //!
-//! Where the endpoints are pods of real nodes, out of the host's reach, it connects from the
-//! nodes' network ([`Forwarder::start_from`]), as a load balancer in that network would.
+//! The endpoints are pods of real nodes, out of the host's reach: it connects to them from the
+//! nodes' network (the edge namespace, [`crate::node::Network::edge`]), as a load balancer in
+//! that network would.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -133,21 +134,13 @@ impl Drop for Forwarder {
 
 impl Forwarder {
     /// Starts forwarding for `services` in `namespace`, watching their EndpointSlices with
-    /// the credentials of `kubeconfig`. Services may not exist yet.
+    /// the credentials of `kubeconfig` and connecting to the endpoints from inside `edge`.
+    /// Services may not exist yet.
     pub async fn start(
         kubeconfig: &Path,
         namespace: &str,
         services: &[&str],
-    ) -> anyhow::Result<Self> {
-        Self::start_from(kubeconfig, namespace, services, None).await
-    }
-
-    /// [`Forwarder::start`], connecting to the endpoints from inside `edge` when given.
-    pub async fn start_from(
-        kubeconfig: &Path,
-        namespace: &str,
-        services: &[&str],
-        edge: Option<Netns>,
+        edge: Netns,
     ) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -301,7 +294,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 async fn accept(
     listener: TcpListener,
     table: Arc<Mutex<Backends>>,
-    edge: Option<Netns>,
+    edge: Netns,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -326,13 +319,7 @@ async fn accept(
         let edge = edge.clone();
         tokio::spawn(async move {
             for backend in candidates {
-                let connect = async {
-                    match &edge {
-                        Some(edge) => edge.connect(backend).await,
-                        None => TcpStream::connect(backend).await,
-                    }
-                };
-                let connect = tokio::time::timeout(Duration::from_secs(5), connect);
+                let connect = tokio::time::timeout(Duration::from_secs(5), edge.connect(backend));
                 if let Ok(Ok(upstream)) = connect.await {
                     table
                         .lock()

@@ -1,5 +1,5 @@
-//! Plain HTTP/1.1 requests without a client library: pods' admin endpoints (`/metrics`) and
-//! etcd's JSON gateway. One request per connection (`Connection: close`).
+//! Plain HTTP/1.1 requests without a client library: pods' and processes' admin endpoints
+//! (`/metrics`). One request per connection (`Connection: close`).
 
 use std::net::SocketAddr;
 use std::time::Duration;

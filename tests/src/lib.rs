@@ -1,6 +1,6 @@
 //! Test support for cplink: certificates, in-process servers and agents on loopback, CONNECT
-//! clients, destination fixtures, a real control plane with simulated nodes, cplink's
-//! container image and private containerds, and waiting on conditions.
+//! clients, destination fixtures, a real control plane with real nodes, cplink's container
+//! image and private containerds, and waiting on conditions.
 //!
 //! Map of the crate, in layers: each module uses only modules listed above it.
 //!
@@ -13,7 +13,7 @@
 //!   cache the scripts fill.
 //! - [`cli`]: a binary's command line: refused flags, `--help`.
 //! - [`cgroups`]: removing the cgroups test containers leave on the host.
-//! - [`http1`]: plain HTTP/1.1 requests, to admin endpoints and etcd's JSON gateway.
+//! - [`http1`]: plain HTTP/1.1 requests, to admin endpoints.
 //! - [`metrics`]: counters in the Prometheus text admin endpoints serve; the metric families
 //!   the binaries export.
 //! - [`procfs`]: a process's memory, CPU time and descendants, from `/proc`.
@@ -40,7 +40,6 @@
 //! - [`cluster`]: a real control plane (etcd, kube-apiserver, kube-controller-manager,
 //!   kube-scheduler) on loopback.
 //! - [`binaries`]: the workspace's binaries; the operator as a process.
-//! - [`kubelet`]: a pod runner playing kubelet for simulated nodes on loopback addresses.
 //! - [`node`]: real worker nodes: kubelet and containerd in namespaces of their own, on a
 //!   network kube-apiserver has no route to.
 //! - [`nodes`]: N real nodes of one cluster, started in parallel after a check of the machine
@@ -65,7 +64,6 @@ pub mod harness;
 pub mod helm;
 pub mod http1;
 pub mod image;
-pub mod kubelet;
 pub mod metrics;
 pub mod netns;
 pub mod node;

@@ -321,6 +321,87 @@ impl RealNodes {
         out
     }
 
+    /// Every log line the containers of pod `namespace/name` wrote, in kubelet's files on the
+    /// nodes' disks (readable while kube-apiserver cannot reach the kubelets).
+    pub fn pod_log(&self, namespace: &str, name: &str) -> String {
+        let prefix = format!("{namespace}_{name}_");
+        let mut out = String::new();
+        for node in &self.nodes {
+            let pods = std::fs::read_dir(node.dir().join("var-log/pods"));
+            for pod in pods.into_iter().flatten().flatten() {
+                if !pod.file_name().to_string_lossy().starts_with(&prefix) {
+                    continue;
+                }
+                let containers = std::fs::read_dir(pod.path());
+                for container in containers.into_iter().flatten().flatten() {
+                    let logs = std::fs::read_dir(container.path());
+                    for log in logs.into_iter().flatten().flatten() {
+                        out.push_str(&std::fs::read_to_string(log.path()).unwrap_or_default());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Keeps the containers of pod `namespace/name` on `node` from running, as a process that
+    /// dies at every start would: kills each (SIGKILL) as soon as containerd runs it, until
+    /// the returned guard is dropped. kubelet meanwhile restarts them with its back-off
+    /// (`CrashLoopBackOff`).
+    pub fn crash_loop(&self, node: &str, namespace: &str, name: &str) -> anyhow::Result<CrashLoop> {
+        let containerd = self
+            .nodes
+            .iter()
+            .find(|n| n.name() == node)
+            .with_context(|| format!("no node {node}"))?
+            .containerd()
+            .clone();
+        // The pod's containers, not its sandbox: killing that would make kubelet recreate
+        // the whole pod.
+        let filter = format!(
+            "labels.\"io.kubernetes.pod.namespace\"=={namespace},\
+             labels.\"io.kubernetes.pod.name\"=={name},\
+             labels.\"io.cri-containerd.kind\"==container"
+        );
+        let kills = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let killed = Arc::clone(&kills);
+        let task = tokio::spawn(async move {
+            let mut pause = Duration::from_millis(10);
+            loop {
+                let ids = containerd
+                    .ctr_ok(&["containers", "list", "--quiet", &filter])
+                    .await
+                    .unwrap_or_default();
+                for id in ids.split_whitespace() {
+                    // Fails when the container has no running task.
+                    if containerd
+                        .ctr_ok(&["tasks", "kill", "--signal", "SIGKILL", id])
+                        .await
+                        .is_ok()
+                    {
+                        killed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+        });
+        Ok(CrashLoop {
+            kills,
+            _task: tokio_util::task::AbortOnDropHandle::new(task),
+        })
+    }
+
+    /// How many containers of `image` run on the nodes right now.
+    pub async fn running(&self, image: &str) -> anyhow::Result<usize> {
+        let mut running = 0;
+        for node in &self.nodes {
+            let images = node.containerd().running_images().await?;
+            running += images.iter().filter(|name| *name == image).count();
+        }
+        Ok(running)
+    }
+
     /// Stops the nodes and removes the network; errors name what was left.
     pub fn stop(mut self) -> anyhow::Result<()> {
         self.teardown()
@@ -348,6 +429,20 @@ impl Drop for RealNodes {
         if let Err(err) = self.teardown() {
             tracing::warn!(error = %format!("{err:#}"), "real nodes' teardown incomplete");
         }
+    }
+}
+
+/// Containers kept from running by [`RealNodes::crash_loop`]; they may run again once this
+/// is dropped.
+pub struct CrashLoop {
+    kills: Arc<std::sync::atomic::AtomicUsize>,
+    _task: tokio_util::task::AbortOnDropHandle<()>,
+}
+
+impl CrashLoop {
+    /// How many running containers were killed so far.
+    pub fn kills(&self) -> usize {
+        self.kills.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -1,14 +1,10 @@
-//! The whole product on one machine: a real control plane, nodes running real pods, cplink
-//! installed with its Helm chart (the operator runs as a pod, with the chart's RBAC), a
-//! ControlPlaneLink, and kube-apiserver sending its node and pod traffic through the tunnel.
-//! Shared by the end-to-end tests and `make demo`.
-//!
-//! The nodes are simulated ([`kubelet::Nodes`], pods as host processes of the freshly built
-//! binaries, [`Stack::start`]) or real ([`RealNodes`], kubelet and containerd running cplink's
-//! image, [`Stack::start_on_real_nodes`]).
+//! The whole product on one machine: a real control plane, real nodes ([`RealNodes`]: kubelet
+//! and containerd, pods running cplink's image), cplink installed with its Helm chart (the
+//! operator runs as a pod, with the chart's RBAC), a ControlPlaneLink, and kube-apiserver
+//! sending its node and pod traffic through the tunnel. Shared by the end-to-end tests and
+//! `make demo`; [`Stack::start_on_real_nodes`] starts it.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::io::{BufRead as _, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,11 +15,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use k8s_openapi::api::core::v1::Secret;
 
-use crate::binaries;
 use crate::cluster::{ControlPlane, Options};
 use crate::forwarder::Forwarder;
 use crate::helm::Helm;
-use crate::kubelet::{self, Nodes};
 use crate::metrics::counter;
 use crate::nodes::RealNodes;
 use crate::{image, workspace};
@@ -34,10 +28,6 @@ pub const NAMESPACE: &str = "cplink-system";
 pub const LINK: &str = "edge";
 /// The frontend Service of the link (kube-apiserver's side).
 pub const FRONTEND_SERVICE: &str = "edge-frontend";
-/// The agent endpoint Service of the link (the agents' side).
-pub const AGENT_SERVICE: &str = "edge-agent-endpoint";
-/// Image of the chart's operator and of the pods it makes; the pod runner runs the `command`.
-pub const IMAGE: &str = "cplink:e2e";
 /// The Helm release.
 pub const RELEASE: &str = "cplink";
 /// The operator's Deployment, as the chart names it for [`RELEASE`].
@@ -55,8 +45,8 @@ pub const POD_USER: u32 = 65532;
 pub enum Egress {
     /// HTTP CONNECT over mutual TLS, through the forwarder to the frontend Service.
     HttpConnect,
-    /// konnectivity gRPC over the server's Unix socket, in a directory of this run
-    /// ([`Stack::socket_dir`]) that every simulated node shares with kube-apiserver.
+    /// konnectivity gRPC over the server's Unix socket, in a directory of this run on the
+    /// host ([`Stack::socket_dir`]), where the server's node and kube-apiserver both see it.
     Grpc,
 }
 
@@ -100,21 +90,10 @@ impl TunnelCounts {
     }
 }
 
-/// How the link's agents reach its servers (the link's `spec.server.agentEndpoint`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AgentEndpoint {
-    /// `externalAddress` set to the forwarder in front of the agent Service, as a load balancer
-    /// would be: agents dial it until linked to every server.
-    Forwarder,
-    /// No `externalAddress`: agents watch the EndpointSlices of the agent Service and link to
-    /// each server pod directly, as they do in a cluster.
-    Discovery,
-}
-
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct StackOptions {
-    /// Simulated nodes.
+    /// Nodes.
     pub nodes: usize,
     /// Server replicas of the link.
     pub servers: u32,
@@ -129,68 +108,13 @@ impl Default for StackOptions {
     }
 }
 
-/// What a stack needs of its nodes, simulated or real.
-pub trait StackNodes {
-    /// The pod range of every node: the link's `network.podCIDRs`.
-    fn range(&self) -> String;
-
-    /// Opens a connection to a pod's address (an admin endpoint), from where pods can be
-    /// reached.
-    fn connect(
-        &self,
-        address: SocketAddr,
-    ) -> impl Future<Output = std::io::Result<tokio::net::TcpStream>> + Send;
-
-    /// What the nodes know that the API does not say, for failure messages.
-    fn diagnostics(&self) -> String;
-}
-
-impl StackNodes for Nodes {
-    fn range(&self) -> String {
-        Nodes::range(self).to_owned()
-    }
-
-    fn connect(
-        &self,
-        address: SocketAddr,
-    ) -> impl Future<Output = std::io::Result<tokio::net::TcpStream>> + Send {
-        tokio::net::TcpStream::connect(address)
-    }
-
-    fn diagnostics(&self) -> String {
-        String::new()
-    }
-}
-
-impl StackNodes for RealNodes {
-    fn range(&self) -> String {
-        RealNodes::range(self)
-    }
-
-    fn connect(
-        &self,
-        address: SocketAddr,
-    ) -> impl Future<Output = std::io::Result<tokio::net::TcpStream>> + Send {
-        let edge = self.network().map(|network| network.edge().clone());
-        async move { edge.map_err(std::io::Error::other)?.connect(address).await }
-    }
-
-    fn diagnostics(&self) -> String {
-        let kubelets: Vec<String> = self.nodes().iter().map(|node| node.log_tail()).collect();
-        format!(
-            "container logs of {NAMESPACE}:\n{}\n{}",
-            self.container_logs(NAMESPACE),
-            kubelets.join("\n")
-        )
-    }
-}
-
 /// Everything running; dropped in order: the forwarder, the nodes and their pods (the
-/// operator among them), then the control plane.
-pub struct Stack<N = Nodes> {
+/// operator among them), then the control plane. The nodes are always [`RealNodes`] (the
+/// default of `N`, which `Stack<RealNodes>` names).
+pub struct Stack<N = RealNodes> {
     /// Helm for the control plane.
     pub helm: Helm,
-    /// The load balancer in front of the link's Services.
+    /// The load balancer in front of the link's frontend Service.
     pub forwarder: Forwarder,
     /// The nodes.
     pub nodes: N,
@@ -198,19 +122,14 @@ pub struct Stack<N = Nodes> {
     pub plane: ControlPlane,
     options: StackOptions,
     egress: Egress,
-    agent_endpoint: AgentEndpoint,
 }
 
-/// Chart values for the tests: the image the pod runner accepts, plus `extra` top-level
-/// values (`("logging", json!({...}))`).
+/// Chart values installing the operator from cplink's image ([`image::NAME`], never pulled),
+/// plus `extra` top-level values (`("logging", json!({...}))`).
 pub fn chart_values(extra: &[(&str, serde_json::Value)]) -> serde_json::Value {
-    chart_values_for(IMAGE, extra)
-}
-
-/// Chart values installing the operator from `image` (`repository:tag`, never pulled), plus
-/// `extra` top-level values.
-pub fn chart_values_for(image: &str, extra: &[(&str, serde_json::Value)]) -> serde_json::Value {
-    let (repository, tag) = image.rsplit_once(':').expect("the image has a tag");
+    let (repository, tag) = image::NAME
+        .rsplit_once(':')
+        .expect("the image name has a tag");
     let mut values = serde_json::json!({
         "image": { "repository": repository, "tag": tag, "pullPolicy": "Never" },
     });
@@ -242,57 +161,13 @@ pub async fn install_crd(plane: &ControlPlane) -> anyhow::Result<()> {
 }
 
 impl Stack {
-    /// Starts the control plane and the nodes, installs the CRD, starts the operator and the
-    /// forwarder for the link's Services. The link itself is applied by [`Stack::apply_link`].
-    pub async fn start(options: StackOptions) -> anyhow::Result<Self> {
-        Self::start_with(options, Egress::HttpConnect).await
-    }
-
-    /// [`Stack::start`] for a link whose kube-apiserver connects as `egress` says. `GRPC` mode
-    /// runs one server: the simulated nodes share the host's filesystem, so two servers would
-    /// share the socket directory.
-    pub async fn start_with(options: StackOptions, egress: Egress) -> anyhow::Result<Self> {
-        anyhow::ensure!(
-            egress != Egress::Grpc || options.servers == 1,
-            "GRPC mode runs one server: the simulated nodes share one socket directory"
-        );
-        let plane = ControlPlane::start(Options::default()).await?;
-        let nodes = Nodes::start(
-            &plane,
-            kubelet::Options {
-                nodes: options.nodes,
-                bin_dirs: vec![binaries::bin_dir()?],
-            },
-        )
-        .await?;
-        let forwarder = Forwarder::start(
-            &plane.kubeconfig,
-            NAMESPACE,
-            &[FRONTEND_SERVICE, AGENT_SERVICE],
-        )
-        .await?;
-        let helm = Helm::new(&plane.kubeconfig)?;
-        helm.install(NAMESPACE, RELEASE, &chart_values(&[]))?;
-        let stack = Stack {
-            helm,
-            forwarder,
-            nodes,
-            plane,
-            options,
-            egress,
-            agent_endpoint: AgentEndpoint::Forwarder,
-        };
-        stack.started().await
-    }
-}
-
-impl Stack<RealNodes> {
     /// Starts the control plane and `options.nodes` real nodes ([`RealNodes::start`]: the
     /// machine checked, earlier runs' leftovers swept, cplink's image imported into every
     /// node), installs the chart with the operator running from that image, and starts the
-    /// forwarder for the link's frontend, which connects from the nodes' network. Agents find
-    /// the servers in the cluster (pods reach pods; the host's loopback is out of their
-    /// reach). Servers and agents run from the image too, as the operator's default.
+    /// forwarder for the link's frontend, which connects from the nodes' network; waits until
+    /// the operator is ready. Agents find the servers in the cluster (pods reach pods; the
+    /// host's loopback is out of their reach). Servers and agents run from the image too, as
+    /// the operator's default. The link itself is applied by [`Stack::apply_link`].
     pub async fn start_on_real_nodes(
         options: StackOptions,
         egress: Egress,
@@ -304,15 +179,15 @@ impl Stack<RealNodes> {
         crate::nodes::preflight()?;
         let plane = ControlPlane::start(Options::default()).await?;
         let nodes = RealNodes::start(&plane, options.nodes).await?;
-        let forwarder = Forwarder::start_from(
+        let forwarder = Forwarder::start(
             &plane.kubeconfig,
             NAMESPACE,
-            &[FRONTEND_SERVICE, AGENT_SERVICE],
-            Some(nodes.network()?.edge().clone()),
+            &[FRONTEND_SERVICE],
+            nodes.network()?.edge().clone(),
         )
         .await?;
         let helm = Helm::new(&plane.kubeconfig)?;
-        helm.install(NAMESPACE, RELEASE, &chart_values_for(image::NAME, &[]))?;
+        helm.install(NAMESPACE, RELEASE, &chart_values(&[]))?;
         let stack = Stack {
             helm,
             forwarder,
@@ -320,13 +195,14 @@ impl Stack<RealNodes> {
             plane,
             options,
             egress,
-            agent_endpoint: AgentEndpoint::Discovery,
         };
-        stack.started().await
+        if stack.egress == Egress::Grpc {
+            stack.prepare_socket_dir()?;
+        }
+        stack.wait_operator_ready().await?;
+        Ok(stack)
     }
-}
 
-impl Stack<RealNodes> {
     /// Stops everything (the forwarder, the nodes with their pods, the control plane) and
     /// fails if this process left anything on the host: processes, mounts, cgroups, links,
     /// directories or the network's routes.
@@ -350,19 +226,10 @@ impl Stack<RealNodes> {
         }
         Ok(())
     }
-}
 
-impl<N: StackNodes> Stack<N> {
     /// How kube-apiserver reaches the link's servers.
     pub fn egress(&self) -> Egress {
         self.egress
-    }
-
-    /// The stack with its link's agents reaching the servers as `endpoint` says (by default
-    /// through the forwarder); takes effect at [`Stack::apply_link`].
-    pub fn with_agent_endpoint(mut self, endpoint: AgentEndpoint) -> Self {
-        self.agent_endpoint = endpoint;
-        self
     }
 
     /// The link's `socketHostPath` in `GRPC` mode: a directory of this run, never a fixed
@@ -382,16 +249,6 @@ impl<N: StackNodes> Stack<N> {
             .with_context(|| format!("cannot hand {} to uid {POD_USER}", dir.display()))?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750))?;
         Ok(())
-    }
-
-    /// The last step of both constructors: the socket directory of a `GRPC`-mode link made,
-    /// and the operator ready.
-    async fn started(self) -> anyhow::Result<Self> {
-        if self.egress == Egress::Grpc {
-            self.prepare_socket_dir()?;
-        }
-        self.wait_operator_ready().await?;
-        Ok(self)
     }
 
     /// Waits until node proxy `healthz` answers `ok` through kube-apiserver for every one of
@@ -447,7 +304,7 @@ impl<N: StackNodes> Stack<N> {
     }
 
     /// The ControlPlaneLink: the options' server count and frontend mode, the frontend
-    /// Service reached through the forwarder, the agent Service as [`AgentEndpoint`] says, the
+    /// Service reached through the forwarder, agents finding the servers in the cluster, the
     /// nodes' range as the pod range.
     pub fn link_yaml(&self) -> String {
         let mode = match self.egress {
@@ -458,13 +315,6 @@ impl<N: StackNodes> Stack<N> {
                 "      mode: GRPC\n      socketHostPath: \"{}\"\n      directEgress: [etcd, controlplane]\n",
                 self.socket_dir().display()
             ),
-        };
-        let agent_endpoint = match self.agent_endpoint {
-            AgentEndpoint::Forwarder => format!(
-                "    agentEndpoint:\n      externalAddress: \"{}\"\n",
-                self.forwarder.address(AGENT_SERVICE)
-            ),
-            AgentEndpoint::Discovery => String::new(),
         };
         format!(
             "apiVersion: cplink.dev/v1alpha1
@@ -477,7 +327,7 @@ spec:
     replicas: {servers}
     frontend:
 {mode}      externalAddress: \"{frontend}\"
-{agent_endpoint}  network:
+  network:
     podCIDRs: [\"{range}\"]
 ",
             servers = self.options.servers,
@@ -632,7 +482,23 @@ spec:
              operator log:\n{operator}\nkube-scheduler:\n{}\nkube-apiserver:\n{}\n{}",
             self.plane.log_tail("kube-scheduler"),
             self.plane.log_tail("kube-apiserver"),
-            self.nodes.diagnostics()
+            self.nodes_diagnostics()
+        )
+    }
+
+    /// What the nodes know that the API does not say: container logs of the link's
+    /// namespace and the kubelets' logs, read from the nodes' disks.
+    fn nodes_diagnostics(&self) -> String {
+        let kubelets: Vec<String> = self
+            .nodes
+            .nodes()
+            .iter()
+            .map(|node| node.log_tail())
+            .collect();
+        format!(
+            "container logs of {NAMESPACE}:\n{}\n{}",
+            self.nodes.container_logs(NAMESPACE),
+            kubelets.join("\n")
         )
     }
 
@@ -670,7 +536,8 @@ spec:
     /// `GET path` of a pod's admin endpoint at `address` (`/metrics`, `/readyz`), connecting
     /// from where the nodes' pods are reachable; the body of a 200.
     pub async fn admin_get(&self, address: SocketAddr, path: &str) -> anyhow::Result<String> {
-        let stream = tokio::time::timeout(Duration::from_secs(5), self.nodes.connect(address))
+        let edge = self.nodes.network()?.edge();
+        let stream = tokio::time::timeout(Duration::from_secs(5), edge.connect(address))
             .await
             .with_context(|| format!("connecting to {address} timed out"))?
             .with_context(|| format!("cannot connect to {address}"))?;
@@ -687,7 +554,7 @@ pub struct Follow {
 
 impl Follow {
     /// Starts `kubectl args...` against the stack's control plane.
-    pub fn start<N>(stack: &Stack<N>, args: &[&str]) -> anyhow::Result<Self> {
+    pub fn start(stack: &Stack, args: &[&str]) -> anyhow::Result<Self> {
         let mut child = stack
             .plane
             .kubectl(args)

@@ -1,19 +1,30 @@
 //! The whole product against real Kubernetes components: kube-apiserver, controller-manager
-//! and scheduler from `scripts/kube.sh`, three simulated nodes whose pods run the freshly
-//! built binaries, cplink installed with its Helm chart, the operator (a pod) rolling out a
-//! ControlPlaneLink, and kube-apiserver sending `kubectl logs`, node proxy and service proxy
-//! traffic through the tunnel.
+//! and scheduler from `scripts/kube.sh`, three real nodes (kubelet and containerd) on a
+//! network kube-apiserver has no route to, cplink installed with its Helm chart and running
+//! from its image, the operator (a pod) rolling out a ControlPlaneLink, and kube-apiserver
+//! sending `kubectl logs`, node proxy and service proxy traffic through the tunnel; then the
+//! link without agents, a lost server, a deleted DaemonSet and the link's deletion.
+//!
+//! The two modes' tests run one after the other: each runs a whole cluster.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
-
+use std::sync::Mutex;
 use std::time::Duration;
 
-use cplink_e2e::cluster::PodAddress;
 use cplink_e2e::harness::{self, Steps};
+use cplink_e2e::image;
 use cplink_e2e::metrics::counter;
 use cplink_e2e::stack::{self, Egress, Follow, LINK, NAMESPACE, STEP, Stack, StackOptions};
-use cplink_e2e::{http1, wait};
+use cplink_e2e::wait;
+use cplink_operator::resources::{
+    AGENT_TERMINATION_GRACE_PERIOD_SECONDS, daemonset::AGENT_ADMIN_PORT,
+    deployment::SERVER_ADMIN_PORT,
+};
+
+/// One cluster at a time.
+static CLUSTER: Mutex<()> = Mutex::new(());
 
 /// A fixture HTTP server on one of the nodes, behind a Service.
 const HELLO: &str = "apiVersion: apps/v1
@@ -29,16 +40,19 @@ spec:
     metadata:
       labels: {app: hello}
     spec:
+      automountServiceAccountToken: false
+      terminationGracePeriodSeconds: 0
       containers:
       - name: hello
-        image: cplink-http-fixture:e2e
-        command: [cplink-http-fixture]
-        args: [\"--listen=$(POD_IP):8080\", \"--name=$(POD_NAME)\"]
+        image: {FIXTURE_IMAGE}
+        imagePullPolicy: Never
+        args: [--http=0.0.0.0:8080]
         env:
-        - name: POD_IP
-          valueFrom: {fieldRef: {fieldPath: status.podIP}}
-        - name: POD_NAME
+        - name: FIXTURE_NAME
           valueFrom: {fieldRef: {fieldPath: metadata.name}}
+        readinessProbe:
+          tcpSocket: {port: 8080}
+          periodSeconds: 1
 ---
 apiVersion: v1
 kind: Service
@@ -46,15 +60,14 @@ metadata:
   name: hello
   namespace: default
 spec:
-  # No selector: Kubernetes refuses the pod's loopback address as an endpoint, so the test
-  # writes the Endpoints itself (`ControlPlane::write_endpoints`).
+  selector: {app: hello}
   ports:
   - name: http
     port: 80
     targetPort: 8080
 ";
 
-/// How long each test may take: both take about 120 s, side by side.
+/// How long each test may take, once its turn came.
 const DEADLINE: Duration = Duration::from_secs(480);
 
 const SERVICE_PROXY: &str = "/api/v1/namespaces/default/services/hello:80/proxy/";
@@ -76,11 +89,18 @@ async fn node_proxy_answers(stack: &Stack, nodes: &[String], what: &str) -> anyh
     Ok(())
 }
 
+/// The admin endpoint at `port` of the pod at `ip`.
+fn admin(ip: &str, port: i32) -> anyhow::Result<SocketAddr> {
+    Ok(SocketAddr::new(ip.parse()?, u16::try_from(port)?))
+}
+
 /// Successful dials of each agent, by node.
 async fn agent_dials(stack: &Stack) -> anyhow::Result<Vec<(String, f64)>> {
     let mut dials = Vec::new();
     for (_, node, ip) in stack.pods("agent")? {
-        let metrics = http1::get(format!("{ip}:8096").parse()?, "/metrics").await?;
+        let metrics = stack
+            .admin_get(admin(&ip, AGENT_ADMIN_PORT)?, "/metrics")
+            .await?;
         dials.push((
             node,
             counter(&metrics, "cplink_agent_dials_total", "result=\"ok\""),
@@ -115,7 +135,9 @@ async fn server_counts(stack: &Stack) -> anyhow::Result<(f64, BTreeMap<String, f
     let mut dials = 0.0;
     let mut frontends = BTreeMap::new();
     for (_, _, ip) in stack.pods("server")? {
-        let metrics = http1::get(format!("{ip}:8095").parse()?, "/metrics").await?;
+        let metrics = stack
+            .admin_get(admin(&ip, SERVER_ADMIN_PORT)?, "/metrics")
+            .await?;
         dials += counter(&metrics, "cplink_server_dials_total", "result=\"ok\"");
         for frontend in FRONTENDS {
             *frontends.entry((*frontend).to_owned()).or_default() += counter(
@@ -137,7 +159,7 @@ const FRONTENDS: &[&str] = &["tls", "uds", "grpc"];
 async fn link_rolled_out(
     stack: &Stack,
 ) -> anyhow::Result<(Vec<String>, Vec<(String, String, String)>)> {
-    let nodes: Vec<String> = stack.nodes.nodes().iter().map(|n| n.name.clone()).collect();
+    let nodes = stack.nodes.names();
     stack.apply_link()?;
     let table = stack.wait_link_ready().await?;
     let header: Vec<&str> = table
@@ -194,50 +216,30 @@ async fn link_rolled_out(
     Ok((nodes, agents))
 }
 
-/// Runs the hello fixture on a node and writes its Service's Endpoints.
+/// Runs the hello fixture on a node, behind its Service, and waits until the Service's
+/// Endpoints name its ready pod.
 async fn hello_deployed(stack: &Stack) -> anyhow::Result<()> {
-    stack.apply("hello", HELLO)?;
+    stack.apply(
+        "hello",
+        &HELLO.replace("{FIXTURE_IMAGE}", image::FIXTURE_NAME),
+    )?;
     stack
         .plane
         .wait_kubectl(
-            "the hello pod to run",
+            "the hello pod to be ready behind its Service",
             STEP,
             &[
                 "get",
-                "pods",
-                "-l",
-                "app=hello",
+                "endpoints",
+                "hello",
                 "-o",
-                "jsonpath={.items[*].status.phase}",
+                "jsonpath={.subsets[*].addresses[*].targetRef.name}",
             ],
-            |phase| phase == "Running",
+            |pods| pods.starts_with("hello-") && !pods.contains(' '),
         )
-        .await?;
-    let hello: Vec<PodAddress> = stack
-        .plane
-        .kubectl_ok(&[
-            "get",
-            "pods",
-            "-l",
-            "app=hello",
-            "-o",
-            "jsonpath={range .items[*]}{.metadata.name} {.spec.nodeName} {.status.podIP}{\"\\n\"}{end}",
-        ])?
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split(' ').map(str::to_owned);
-            Some(PodAddress {
-                name: fields.next()?,
-                node: fields.next()?,
-                ip: fields.next()?,
-            })
-        })
-        .collect();
-    assert_eq!(hello.len(), 1, "{hello:?}");
-    stack
-        .plane
-        .write_endpoints("default", "hello", &hello, &[("http", 8080)])
         .await
+        .map_err(|err| err.context(stack.diagnostics()))?;
+    Ok(())
 }
 
 /// With kube-apiserver wired to the link: node proxy `healthz` on every node, `kubectl logs`
@@ -309,18 +311,30 @@ async fn requests_cross_the_tunnel(
     Ok(marker)
 }
 
+/// Runs `test` once no other test of this file runs a cluster.
+fn one_at_a_time<F, Fut>(name: &str, test: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Steps) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let _one = CLUSTER
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    harness::run(name, DEADLINE, test)
+}
+
 #[test]
 fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::Result<()> {
-    harness::run(
+    one_at_a_time(
         "kube_apiserver_reaches_nodes_and_pods_through_the_tunnel",
-        DEADLINE,
         http_connect,
     )
 }
 
 async fn http_connect(steps: Steps) -> anyhow::Result<()> {
-    steps.enter("starting the control plane, nodes, forwarder and operator");
-    let mut stack = Stack::start(StackOptions::default()).await?;
+    steps.enter("starting the control plane, three real nodes, the forwarder and the operator");
+    let mut stack =
+        Stack::start_on_real_nodes(StackOptions::default(), Egress::HttpConnect).await?;
 
     // 1. The link rolls out: one server, an agent on each of the three nodes, all ready.
     steps.enter("rolling out the link");
@@ -339,11 +353,14 @@ async fn http_connect(steps: Steps) -> anyhow::Result<()> {
     // plain API requests still work.
     steps.enter("requests with every agent stopped");
     stack.patch_link(r#"{"spec":{"agent":{"nodeSelector":{"cplink.dev/e2e":"no-such-node"}}}}"#)?;
+    // Each agent drains for up to its termination grace period before it goes.
+    let agents_gone =
+        STEP + Duration::from_secs(AGENT_TERMINATION_GRACE_PERIOD_SECONDS.unsigned_abs());
     stack
         .plane
         .wait_kubectl(
             "every agent pod to be gone",
-            STEP,
+            agents_gone,
             &[
                 "get",
                 "pods",
@@ -356,7 +373,8 @@ async fn http_connect(steps: Steps) -> anyhow::Result<()> {
             ],
             |out| out.trim().is_empty(),
         )
-        .await?;
+        .await
+        .map_err(|e| e.context(stack.diagnostics()))?;
     // kube-apiserver's HTTPConnect dialer reports the server's refusal as "proxy error from
     // <frontend> while dialing <node>, code 503"; upgrade requests (exec, port-forward) wrap
     // the same dial error in "error dialing backend". The first request may still meet a
@@ -432,11 +450,14 @@ async fn http_connect(steps: Steps) -> anyhow::Result<()> {
     .await
     .map_err(|e| e.context(format!("Ready {last:?}, was True since {since}")))?;
     stack.wait_link_ready().await?;
-    let servers = stack.pods("server")?;
-    assert!(
-        servers.iter().all(|(name, _, _)| *name != old_server),
-        "{servers:?}"
-    );
+    // The old pod drains its tunnels before it goes.
+    let mut servers = Vec::new();
+    wait::until("the deleted server pod to be gone", STEP, || {
+        servers = stack.pods("server").unwrap_or_default();
+        servers.len() == 1 && servers.iter().all(|(name, _, _)| *name != old_server)
+    })
+    .await
+    .map_err(|e| e.context(format!("server pods {servers:?}, deleted {old_server}")))?;
     node_proxy_answers(&stack, &nodes, "node proxy through the new server").await?;
 
     // A DaemonSet deleted by hand is restored by the operator, with agents on every node.
@@ -498,32 +519,48 @@ async fn http_connect(steps: Steps) -> anyhow::Result<()> {
         !cluster.contains(&format!("cplink:{NAMESPACE}:{LINK}")),
         "{cluster}"
     );
-    // What remains: the hello fixture and the operator's replicas.
-    wait::until("every process of the link to stop", STEP, || {
-        stack.nodes.running() == 1 + stack::OPERATOR_REPLICAS
+    // What remains of cplink on the nodes: the operator's replicas.
+    let running = Mutex::new(0);
+    wait::until_async("every container of the link to stop", STEP, || async {
+        let now = stack.nodes.running(image::NAME).await.unwrap_or(usize::MAX);
+        *running.lock().expect("running") = now;
+        now == stack::OPERATOR_REPLICAS
     })
     .await
-    .map_err(|e| e.context(format!("{} containers still run", stack.nodes.running())))?;
+    .map_err(|e| {
+        e.context(format!(
+            "{:?} containers of {} still run",
+            running.lock().map(|n| *n),
+            image::NAME
+        ))
+    })?;
+    println!(
+        "on {} real nodes in HTTPConnect mode: node proxy, agent logs, the service proxy and \
+         kubectl logs -f crossed the tunnel through the tls frontend; without agents they \
+         failed with code 503 while the API kept serving; a deleted server pod and a deleted \
+         agent DaemonSet were replaced and the link became ready again; deleting the link \
+         removed its children and stopped its containers",
+        nodes.len()
+    );
     steps.enter("stopping the stack");
-    drop(stack);
-    Ok(())
+    stack.stop_leaving_nothing()
 }
 
 /// kube-apiserver in `GRPC` mode: konnectivity gRPC over the Unix socket the server creates in
-/// the link's `socketHostPath` (a directory of this run, shared by every simulated node and
-/// kube-apiserver). The agents-removed and resilience scenarios are the HTTPConnect test's.
+/// the link's `socketHostPath` (a directory of this run on the host, where the server's node
+/// and kube-apiserver both see it). The agents-removed and resilience scenarios are the
+/// HTTPConnect test's.
 #[test]
 fn kube_apiserver_in_grpc_mode_reaches_nodes_and_pods_through_the_socket() -> anyhow::Result<()> {
-    harness::run(
+    one_at_a_time(
         "kube_apiserver_in_grpc_mode_reaches_nodes_and_pods_through_the_socket",
-        DEADLINE,
         grpc,
     )
 }
 
 async fn grpc(steps: Steps) -> anyhow::Result<()> {
-    steps.enter("starting the control plane, nodes, forwarder and operator");
-    let mut stack = Stack::start_with(StackOptions::default(), Egress::Grpc).await?;
+    steps.enter("starting the control plane, three real nodes, the forwarder and the operator");
+    let mut stack = Stack::start_on_real_nodes(StackOptions::default(), Egress::Grpc).await?;
     steps.enter("rolling out the link");
     let (nodes, agents) = link_rolled_out(&stack).await?;
     let socket = stack.socket_dir().join("konnectivity-server.socket");
@@ -565,7 +602,14 @@ async fn grpc(steps: Steps) -> anyhow::Result<()> {
     );
     steps.enter("requests through the tunnel");
     requests_cross_the_tunnel(&stack, &nodes, &agents, "grpc").await?;
+    println!(
+        "on {} real nodes in GRPC mode: the unprivileged server made {} (uid {}), the status \
+         and kube-apiserver's egress file name it, and node proxy, agent logs, the service \
+         proxy and kubectl logs -f crossed the tunnel through the grpc frontend only",
+        nodes.len(),
+        socket.display(),
+        stack::POD_USER
+    );
     steps.enter("stopping the stack");
-    drop(stack);
-    Ok(())
+    stack.stop_leaving_nothing()
 }

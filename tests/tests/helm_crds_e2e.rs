@@ -1,20 +1,20 @@
-//! The chart's CRD on a real control plane, through the real Helm engine: rendered from a
-//! template, it is created with the release's labels and `helm.sh/resource-policy: keep`,
-//! changed by `helm upgrade`, left with its links by an upgrade with `crds.enabled=false` and by
-//! `helm uninstall`; a CRD without Helm's labels, as charts that shipped it under `crds/` left
-//! it, stops `helm upgrade` until the README's `kubectl label`/`annotate` adopt it. And, as the
-//! README warns, one `helm install` cannot both create the CRD and a link in it: install, then
-//! upgrade with the link.
+//! The chart's CRD on a real control plane and a real node (the chart's operator running from
+//! cplink's image), through the real Helm engine: rendered from a template, it is created with
+//! the release's labels and `helm.sh/resource-policy: keep`, changed by `helm upgrade`, left
+//! with its links by an upgrade with `crds.enabled=false` and by `helm uninstall`; a CRD
+//! without Helm's labels, as charts that shipped it under `crds/` left it, stops `helm upgrade`
+//! until the README's `kubectl label`/`annotate` adopt it. And, as the README warns, one `helm
+//! install` cannot both create the CRD and a link in it: install, then upgrade with the link.
 
 use std::time::Duration;
 
 use cplink_e2e::harness::{self, Steps};
-use cplink_e2e::stack::{self, LINK, NAMESPACE, RELEASE, Stack, StackOptions};
+use cplink_e2e::stack::{self, Egress, LINK, NAMESPACE, RELEASE, Stack, StackOptions};
 use serde_json::json;
 
 const CRD: &str = "crd/controlplanelinks.cplink.dev";
 
-/// How long the test may take: it takes about a minute.
+/// How long the test may take.
 const DEADLINE: Duration = Duration::from_secs(300);
 
 #[test]
@@ -54,11 +54,14 @@ fn links(stack: &Stack) -> anyhow::Result<String> {
 }
 
 async fn upgrade_keep_adopt(steps: Steps) -> anyhow::Result<()> {
-    steps.enter("starting the stack: installing the chart");
-    let stack = Stack::start(StackOptions {
-        nodes: 1,
-        servers: 1,
-    })
+    steps.enter("starting the stack on a real node: installing the chart");
+    let stack = Stack::start_on_real_nodes(
+        StackOptions {
+            nodes: 1,
+            servers: 1,
+        },
+        Egress::HttpConnect,
+    )
     .await?;
     let defaults = stack::chart_values(&[]);
 
@@ -181,7 +184,12 @@ async fn upgrade_keep_adopt(steps: Steps) -> anyhow::Result<()> {
     stack.helm.install(NAMESPACE, RELEASE, &defaults)?;
     stack.helm.upgrade(NAMESPACE, RELEASE, &with_link)?;
     assert_eq!(links(&stack)?.trim(), LINK);
+    println!(
+        "the chart's CRD: created with the release's labels and the keep policy, rewritten by an \
+         upgrade, kept with its link by crds.enabled=false and by uninstall; without Helm's \
+         ownership it stopped an upgrade until labelled and annotated; one install could not \
+         make both the CRD and a link, an install then an upgrade could"
+    );
     steps.enter("stopping the stack");
-    drop(stack);
-    Ok(())
+    stack.stop_leaving_nothing()
 }

@@ -1,17 +1,18 @@
-//! `kubectl cplink` against the whole product: a real control plane, three simulated nodes, the
-//! chart's operator rolling out a link with two servers, kube-apiserver wired through it. The
-//! real `kubectl` runs the plugin from the PATH, as a user's would, and the test reads what it
-//! prints for a healthy link, an unknown node, an agent killed and a server missing.
-//!
-//! The API server refuses to proxy to loopback addresses ("address not allowed"), and every
-//! pod here has one, so the plugin reads the debug views at the pod IPs (`--pod-network`, a
-//! hidden flag for this) instead of through the pod proxy it uses in a real cluster.
+//! `kubectl cplink` against the whole product: a real control plane, three real nodes
+//! (kubelet and containerd, cplink running from its image), the chart's operator rolling out a
+//! link with two servers, kube-apiserver wired through it. The real `kubectl` runs the plugin
+//! from the PATH, as a user's would; the plugin reads the servers' and agents' debug views
+//! through kube-apiserver's pod proxy, and so through the tunnel, as in any cluster. The test
+//! reads what it prints for a healthy link, an unknown node, an agent crash-looping and a
+//! server missing.
 
 use std::process::Command;
 use std::time::Duration;
 
 use cplink_e2e::harness::{self, Steps};
-use cplink_e2e::stack::{Follow, LINK, NAMESPACE, OPERATOR_REPLICAS, STEP, Stack, StackOptions};
+use cplink_e2e::stack::{
+    Egress, Follow, LINK, NAMESPACE, OPERATOR_REPLICAS, STEP, Stack, StackOptions,
+};
 use cplink_e2e::{binaries, wait};
 
 /// How long the test may take.
@@ -25,7 +26,7 @@ struct Run {
     stderr: String,
 }
 
-/// `kubectl cplink -n NAMESPACE --pod-network ARGS`, the plugin found on the PATH.
+/// `kubectl cplink -n NAMESPACE ARGS`, the plugin found on the PATH.
 fn cplink(stack: &Stack, args: &[&str]) -> anyhow::Result<Run> {
     let path = format!(
         "{}:{}",
@@ -35,7 +36,7 @@ fn cplink(stack: &Stack, args: &[&str]) -> anyhow::Result<Run> {
     let out = Command::new("kubectl")
         .env("KUBECONFIG", &stack.plane.kubeconfig)
         .env("PATH", path)
-        .args(["cplink", "-n", NAMESPACE, "--pod-network"])
+        .args(["cplink", "-n", NAMESPACE])
         .args(args)
         .output()?;
     let run = Run {
@@ -105,11 +106,14 @@ fn kubectl_cplink_reports_a_healthy_link_an_unknown_node_a_killed_agent_and_a_mi
 }
 
 async fn scenario(steps: Steps) -> anyhow::Result<()> {
-    steps.enter("starting the control plane, nodes, forwarder and operator");
-    let mut stack = Stack::start(StackOptions {
-        nodes: 3,
-        servers: 2,
-    })
+    steps.enter("starting the control plane, three real nodes, the forwarder and the operator");
+    let mut stack = Stack::start_on_real_nodes(
+        StackOptions {
+            nodes: 3,
+            servers: 2,
+        },
+        Egress::HttpConnect,
+    )
     .await?;
     steps.enter("rolling out a link with two servers");
     stack.apply_link()?;
@@ -122,8 +126,8 @@ async fn scenario(steps: Steps) -> anyhow::Result<()> {
         .nodes()
         .iter()
         .map(|n| {
-            let in_pod_range = n.pod_cidr.replace(".0/24", ".9");
-            (n.name.clone(), n.ip.to_string(), in_pod_range)
+            let in_pod_range = n.pod_cidr().replace(".0/24", ".9");
+            (n.name().to_owned(), n.ip().to_string(), in_pod_range)
         })
         .collect();
     let mut servers: Vec<String> = stack.pods("server")?.into_iter().map(|p| p.0).collect();
@@ -272,14 +276,14 @@ async fn scenario(steps: Steps) -> anyhow::Result<()> {
         );
     }
 
-    // 3. An agent killed: node-2's agent process dies and is kept from restarting.
-    steps.enter("an agent killed");
+    // 3. An agent crash-looping: node-2's agent is killed at every start.
+    steps.enter("an agent crash-looping");
     let (agent_2, _, _) = agents
         .iter()
         .find(|(_, node, _)| node == node_2)
         .ok_or_else(|| anyhow::anyhow!("no agent on {node_2}: {agents:?}"))?
         .clone();
-    assert_eq!(stack.nodes.kill_and_hold(NAMESPACE, &agent_2), 1);
+    let crash_loop = stack.nodes.crash_loop(node_2, NAMESPACE, &agent_2)?;
     let expected: Vec<String> = servers
         .iter()
         .map(|s| format!("agent {node_2} (pod {agent_2}) not linked to server {s}"))
@@ -290,7 +294,7 @@ async fn scenario(steps: Steps) -> anyhow::Result<()> {
         expected.iter().all(|line| killed.contains(line))
             && rows(&killed, "AGENT")
                 .iter()
-                .any(|r| r[0] == agent_2 && r[2] == "False")
+                .any(|r| r[0] == agent_2 && r[2] == "False" && r[5].starts_with("CrashLoopBackOff"))
     })
     .await
     .map_err(|e| e.context(killed.clone()))?;
@@ -308,7 +312,16 @@ async fn scenario(steps: Steps) -> anyhow::Result<()> {
         assert_eq!(row[3], "any", "{row:?}");
         assert_ne!(row[1], *node_2);
     }
-    stack.nodes.release(NAMESPACE, &agent_2);
+    anyhow::ensure!(
+        crash_loop.kills() > 0,
+        "the agent on {node_2} was never killed"
+    );
+    // Let it run again, without waiting out kubelet's back-off: its DaemonSet replaces it.
+    let kills = crash_loop.kills();
+    drop(crash_loop);
+    stack
+        .plane
+        .kubectl_ok(&["delete", "pod", "-n", NAMESPACE, &agent_2, "--wait=false"])?;
     stack.wait_link_ready().await?;
     wait::until("the agent linked again", STEP, || {
         cplink_ok(&stack, &["status"]).is_ok_and(|s| !s.contains("not linked"))
@@ -354,8 +367,15 @@ async fn scenario(steps: Steps) -> anyhow::Result<()> {
     .map_err(|e| e.context(missing.clone()))?;
     assert_eq!(rows(&missing, "SERVER").len(), 2, "{missing}");
     assert!(!missing.contains("not linked"), "{missing}");
-
+    println!(
+        "kubectl cplink on {} real nodes, reading the debug views through the pod proxy and \
+         the tunnel: status of a healthy link (2/2 servers, 3/3 agents, every one linked), \
+         routes by node name, node IP and pod address, a followed log among the connections \
+         of {node_1}, a passing check of {node_1}; routes to `any` and a failed check for an \
+         unknown node; {node_2}'s agent in CrashLoopBackOff ({kills} kills) reported not \
+         linked to either server; a third server refused by a quota reported missing",
+        nodes.len()
+    );
     steps.enter("stopping the stack");
-    drop(stack);
-    Ok(())
+    stack.stop_leaving_nothing()
 }

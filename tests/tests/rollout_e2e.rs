@@ -1,17 +1,18 @@
-//! High availability end to end: a link with three servers on four nodes, agents finding the
-//! servers through the EndpointSlices of the agent Service and linking to each, and rolling
-//! restarts of the servers and then of the agents while kube-apiserver keeps sending node
-//! proxy requests through the tunnel. Not one of them may fail.
+//! High availability end to end: a link with three servers on four real nodes (kubelet and
+//! containerd, cplink running from its image), agents finding the servers through the
+//! EndpointSlices of the agent Service and linking to each, and rolling restarts of the
+//! servers and then of the agents while kube-apiserver keeps sending node proxy requests
+//! through the tunnel. Not one of them may fail.
 //!
 //! kube-apiserver reaches the frontend Service through the test forwarder (the load
 //! balancer's role), which follows the Service's EndpointSlices; the test also checks that it
 //! stopped sending connections to each old server well within the server's shutdown delay.
 //!
-//! The link's network range holds every node and pod address, so while a node's agent is
-//! replaced (a Kubernetes 1.20 DaemonSet cannot surge: the new agent starts only once the old
-//! one has drained and exited) another agent may carry that node's new connections; the test
-//! prints how many did. With each agent limited to its own kubelet, such a connection is
-//! refused (403) instead.
+//! Each agent may reach only its own node's kubelet (the link's default destinations), so
+//! while a node's agent is replaced (a Kubernetes 1.20 DaemonSet cannot surge: the new agent
+//! starts only once the old one has drained and exited) no other agent may carry that node's
+//! connections: the servers hold them for their node-agent grace until the new agent links,
+//! and refuse them (403) after it. The test prints how the servers routed dials meanwhile.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -29,11 +30,13 @@ use tokio_util::task::AbortOnDropHandle;
 
 use cplink_e2e::harness::{self, Steps};
 use cplink_e2e::metrics::counter;
+use cplink_e2e::nodes;
 use cplink_e2e::prober::{Outcome, Prober};
 use cplink_e2e::stack::{
-    AgentEndpoint, FRONTEND_SERVICE, Follow, LINK, NAMESPACE, STEP, Stack, StackOptions,
+    Egress, FRONTEND_SERVICE, Follow, LINK, NAMESPACE, STEP, Stack, StackOptions,
 };
-use cplink_e2e::{http1, wait};
+use cplink_e2e::wait;
+use cplink_operator::resources::{NODE_AGENT_GRACE_SECONDS, deployment::SERVER_ADMIN_PORT};
 
 const NODES: usize = 4;
 const SERVERS: u32 = 3;
@@ -46,25 +49,18 @@ const SHUTDOWN_DELAY: Duration = Duration::from_secs(5);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause between two node proxy requests.
 const REQUEST_INTERVAL: Duration = Duration::from_millis(50);
-/// How long one node proxy request may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a rollout may take: four agents draining one after the other.
-const ROLLOUT: Duration = Duration::from_secs(240);
-/// How long the whole test may take: it takes 150 to 190 s.
-const DEADLINE: Duration = Duration::from_secs(600);
+/// How long one node proxy request may take: a dial for a node whose agent is being replaced
+/// waits for the new agent up to the servers' node-agent grace.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(NODE_AGENT_GRACE_SECONDS.unsigned_abs() + 10);
+/// How long a rollout may take: four agents draining one after the other, each for up to the
+/// drain timeout (kube-apiserver's idle connections to its kubelet keep it that long), then
+/// replaced: 40 s each on an idle machine, 75 s on a busy one.
+const ROLLOUT: Duration = Duration::from_secs(420);
+/// How long the whole test may take.
+const DEADLINE: Duration = Duration::from_secs(900);
 
-/// A pod on some node writing a line every 200 ms, for `kubectl logs -f`.
-const TICKER: &str = "apiVersion: v1
-kind: Pod
-metadata:
-  name: ticker
-  namespace: default
-spec:
-  containers:
-  - name: ticker
-    image: ticker:e2e
-    command: [sh, -c, 'i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done']
-";
+/// What the ticker pod runs: a line every 200 ms, for `kubectl logs -f`.
+const TICKER: &str = "i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.2; done";
 
 /// When the test first saw each server pod terminating, by pod IP; watched until dropped.
 struct Terminations {
@@ -115,6 +111,14 @@ impl Terminations {
     fn at(&self, ip: IpAddr) -> Option<Instant> {
         self.seen.lock().expect("terminations").get(&ip).copied()
     }
+}
+
+/// The admin endpoint of the server pod at `ip`.
+fn server_admin(ip: &str) -> anyhow::Result<SocketAddr> {
+    Ok(SocketAddr::new(
+        ip.parse()?,
+        u16::try_from(SERVER_ADMIN_PORT)?,
+    ))
 }
 
 /// `status.server.linkedAgents` of the link, as (pod, agents).
@@ -182,11 +186,12 @@ async fn every_server_links_every_agent(stack: &Stack) -> anyhow::Result<Vec<Str
     .await
     .map_err(|e| {
         e.context(format!(
-            "status.server.linkedAgents: {last:?}, servers {servers:?}"
+            "status.server.linkedAgents: {last:?}, servers {servers:?}\n{}",
+            stack.diagnostics()
         ))
     })?;
     for (pod, ip) in live_servers(stack)? {
-        let metrics = http1::get(format!("{ip}:8095").parse()?, "/metrics").await?;
+        let metrics = stack.admin_get(server_admin(&ip)?, "/metrics").await?;
         let linked = counter(&metrics, "cplink_server_agents_linked", "");
         assert_eq!(linked, NODES as f64, "{pod} counts every agent itself");
     }
@@ -197,7 +202,7 @@ async fn every_server_links_every_agent(stack: &Stack) -> anyhow::Result<Vec<Str
 async fn routed(stack: &Stack) -> anyhow::Result<BTreeMap<&'static str, f64>> {
     let mut routed = BTreeMap::new();
     for (_, ip) in live_servers(stack)? {
-        let metrics = http1::get(format!("{ip}:8095").parse()?, "/metrics").await?;
+        let metrics = stack.admin_get(server_admin(&ip)?, "/metrics").await?;
         for strategy in ["node", "cidr", "default-route", "any"] {
             *routed.entry(strategy).or_default() += counter(
                 &metrics,
@@ -209,20 +214,24 @@ async fn routed(stack: &Stack) -> anyhow::Result<BTreeMap<&'static str, f64>> {
     Ok(routed)
 }
 
-/// `kubectl rollout restart` of `what`, then `kubectl rollout status` until it is done.
+/// `kubectl rollout restart` of `what`, then `kubectl rollout status` until it is done (off
+/// the runtime's workers, which meanwhile serve the forwarder).
 fn roll(stack: &Stack, what: &str) -> anyhow::Result<Duration> {
     let started = Instant::now();
-    stack
-        .plane
-        .kubectl_ok(&["rollout", "restart", what, "-n", NAMESPACE])?;
-    stack.plane.kubectl_ok(&[
-        "rollout",
-        "status",
-        what,
-        "-n",
-        NAMESPACE,
-        &format!("--timeout={}s", ROLLOUT.as_secs()),
-    ])?;
+    tokio::task::block_in_place(|| {
+        stack
+            .plane
+            .kubectl_ok(&["rollout", "restart", what, "-n", NAMESPACE])?;
+        stack.plane.kubectl_ok(&[
+            "rollout",
+            "status",
+            what,
+            "-n",
+            NAMESPACE,
+            &format!("--timeout={}s", ROLLOUT.as_secs()),
+        ])
+    })
+    .map_err(|err| err.context(stack.diagnostics()))?;
     Ok(started.elapsed())
 }
 
@@ -238,14 +247,17 @@ fn rolling_restarts_of_servers_and_agents_lose_no_tunneled_request() -> anyhow::
 async fn rolling_restarts(steps: Steps) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let since = |at: Instant| at.saturating_duration_since(t0).as_secs_f64();
-    steps.enter("starting the control plane, nodes, forwarder and operator");
-    let mut stack = Stack::start(StackOptions {
-        nodes: NODES,
-        servers: SERVERS,
-    })
-    .await?
-    .with_agent_endpoint(AgentEndpoint::Discovery);
-    let nodes: Vec<String> = stack.nodes.nodes().iter().map(|n| n.name.clone()).collect();
+    steps.enter("starting the control plane, four real nodes, the forwarder and the operator");
+    let mut stack = Stack::start_on_real_nodes(
+        StackOptions {
+            nodes: NODES,
+            servers: SERVERS,
+        },
+        Egress::HttpConnect,
+    )
+    .await?;
+    let nodes = stack.nodes.names();
+    println!("[{:6.1}s] started", since(Instant::now()));
 
     // 1. Three servers on four nodes; every agent finds every server and links to it.
     steps.enter("rolling out the link");
@@ -274,16 +286,10 @@ async fn rolling_restarts(steps: Steps) -> anyhow::Result<()> {
     );
 
     steps.enter("running the ticker pod");
-    stack.apply("ticker", TICKER)?;
-    stack
-        .plane
-        .wait_kubectl(
-            "the ticker pod to run",
-            STEP,
-            &["get", "pod", "ticker", "-o", "jsonpath={.status.phase}"],
-            |phase| phase == "Running",
-        )
-        .await?;
+    let last = nodes.last().context("four nodes")?;
+    nodes::run_shell_pod(&stack.plane, "ticker", last, TICKER)
+        .await
+        .map_err(|err| err.context(stack.diagnostics()))?;
     steps.enter("restarting kube-apiserver with the egress configuration");
     stack.wire_egress().await?;
     steps.enter("node proxy through the tunnel");
@@ -388,10 +394,9 @@ async fn rolling_restarts(steps: Steps) -> anyhow::Result<()> {
     })
     .await?;
     let outcomes = prober.finish()?;
-    // While a node's agent drains and before its replacement links, no agent serves that
-    // node: its kubelet is reached through another agent (`any`), which the link's network
-    // range (every node and pod address) allows. The servers lived through the agent rollout,
-    // so their counters show how often that happened.
+    // While a node's agent drains and before its replacement links, no agent may serve that
+    // node's kubelet. The servers lived through the agent rollout, so their counters show how
+    // they routed dials meanwhile.
     let routed_after = routed(&stack).await?;
     let during: Vec<String> = routed_after
         .iter()
@@ -451,6 +456,6 @@ async fn rolling_restarts(steps: Steps) -> anyhow::Result<()> {
         outcomes.len()
     );
     steps.enter("stopping the stack");
-    drop((follow, terminations, stack));
-    Ok(())
+    drop((follow, terminations));
+    stack.stop_leaving_nothing()
 }
