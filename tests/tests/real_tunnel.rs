@@ -229,7 +229,7 @@ async fn logs_and_exec(steps: Steps, egress: Egress) -> anyhow::Result<()> {
         }
         let loss = Loss::place(&stack, blob.len(), LARGE, before).await?;
         // cplink lost bytes: that is this test's failure. Bytes lost outside the tunnel are
-        // kubectl's, kube-apiserver's or the kubelet's (see the README's limitations): told,
+        // kubectl's, kube-apiserver's or the kubelet's (README, "A tunnel that fails"): told,
         // and the exec is run again, a bounded number of times.
         assert!(!loss.in_cplink(), "{loss}");
         println!("exec attempt {attempt}: {loss}");
@@ -435,10 +435,11 @@ fn kubectl_read_slowly(
     Ok((out, stderr, status.success()))
 }
 
-/// Many execs in one cluster, each read slowly so that its end (the kubelet closing its
-/// connection) finds much of the output still on its way and, now and then, one of kubectl's
-/// pings (every 5 s) arriving at the closed connection: a short output is placed with
-/// [`Loss`], and fails the test as cplink's when the tunnel passed on less than it read.
+/// Many execs in one cluster, each read slowly so that its end finds much of the output still
+/// on its way: the tunnel must read every exec's whole output from the kubelet and pass all of
+/// it on to kube-apiserver. kubectl itself, so read, now and then comes back short with exit
+/// status 0 although the tunnel passed on every byte (2 of 12 execs in one run): those are
+/// counted and placed with [`Loss`], not failed.
 #[test]
 #[ignore = "stress: a dozen execs read slowly, about a minute more than the test above"]
 fn in_grpc_mode_exec_output_read_slowly_is_whole() -> anyhow::Result<()> {
@@ -467,32 +468,29 @@ fn in_grpc_mode_exec_output_read_slowly_is_whole() -> anyhow::Result<()> {
                 )
                 .await?;
             let script = format!("head -c {STRESS_OUTPUT} /dev/zero");
-            let mut short = Vec::new();
+            let mut short = 0;
             for round in 0..STRESS_ROUNDS {
                 steps.enter(format!("exec {round}"));
                 let before = hop_counts(&stack).await?;
                 let (out, _, ok) =
                     kubectl_read_slowly(&stack, &["exec", "shell", "--", "sh", "-c", &script])?;
                 anyhow::ensure!(ok, "kubectl exec failed");
+                let loss = Loss::place(&stack, out.len(), STRESS_OUTPUT, before).await?;
+                // The tunnel read the whole output from the kubelet and passed all of it on,
+                // whatever kubectl made of it.
+                assert!(!loss.in_cplink(), "exec {round}: {loss}");
+                assert!(
+                    loss.agents >= STRESS_OUTPUT as f64,
+                    "exec {round}: the agent did not read the whole output: {loss}"
+                );
                 if out.len() != STRESS_OUTPUT {
-                    let loss = Loss::place(&stack, out.len(), STRESS_OUTPUT, before).await?;
+                    short += 1;
                     println!("exec {round}: {loss}");
-                    short.push(loss);
                 }
             }
-            assert!(
-                !short.iter().any(Loss::in_cplink),
-                "cplink lost bytes: {}",
-                short
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            );
-            anyhow::ensure!(
-                short.is_empty(),
-                "{} of {STRESS_ROUNDS} execs came back short, outside cplink",
-                short.len()
+            println!(
+                "{STRESS_ROUNDS} execs of {STRESS_OUTPUT} bytes: the tunnel carried every byte \
+                 of each; kubectl came back short {short} times"
             );
             stack.stop_leaving_nothing()
         },
