@@ -8,13 +8,18 @@
 //! Half-close maps to END_STREAM and back. A socket that fails while reading (a reset, a TLS
 //! peer gone without close_notify) has its bytes delivered first: they were sent before, and the
 //! stream ends with an [`ABORT_TRAILER`] instead of a plain END_STREAM, so that the other end
-//! writes them out and then aborts its socket. Any other failure resets the stream (RST_STREAM
-//! CANCEL), which drops what is still buffered. Either way the error is returned so that the
-//! caller closes its socket abortively. A stream either delivers every byte or fails visibly.
+//! writes them out and then aborts its socket. A socket that fails while writing (its peer
+//! closed, often right after writing its last bytes, and answers what still arrives with a
+//! reset) is still read to its end: what its peer sent before closing is delivered, then the
+//! stream ends with the [`ABORT_TRAILER`]; what the stream carries meanwhile is dropped, as the
+//! closed peer would have. Any other failure resets the stream (RST_STREAM CANCEL), which drops
+//! what is still buffered. Either way the error is returned so that the caller closes its socket
+//! abortively. A stream either delivers every byte or fails visibly.
 
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::task::Poll;
 use std::time::Duration;
 
@@ -22,6 +27,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
 
 /// Trailer ending a stream whose sending socket failed after the bytes before it were sent; its
 /// value says why. The receiving end writes every byte, then aborts its socket.
@@ -198,24 +204,55 @@ where
     W: AsyncWrite + Unpin + Send,
     C: CountBytes,
 {
+    // Why the socket stopped taking bytes, once it did: its own bytes are still read to their
+    // end, and the stream then ends with the abort trailer.
+    let write_failed = OnceLock::new();
+    let socket_done = CancellationToken::new();
     let result = tokio::try_join!(
-        socket_to_stream(reader, &mut send, initial, counters),
-        stream_to_socket(&mut recv, writer, counters),
+        async {
+            let sent = socket_to_stream(reader, &mut send, initial, counters, &write_failed).await;
+            socket_done.cancel();
+            sent
+        },
+        async {
+            match stream_to_socket(&mut recv, writer, counters).await {
+                Err(PumpError::SocketWrite(err)) => {
+                    let _ = write_failed.set(one_line(&format!("socket write failed: {err}")));
+                    // The socket's peer closed, usually right after its last bytes, which may
+                    // still wait to be read: ending here would reset the stream and drop them.
+                    // The stream's bytes are taken and dropped meanwhile (holding them would
+                    // hold up the link's other streams), until the other end finishes or for
+                    // the linger after the socket's end.
+                    let lingered = async {
+                        socket_done.cancelled().await;
+                        tokio::time::sleep(ABORT_LINGER).await;
+                    };
+                    tokio::select! {
+                        discarded = discard(&mut recv) => discarded?,
+                        () = lingered => {}
+                    }
+                    Ok(Err(err))
+                }
+                other => other.map(Ok),
+            }
+        },
     );
     match result {
-        Ok((socket_to_stream, stream_to_socket)) => Ok(PumpStats {
+        Ok((socket_to_stream, Ok(stream_to_socket))) => Ok(PumpStats {
             socket_to_stream,
             stream_to_socket,
         }),
+        // Every byte the socket sent is on the stream, ended with the abort trailer unless it
+        // had ended before the write failed.
+        Ok((_, Err(err))) => Err(PumpError::SocketWrite(err)),
         Err(PumpError::SocketRead(err)) => {
             // Everything read before the failure is on the stream; end it with the abort
             // trailer and keep the stream until the other end has taken it and finished
             // (dropping it sooner would reset it and discard the queued bytes).
-            let mut trailers = http::HeaderMap::new();
-            let reason = http::HeaderValue::from_str(&one_line(&err.to_string()))
-                .unwrap_or_else(|_| http::HeaderValue::from_static("socket read failed"));
-            trailers.insert(ABORT_TRAILER, reason);
-            if send.send_trailers(trailers).is_ok() {
+            if send
+                .send_trailers(abort_trailers(&one_line(&err.to_string())))
+                .is_ok()
+            {
                 let drained = async {
                     while let Some(Ok(data)) = recv.data().await {
                         let _ = recv.flow_control().release_capacity(data.len());
@@ -236,6 +273,15 @@ where
     }
 }
 
+/// Trailers that end a stream with [`ABORT_TRAILER`] saying `reason` (from [`one_line`]).
+fn abort_trailers(reason: &str) -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::new();
+    let reason = http::HeaderValue::from_str(reason)
+        .unwrap_or_else(|_| http::HeaderValue::from_static("socket failed"));
+    trailers.insert(ABORT_TRAILER, reason);
+    trailers
+}
+
 /// `text` on one line, printable ASCII only, bounded: fit for a header value.
 fn one_line(text: &str) -> String {
     text.chars()
@@ -249,6 +295,7 @@ async fn socket_to_stream<R: ReadChunk>(
     send: &mut SendStream<Bytes>,
     initial: Bytes,
     counters: &impl CountBytes,
+    write_failed: &OnceLock<String>,
 ) -> Result<u64, PumpError> {
     let mut total = initial.len() as u64;
     counters.to_stream(total);
@@ -266,8 +313,11 @@ async fn socket_to_stream<R: ReadChunk>(
             }
         };
         if chunk.is_empty() {
-            send.send_data(Bytes::new(), true)
-                .map_err(PumpError::Stream)?;
+            match write_failed.get() {
+                None => send.send_data(Bytes::new(), true),
+                Some(reason) => send.send_trailers(abort_trailers(reason)),
+            }
+            .map_err(PumpError::Stream)?;
             return Ok(total);
         }
         // Grow reads for bulk transfers, shrink them again for chatty ones.
@@ -305,6 +355,26 @@ pub async fn send_all(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(
     Ok(())
 }
 
+/// A failure of the stream's receiving half: a reset by the peer, or another stream error.
+fn recv_error(err: h2::Error) -> PumpError {
+    match err.reason() {
+        Some(reason) if err.is_reset() => PumpError::Reset(reason),
+        _ => PumpError::Stream(err),
+    }
+}
+
+/// Takes the stream's bytes and drops them until the peer ends the stream, giving their room
+/// back as they come.
+async fn discard(recv: &mut RecvStream) -> Result<(), PumpError> {
+    while let Some(data) = recv.data().await {
+        let data = data.map_err(recv_error)?;
+        recv.flow_control()
+            .release_capacity(data.len())
+            .map_err(PumpError::Stream)?;
+    }
+    Ok(())
+}
+
 async fn stream_to_socket<W: AsyncWrite + Unpin>(
     recv: &mut RecvStream,
     writer: &mut W,
@@ -312,10 +382,7 @@ async fn stream_to_socket<W: AsyncWrite + Unpin>(
 ) -> Result<u64, PumpError> {
     let mut total = 0u64;
     while let Some(data) = recv.data().await {
-        let data = data.map_err(|err| match err.reason() {
-            Some(reason) if err.is_reset() => PumpError::Reset(reason),
-            _ => PumpError::Stream(err),
-        })?;
+        let data = data.map_err(recv_error)?;
         let len = data.len();
         writer
             .write_all(&data)
@@ -330,13 +397,9 @@ async fn stream_to_socket<W: AsyncWrite + Unpin>(
         total += len as u64;
         counters.to_socket(len as u64);
     }
-    let trailers =
-        poll_fn(|cx| recv.poll_trailers(cx))
-            .await
-            .map_err(|err| match err.reason() {
-                Some(reason) if err.is_reset() => PumpError::Reset(reason),
-                _ => PumpError::Stream(err),
-            })?;
+    let trailers = poll_fn(|cx| recv.poll_trailers(cx))
+        .await
+        .map_err(recv_error)?;
     if let Some(abort) = trailers.as_ref().and_then(|t| t.get(ABORT_TRAILER)) {
         return Err(PumpError::PeerAborted(
             String::from_utf8_lossy(abort.as_bytes()).into_owned(),
@@ -501,6 +564,81 @@ mod tests {
         let err = pump.await.unwrap().unwrap_err();
         assert!(matches!(err, PumpError::SocketRead(_)), "{err}");
         assert_eq!(started.elapsed(), ABORT_LINGER);
+    }
+
+    /// A socket whose peer has closed: every write fails as the peer's reset makes it.
+    struct ClosedByPeer;
+
+    impl AsyncWrite for ClosedByPeer {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Ready(Err(io::Error::from(io::ErrorKind::ConnectionReset)))
+        }
+
+        fn poll_flush(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// kubelet ends an exec by closing its connection right after its last bytes, which may
+    /// still wait in the socket, while what the client still sends (kubectl pings every 5 s)
+    /// cannot be written: the bytes are delivered all the same, and the stream ends telling of
+    /// the failed write. Resetting the stream at the failed write dropped them.
+    #[tokio::test(start_paused = true)]
+    async fn a_socket_closed_right_after_writing_delivers_every_byte_though_writes_to_it_fail() {
+        const WRITTEN: usize = 1 << 20;
+        let ((mut send, mut recv), agent_end) = stream_pair().await;
+        let (socket, mut peer) = tokio::io::duplex(2 * WRITTEN);
+        peer.write_all(&vec![7u8; WRITTEN]).await.unwrap();
+        drop(peer);
+        let pump = tokio::spawn(async move {
+            let counters = ByteCounters::default();
+            let mut reader = Buffered(socket);
+            pump(
+                &mut reader,
+                &mut ClosedByPeer,
+                agent_end.0,
+                agent_end.1,
+                Bytes::new(),
+                &counters,
+            )
+            .await
+        });
+        // A ping from the other end, which the socket cannot take, before any byte is read.
+        send.send_data(Bytes::from_static(b"ping"), false).unwrap();
+
+        let mut received = 0usize;
+        while let Some(data) = recv.data().await {
+            let data = data.unwrap_or_else(|err| {
+                panic!("the stream failed after {received} of {WRITTEN} bytes: {err}")
+            });
+            received += data.len();
+            recv.flow_control().release_capacity(data.len()).unwrap();
+        }
+        assert_eq!(received, WRITTEN, "every byte the socket's peer wrote");
+        let trailers = poll_fn(|cx| recv.poll_trailers(cx)).await.unwrap();
+        let abort = trailers.as_ref().and_then(|t| t.get(ABORT_TRAILER));
+        assert_eq!(
+            abort.map(|reason| reason.to_str().unwrap()),
+            Some("socket write failed: connection reset"),
+            "the failed write is told"
+        );
+        send.send_data(Bytes::new(), true).unwrap();
+        let err = pump.await.unwrap().unwrap_err();
+        assert!(matches!(err, PumpError::SocketWrite(_)), "{err}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -292,6 +292,47 @@ async fn an_upstream_agent_is_routed_dials_and_carries_their_bytes() -> anyhow::
     Ok(())
 }
 
+/// konnectivity-client's connection reads a DATA packet without bytes as its end: one from an
+/// upstream agent is not passed on, and the bytes behind it are.
+#[tokio::test]
+async fn an_empty_data_packet_from_an_upstream_agent_does_not_reach_the_client()
+-> anyhow::Result<()> {
+    let lo = Loopback::new()?;
+    let server = lo.start_server(&["--strategies", "node"]).await?;
+    let tls = grpc::agent_h2_tls(&lo.agent_cert, lo.pki.ca_file())?;
+    let mut agent = ScriptedAgent::link(
+        server.agent_addr,
+        tls,
+        "upstream-1",
+        "host=node-7&ipv4=127.0.0.77",
+    )
+    .await?;
+    server.wait_for_agents(1).await?;
+    let channel = grpc::uds_channel(&server.grpc_uds).await?;
+    let mut stream = ProxyStream::open(channel, "node-7:10250", 3).await?;
+    let random = match agent.next().await?.payload {
+        Some(Payload::DialRequest(dial)) => dial.random,
+        other => panic!("expected DIAL_REQ, got {other:?}"),
+    };
+    agent.send(Packet::dial_established(random, 1)).await?;
+    let DialAnswer::Connected(id) = stream.answer(3).await? else {
+        panic!("the dial failed");
+    };
+    agent.send(Packet::data(1, Bytes::new())).await?;
+    agent
+        .send(Packet::data(1, Bytes::from_static(b"after")))
+        .await?;
+    agent.send(Packet::close_response(1, "")).await?;
+    assert_eq!(
+        stream.next().await?,
+        Some(Packet::data(id, Bytes::from_static(b"after"))),
+        "the first packet after the dial answer carries bytes"
+    );
+    let packet = stream.next().await?.expect("CLOSE_RSP");
+    assert_eq!(close_response(&packet), Some((id, "")), "{packet:?}");
+    Ok(())
+}
+
 /// Newer clients open a stream per dial on one connection, older ones (konnectivity-client
 /// v0.0.14, in Kubernetes 1.20) a connection per dial.
 #[tokio::test]

@@ -218,19 +218,26 @@ async fn logs_and_exec(steps: Steps, egress: Egress) -> anyhow::Result<()> {
         "head -c {LARGE} /dev/urandom >/tmp/blob && sha256sum /tmp/blob >&2 && cat /tmp/blob \
          && rm /tmp/blob"
     );
-    let carried_before = stack.tunnel_counts().await?.from_agents;
-    let (blob, stderr) =
-        kubectl_with_stdin(&stack, &["exec", "shell", "--", "sh", "-c", &script], &[])?;
-    if blob.len() != LARGE {
-        // Where the bytes went missing: before the server (the tunnel's count falls short
-        // too) or after it.
-        let carried = stack.tunnel_counts().await?.from_agents - carried_before;
-        panic!(
-            "kubectl exec returned {} of {LARGE} bytes of standard output; meanwhile the \
-             agents sent {carried} bytes to the server",
-            blob.len()
+    let mut attempt = 0;
+    let (blob, stderr) = loop {
+        attempt += 1;
+        let before = hop_counts(&stack).await?;
+        let (blob, stderr) =
+            kubectl_with_stdin(&stack, &["exec", "shell", "--", "sh", "-c", &script], &[])?;
+        if blob.len() == LARGE {
+            break (blob, stderr);
+        }
+        let loss = Loss::place(&stack, blob.len(), LARGE, before).await?;
+        // cplink lost bytes: that is this test's failure. Bytes lost outside the tunnel are
+        // kubectl's, kube-apiserver's or the kubelet's (README, "A tunnel that fails"): told,
+        // and the exec is run again, a bounded number of times.
+        assert!(!loss.in_cplink(), "{loss}");
+        println!("exec attempt {attempt}: {loss}");
+        assert!(
+            attempt < 3,
+            "every exec came back short, outside cplink: {loss}"
         );
-    }
+    };
     assert_eq!(
         stderr.split_whitespace().next(),
         Some(hex(&Sha256::digest(&blob)).as_str()),
@@ -273,4 +280,219 @@ async fn logs_and_exec(steps: Steps, egress: Egress) -> anyhow::Result<()> {
 
     steps.enter("stopping everything");
     stack.stop_leaving_nothing()
+}
+
+/// Standard output of each exec of the stress test.
+const STRESS_OUTPUT: usize = 20 << 20;
+
+/// Execs of the stress test.
+const STRESS_ROUNDS: usize = 12;
+
+/// Bytes the agents read from their destinations (the kubelets) and the server passed on to
+/// its clients (kube-apiserver), as their counters say.
+#[derive(Debug, Clone, Copy)]
+struct Hops {
+    agents: f64,
+    server: f64,
+}
+
+async fn hop_counts(stack: &Stack<RealNodes>) -> anyhow::Result<Hops> {
+    use cplink_e2e::metrics::counter;
+    use cplink_operator::resources::{daemonset::AGENT_ADMIN_PORT, deployment::SERVER_ADMIN_PORT};
+    let mut hops = Hops {
+        agents: 0.0,
+        server: 0.0,
+    };
+    for (_, _, ip) in stack.pods("agent")? {
+        let address = std::net::SocketAddr::new(ip.parse()?, u16::try_from(AGENT_ADMIN_PORT)?);
+        let metrics = stack.admin_get(address, "/metrics").await?;
+        hops.agents += counter(
+            &metrics,
+            "cplink_agent_tunnel_bytes_total",
+            "direction=\"from_destination\"",
+        );
+    }
+    for (_, _, ip) in stack.pods("server")? {
+        let address = std::net::SocketAddr::new(ip.parse()?, u16::try_from(SERVER_ADMIN_PORT)?);
+        let metrics = stack.admin_get(address, "/metrics").await?;
+        hops.server += counter(
+            &metrics,
+            "cplink_server_tunnel_bytes_total",
+            "direction=\"from_agent\"",
+        );
+    }
+    Ok(hops)
+}
+
+/// Where the bytes of a short `kubectl exec` output went missing, from the counts of each hop
+/// while it ran.
+struct Loss {
+    got: usize,
+    expected: usize,
+    /// Bytes the agents read from the kubelets (TLS and SPDY framing included).
+    agents: f64,
+    /// Bytes the server passed on to kube-apiserver.
+    server: f64,
+    /// What the link's servers and agents logged about aborted tunnels.
+    aborted: String,
+}
+
+impl Loss {
+    async fn place(
+        stack: &Stack<RealNodes>,
+        got: usize,
+        expected: usize,
+        before: Hops,
+    ) -> anyhow::Result<Self> {
+        let after = hop_counts(stack).await?;
+        let logs = stack
+            .plane
+            .kubectl_ok(&[
+                "logs",
+                "-n",
+                NAMESPACE,
+                "-l",
+                "app.kubernetes.io/component in (agent,server)",
+                "--prefix",
+                "--tail=200",
+            ])
+            .unwrap_or_else(|err| format!("{err:#}"));
+        Ok(Loss {
+            got,
+            expected,
+            agents: after.agents - before.agents,
+            server: after.server - before.server,
+            aborted: logs
+                .lines()
+                .filter(|line| line.contains("abort"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        })
+    }
+
+    /// Whether the tunnel passed on fewer bytes than it read from the kubelet.
+    fn in_cplink(&self) -> bool {
+        self.server < self.agents
+    }
+}
+
+impl std::fmt::Display for Loss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (got, expected, agents, server) = (self.got, self.expected, self.agents, self.server);
+        let place = if self.in_cplink() {
+            "cplink lost bytes between the kubelet and kube-apiserver"
+        } else if agents < expected as f64 {
+            "the tunnel passed on every byte it read, and read less than the output from the \
+             kubelet: lost at the kubelet's end"
+        } else {
+            "the tunnel passed on every byte it read, the whole output: lost after the server \
+             (kube-apiserver or kubectl)"
+        };
+        write!(
+            f,
+            "kubectl exec returned {got} of {expected} bytes; the agents read {agents} bytes from \
+             the kubelets and the server passed {server} on to kube-apiserver: {place}\n\
+             aborted tunnels:\n{}",
+            self.aborted
+        )
+    }
+}
+
+/// `kubectl args...` whose standard output is read slowly (about 6 MB/s), so that much of it
+/// is still on its way when the kubelet closes its end; standard output, error and success.
+fn kubectl_read_slowly(
+    stack: &Stack<RealNodes>,
+    args: &[&str],
+) -> anyhow::Result<(Vec<u8>, String, bool)> {
+    use std::io::Read as _;
+    let mut child = stack
+        .plane
+        .kubectl(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let mut out = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = stdout.read(&mut chunk)?;
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&chunk[..n]);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let status = child.wait()?;
+    let stderr = errors
+        .join()
+        .map_err(|_| anyhow::anyhow!("the stderr reader panicked"))?;
+    Ok((out, stderr, status.success()))
+}
+
+/// Many execs in one cluster, each read slowly so that its end finds much of the output still
+/// on its way: the tunnel must read every exec's whole output from the kubelet and pass all of
+/// it on to kube-apiserver. kubectl itself, so read, now and then comes back short with exit
+/// status 0 although the tunnel passed on every byte (2 of 12 execs in one run): those are
+/// counted and placed with [`Loss`], not failed.
+#[test]
+#[ignore = "stress: a dozen execs read slowly, about a minute more than the test above"]
+fn in_grpc_mode_exec_output_read_slowly_is_whole() -> anyhow::Result<()> {
+    let _one = CLUSTER
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    harness::run(
+        "in_grpc_mode_exec_output_read_slowly_is_whole",
+        DEADLINE * 2,
+        |steps| async move {
+            steps.enter("starting the control plane, three real nodes and cplink");
+            let mut stack =
+                Stack::start_on_real_nodes(StackOptions::default(), Egress::Grpc).await?;
+            stack.apply_link()?;
+            stack.wait_link_ready().await?;
+            let node = stack.nodes.names().last().expect("three nodes").clone();
+            nodes::run_shell_pod(&stack.plane, "shell", &node, "exec sleep 3600").await?;
+            stack.wire_egress().await?;
+            stack
+                .plane
+                .wait_kubectl(
+                    "kubectl exec",
+                    STEP,
+                    &["exec", "shell", "--", "true"],
+                    |_| true,
+                )
+                .await?;
+            let script = format!("head -c {STRESS_OUTPUT} /dev/zero");
+            let mut short = 0;
+            for round in 0..STRESS_ROUNDS {
+                steps.enter(format!("exec {round}"));
+                let before = hop_counts(&stack).await?;
+                let (out, _, ok) =
+                    kubectl_read_slowly(&stack, &["exec", "shell", "--", "sh", "-c", &script])?;
+                anyhow::ensure!(ok, "kubectl exec failed");
+                let loss = Loss::place(&stack, out.len(), STRESS_OUTPUT, before).await?;
+                // The tunnel read the whole output from the kubelet and passed all of it on,
+                // whatever kubectl made of it.
+                assert!(!loss.in_cplink(), "exec {round}: {loss}");
+                assert!(
+                    loss.agents >= STRESS_OUTPUT as f64,
+                    "exec {round}: the agent did not read the whole output: {loss}"
+                );
+                if out.len() != STRESS_OUTPUT {
+                    short += 1;
+                    println!("exec {round}: {loss}");
+                }
+            }
+            println!(
+                "{STRESS_ROUNDS} execs of {STRESS_OUTPUT} bytes: the tunnel carried every byte \
+                 of each; kubectl came back short {short} times"
+            );
+            stack.stop_leaving_nothing()
+        },
+    )
 }

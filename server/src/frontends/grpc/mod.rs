@@ -487,6 +487,12 @@ async fn to_client(
     data: Bytes,
     counters: &impl CountBytes,
 ) -> Result<(), RelayError> {
+    // konnectivity-client's Read takes a DATA packet without bytes for the end of the
+    // connection (its payload decodes to nil, its channel's closed value): the bytes behind it
+    // would be lost without a word. An upstream agent may send one; it carries nothing.
+    if data.is_empty() {
+        return Ok(());
+    }
     let len = data.len() as u64;
     tx.send(Ok(Packet::data(connect_id, data)))
         .await
@@ -531,10 +537,7 @@ async fn relay_h2(
             while let Some(data) = recv.data().await {
                 let data = data.map_err(|e| RelayError::Agent(e.to_string()))?;
                 let len = data.len();
-                if len == 0 {
-                    // An END_STREAM frame without payload: nothing to pass on.
-                    continue;
-                }
+                // An END_STREAM frame without payload has nothing to pass on.
                 to_client(tx, ids.connect_id, data, counters).await?;
                 recv.flow_control()
                     .release_capacity(len)
