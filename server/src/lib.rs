@@ -57,6 +57,9 @@ pub(crate) struct Shared {
     pub(crate) tunnels: Arc<tokio::sync::Semaphore>,
     /// The tunneled connections open now.
     pub(crate) connections: Arc<connections::Connections>,
+    /// When the server was made (it runs at once): for the first `--node-agent-grace` after,
+    /// the Nodes it learns of wait for their agents ([`Registry::expect_node`]).
+    pub(crate) started: std::time::Instant,
     draining: AtomicBool,
 }
 
@@ -304,6 +307,7 @@ impl Server {
                 metrics,
                 tunnels,
                 connections: Arc::default(),
+                started: std::time::Instant::now(),
                 draining: AtomicBool::new(false),
             }),
             prometheus: Arc::new(prometheus),

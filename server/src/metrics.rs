@@ -78,6 +78,11 @@ pub struct Metrics {
     pub konnectivity_overflows: Counter,
     /// Renewals of the server Lease (`--publish-server-leases`) by result.
     pub lease_renewals: Family<ResultLabels, Counter>,
+    /// Dials held for their node's agent (`--node-agent-grace`), by how the wait ended:
+    /// `linked` or `expired`.
+    pub node_agent_waits: Family<ResultLabels, Counter>,
+    /// How long dials were held for their node's agent.
+    pub node_agent_wait_duration: Histogram,
 }
 
 impl Metrics {
@@ -154,6 +159,19 @@ impl Metrics {
                 "Connections through upstream konnectivity agents closed because their client \
                  fell more than the per-connection budget behind",
                 Counter::default(),
+            ),
+            node_agent_waits: registered(
+                r,
+                "node_agent_waits",
+                "Dials held for their node's agent (--node-agent-grace), by how the wait ended: \
+                 linked, or expired",
+                Family::default(),
+            ),
+            node_agent_wait_duration: registered(
+                r,
+                "node_agent_wait_duration_seconds",
+                "How long dials were held for their node's agent",
+                Histogram::new(exponential_buckets(0.05, 2.0, 12)),
             ),
             connections_shed: registered(
                 r,

@@ -325,8 +325,11 @@ struct State {
 }
 
 /// When the last link of each node name and host IP closed: dials for that node may wait a
-/// while for its agent to link again ([`Registry::await_node_agent`]). Forgotten when a link
-/// of the node joins, or after [`DEPARTED_MEMORY`].
+/// while for its agent to link again ([`Registry::await_node_agent`]). A server that has just
+/// started also files here the nodes it learns of that have no agent linked yet
+/// ([`Registry::expect_node`]), as gone when it started: it never saw their agents go, and an
+/// agent being replaced then links to it only once its new pod runs. Forgotten when a link of
+/// the node joins, or after [`DEPARTED_MEMORY`].
 #[derive(Debug, Default)]
 struct Departed {
     names: HashMap<String, Instant>,
@@ -349,6 +352,19 @@ impl Departed {
             .retain(|_, t| at.duration_since(*t) < DEPARTED_MEMORY);
         self.ips
             .retain(|_, t| at.duration_since(*t) < DEPARTED_MEMORY);
+    }
+
+    /// Files node `name` with `host_ips` as gone at `since`, unless a later departure is
+    /// filed.
+    fn expect(&mut self, name: &str, host_ips: &[IpAddr], since: Instant) {
+        let later = |t: &mut Instant| *t = (*t).max(since);
+        self.names
+            .entry(name.to_ascii_lowercase())
+            .and_modify(later)
+            .or_insert(since);
+        for ip in host_ips {
+            self.ips.entry(*ip).and_modify(later).or_insert(since);
+        }
     }
 
     fn forget(&mut self, link: &AgentLink) {
@@ -517,6 +533,25 @@ fn check_peer(
     }
 }
 
+/// How a dial's wait for its node's agent ended ([`Registry::await_node_agent`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeWait {
+    /// A link of the node takes dials now.
+    Linked,
+    /// The grace ran out first; the dial routes as usual.
+    Expired,
+}
+
+impl NodeWait {
+    /// Name used in metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeWait::Linked => "linked",
+            NodeWait::Expired => "expired",
+        }
+    }
+}
+
 /// The agent chosen for a dial and the strategy that chose it.
 #[derive(Debug)]
 pub struct Route {
@@ -612,6 +647,32 @@ impl Registry {
         removed
     }
 
+    /// Records that node `name`, with host IPs `host_ips`, should have an agent: unless a link
+    /// of the node is up, dials for it wait for one as if its agent had gone at `since`
+    /// ([`Self::await_node_agent`]). A server that has just started calls it for every Node it
+    /// learns of, with its start as `since`: an agent being replaced while the server started
+    /// never linked to it, and its node's dials must wait for the new agent as they do on the
+    /// servers that saw the old one go. Returns whether the node was filed.
+    pub fn expect_node(&self, name: &str, host_ips: &[IpAddr], since: Instant) -> bool {
+        let mut state = self.write();
+        let State {
+            agents,
+            index,
+            departed,
+        } = &mut *state;
+        let host = Host::Name(name.to_owned());
+        let linked = index
+            .node(&host)
+            .filter_map(|id| agents.get(id))
+            .flatten()
+            .any(|link| link.serves_node(&host));
+        if linked {
+            return false;
+        }
+        departed.expect(name, host_ips, since);
+        true
+    }
+
     /// Number of linked agents.
     pub fn len(&self) -> usize {
         self.read().agents.len()
@@ -688,43 +749,63 @@ impl Registry {
 
     /// With `grace`, waits while `target` is a node whose agent has just gone and no link of
     /// the node takes dials: until one does (a replaced agent pod linked again), or `grace`
-    /// after the agent went (its last link closed, or now while it is draining). Returns at once
-    /// when the chain has no `node` strategy, the node strategy routes, or nothing says the
-    /// node had an agent. The dial then routes as usual. Returns whether it waited.
+    /// after the agent went (its last link closed, or now while it is draining; for a node
+    /// filed by [`Self::expect_node`], its `since`). Returns `None` at once when the chain has
+    /// no `node` strategy, the node strategy routes, or nothing says the node had an agent;
+    /// else how the wait ended. The dial then routes as usual.
     pub async fn await_node_agent(
         &self,
         target: &Target,
         chain: &[Strategy],
         grace: Duration,
-    ) -> bool {
+    ) -> Option<NodeWait> {
         if grace.is_zero() || !chain.contains(&Strategy::Node) {
-            return false;
+            return None;
         }
         let started = tokio::time::Instant::now();
-        let mut waited = false;
+        let mut waited = None;
         loop {
             // Registered before looking, so that a link joining in between still wakes us.
             let linked = self.linked.notified();
             tokio::pin!(linked);
             linked.as_mut().enable();
             let Some(gone) = self.node_agent_gone(&target.host) else {
-                return waited;
+                return waited.map(|_| {
+                    tracing::info!(
+                        node = %target.host,
+                        %target,
+                        waited = ?started.elapsed(),
+                        "the node's agent linked: the held dial goes on"
+                    );
+                    NodeWait::Linked
+                });
             };
             // A draining agent says "gone now" at every look: the wait still ends `grace`
             // after it began.
             let until = (tokio::time::Instant::from_std(gone) + grace).min(started + grace);
             if tokio::time::Instant::now() >= until {
-                return waited;
+                return waited.map(|()| NodeWait::Expired);
             }
-            if !waited {
-                tracing::debug!(%target, "the node's agent has just gone: waiting for it to link again");
-                waited = true;
+            if waited.is_none() {
+                tracing::info!(
+                    node = %target.host,
+                    %target,
+                    up_to = ?until.saturating_duration_since(started),
+                    "no agent of the node takes dials, as its agent has just gone or not linked \
+                     yet: holding the dial until one links"
+                );
+                waited = Some(());
             }
             tokio::select! {
                 () = &mut linked => {}
                 () = tokio::time::sleep_until(until) => {
-                    tracing::debug!(%target, waited = ?started.elapsed(), "the node's agent did not link again in time");
-                    return true;
+                    tracing::warn!(
+                        node = %target.host,
+                        %target,
+                        waited = ?started.elapsed(),
+                        "no agent of the node linked in time: the held dial routes as usual"
+                    );
+                    return Some(NodeWait::Expired);
                 }
             }
         }
@@ -1206,9 +1287,10 @@ pub(crate) mod tests {
         let waiter = {
             let registry = Arc::clone(&registry);
             tokio::spawn(async move {
-                registry
+                let wait = registry
                     .await_node_agent(&target("10.0.0.1:10250"), &CHAIN, GRACE)
                     .await;
+                assert_eq!(wait, Some(NodeWait::Linked));
                 registry.route(&target("10.0.0.1:10250"), &CHAIN)
             })
         };
@@ -1237,9 +1319,10 @@ pub(crate) mod tests {
         let old = link(&registry, "a", "node-a", "10.0.0.1", "10.1.0.0/24").await;
         registry.remove("a", old.link_id);
         let started = tokio::time::Instant::now();
-        registry
+        let wait = registry
             .await_node_agent(&target("node-a:10250"), &CHAIN, GRACE)
             .await;
+        assert_eq!(wait, Some(NodeWait::Expired));
         let waited = started.elapsed();
         assert!(
             waited <= GRACE && waited > GRACE - Duration::from_secs(1),
@@ -1279,9 +1362,94 @@ pub(crate) mod tests {
                 GRACE,
             ),
         ] {
-            registry.await_node_agent(&target(dest), chain, grace).await;
+            let wait = registry.await_node_agent(&target(dest), chain, grace).await;
+            assert_eq!(wait, None, "{dest}");
         }
         assert_eq!(started.elapsed(), Duration::ZERO);
         drop(present);
+    }
+
+    #[tokio::test]
+    async fn a_fresh_server_holds_the_dials_of_a_node_it_knows_until_its_agent_links() {
+        let registry = Arc::new(Registry::default());
+        let _other = link(&registry, "b", "node-b", "10.0.0.2", "10.2.0.0/24").await;
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        assert!(registry.expect_node("Node-A", &[ip], Instant::now()));
+        for dest in ["10.0.0.1:10250", "node-a:10250"] {
+            let waiter = {
+                let registry = Arc::clone(&registry);
+                let dest = target(dest);
+                tokio::spawn(async move {
+                    let wait = registry.await_node_agent(&dest, &CHAIN, GRACE).await;
+                    (wait, registry.route(&dest, &CHAIN))
+                })
+            };
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            assert!(
+                !waiter.is_finished(),
+                "{dest}: the dial waits rather than going to node-b's agent"
+            );
+            let new = link(&registry, "a", "node-a", "10.0.0.1", "10.1.0.0/24").await;
+            let (wait, route) = tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .expect("the agent's link ends the wait")
+                .expect("joined");
+            assert_eq!(wait, Some(NodeWait::Linked), "{dest}");
+            let route = route.expect("routed");
+            assert_eq!(route.strategy, Strategy::Node);
+            assert_eq!(route.guard.link().link_id, new.link_id);
+            drop(route);
+            registry.remove("a", new.link_id);
+            // Expected again, for the next destination.
+            assert!(registry.expect_node("node-a", &[ip], Instant::now()));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expected_node_waits_until_a_grace_after_the_server_started_at_most() {
+        let registry = Registry::default();
+        let _other = link(&registry, "b", "node-b", "10.0.0.2", "10.2.0.0/24").await;
+        let started_ago = Duration::from_secs(10);
+        let since = Instant::now() - started_ago;
+        registry.expect_node("node-a", &["10.0.0.1".parse().unwrap()], since);
+        let holding = tokio::time::Instant::now();
+        let wait = registry
+            .await_node_agent(&target("10.0.0.1:10250"), &CHAIN, GRACE)
+            .await;
+        assert_eq!(wait, Some(NodeWait::Expired));
+        let held = holding.elapsed();
+        // `since` is on the wall clock, which moved on a little while the test clock did not.
+        let expected = GRACE - started_ago;
+        let slack = Duration::from_secs(1);
+        assert!(
+            held > expected - slack && held < expected + slack,
+            "{held:?}"
+        );
+        let route = registry.route(&target("10.0.0.1:10250"), &CHAIN).unwrap();
+        assert_eq!(route.strategy, Strategy::Any, "then the chain goes on");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_with_a_linked_agent_is_not_expected_and_a_later_departure_counts() {
+        let registry = Registry::default();
+        let a = link(&registry, "a", "node-a", "10.0.0.1", "10.1.0.0/24").await;
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let long_ago = Instant::now() - GRACE;
+        assert!(!registry.expect_node("node-a", &[ip], long_ago));
+        let started = tokio::time::Instant::now();
+        let wait = registry
+            .await_node_agent(&target("node-a:10250"), &CHAIN, GRACE)
+            .await;
+        assert_eq!(wait, None, "a linked node routes at once");
+        // The agent goes now; expecting it since long ago does not cut its wait short.
+        registry.remove("a", a.link_id);
+        assert!(registry.expect_node("node-a", &[ip], long_ago));
+        let wait = registry
+            .await_node_agent(&target("node-a:10250"), &CHAIN, GRACE)
+            .await;
+        assert_eq!(wait, Some(NodeWait::Expired));
+        assert_eq!(started.elapsed(), GRACE);
     }
 }

@@ -143,7 +143,8 @@ pub(crate) async fn open(
     // A link that is going away refuses new streams; try the next best agent a few times.
     for _ in 0..3 {
         // Also after such a refusal: it may have been the node's own agent, going away.
-        if shared
+        let holding = tokio::time::Instant::now();
+        if let Some(wait) = shared
             .registry
             .await_node_agent(
                 target,
@@ -152,6 +153,16 @@ pub(crate) async fn open(
             )
             .await
         {
+            let metrics = &shared.metrics;
+            metrics
+                .node_agent_waits
+                .get_or_create(&ResultLabels {
+                    result: wait.as_str(),
+                })
+                .inc();
+            metrics
+                .node_agent_wait_duration
+                .observe(holding.elapsed().as_secs_f64());
             // The wait is not the agent's: its answer gets the whole budget.
             deadline = tokio::time::Instant::now() + budget;
         }

@@ -65,8 +65,10 @@ fn touch_server(metrics: cplink_server::metrics::Metrics) {
         bytes: _,
         konnectivity_overflows: _,
         lease_renewals,
+        node_agent_waits,
+        node_agent_wait_duration: _,
     } = metrics;
-    for family in [&dials, &lease_renewals] {
+    for family in [&dials, &lease_renewals, &node_agent_waits] {
         family.get_or_create(&ResultLabels { result: "ok" }).inc();
     }
     routed

@@ -321,6 +321,10 @@ makeIPTablesUtilChains: false
 nodeStatusUpdateFrequency: 1s
 serializeImagePulls: false
 evictionHard: {{"memory.available": "50Mi", "nodefs.available": "1%", "imagefs.available": "1%", "nodefs.inodesFree": "1%"}}
+# The images are imported, not pulled: image GC on a host disk other work fills would delete
+# the pause image, and no pod could start again.
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
 "#,
                 ca = pki.ca_file().display(),
                 cert = serving.cert.display(),

@@ -386,7 +386,7 @@ mod tests {
                 "--authentication-audience=cplink.dev/tunnels/link",
                 "--shutdown-delay=5s",
                 "--drain-timeout=30s",
-                "--node-agent-grace=30s",
+                "--node-agent-grace=75s",
                 "--strategies=node,cidr,any",
                 "--log-level=info",
             ]

@@ -47,8 +47,15 @@ pub const DRAIN_TIMEOUT_SECONDS: i64 = 30;
 /// a DaemonSet replaces an agent pod (a rolling update, after each certificate renewal) only
 /// once the old one has exited, and the new one takes some seconds to start and link. Until it
 /// has, that node's kubelet is out of every other agent's reach under the default destination
-/// policy, so its dials wait rather than fail.
-pub const NODE_AGENT_GRACE_SECONDS: i64 = 30;
+/// policy, so its dials wait rather than fail. The old agent stops taking dials at once and may
+/// take its whole grace period to exit (kube-apiserver keeps idle connections to kubelets
+/// open, so the drain usually lasts its full timeout), then its replacement has
+/// [`AGENT_START_SECONDS`]: a shorter hold would end before the new agent links.
+pub const NODE_AGENT_GRACE_SECONDS: i64 =
+    AGENT_TERMINATION_GRACE_PERIOD_SECONDS + AGENT_START_SECONDS;
+/// How long a replaced agent pod may take, once the old one has gone, to be created, started
+/// and linked to the servers: about 6 s on an idle node, 15 s and more on a loaded one.
+pub const AGENT_START_SECONDS: i64 = 30;
 /// How long a server keeps accepting after SIGTERM while already reporting not-ready
 /// (`--shutdown-delay`): a deleted pod leaves its Services' endpoints at once, and a pod that
 /// just turned unready within [`SERVER_READINESS_PERIOD_SECONDS`] ×

@@ -5,6 +5,11 @@
 //! anything), a deleted Node closes the links bound to it, and a changed Node replaces what its
 //! agents route, so that a route follows the Node's addresses and pod ranges.
 //!
+//! A server that has just started knows of no agent that went: for its first
+//! `--node-agent-grace`, each Node it learns of with no agent linked is expected to get one, and
+//! dials for it wait as they would for a replaced agent
+//! ([`crate::registry::Registry::expect_node`]).
+//!
 //! Events can be missed while a watch is broken; after each relist (`Init` .. `InitDone`), links
 //! whose Pod or Node was not listed are closed as if their deletion had been seen. Only links
 //! established before the relist started are judged, so a link verified meanwhile is not
@@ -127,6 +132,7 @@ impl Watched for Node {
 
     fn applied(&self, shared: &Shared) {
         follow(shared, self);
+        expect(shared, self);
     }
 }
 
@@ -190,6 +196,28 @@ async fn watch<K: Watched>(shared: &Shared, api: kube::Api<K>) {
             // The stream backs off and retries by itself.
             Err(err) => tracing::warn!(%err, kind = K::KIND, "watch failed; retrying"),
         }
+    }
+}
+
+/// On a server started less than `--node-agent-grace` ago, files `node` as expecting an agent
+/// ([`crate::registry::Registry::expect_node`]) unless one is linked: an agent replaced while
+/// the server started never linked to it, and the dials for its node hold until the new one
+/// has.
+fn expect(shared: &Shared, node: &Node) {
+    let grace = shared.config.node_agent_grace;
+    if grace.is_zero() || shared.started.elapsed() >= grace {
+        return;
+    }
+    let backing = Backing::of(node);
+    if shared
+        .registry
+        .expect_node(&backing.node, &backing.addresses, shared.started)
+    {
+        tracing::debug!(
+            node = %backing.node,
+            "no agent of the node is linked yet: its dials wait for one until a grace after the \
+             server started"
+        );
     }
 }
 
