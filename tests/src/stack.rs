@@ -2,7 +2,7 @@
 //! and containerd, pods running cplink's image), cplink installed with its Helm chart (the
 //! operator runs as a pod, with the chart's RBAC), a ControlPlaneLink, and kube-apiserver
 //! sending its node and pod traffic through the tunnel. Shared by the end-to-end tests and
-//! `make demo`; [`Stack::start_on_real_nodes`] starts it.
+//! `make demo`; [`Stack::start`] starts it.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader};
@@ -109,15 +109,14 @@ impl Default for StackOptions {
 }
 
 /// Everything running; dropped in order: the forwarder, the nodes and their pods (the
-/// operator among them), then the control plane. The nodes are always [`RealNodes`] (the
-/// default of `N`, which `Stack<RealNodes>` names).
-pub struct Stack<N = RealNodes> {
+/// operator among them), then the control plane.
+pub struct Stack {
     /// Helm for the control plane.
     pub helm: Helm,
     /// The load balancer in front of the link's frontend Service.
     pub forwarder: Forwarder,
     /// The nodes.
-    pub nodes: N,
+    pub nodes: RealNodes,
     /// The control plane.
     pub plane: ControlPlane,
     options: StackOptions,
@@ -168,7 +167,7 @@ impl Stack {
     /// the operator is ready. Agents find the servers in the cluster (pods reach pods; the
     /// host's loopback is out of their reach). Servers and agents run from the image too, as
     /// the operator's default. The link itself is applied by [`Stack::apply_link`].
-    pub async fn start_on_real_nodes(
+    pub async fn start(
         options: StackOptions,
         egress: Egress,
     ) -> anyhow::Result<Self> {

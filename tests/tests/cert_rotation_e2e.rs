@@ -4,13 +4,11 @@
 //! checksum rolls the servers, then the agents, while kube-apiserver sends a node proxy request
 //! through the tunnel every 50 ms. Not one of them may fail.
 //!
-//! Real nodes, because there an agent's replacement leaves its node without an agent for some
+//! On real nodes an agent's replacement leaves its node without an agent for some
 //! seconds (a DaemonSet starts the new pod once the old one has gone), and no other agent may
 //! reach that node's kubelet under the default destination policy: the servers hold the node's
 //! dials until the new agent links (`--node-agent-grace`), a server started during the
 //! rollout included: it holds the dials of every Node whose agent has not linked to it yet.
-//! Simulated nodes share one network range, where any agent reaches every kubelet, and would
-//! not show it.
 //!
 //! kube-apiserver keeps the egress client certificate it read when it started; the renewal
 //! puts a new one in the egress Secret, and the operator says (condition and Event) by when
@@ -27,7 +25,6 @@ use kube::api::ListParams;
 use tokio_util::task::AbortOnDropHandle;
 
 use cplink_e2e::harness::{self, Steps};
-use cplink_e2e::nodes::RealNodes;
 use cplink_e2e::prober::Prober;
 use cplink_e2e::stack::{Egress, LINK, NAMESPACE, STEP, Stack, StackOptions};
 use cplink_e2e::wait;
@@ -173,7 +170,7 @@ async fn pods(pods: &Api<Pod>, component: &str) -> anyhow::Result<(BTreeSet<Stri
 
 /// The link with the stack's servers, nodes and frontend, and certificates that last
 /// `validity`.
-fn link_yaml(stack: &Stack<RealNodes>, validity: &str) -> String {
+fn link_yaml(stack: &Stack, validity: &str) -> String {
     format!(
         "{}  tls:\n    validity: {validity}\n    renewBefore: {RENEW_BEFORE}\n",
         stack.link_yaml()
@@ -193,7 +190,7 @@ async fn renewals(steps: Steps) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let since = |at: Instant| at.saturating_duration_since(t0).as_secs_f64();
     steps.enter("starting the control plane, three real nodes and cplink from its image");
-    let mut stack = Stack::start_on_real_nodes(
+    let mut stack = Stack::start(
         StackOptions {
             servers: SERVERS,
             ..StackOptions::default()

@@ -334,7 +334,7 @@ fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::Result<
 async fn http_connect(steps: Steps) -> anyhow::Result<()> {
     steps.enter("starting the control plane, three real nodes, the forwarder and the operator");
     let mut stack =
-        Stack::start_on_real_nodes(StackOptions::default(), Egress::HttpConnect).await?;
+        Stack::start(StackOptions::default(), Egress::HttpConnect).await?;
 
     // 1. The link rolls out: one server, an agent on each of the three nodes, all ready.
     steps.enter("rolling out the link");
@@ -560,7 +560,7 @@ fn kube_apiserver_in_grpc_mode_reaches_nodes_and_pods_through_the_socket() -> an
 
 async fn grpc(steps: Steps) -> anyhow::Result<()> {
     steps.enter("starting the control plane, three real nodes, the forwarder and the operator");
-    let mut stack = Stack::start_on_real_nodes(StackOptions::default(), Egress::Grpc).await?;
+    let mut stack = Stack::start(StackOptions::default(), Egress::Grpc).await?;
     steps.enter("rolling out the link");
     let (nodes, agents) = link_rolled_out(&stack).await?;
     let socket = stack.socket_dir().join("konnectivity-server.socket");

@@ -55,7 +55,7 @@ fn links(stack: &Stack) -> anyhow::Result<String> {
 
 async fn upgrade_keep_adopt(steps: Steps) -> anyhow::Result<()> {
     steps.enter("starting the stack on a real node: installing the chart");
-    let stack = Stack::start_on_real_nodes(
+    let stack = Stack::start(
         StackOptions {
             nodes: 1,
             servers: 1,

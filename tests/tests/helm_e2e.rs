@@ -165,7 +165,7 @@ fn chart_installs_upgrades_and_uninstalls() -> anyhow::Result<()> {
 async fn install_upgrade_uninstall(steps: Steps) -> anyhow::Result<()> {
     // The stack installs the chart with default values and waits for the operator pods.
     steps.enter("starting the stack on two real nodes: installing the chart");
-    let stack = Stack::start_on_real_nodes(
+    let stack = Stack::start(
         StackOptions {
             nodes: 2,
             servers: 1,

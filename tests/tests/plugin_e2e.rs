@@ -107,7 +107,7 @@ fn kubectl_cplink_reports_a_healthy_link_an_unknown_node_a_killed_agent_and_a_mi
 
 async fn scenario(steps: Steps) -> anyhow::Result<()> {
     steps.enter("starting the control plane, three real nodes, the forwarder and the operator");
-    let mut stack = Stack::start_on_real_nodes(
+    let mut stack = Stack::start(
         StackOptions {
             nodes: 3,
             servers: 2,

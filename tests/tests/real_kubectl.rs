@@ -33,7 +33,7 @@ use base64::Engine as _;
 use cplink_e2e::harness::{self, Steps};
 use cplink_e2e::image;
 use cplink_e2e::node::protected_sysctls;
-use cplink_e2e::nodes::{self, RealNodes};
+use cplink_e2e::nodes;
 use cplink_e2e::pki::{Pki, Usage};
 use cplink_e2e::pty::Terminal;
 use cplink_e2e::stack::{Egress, Follow, STEP, Stack, StackOptions, TunnelCounts};
@@ -108,7 +108,7 @@ struct Counted {
 }
 
 impl Counted {
-    async fn start(stack: &Stack<RealNodes>) -> anyhow::Result<Self> {
+    async fn start(stack: &Stack) -> anyhow::Result<Self> {
         Ok(Counted {
             before: stack.tunnel_counts().await?,
         })
@@ -118,7 +118,7 @@ impl Counted {
     /// server and by the agents since the start; says how many did.
     async fn crossed(
         self,
-        stack: &Stack<RealNodes>,
+        stack: &Stack,
         what: &str,
         operations: u32,
     ) -> anyhow::Result<String> {
@@ -128,7 +128,7 @@ impl Counted {
     /// [`Counted::crossed`], and at least `bytes` came from the agents.
     async fn crossed_carrying(
         self,
-        stack: &Stack<RealNodes>,
+        stack: &Stack,
         what: &str,
         operations: u32,
         bytes: usize,
@@ -162,7 +162,7 @@ impl Counted {
 
 async fn operations(steps: Steps, egress: Egress) -> anyhow::Result<()> {
     steps.enter("starting the control plane, three real nodes and cplink from its image");
-    let mut stack = Stack::start_on_real_nodes(StackOptions::default(), egress).await?;
+    let mut stack = Stack::start(StackOptions::default(), egress).await?;
     let names = stack.nodes.names();
     assert_eq!(names.len(), nodes::DEFAULT_NODES);
     let node = names.last().expect("three nodes").clone();
@@ -446,7 +446,7 @@ async fn operations(steps: Steps, egress: Egress) -> anyhow::Result<()> {
 
 /// `kubectl logs -f pod`, once it has shown the pod's greeting (so it follows); started again
 /// if it ends before.
-async fn follow_logs(stack: &Stack<RealNodes>, pod: &str) -> anyhow::Result<Follow> {
+async fn follow_logs(stack: &Stack, pod: &str) -> anyhow::Result<Follow> {
     let give_up = tokio::time::Instant::now() + STEP;
     let mut pause = Duration::from_millis(100);
     loop {
@@ -470,7 +470,7 @@ async fn follow_logs(stack: &Stack<RealNodes>, pod: &str) -> anyhow::Result<Foll
 }
 
 /// `kubectl attach -i pod`: sends `line`, returns the line the pod answers with.
-async fn attach_and_ask(stack: &Stack<RealNodes>, pod: &str, line: &str) -> anyhow::Result<String> {
+async fn attach_and_ask(stack: &Stack, pod: &str, line: &str) -> anyhow::Result<String> {
     let mut attach = tokio::process::Command::from(stack.plane.kubectl(&["attach", "-i", pod]))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -502,7 +502,7 @@ async fn attach_and_ask(stack: &Stack<RealNodes>, pod: &str, line: &str) -> anyh
 /// `kubectl port-forward pod :port` on 127.0.0.1; the running kubectl and the local address
 /// it chose.
 async fn port_forward(
-    stack: &Stack<RealNodes>,
+    stack: &Stack,
     pod: &str,
     port: u16,
 ) -> anyhow::Result<(tokio::process::Child, SocketAddr)> {
@@ -587,7 +587,7 @@ async fn echo_checked(address: SocketAddr, size: usize, seed: u64) -> anyhow::Re
 /// Creates ConfigMap `name` labelled [`ADMISSION_LABEL`]`=value`: `Ok(Ok(()))` if created,
 /// `Ok(Err(stderr))` if refused.
 fn create_labelled_configmap(
-    stack: &Stack<RealNodes>,
+    stack: &Stack,
     name: &str,
     value: &str,
 ) -> anyhow::Result<Result<(), String>> {
@@ -617,7 +617,7 @@ fn create_labelled_configmap(
 /// Creates ConfigMap `name` labelled `deny` until the webhook denies it (kube-apiserver
 /// takes the new configuration up asynchronously: one created before is deleted again);
 /// returns the denial.
-async fn wait_denied(stack: &Stack<RealNodes>, name: &str) -> anyhow::Result<String> {
+async fn wait_denied(stack: &Stack, name: &str) -> anyhow::Result<String> {
     let give_up = tokio::time::Instant::now() + STEP;
     let mut pause = Duration::from_millis(50);
     loop {

@@ -17,7 +17,7 @@ use std::time::Duration;
 use cplink_e2e::harness::{self, Steps};
 use cplink_e2e::image;
 use cplink_e2e::node::protected_sysctls;
-use cplink_e2e::nodes::{self, RealNodes};
+use cplink_e2e::nodes;
 use cplink_e2e::stack::{Egress, NAMESPACE, STEP, Stack, StackOptions};
 use sha2::{Digest as _, Sha256};
 
@@ -41,7 +41,7 @@ fn hex(bytes: &[u8]) -> String {
 static CLUSTER: Mutex<()> = Mutex::new(());
 
 /// `kubectl args...` that must fail: its standard error.
-fn kubectl_fails(stack: &Stack<RealNodes>, args: &[&str]) -> anyhow::Result<String> {
+fn kubectl_fails(stack: &Stack, args: &[&str]) -> anyhow::Result<String> {
     let out = stack.plane.kubectl(args).output()?;
     anyhow::ensure!(
         !out.status.success(),
@@ -54,7 +54,7 @@ fn kubectl_fails(stack: &Stack<RealNodes>, args: &[&str]) -> anyhow::Result<Stri
 
 /// `kubectl args...` fed `stdin`; its standard output and error.
 fn kubectl_with_stdin(
-    stack: &Stack<RealNodes>,
+    stack: &Stack,
     args: &[&str],
     stdin: &[u8],
 ) -> anyhow::Result<(Vec<u8>, String)> {
@@ -116,7 +116,7 @@ fn in_grpc_mode_on_real_nodes_logs_and_exec_cross_the_tunnel_through_the_socket(
 
 async fn logs_and_exec(steps: Steps, egress: Egress) -> anyhow::Result<()> {
     steps.enter("starting the control plane, three real nodes and cplink from its image");
-    let mut stack = Stack::start_on_real_nodes(StackOptions::default(), egress).await?;
+    let mut stack = Stack::start(StackOptions::default(), egress).await?;
     let names = stack.nodes.names();
     assert_eq!(names.len(), nodes::DEFAULT_NODES);
 
@@ -296,7 +296,7 @@ struct Hops {
     server: f64,
 }
 
-async fn hop_counts(stack: &Stack<RealNodes>) -> anyhow::Result<Hops> {
+async fn hop_counts(stack: &Stack) -> anyhow::Result<Hops> {
     use cplink_e2e::metrics::counter;
     use cplink_operator::resources::{daemonset::AGENT_ADMIN_PORT, deployment::SERVER_ADMIN_PORT};
     let mut hops = Hops {
@@ -339,7 +339,7 @@ struct Loss {
 
 impl Loss {
     async fn place(
-        stack: &Stack<RealNodes>,
+        stack: &Stack,
         got: usize,
         expected: usize,
         before: Hops,
@@ -401,7 +401,7 @@ impl std::fmt::Display for Loss {
 /// `kubectl args...` whose standard output is read slowly (about 6 MB/s), so that much of it
 /// is still on its way when the kubelet closes its end; standard output, error and success.
 fn kubectl_read_slowly(
-    stack: &Stack<RealNodes>,
+    stack: &Stack,
     args: &[&str],
 ) -> anyhow::Result<(Vec<u8>, String, bool)> {
     use std::io::Read as _;
@@ -452,7 +452,7 @@ fn in_grpc_mode_exec_output_read_slowly_is_whole() -> anyhow::Result<()> {
         |steps| async move {
             steps.enter("starting the control plane, three real nodes and cplink");
             let mut stack =
-                Stack::start_on_real_nodes(StackOptions::default(), Egress::Grpc).await?;
+                Stack::start(StackOptions::default(), Egress::Grpc).await?;
             stack.apply_link()?;
             stack.wait_link_ready().await?;
             let node = stack.nodes.names().last().expect("three nodes").clone();

@@ -248,7 +248,7 @@ async fn rolling_restarts(steps: Steps) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let since = |at: Instant| at.saturating_duration_since(t0).as_secs_f64();
     steps.enter("starting the control plane, four real nodes, the forwarder and the operator");
-    let mut stack = Stack::start_on_real_nodes(
+    let mut stack = Stack::start(
         StackOptions {
             nodes: NODES,
             servers: SERVERS,

@@ -1,7 +1,7 @@
 //! The server Deployment.
 //!
-//! Listeners bind the pod IP rather than 0.0.0.0: in the e2e pod runner all pods share the host
-//! network namespace, each with its own loopback IP, and wildcard binds would collide.
+//! Listeners bind the pod IP rather than 0.0.0.0: a pod on the host network (or any network
+//! namespace shared with other pods) would otherwise collide with them on the same ports.
 //!
 //! Servers stop without dropping a connection: on SIGTERM a server reports not-ready at once
 //! but keeps accepting for the shutdown delay, while the endpoints of its Services (and load
@@ -288,8 +288,7 @@ pub fn server_deployment(plan: &Plan, tls_checksum: &str) -> Deployment {
         name: SERVER_CONTAINER.to_owned(),
         image: image(plan, server.image.as_ref()),
         image_pull_policy: Some("IfNotPresent".to_owned()),
-        // Explicit: the e2e pod runner resolves the command on its PATH, and the image's
-        // entrypoint is the operator.
+        // Explicit: the image's entrypoint is the operator.
         command: Some(vec!["cplink-server".to_owned()]),
         args: Some(server_args(plan)),
         env: Some(vec![
