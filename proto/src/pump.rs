@@ -39,8 +39,15 @@ pub const ABORT_LINGER: Duration = Duration::from_secs(5);
 
 /// Smallest read issued on a socket.
 const MIN_READ: usize = 4 * 1024;
-/// Largest read issued on a socket.
-const MAX_READ: usize = 64 * 1024;
+/// Size of an HTTP/2 frame head.
+const FRAME_HEAD: usize = 9;
+/// Largest read issued on a socket: 64 KiB with the head of the DATA frame that carries it.
+///
+/// A link sends such a frame as exactly four full TLS records (16 KiB each), which rustls takes
+/// in one write (its outgoing buffer holds 64 KiB). A 64 KiB read made a frame 9 bytes longer:
+/// rustls took 64 KiB of it, wrote them, then sent the frame's last 9 bytes as a record and a
+/// `writev` of their own, one more of each per frame.
+const MAX_READ: usize = 64 * 1024 - FRAME_HEAD;
 
 /// A socket half that yields whole chunks of bytes; an empty chunk means end of stream.
 pub trait ReadChunk: Send {
@@ -56,10 +63,22 @@ macro_rules! readiness_read_chunk {
                     // Wait for readiness first so that an idle connection holds no buffer.
                     self.readable().await?;
                     let mut buf = BytesMut::with_capacity(max);
-                    match self.try_read_buf(&mut buf) {
-                        Ok(_) => return Ok(buf.freeze()),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                        Err(e) => return Err(e),
+                    // Read through `AsyncRead`, not `try_read_buf`: tokio then takes a short
+                    // read as proof that the socket is drained and waits for the next event,
+                    // where `try_read_buf` would cost one more `recv` (answering EAGAIN) after
+                    // every message of a chatty connection.
+                    let read = poll_fn(|cx| {
+                        match tokio_util::io::poll_read_buf(Pin::new(&mut *self), cx, &mut buf) {
+                            Poll::Pending => Poll::Ready(None),
+                            Poll::Ready(result) => Poll::Ready(Some(result)),
+                        }
+                    })
+                    .await;
+                    match read {
+                        Some(Ok(_)) => return Ok(buf.freeze()),
+                        Some(Err(e)) => return Err(e),
+                        // The readiness was stale: drop the buffer and wait again.
+                        None => continue,
                     }
                 }
             }
