@@ -47,6 +47,10 @@ use metrics::Metrics;
 use pool::Pool;
 use slots::{SlotId, Slots, Source, Wants};
 
+/// How long links and tunneled connections may take to end once they are told to, at the end
+/// of a drain: the agent exits then, whatever is left.
+const FORCED_END: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What the agent knows about an established link.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkInfo {
@@ -333,14 +337,30 @@ impl Agent {
                 "drain timeout reached: closing links with streams in flight"
             );
             force.cancel();
-            uplinks.wait().await;
+            if tokio::time::timeout(FORCED_END, uplinks.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("links still closing after the drain timeout; exiting anyway");
+            }
         }
-        // With their links gone, remaining stream tasks fail at their next step.
+        // With their links gone, remaining stream tasks fail at their next step; one waiting on
+        // an idle destination socket may not take another, so the wait is bounded too.
         streams.close();
-        streams.wait().await;
+        if tokio::time::timeout(FORCED_END, streams.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                streams = shared.metrics.streams_active.get(),
+                "tunneled connections still open after their links closed; exiting anyway"
+            );
+        }
         admin_stop.cancel();
-        if let Some(task) = admin_task {
-            let _ = task.await;
+        if let Some(task) = admin_task
+            && tokio::time::timeout(FORCED_END, task).await.is_err()
+        {
+            tracing::warn!("the admin server still has connections open; exiting anyway");
         }
         tracing::info!("cplink-agent stopped");
     }

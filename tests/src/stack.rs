@@ -167,10 +167,7 @@ impl Stack {
     /// the operator is ready. Agents find the servers in the cluster (pods reach pods; the
     /// host's loopback is out of their reach). Servers and agents run from the image too, as
     /// the operator's default. The link itself is applied by [`Stack::apply_link`].
-    pub async fn start(
-        options: StackOptions,
-        egress: Egress,
-    ) -> anyhow::Result<Self> {
+    pub async fn start(options: StackOptions, egress: Egress) -> anyhow::Result<Self> {
         anyhow::ensure!(
             egress != Egress::Grpc || options.servers == 1,
             "GRPC mode runs one server: the nodes share the host's socket directory"

@@ -333,8 +333,7 @@ fn kube_apiserver_reaches_nodes_and_pods_through_the_tunnel() -> anyhow::Result<
 
 async fn http_connect(steps: Steps) -> anyhow::Result<()> {
     steps.enter("starting the control plane, three real nodes, the forwarder and the operator");
-    let mut stack =
-        Stack::start(StackOptions::default(), Egress::HttpConnect).await?;
+    let mut stack = Stack::start(StackOptions::default(), Egress::HttpConnect).await?;
 
     // 1. The link rolls out: one server, an agent on each of the three nodes, all ready.
     steps.enter("rolling out the link");

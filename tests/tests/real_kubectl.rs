@@ -116,12 +116,7 @@ impl Counted {
 
     /// Fails unless `operations` connections came through the frontend, were dialed by the
     /// server and by the agents since the start; says how many did.
-    async fn crossed(
-        self,
-        stack: &Stack,
-        what: &str,
-        operations: u32,
-    ) -> anyhow::Result<String> {
+    async fn crossed(self, stack: &Stack, what: &str, operations: u32) -> anyhow::Result<String> {
         self.crossed_carrying(stack, what, operations, 0).await
     }
 

@@ -400,10 +400,7 @@ impl std::fmt::Display for Loss {
 
 /// `kubectl args...` whose standard output is read slowly (about 6 MB/s), so that much of it
 /// is still on its way when the kubelet closes its end; standard output, error and success.
-fn kubectl_read_slowly(
-    stack: &Stack,
-    args: &[&str],
-) -> anyhow::Result<(Vec<u8>, String, bool)> {
+fn kubectl_read_slowly(stack: &Stack, args: &[&str]) -> anyhow::Result<(Vec<u8>, String, bool)> {
     use std::io::Read as _;
     let mut child = stack
         .plane
@@ -451,8 +448,7 @@ fn in_grpc_mode_exec_output_read_slowly_is_whole() -> anyhow::Result<()> {
         DEADLINE * 2,
         |steps| async move {
             steps.enter("starting the control plane, three real nodes and cplink");
-            let mut stack =
-                Stack::start(StackOptions::default(), Egress::Grpc).await?;
+            let mut stack = Stack::start(StackOptions::default(), Egress::Grpc).await?;
             stack.apply_link()?;
             stack.wait_link_ready().await?;
             let node = stack.nodes.names().last().expect("three nodes").clone();

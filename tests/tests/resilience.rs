@@ -258,6 +258,35 @@ async fn a_draining_agent_finishes_in_flight_streams_while_new_dials_go_elsewher
     Ok(())
 }
 
+/// A connection that stays open and idle (as kube-apiserver keeps its kubelet connections)
+/// holds a draining agent only until its drain timeout: then the agent closes it and exits.
+#[tokio::test]
+async fn a_draining_agent_exits_at_its_drain_timeout_though_an_idle_connection_stays_open()
+-> anyhow::Result<()> {
+    let lo = Loopback::new()?;
+    let server = lo.start_server(&[]).await?;
+    let agent = lo
+        .start_agent(&[server.agent_addr], &["--drain-timeout", "300ms"])
+        .await?;
+    server.wait_for_agents(1).await?;
+    let echo = targets::echo().await?;
+    let mut idle = client::tunnel_uds(&server.uds, &echo.authority()).await?;
+    round_trip(&mut idle, b"then silence").await?;
+
+    agent.begin_shutdown();
+    tokio::time::timeout(Duration::from_secs(15), agent.join())
+        .await
+        .map_err(|_| anyhow::anyhow!("the agent still runs 15 s after a 300 ms drain timeout"))?;
+    // The idle connection was cut, visibly.
+    let mut buf = [0u8; 16];
+    let end = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf)).await?;
+    assert!(
+        matches!(end, Ok(0) | Err(_)),
+        "the idle connection ended: {end:?}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn during_the_shutdown_delay_the_server_is_not_ready_but_still_serves() -> anyhow::Result<()>
 {

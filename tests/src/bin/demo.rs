@@ -183,8 +183,7 @@ const WEB_PORT: u16 = 8080;
 
 async fn run(dir: &Path, nodes: usize) -> anyhow::Result<()> {
     println!("starting the control plane and {nodes} real nodes (kubelet and containerd)");
-    let mut stack =
-        Stack::start(StackOptions { nodes, servers: 1 }, Egress::HttpConnect).await?;
+    let mut stack = Stack::start(StackOptions { nodes, servers: 1 }, Egress::HttpConnect).await?;
     println!("applying the ControlPlaneLink {NAMESPACE}/{LINK}");
     stack.apply_link()?;
     stack.wait_link_ready().await?;
