@@ -5,42 +5,57 @@
 
 use std::process::Command;
 
+/// What a benchmark binary printed, one figure per line after its label: runs `binary` with
+/// `args`, fails the test unless it succeeded.
+struct Printed(String);
+
+impl Printed {
+    fn run(binary: &str, args: &[&str]) -> Self {
+        let output = Command::new(binary)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{binary} starts: {e}"));
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "{binary} failed: {}\n{stdout}\n{stderr}",
+            output.status
+        );
+        Printed(stdout)
+    }
+
+    /// The figure printed after `label`.
+    fn figure(&self, label: &str) -> String {
+        self.0
+            .lines()
+            .find_map(|l| l.strip_prefix(label))
+            .unwrap_or_else(|| panic!("no line {label:?} in\n{}", self.0))
+            .trim()
+            .to_owned()
+    }
+}
+
 #[test]
 fn a_small_scale_run_prints_every_figure() {
-    let output = Command::new(env!("CARGO_BIN_EXE_cplink-scale"))
-        .args([
+    let printed = Printed::run(
+        env!("CARGO_BIN_EXE_cplink-scale"),
+        &[
             "--agents",
             "12",
             "--agent-processes",
             "2",
             "--streams",
             "120",
-        ])
-        .args([
             "--grpc-connections",
             "2",
             "--dials",
             "48",
             "--idle-for",
             "1s",
-        ])
-        .output()
-        .expect("cplink-scale starts");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "cplink-scale failed: {}\n{stdout}\n{stderr}",
-        output.status
+        ],
     );
-    let figure = |prefix: &str| -> String {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no line {prefix:?} in\n{stdout}"))
-            .trim()
-            .to_owned()
-    };
+    let figure = |label: &str| printed.figure(label);
     let number = |text: &str| -> f64 {
         text.split_whitespace()
             .next()
@@ -63,8 +78,10 @@ fn a_small_scale_run_prints_every_figure() {
 
 #[test]
 fn a_small_watch_load_run_delivers_every_change_and_prints_every_figure() {
-    let output = Command::new(env!("CARGO_BIN_EXE_cplink-watch-load"))
-        .args([
+    // It fails, naming the change, unless every watcher saw every change.
+    let printed = Printed::run(
+        env!("CARGO_BIN_EXE_cplink-watch-load"),
+        &[
             "--watchers",
             "24",
             "--changes",
@@ -73,25 +90,9 @@ fn a_small_watch_load_run_delivers_every_change_and_prints_every_figure() {
             "1s",
             "--opening",
             "8",
-        ])
-        .output()
-        .expect("cplink-watch-load starts");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    // It fails, naming the change, unless every watcher saw every change.
-    assert!(
-        output.status.success(),
-        "cplink-watch-load failed: {}\n{stdout}\n{stderr}",
-        output.status
+        ],
     );
-    let figure = |prefix: &str| -> String {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .unwrap_or_else(|| panic!("no line {prefix:?} in\n{stdout}"))
-            .trim()
-            .to_owned()
-    };
+    let figure = |label: &str| printed.figure(label);
     assert!(figure("kube-apiserver RSS, 24 watches").contains("KiB per watch"));
     assert!(figure("24 watches opened in").contains("ms of kube-apiserver CPU each"));
     assert!(figure("kube-apiserver CPU, idle").ends_with("% with 24"));

@@ -1035,6 +1035,35 @@ async fn a_certificate_due_for_renewal_is_reissued_and_rolls_only_its_pods() {
     }
 }
 
+/// A second reconcile of the link of `first`, with the stored CA Secret's entries replaced by
+/// `entries`; expects `events`.
+async fn reconcile_with_stored_ca(
+    link: ControlPlaneLink,
+    first: &Recorded,
+    entries: &[(&str, &str)],
+    events: Vec<&'static str>,
+) -> Recorded {
+    let mut stored = first.clone();
+    let ca_path = format!("{CORE}/secrets/link-ca");
+    let mut ca_secret = stored.applied[&ca_path].clone();
+    for (key, text) in entries {
+        ca_secret["data"][*key] =
+            serde_json::to_value(k8s_openapi::ByteString(text.as_bytes().to_vec())).expect("b64");
+    }
+    stored.applied.insert(ca_path, ca_secret);
+    let (result, second) = reconcile_with(
+        first.link_after(link),
+        Scenario::Apply {
+            stored,
+            server_pods: Some(vec![]),
+            events,
+        },
+    )
+    .await;
+    result.expect("reconcile succeeds");
+    second
+}
+
 /// A generated CA near its end is not replaced outright: its successor joins every `ca.crt`
 /// while it keeps signing, and every pod rolls to trust both.
 #[tokio::test]
@@ -1049,35 +1078,23 @@ async fn a_generated_ca_near_its_end_first_adds_its_successor_to_every_ca_bundle
         OffsetDateTime::now_utc() - year * 9,
     )
     .expect("ca");
-    let mut stored = first.clone();
-    let ca_path = format!("{CORE}/secrets/link-ca");
-    let mut ca_secret = stored.applied[&ca_path].clone();
-    for (key, pem) in [
-        ("tls.crt", &old.cert_pem),
-        ("tls.key", &old.key_pem),
-        ("ca.crt", &old.cert_pem),
-    ] {
-        ca_secret["data"][key] =
-            serde_json::to_value(k8s_openapi::ByteString(pem.clone().into_bytes())).expect("b64");
-    }
-    stored.applied.insert(ca_path.clone(), ca_secret);
-
-    let (result, second) = reconcile_with(
-        first.link_after(link),
-        Scenario::Apply {
-            stored,
-            server_pods: Some(vec![]),
-            // kube-apiserver must load the egress Secret's new files (and CA bundle) too.
-            events: vec![
-                "CertificatesRenewed",
-                "EgressCertificateExpiring",
-                "CARotation",
-            ],
-        },
+    // kube-apiserver must load the egress Secret's new files (and CA bundle) too.
+    let second = reconcile_with_stored_ca(
+        link,
+        &first,
+        &[
+            ("tls.crt", &old.cert_pem),
+            ("tls.key", &old.key_pem),
+            ("ca.crt", &old.cert_pem),
+        ],
+        vec![
+            "CertificatesRenewed",
+            "EgressCertificateExpiring",
+            "CARotation",
+        ],
     )
     .await;
-    result.expect("reconcile succeeds");
-
+    let ca_path = format!("{CORE}/secrets/link-ca");
     let rotating = &second.applied[&ca_path];
     let bundle = decoded(rotating, "tls.crt");
     assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2, "{bundle}");
@@ -1112,27 +1129,18 @@ async fn a_generated_ca_near_its_end_first_adds_its_successor_to_every_ca_bundle
 async fn an_unusable_generated_ca_is_replaced_with_a_warning() {
     let link = ControlPlaneLink::test().finalized();
     let first = first_apply(link.clone()).await;
-    let mut stored = first.clone();
-    let ca_path = format!("{CORE}/secrets/link-ca");
-    let mut ca_secret = stored.applied[&ca_path].clone();
-    ca_secret["data"]["tls.key"] =
-        serde_json::to_value(k8s_openapi::ByteString(b"garbled".to_vec())).expect("b64");
-    stored.applied.insert(ca_path.clone(), ca_secret);
-
-    let (result, second) = reconcile_with(
-        first.link_after(link),
-        Scenario::Apply {
-            stored,
-            server_pods: Some(vec![]),
-            events: vec![
-                "CertificatesRenewed",
-                "EgressCertificateExpiring",
-                "CAReplaced",
-            ],
-        },
+    let second = reconcile_with_stored_ca(
+        link,
+        &first,
+        &[("tls.key", "garbled")],
+        vec![
+            "CertificatesRenewed",
+            "EgressCertificateExpiring",
+            "CAReplaced",
+        ],
     )
     .await;
-    result.expect("reconcile succeeds");
+    let ca_path = format!("{CORE}/secrets/link-ca");
     let replaced = decoded(&second.applied[&ca_path], "tls.crt");
     assert_ne!(replaced, decoded(&first.applied[&ca_path], "tls.crt"));
     assert_eq!(replaced.matches("BEGIN CERTIFICATE").count(), 1);
