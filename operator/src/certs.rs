@@ -746,6 +746,12 @@ mod tests {
         );
     }
 
+    /// The operator's decision for the generated CA `stored` at `at`, with a year's validity
+    /// and a month's renewal margin.
+    fn decide_at(stored: Option<&StoredCa>, at: OffsetDateTime) -> CaDecision {
+        generated_ca(stored, "cplink test", YEAR, MONTH, at).expect("decision")
+    }
+
     /// The certificates of the CA Secret's bundle, in order.
     fn blocks(ca: &StoredCa) -> Vec<String> {
         split_bundle(&ca.pair.cert_pem)
@@ -757,8 +763,7 @@ mod tests {
         let mut held: Option<StoredCa> = None;
         let mut states = Vec::new();
         for &at in times {
-            let decision =
-                generated_ca(held.as_ref(), "cplink test", YEAR, MONTH, at).expect("decision");
+            let decision = decide_at(held.as_ref(), at);
             held = Some(decision.ca.clone());
             states.push((at, decision.ca, decision.step));
         }
@@ -770,31 +775,17 @@ mod tests {
     /// certificate and its `ca.crt` for at most one leaf lifetime after it got them.
     #[test]
     fn a_generated_ca_is_replaced_in_steps_that_never_leave_a_peer_untrusted() {
-        let first = generated_ca(None, "cplink test", YEAR, MONTH, now()).expect("ca");
+        let first = decide_at(None, now());
         assert_eq!(first.step, Some(CaStep::Generated));
         let a = first.info.clone();
         let step = YEAR + MONTH;
         assert_eq!(first.next_step_at, a.not_after - (step * 2 + MONTH));
 
         // Nothing changes before the first step is due, however often the operator looks.
-        let early = generated_ca(
-            Some(&first.ca),
-            "cplink test",
-            YEAR,
-            MONTH,
-            first.next_step_at - time::Duration::SECOND,
-        )
-        .expect("decision");
+        let early = decide_at(Some(&first.ca), first.next_step_at - time::Duration::SECOND);
         assert_eq!((early.step, &early.ca), (None, &first.ca));
 
-        let trusting = generated_ca(
-            Some(&first.ca),
-            "cplink test",
-            YEAR,
-            MONTH,
-            first.next_step_at,
-        )
-        .expect("decision");
+        let trusting = decide_at(Some(&first.ca), first.next_step_at);
         assert_eq!(trusting.step, Some(CaStep::TrustingSuccessor));
         assert_eq!(blocks(&trusting.ca).len(), 2);
         assert_eq!(
@@ -807,14 +798,7 @@ mod tests {
         assert_eq!(trusting.next_step_at, first.next_step_at + step);
         let successor = blocks(&trusting.ca)[1].clone();
 
-        let signing = generated_ca(
-            Some(&trusting.ca),
-            "cplink test",
-            YEAR,
-            MONTH,
-            trusting.next_step_at,
-        )
-        .expect("decision");
+        let signing = decide_at(Some(&trusting.ca), trusting.next_step_at);
         assert_eq!(signing.step, Some(CaStep::SigningWithSuccessor));
         assert_eq!(
             blocks(&signing.ca),
@@ -839,14 +823,7 @@ mod tests {
             "the successor signs full-length leaves"
         );
 
-        let retired = generated_ca(
-            Some(&signing.ca),
-            "cplink test",
-            YEAR,
-            MONTH,
-            signing.next_step_at,
-        )
-        .expect("decision");
+        let retired = decide_at(Some(&signing.ca), signing.next_step_at);
         assert_eq!(retired.step, Some(CaStep::RetiredPredecessor));
         assert_eq!(blocks(&retired.ca), [successor]);
         assert_eq!(signing.next_step_at, first.next_step_at + step * 2);
@@ -910,9 +887,8 @@ mod tests {
     #[test]
     fn a_ca_found_near_its_end_hands_over_before_it_expires() {
         let made = now() - YEAR * 9;
-        let old = generated_ca(None, "cplink test", YEAR, MONTH, made).expect("ca");
-        let trusting =
-            generated_ca(Some(&old.ca), "cplink test", YEAR, MONTH, now()).expect("decision");
+        let old = decide_at(None, made);
+        let trusting = decide_at(Some(&old.ca), now());
         assert_eq!(trusting.step, Some(CaStep::TrustingSuccessor));
         assert_eq!(
             trusting.next_step_at,
@@ -925,7 +901,7 @@ mod tests {
     /// is replaced; a bad successor is made again.
     #[test]
     fn an_unusable_generated_ca_or_successor_is_replaced() {
-        let first = generated_ca(None, "cplink test", YEAR, MONTH, now()).expect("ca");
+        let first = decide_at(None, now());
         let garbled = StoredCa {
             pair: CertPair {
                 cert_pem: "not a certificate".into(),
@@ -933,38 +909,20 @@ mod tests {
             },
             next_key: None,
         };
-        let fresh = generated_ca(Some(&garbled), "cplink test", YEAR, MONTH, now()).expect("ca");
+        let fresh = decide_at(Some(&garbled), now());
         assert_eq!(fresh.step, Some(CaStep::Generated));
-        let expired = generated_ca(
+        let expired = decide_at(
             Some(&first.ca),
-            "cplink test",
-            YEAR,
-            MONTH,
             first.info.not_after + time::Duration::SECOND,
-        )
-        .expect("ca");
+        );
         assert_eq!(expired.step, Some(CaStep::Generated));
 
-        let trusting = generated_ca(
-            Some(&first.ca),
-            "cplink test",
-            YEAR,
-            MONTH,
-            first.next_step_at,
-        )
-        .expect("decision");
+        let trusting = decide_at(Some(&first.ca), first.next_step_at);
         let wrong_key = StoredCa {
             next_key: Some(first.ca.pair.key_pem.clone()),
             ..trusting.ca.clone()
         };
-        let again = generated_ca(
-            Some(&wrong_key),
-            "cplink test",
-            YEAR,
-            MONTH,
-            trusting.next_step_at,
-        )
-        .expect("decision");
+        let again = decide_at(Some(&wrong_key), trusting.next_step_at);
         assert_eq!(again.step, Some(CaStep::TrustingSuccessor));
         assert_eq!(blocks(&again.ca)[0], blocks(&first.ca)[0]);
         assert_ne!(
@@ -976,9 +934,8 @@ mod tests {
 
     #[test]
     fn stored_ca_keys_stay_out_of_debug_output() {
-        let trusting = generated_ca(None, "cplink test", YEAR, MONTH, now() - YEAR * 9)
-            .and_then(|ca| generated_ca(Some(&ca.ca), "cplink test", YEAR, MONTH, now()))
-            .expect("decision");
+        let old = decide_at(None, now() - YEAR * 9);
+        let trusting = decide_at(Some(&old.ca), now());
         let debug = format!("{:?}", trusting.ca);
         assert!(!debug.contains("PRIVATE KEY"), "{debug}");
     }

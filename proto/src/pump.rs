@@ -268,19 +268,12 @@ where
             // Everything read before the failure is on the stream; end it with the abort
             // trailer and keep the stream until the other end has taken it and finished
             // (dropping it sooner would reset it and discard the queued bytes).
-            if send
-                .send_trailers(abort_trailers(&one_line(&err.to_string())))
-                .is_ok()
+            let trailers = send.send_trailers(abort_trailers(&one_line(&err.to_string())));
+            if trailers.is_err()
+                || tokio::time::timeout(ABORT_LINGER, discard(&mut recv))
+                    .await
+                    .is_err()
             {
-                let drained = async {
-                    while let Some(Ok(data)) = recv.data().await {
-                        let _ = recv.flow_control().release_capacity(data.len());
-                    }
-                };
-                if tokio::time::timeout(ABORT_LINGER, drained).await.is_err() {
-                    send.send_reset(Reason::CANCEL);
-                }
-            } else {
                 send.send_reset(Reason::CANCEL);
             }
             Err(PumpError::SocketRead(err))
