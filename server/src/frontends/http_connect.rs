@@ -57,9 +57,14 @@ impl FrontendStream for UnixStream {
     }
 }
 
-impl FrontendStream for TlsStream<ReadAhead<TcpStream>> {
-    type Reader = Buffered<ReadHalf<TlsStream<ReadAhead<TcpStream>>>>;
-    type Writer = WriteHalf<TlsStream<ReadAhead<TcpStream>>>;
+/// A TLS connection, boxed: rustls' connection state is over a kilobyte, and a connection's task
+/// would otherwise carry a copy of its size at every step that once held it by value (the
+/// handshake, the CONNECT head, the pump), for as long as the connection lives.
+type FrontendTls = Box<TlsStream<ReadAhead<TcpStream>>>;
+
+impl FrontendStream for FrontendTls {
+    type Reader = Buffered<ReadHalf<FrontendTls>>;
+    type Writer = WriteHalf<FrontendTls>;
 
     fn split(self) -> (Self::Reader, Self::Writer) {
         let (reader, writer) = tokio::io::split(self);
@@ -110,7 +115,7 @@ pub(crate) async fn accept_tls(
                     }
                 };
                 tokio::select! {
-                    () = serve(&shared, tls, "tls", pending) => {}
+                    () = serve(&shared, Box::new(tls), "tls", pending) => {}
                     () = force.cancelled() => tracing::info!("drain deadline reached: connection cut"),
                 }
             }
@@ -211,14 +216,16 @@ async fn serve<S: FrontendStream>(
             )
             .await
             .map_err(|e| (e.to_string(), e.delivered_then_aborted())),
-            Carried::Mux(mut conn) => mux::pump(
+            // Boxed: its state is larger than the native pump's, and every connection's task
+            // would carry that size, upstream agent or not.
+            Carried::Mux(mut conn) => Box::pin(mux::pump(
                 &mut reader,
                 &mut writer,
                 &mut conn,
                 request.leftover,
                 &counted,
                 tunnel::CLOSE_LINGER,
-            )
+            ))
             .await
             .map_err(|e| (e.to_string(), false)),
         };
