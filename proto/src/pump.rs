@@ -27,7 +27,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 
 /// Trailer ending a stream whose sending socket failed after the bytes before it were sent; its
 /// value says why. The receiving end writes every byte, then aborts its socket.
@@ -226,11 +226,13 @@ where
     // Why the socket stopped taking bytes, once it did: its own bytes are still read to their
     // end, and the stream then ends with the abort trailer.
     let write_failed = OnceLock::new();
-    let socket_done = CancellationToken::new();
+    // One waiter, told once: the permit `notify_one` stores if it is not waiting yet is enough.
+    // Unlike a cancellation token it allocates nothing, for every tunnel's life.
+    let socket_done = Notify::new();
     let result = tokio::try_join!(
         async {
             let sent = socket_to_stream(reader, &mut send, initial, counters, &write_failed).await;
-            socket_done.cancel();
+            socket_done.notify_one();
             sent
         },
         async {
@@ -243,7 +245,7 @@ where
                     // hold up the link's other streams), until the other end finishes or for
                     // the linger after the socket's end.
                     let lingered = async {
-                        socket_done.cancelled().await;
+                        socket_done.notified().await;
                         tokio::time::sleep(ABORT_LINGER).await;
                     };
                     tokio::select! {
