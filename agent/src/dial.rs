@@ -1,8 +1,8 @@
 //! Dials destinations for servers, and serves native tunnel streams.
 //!
 //! [`open`] is what both link protocols share: the destination policy, the connect within the
-//! dial timeout, and the dial metrics. [`serve`] answers one native `CONNECT` stream with it,
-//! then pumps bytes; the konnectivity side answers dial requests on its shared stream.
+//! dial timeout, and the dial metrics. [`accept`] takes one native `CONNECT` stream and
+//! [`Accepted::serve`] answers it with [`open`], then pumps bytes; the konnectivity side answers dial requests on its shared stream.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -21,32 +21,50 @@ use tracing::Instrument;
 use crate::Shared;
 use crate::metrics::ResultLabels;
 
-/// Handles a `CONNECT` stream opened by a server.
-pub(crate) async fn serve(
+/// A `CONNECT` stream opened by a server, its destination parsed: what the stream's task holds
+/// for as long as the tunnel lives, so the request's head is not part of it.
+pub(crate) struct Accepted {
+    target: Target,
+    recv: RecvStream,
+    respond: SendResponse<Bytes>,
+}
+
+/// Takes a `CONNECT` stream opened by a server: its destination, or the refusal of a request
+/// that names none, answered at once.
+pub(crate) fn accept(
     shared: &Shared,
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
-) {
+) -> Option<Accepted> {
     let (parts, recv) = request.into_parts();
-    let target = match parse_target(&parts.method, &parts.uri) {
-        Ok(target) => target,
+    match parse_target(&parts.method, &parts.uri) {
+        Ok(target) => Some(Accepted {
+            target,
+            recv,
+            respond,
+        }),
         Err(failure) => {
             count(shared, failure.kind());
-            return refuse(&mut respond, &failure);
+            refuse(&mut respond, &failure);
+            None
         }
-    };
-    let span = tracing::info_span!("dial", dest = %target);
-    dial_and_pump(shared, target, recv, respond)
-        .instrument(span)
-        .await;
+    }
 }
 
-async fn dial_and_pump(
-    shared: &Shared,
-    target: Target,
-    recv: RecvStream,
-    mut respond: SendResponse<Bytes>,
-) {
+impl Accepted {
+    /// Dials the destination, answers the stream, then pumps bytes until the tunnel ends.
+    pub(crate) async fn serve(self, shared: &Shared) {
+        let span = tracing::info_span!("dial", dest = %self.target);
+        dial_and_pump(shared, self).instrument(span).await;
+    }
+}
+
+async fn dial_and_pump(shared: &Shared, accepted: Accepted) {
+    let Accepted {
+        target,
+        recv,
+        mut respond,
+    } = accepted;
     let dialed = tokio::select! {
         dialed = open(shared, &target) => dialed,
         // The server gave up on the dial (its client cancelled or left): stop dialing rather
@@ -57,6 +75,8 @@ async fn dial_and_pump(
             return;
         }
     };
+    // Not held for the tunnel's life.
+    drop(target);
     let tcp = match dialed {
         Ok(tcp) => tcp,
         Err(failure) => return refuse(&mut respond, &failure),

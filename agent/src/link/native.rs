@@ -132,10 +132,13 @@ async fn serve(shared: &Arc<Shared>, link: Link, context: &LinkContext) -> Resul
         tokio::select! {
             accepted = connection.accept() => match accepted {
                 Some(Ok((request, respond))) => {
+                    let Some(accepted) = dial::accept(shared, request, respond) else {
+                        continue;
+                    };
                     let shared = shared.clone();
                     let counted = held.count_stream();
                     context.streams.spawn(async move {
-                        dial::serve(&shared, request, respond).await;
+                        accepted.serve(&shared).await;
                         drop(counted);
                     });
                 }
