@@ -78,8 +78,10 @@ impl FrontendStream for FrontendTls {
     }
 
     async fn abort_after_sent(reader: Self::Reader, writer: Self::Writer) {
-        let tls = reader.0.unsplit(writer);
-        abort_tcp_after_sent(tls.into_inner().0.into_inner(), pump::ABORT_LINGER).await;
+        // A statement of its own: a temporary of the awaiting statement (the unboxed TLS
+        // stream) would be kept in the task's state for as long as the await lasts.
+        let tcp = reader.0.unsplit(writer).into_inner().0.into_inner();
+        abort_tcp_after_sent(tcp, pump::ABORT_LINGER).await;
     }
 }
 
@@ -161,30 +163,32 @@ async fn serve<S: FrontendStream>(
         .get_or_create(&FrontendLabels { frontend })
         .inc();
 
-    let head = tokio::time::timeout(
-        shared.config.header_timeout,
-        connect::read_request(&mut stream),
-    )
-    .await
-    .unwrap_or(Err(ConnectError::Timeout));
-    drop(pending);
-    let request = match head {
-        Ok(request) => request,
-        Err(err) => {
-            count_request_error(shared, err.kind());
-            tracing::info!(%err, "frontend request refused");
-            if let Some(status) = err.status() {
-                reply_and_close(
-                    &mut stream,
-                    &connect::error_response(status, &err.to_string()),
-                )
-                .await;
+    // In a block of its own, so that the request's head is not kept for the tunnel's life.
+    let (target, leftover) = {
+        let head = tokio::time::timeout(
+            shared.config.header_timeout,
+            connect::read_request(&mut stream),
+        )
+        .await
+        .unwrap_or(Err(ConnectError::Timeout));
+        drop(pending);
+        match head {
+            Ok(request) => (request.target, request.leftover),
+            Err(err) => {
+                count_request_error(shared, err.kind());
+                tracing::info!(%err, "frontend request refused");
+                if let Some(status) = err.status() {
+                    reply_and_close(
+                        &mut stream,
+                        &connect::error_response(status, &err.to_string()),
+                    )
+                    .await;
+                }
+                return;
             }
-            return;
         }
     };
 
-    let target = request.target;
     let span = tracing::info_span!("dial", dest = %target, agent_id = tracing::field::Empty);
     async move {
         let tunnel = match tunnel::open_counted(shared, &target, frontend).await {
@@ -206,23 +210,18 @@ async fn serve<S: FrontendStream>(
         let (mut reader, mut writer) = stream.split();
         let counted = tunnel::counted(&metrics.bytes, &tunnel.tracked, &tunnel.route);
         let result = match tunnel.carried {
-            Carried::H2 { send, recv } => pump::pump(
-                &mut reader,
-                &mut writer,
-                send,
-                recv,
-                request.leftover,
-                &counted,
-            )
-            .await
-            .map_err(|e| (e.to_string(), e.delivered_then_aborted())),
+            Carried::H2 { send, recv } => {
+                pump::pump(&mut reader, &mut writer, send, recv, leftover, &counted)
+                    .await
+                    .map_err(|e| (e.to_string(), e.delivered_then_aborted()))
+            }
             // Boxed: its state is larger than the native pump's, and every connection's task
             // would carry that size, upstream agent or not.
             Carried::Mux(mut conn) => Box::pin(mux::pump(
                 &mut reader,
                 &mut writer,
                 &mut conn,
-                request.leftover,
+                leftover,
                 &counted,
                 tunnel::CLOSE_LINGER,
             ))
