@@ -60,6 +60,10 @@ pub(crate) struct Shared {
     /// When the server was made (it runs at once): for the first `--node-agent-grace` after,
     /// the Nodes it learns of wait for their agents ([`Registry::expect_node`]).
     pub(crate) started: std::time::Instant,
+    /// Whether the Nodes behind agents' identities have been listed once (always, when the
+    /// server binds no agent to a node): until then the server cannot know which Nodes'
+    /// dials to hold for their agents, so it does not report ready.
+    nodes_listed: AtomicBool,
     draining: AtomicBool,
 }
 
@@ -227,6 +231,13 @@ impl ServerHandle {
 }
 
 impl Shared {
+    /// Records that the Nodes have been listed once (see [`Shared::nodes_listed`]).
+    pub(crate) fn nodes_were_listed(&self) {
+        if !self.nodes_listed.swap(true, Ordering::Relaxed) {
+            tracing::info!("the Nodes are listed: which nodes' dials to hold is known");
+        }
+    }
+
     /// Whether the server is shutting down.
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
@@ -289,6 +300,8 @@ fn readiness(shared: &Shared) -> Result<(), String> {
         Err("shutting down".into())
     } else if shared.registry.is_empty() {
         Err("no agent linked".into())
+    } else if !shared.nodes_listed.load(Ordering::Relaxed) {
+        Err("the Nodes are not listed yet".into())
     } else {
         Ok(())
     }
@@ -300,6 +313,7 @@ impl Server {
         let mut prometheus = prometheus_client::registry::Registry::default();
         let metrics = Metrics::new(&mut prometheus);
         let tunnels = Arc::new(tokio::sync::Semaphore::new(config.max_tunnels as usize));
+        let nodes_listed = AtomicBool::new(config.identity.api().is_none());
         Server {
             shared: Arc::new(Shared {
                 config,
@@ -308,6 +322,7 @@ impl Server {
                 tunnels,
                 connections: Arc::default(),
                 started: std::time::Instant::now(),
+                nodes_listed,
                 draining: AtomicBool::new(false),
             }),
             prometheus: Arc::new(prometheus),
@@ -486,6 +501,56 @@ impl Server {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::tests::link;
+
+    /// A server made from `flags` (plus a throwaway certificate).
+    fn server(flags: &[&str]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (crt, pem_key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::write(&crt, cert.pem()).unwrap();
+        std::fs::write(&pem_key, key.serialize_pem()).unwrap();
+        let (crt, pem_key) = (crt.display().to_string(), pem_key.display().to_string());
+        let mut args = vec![
+            "cplink-server".to_owned(),
+            "--server-id=server-a".to_owned(),
+            format!("--tls-cert={crt}"),
+            format!("--tls-key={pem_key}"),
+            format!("--agent-ca={crt}"),
+        ];
+        args.extend(flags.iter().map(|flag| (*flag).to_owned()));
+        let args = <Args as clap::Parser>::try_parse_from(args).unwrap();
+        Server::new(args.into_config().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_server_binding_agents_to_nodes_is_ready_once_it_has_listed_the_nodes() {
+        let server = server(&["--agent-identity=certificate", "--kubeconfig=/dev/null"]);
+        let shared = &server.shared;
+        assert_eq!(readiness(shared), Err("no agent linked".to_owned()));
+        link(&shared.registry, "a", "node-a", "10.0.0.1", "10.244.1.0/24").await;
+        assert_eq!(
+            readiness(shared),
+            Err("the Nodes are not listed yet".to_owned())
+        );
+        shared.nodes_were_listed();
+        assert_eq!(readiness(shared), Ok(()));
+        shared.draining.store(true, Ordering::Relaxed);
+        assert_eq!(readiness(shared), Err("shutting down".to_owned()));
+    }
+
+    #[tokio::test]
+    async fn a_server_taking_agents_at_their_word_needs_no_node_list() {
+        let server = server(&[]);
+        let shared = &server.shared;
+        assert_eq!(readiness(shared), Err("no agent linked".to_owned()));
+        link(&shared.registry, "a", "node-a", "10.0.0.1", "10.244.1.0/24").await;
+        assert_eq!(readiness(shared), Ok(()));
+    }
 
     #[tokio::test]
     async fn a_stale_socket_is_replaced_and_a_live_one_is_not() {

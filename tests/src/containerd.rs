@@ -77,9 +77,10 @@ impl Containerd {
             .to_string_lossy()
             .into_owned();
         // `--pdeathsig`: should the test process die, unshare dies with it (the signal follows
-        // the thread that spawned it, so start from one that outlives containerd, as a
-        // runtime's workers do); `--kill-child`: should unshare die, the namespace goes too.
-        let child = Command::new("setpriv")
+        // the thread that spawned it, hence the spawner thread); `--kill-child`: should unshare
+        // die, the namespace goes too.
+        let mut command = Command::new("setpriv");
+        command
             .args([
                 "--pdeathsig",
                 "KILL",
@@ -102,8 +103,8 @@ impl Containerd {
             .arg(&config)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
+            .stderr(log);
+        let child = crate::harness::spawn_for_process_lifetime(command)
             .context("cannot start containerd under unshare")?;
         let mut containerd = Containerd {
             child,

@@ -26,7 +26,7 @@
 
 use std::fmt::{self, Write as _};
 use std::future::Future;
-use std::process::{Child, ExitStatus};
+use std::process::{Child, Command, ExitStatus};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -313,6 +313,43 @@ pub async fn stop_child_async(
     }
 }
 
+/// Spawns `command` from a thread that lives as long as this process, for children that
+/// ask to be killed when their parent dies (`setpriv --pdeathsig KILL`, as the real nodes'
+/// and containerd's `unshare` do, so that nothing outlives a killed test).
+///
+/// The kernel sends the parent-death signal when the *thread* that forked the child exits,
+/// not the process, and a test's threads come and go: `tokio::task::block_in_place` hands a
+/// worker's core to a new thread and the old one later ends as an idle blocking thread, and
+/// idle blocking threads end after a few seconds. A node spawned from such a thread was
+/// killed, with every container in it, seconds after a `block_in_place` in the test.
+pub fn spawn_for_process_lifetime(command: Command) -> std::io::Result<Child> {
+    type Request = (Command, mpsc::Sender<std::io::Result<Child>>);
+    static SPAWNER: std::sync::OnceLock<mpsc::Sender<Request>> = std::sync::OnceLock::new();
+    let sender = SPAWNER.get_or_init(|| {
+        let (requests, received) = mpsc::channel::<Request>();
+        // Never joined: the thread ends with the process (its receiver never closes, since
+        // the static keeps the sender).
+        let spawned = std::thread::Builder::new()
+            .name("child-spawner".to_owned())
+            .spawn(move || {
+                for (mut command, reply) in received {
+                    let _ = reply.send(command.spawn());
+                }
+            });
+        if let Err(err) = spawned {
+            tracing::error!(%err, "cannot start the child-spawner thread");
+        }
+        requests
+    });
+    let (reply, replied) = mpsc::channel();
+    sender
+        .send((command, reply))
+        .map_err(|_| std::io::Error::other("the child-spawner thread is gone"))?;
+    replied
+        .recv()
+        .map_err(|_| std::io::Error::other("the child-spawner thread is gone"))?
+}
+
 /// Polls `child` until it exits, for at most `within`; `None` if it is still running.
 pub fn wait_child(child: &mut Child, within: Duration) -> Option<ExitStatus> {
     let give_up = Instant::now() + within;
@@ -451,6 +488,46 @@ mod tests {
         let _ = run_with("panics", DEADLINE * 10, SHUTDOWN, |_| async move {
             panic!("an assertion of the body");
         });
+    }
+
+    #[test]
+    fn a_child_spawned_for_the_process_lifetime_outlives_the_thread_that_asked() {
+        use std::os::unix::process::ExitStatusExt as _;
+        // Both children ask to be killed when their parent dies; the thread asking ends.
+        let sleeper = || {
+            let mut command = Command::new("setpriv");
+            command.args(["--pdeathsig", "KILL", "--", "sleep", "30"]);
+            command
+        };
+        let asking = std::thread::spawn(move || {
+            let direct = sleeper().spawn().expect("setpriv");
+            let lasting = spawn_for_process_lifetime(sleeper()).expect("setpriv");
+            // Once each runs `sleep`, setpriv has set its parent-death signal.
+            for child in [&direct, &lasting] {
+                let comm = format!("/proc/{}/comm", child.id());
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while std::fs::read_to_string(&comm).map_or(true, |c| c.trim() != "sleep") {
+                    assert!(Instant::now() < deadline, "setpriv never ran sleep");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            (direct, lasting)
+        });
+        let (mut direct, mut lasting) = asking.join().expect("the asking thread");
+        // The control: the end of the thread that forked it killed the direct child.
+        let status = wait_child(&mut direct, Duration::from_secs(10))
+            .expect("the directly spawned child is killed when its thread ends");
+        assert_eq!(status.signal(), Some(9), "{status:?}");
+        // The other one's parent is the spawner thread, which lives on.
+        assert_eq!(
+            wait_child(&mut lasting, Duration::from_millis(500)),
+            None,
+            "the child spawned for the process lifetime was killed with the asking thread"
+        );
+        assert!(
+            stop_child(&mut lasting, Duration::ZERO).is_some(),
+            "not reaped"
+        );
     }
 
     #[test]

@@ -412,8 +412,7 @@ exec "$kubelet" "$@" >"$d/kubelet.log" 2>&1
             .stdin(Stdio::piped())
             .stdout(log.try_clone()?)
             .stderr(log);
-        let mut child = command
-            .spawn()
+        let mut child = crate::harness::spawn_for_process_lifetime(command)
             .context("cannot start the node's namespaces")?;
         let stdin = child.stdin.take();
         let host_veth = sweep::veth(

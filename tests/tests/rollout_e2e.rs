@@ -236,9 +236,6 @@ fn roll(stack: &Stack, what: &str) -> anyhow::Result<Duration> {
 }
 
 #[test]
-#[ignore = "on real nodes, after kube-apiserver's restart the link's status sometimes stays \
-            stale for minutes (the operator reconciles nothing, old server pods stay \
-            Terminating, nodes may turn NotReady): seen in 3 of 9 runs; run with --ignored"]
 fn rolling_restarts_of_servers_and_agents_lose_no_tunneled_request() -> anyhow::Result<()> {
     harness::run(
         "rolling_restarts_of_servers_and_agents_lose_no_tunneled_request",

@@ -8,7 +8,8 @@
 //! A server that has just started knows of no agent that went: for its first
 //! `--node-agent-grace`, each Node it learns of with no agent linked is expected to get one, and
 //! dials for it wait as they would for a replaced agent
-//! ([`crate::registry::Registry::expect_node`]).
+//! ([`crate::registry::Registry::expect_node`]). The server reports ready only once it has listed
+//! the Nodes: before, it could not tell a Node to hold from a name it never heard of.
 //!
 //! Events can be missed while a watch is broken; after each relist (`Init` .. `InitDone`), links
 //! whose Pod or Node was not listed are closed as if their deletion had been seen. Only links
@@ -116,6 +117,9 @@ trait Watched:
 
     /// The object was added or changed.
     fn applied(&self, _shared: &Shared) {}
+
+    /// Every object of the kind has been listed (after each relist).
+    fn listed(_shared: &Shared) {}
 }
 
 impl Watched for Node {
@@ -133,6 +137,10 @@ impl Watched for Node {
     fn applied(&self, shared: &Shared) {
         follow(shared, self);
         expect(shared, self);
+    }
+
+    fn listed(shared: &Shared) {
+        shared.nodes_were_listed();
     }
 }
 
@@ -178,6 +186,7 @@ async fn watch<K: Watched>(shared: &Shared, api: kube::Api<K>) {
                 }
             }
             Ok(Event::InitDone) => {
+                K::listed(shared);
                 let Some((started, seen)) = relist.take() else {
                     continue;
                 };
