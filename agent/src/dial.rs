@@ -2,7 +2,8 @@
 //!
 //! [`open`] is what both link protocols share: the destination policy, the connect within the
 //! dial timeout, and the dial metrics. [`accept`] takes one native `CONNECT` stream and
-//! [`Accepted::serve`] answers it with [`open`], then pumps bytes; the konnectivity side answers dial requests on its shared stream.
+//! [`Accepted::serve`] answers it with [`open`], then pumps bytes; the konnectivity side
+//! answers dial requests on its shared stream.
 
 use std::net::SocketAddr;
 use std::time::Instant;
