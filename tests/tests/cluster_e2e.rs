@@ -19,8 +19,8 @@ use cplink_e2e::metrics::counter;
 use cplink_e2e::stack::{self, Egress, Follow, LINK, NAMESPACE, STEP, Stack, StackOptions};
 use cplink_e2e::wait;
 use cplink_operator::resources::{
-    AGENT_TERMINATION_GRACE_PERIOD_SECONDS, daemonset::AGENT_ADMIN_PORT,
-    deployment::SERVER_ADMIN_PORT,
+    AGENT_TERMINATION_GRACE_PERIOD_SECONDS, SERVER_TERMINATION_GRACE_PERIOD_SECONDS,
+    daemonset::AGENT_ADMIN_PORT, deployment::SERVER_ADMIN_PORT,
 };
 
 /// One cluster at a time.
@@ -486,17 +486,54 @@ async fn http_connect(steps: Steps) -> anyhow::Result<()> {
         })
         .await?;
     stack.wait_link_ready().await?;
+    // Restored means running again: one ready agent of the new DaemonSet per node, and the old
+    // ones gone (they drain for up to their grace period). An agent pod deleted seconds after
+    // its DaemonSet made it was seen Terminating here for more than twice its grace period
+    // (kubelet v1.20 still starting it): that is kubelet's business, not the link's, so the
+    // deletion below starts from agents that run.
+    let new_uid = stack.plane.kubectl_ok(&agents_uid)?;
+    stack
+        .plane
+        .wait_kubectl(
+            "an agent of the new DaemonSet ready on every node, and no other",
+            STEP + Duration::from_secs(AGENT_TERMINATION_GRACE_PERIOD_SECONDS.unsigned_abs()),
+            &[
+                "get",
+                "pods",
+                "-n",
+                NAMESPACE,
+                "-l",
+                "app.kubernetes.io/component=agent",
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.ownerReferences[0].uid} \
+                 {.status.conditions[?(@.type==\"Ready\")].status} \
+                 {.metadata.deletionTimestamp}{\"\\n\"}{end}",
+            ],
+            |out| {
+                let pods: Vec<Vec<&str>> = out
+                    .lines()
+                    .map(|line| line.split_whitespace().collect())
+                    .collect();
+                pods.len() == nodes.len()
+                    && pods.iter().all(|pod| pod[..] == [new_uid.as_str(), "True"])
+            },
+        )
+        .await
+        .map_err(|e| e.context(stack.diagnostics()))?;
 
     // 4. Deleting the link removes everything it created, and its pods stop.
     steps.enter("deleting the link");
     stack
         .plane
         .kubectl_ok(&["delete", "cpl", LINK, "-n", NAMESPACE, "--timeout=90s"])?;
+    // Servers and agents drain for up to their grace periods before they go.
+    let children_gone =
+        STEP + Duration::from_secs(SERVER_TERMINATION_GRACE_PERIOD_SECONDS.unsigned_abs());
     stack
         .plane
         .wait_kubectl(
             "the link's namespaced children to be gone",
-            STEP,
+            children_gone,
             &[
                 "get",
                 "deploy,ds,svc,secret,sa,role,rolebinding,pods",
@@ -509,7 +546,8 @@ async fn http_connect(steps: Steps) -> anyhow::Result<()> {
             ],
             |out| out.trim().is_empty(),
         )
-        .await?;
+        .await
+        .map_err(|e| e.context(stack.diagnostics()))?;
     let cluster =
         stack
             .plane
