@@ -442,26 +442,7 @@ mod tests {
 
     /// A server's shared state, with a throwaway certificate, routing `node,cidr`.
     fn shared() -> Arc<Shared> {
-        let dir = tempfile::tempdir().unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let (crt, pem_key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-        std::fs::write(&crt, cert.pem()).unwrap();
-        std::fs::write(&pem_key, key.serialize_pem()).unwrap();
-        let args = <crate::Args as clap::Parser>::try_parse_from([
-            "cplink-server",
-            "--server-id=server-a",
-            "--strategies=node,cidr",
-            "--debug-endpoints",
-            &format!("--tls-cert={}", crt.display()),
-            &format!("--tls-key={}", pem_key.display()),
-            &format!("--agent-ca={}", crt.display()),
-        ])
-        .unwrap();
-        crate::Server::new(args.into_config().unwrap()).shared
+        crate::tests::server(&["--strategies=node,cidr", "--debug-endpoints"]).shared
     }
 
     async fn get(views: &Views, path_and_query: &str) -> (StatusCode, Value) {

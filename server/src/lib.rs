@@ -499,12 +499,12 @@ impl Server {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::registry::tests::link;
 
     /// A server made from `flags` (plus a throwaway certificate).
-    fn server(flags: &[&str]) -> Server {
+    pub(crate) fn server(flags: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = rcgen::CertificateParams::new(vec!["localhost".into()])

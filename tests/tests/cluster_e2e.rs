@@ -479,7 +479,7 @@ async fn http_connect(steps: Steps) -> anyhow::Result<()> {
         NAMESPACE,
         "--wait=false",
     ])?;
-    stack
+    let new_uid = stack
         .plane
         .wait_kubectl("the DaemonSet to be restored", STEP, &agents_uid, |now| {
             !now.is_empty() && now != uid
@@ -491,7 +491,6 @@ async fn http_connect(steps: Steps) -> anyhow::Result<()> {
     // its DaemonSet made it was seen Terminating here for more than twice its grace period
     // (kubelet v1.20 still starting it): that is kubelet's business, not the link's, so the
     // deletion below starts from agents that run.
-    let new_uid = stack.plane.kubectl_ok(&agents_uid)?;
     stack
         .plane
         .wait_kubectl(
