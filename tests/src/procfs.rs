@@ -47,6 +47,30 @@ pub fn cpu(pid: u32) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(total as f64 / per_second as f64))
 }
 
+/// Voluntary context switches of process `pid` so far: how often its threads went to sleep to
+/// wait for something (a socket, a lock, a timer) and were woken again, summed over its live
+/// threads (from `/proc/<pid>/task/*/status`; threads that exited are not counted). Switches
+/// by preemption are not counted: they tell of the machine's load more than of the process.
+pub fn wake_ups(pid: u32) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        // A thread may exit between the listing and the read.
+        if let Ok(status) = std::fs::read_to_string(task?.path().join("status")) {
+            total += wake_ups_in(&status).with_context(|| format!("/proc/{pid}/task/*/status"))?;
+        }
+    }
+    Ok(total)
+}
+
+/// The voluntary context switches a thread's `status` file counts.
+fn wake_ups_in(status: &str) -> anyhow::Result<u64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|count| count.trim().parse().ok())
+        .context("no voluntary_ctxt_switches")
+}
+
 /// `pid` and every live process below it (from `/proc/<pid>/task/*/children`).
 pub fn tree(pid: u32) -> Vec<u32> {
     let mut found = vec![pid];
@@ -133,5 +157,25 @@ mod tests {
             std::hint::black_box(x);
         }
         assert!(tree(me).contains(&me));
+    }
+
+    #[test]
+    fn a_thread_that_sleeps_is_woken_up() {
+        // Every sleep gives the CPU up and ends in a wake-up: ten of them are at least ten.
+        let own = || {
+            wake_ups_in(&std::fs::read_to_string("/proc/thread-self/status").expect("status"))
+                .expect("switch counts")
+        };
+        let switched = std::thread::spawn(move || {
+            let before = own();
+            for _ in 0..10 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            own() - before
+        })
+        .join()
+        .expect("sleeper");
+        assert!(switched >= 10, "{switched} wake-ups for 10 sleeps");
+        assert!(wake_ups(std::process::id()).expect("task status") > 0);
     }
 }

@@ -299,9 +299,10 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
     }
     if wanted(Workload::Latency) {
         progress(&format!("{} request/response round trips", sizes.samples));
-        for (column, route, _) in &routes {
-            let times = workloads::round_trips(route, sizes.warmup, sizes.samples).await?;
-            report.latency(*column, Stats::of(times));
+        for (column, route, ends) in &routes {
+            let work = workloads::round_trips(route, sizes.warmup, sizes.samples);
+            let (times, cpu) = metered(*ends, work).await?;
+            report.latency(*column, Stats::of(times), sizes.warmup + sizes.samples, cpu);
         }
     }
     if wanted(Workload::Dials) {

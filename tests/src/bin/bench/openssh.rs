@@ -183,16 +183,21 @@ impl OpenSsh {
 }
 
 impl Ends for OpenSsh {
-    /// sshd separates privileges into child processes: its CPU time is the whole tree's.
+    /// sshd separates privileges into child processes: its CPU time and wake-ups are the
+    /// whole tree's.
     fn cpu(&self) -> anyhow::Result<Cpu> {
         let (sshd, ssh) = self.pids()?;
         let mut server = Duration::ZERO;
+        let mut server_wake_ups = 0;
         for pid in procfs::tree(sshd) {
             server += procfs::cpu(pid).unwrap_or_default();
+            server_wake_ups += procfs::wake_ups(pid).unwrap_or_default();
         }
         Ok(Cpu {
             server,
             agent: procfs::cpu(ssh)?,
+            server_wake_ups,
+            agent_wake_ups: procfs::wake_ups(ssh)?,
         })
     }
 

@@ -92,6 +92,11 @@ impl Process {
         procfs::cpu(self.pid)
     }
 
+    /// Wake-ups (voluntary context switches) of the process's threads so far.
+    pub fn wake_ups(&self) -> anyhow::Result<u64> {
+        procfs::wake_ups(self.pid)
+    }
+
     /// Stops the process gracefully (by closing its standard input), or kills it after 10 s.
     pub async fn stop(mut self) {
         harness::stop_child_async(&mut self.child, Duration::from_secs(10)).await;
@@ -289,6 +294,8 @@ impl Ends for Pair {
         Ok(Cpu {
             server: self.server.cpu()?,
             agent: self.agent.cpu()?,
+            server_wake_ups: self.server.wake_ups()?,
+            agent_wake_ups: self.agent.wake_ups()?,
         })
     }
 
@@ -300,19 +307,25 @@ impl Ends for Pair {
 /// The two ends of a tunnel, as processes whose CPU time and memory the benchmark reads: the
 /// control-plane end (cplink-server, sshd) and the node end (cplink-agent, ssh).
 pub trait Ends {
-    /// CPU time each end has used so far.
+    /// CPU time each end has used, and how often its threads were woken, so far.
     fn cpu(&self) -> anyhow::Result<Cpu>;
     /// Resident memory of each end in KiB: the control-plane end, then the node end.
     fn rss_kib(&self) -> anyhow::Result<(u64, u64)>;
 }
 
-/// CPU time of the server and of the agent: a reading, or the difference of two.
+/// CPU time and wake-ups of the server and of the agent: a reading, or the difference of two.
+/// A wake-up is a thread that went to sleep, most often to wait for a socket, and was woken
+/// (a voluntary context switch): what a tunnel adds to every hop beside the bytes' own work.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Cpu {
     /// The server process.
     pub server: Duration,
     /// The agent process.
     pub agent: Duration,
+    /// Wake-ups of the server's threads.
+    pub server_wake_ups: u64,
+    /// Wake-ups of the agent's threads.
+    pub agent_wake_ups: u64,
 }
 
 impl Cpu {
@@ -321,6 +334,8 @@ impl Cpu {
         Cpu {
             server: self.server.saturating_sub(earlier.server),
             agent: self.agent.saturating_sub(earlier.agent),
+            server_wake_ups: self.server_wake_ups.saturating_sub(earlier.server_wake_ups),
+            agent_wake_ups: self.agent_wake_ups.saturating_sub(earlier.agent_wake_ups),
         }
     }
 }

@@ -81,6 +81,8 @@ pub struct Report {
     cpu_parallel_up: PerRoute<Option<Cpu>>,
     cpu_parallel_down: PerRoute<Option<Cpu>>,
     cpu_dial: PerRoute<Option<Cpu>>,
+    cpu_latency: PerRoute<Option<Cpu>>,
+    round_trips: usize,
     bulk: PerRoute<Option<(Stats, f64)>>,
     idle_server: u64,
     idle_agent: u64,
@@ -150,8 +152,11 @@ impl Report {
     }
 
     /// Round-trip latency on an otherwise idle route.
-    pub fn latency(&mut self, column: usize, stats: Stats) {
+    /// Round-trip times, and the tunnel `cpu` of all `round_trips` (warm-up included).
+    pub fn latency(&mut self, column: usize, stats: Stats, round_trips: usize, cpu: Option<Cpu>) {
         self.latency[column] = Some(stats);
+        self.round_trips = round_trips;
+        self.cpu_latency[column] = cpu;
     }
 
     /// New connections per second, `dials` of them, and the tunnel `cpu` they took.
@@ -214,6 +219,7 @@ impl Report {
         self.throughput_rows(&mut rows);
         self.latency_rows(&mut rows);
         self.cpu_rows(&mut rows);
+        self.wake_up_rows(&mut rows);
         self.memory_rows(&mut rows);
         rows
     }
@@ -347,6 +353,52 @@ impl Report {
         }
     }
 
+    /// Wake-ups of server + agent per unit of work, each process's share in brackets: threads
+    /// that went to sleep and were woken again (voluntary context switches). Beside the bytes'
+    /// own work, that is what a tunnel adds to every hop, dearer on an idle machine, whose
+    /// CPUs sleep too.
+    fn wake_up_rows(&self, rows: &mut Vec<Vec<String>>) {
+        let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+        let streams = self.streams;
+        for (name, cpu, units) in [
+            (
+                "wake-ups per MiB, upload, 1 stream".to_owned(),
+                &self.cpu_upload,
+                mib(self.single),
+            ),
+            (
+                "wake-ups per MiB, download, 1 stream".to_owned(),
+                &self.cpu_download,
+                mib(self.single),
+            ),
+            (
+                format!("wake-ups per MiB, upload, {streams} streams"),
+                &self.cpu_parallel_up,
+                mib(self.parallel),
+            ),
+            (
+                format!("wake-ups per MiB, download, {streams} streams"),
+                &self.cpu_parallel_down,
+                mib(self.parallel),
+            ),
+            (
+                "wake-ups per 64 B round trip".to_owned(),
+                &self.cpu_latency,
+                self.round_trips as f64,
+            ),
+            (
+                "wake-ups per dial".to_owned(),
+                &self.cpu_dial,
+                self.dials as f64,
+            ),
+        ] {
+            if cpu.iter().any(Option::is_some) {
+                let cell = |c: usize| cpu[c].map(|cpu| wake_ups(cpu, units));
+                rows.push(tunnel_only(format!("{name} (server + agent)"), cell, ""));
+            }
+        }
+    }
+
     fn memory_rows(&self, rows: &mut Vec<Vec<String>>) {
         if self.held.iter().all(Option::is_none) {
             return;
@@ -429,6 +481,17 @@ fn split(cpu: Cpu, units: f64, unit: &str, scale: f64, digits: usize) -> String 
     let (server, agent) = (per(cpu.server), per(cpu.agent));
     format!(
         "{:.digits$} {unit} ({server:.digits$} + {agent:.digits$})",
+        server + agent
+    )
+}
+
+/// Wake-ups in `cpu` per unit of work (`units` of it were done), as "total (server + agent)".
+fn wake_ups(cpu: Cpu, units: f64) -> String {
+    let per = |n: u64| n as f64 / units;
+    let (server, agent) = (per(cpu.server_wake_ups), per(cpu.agent_wake_ups));
+    let digits = if server + agent < 10.0 { 1 } else { 0 };
+    format!(
+        "{:.digits$} ({server:.digits$} + {agent:.digits$})",
         server + agent
     )
 }
