@@ -214,9 +214,10 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
             break;
         }
         let pair = Pair::start(&certs, extra).await?;
-        if frontend == Frontend::Uds {
+        if !report.has_idle_rss() {
             // A linked pair before any connection: what an agent costs on every node.
-            report.idle_rss(pair.server.rss_kib()?, pair.agent.rss_kib()?);
+            let (server, agent) = (pair.server.rss_kib()?, pair.agent.rss_kib()?);
+            report.idle_rss(frontend.column(), server, agent);
         }
         let route = tunnel.route(&pair, frontend).await?;
         hold_idle(
@@ -358,12 +359,12 @@ async fn hold_idle(
 ) -> anyhow::Result<()> {
     progress(&format!("holding {} idle connections ({name})", sizes.idle));
     // Warm up lazily allocated state (TLS sessions, h2 buffers, metric series).
-    drop(workloads::hold_idle(route, 50).await?);
+    workloads::close_all(workloads::hold_idle(route, 50).await?).await?;
     let (server, agent) = ends.rss_kib()?;
     let held = workloads::hold_idle(route, sizes.idle).await?;
     let (server_held, agent_held) = ends.rss_kib()?;
     report.held(column, server_held, agent_held, server + agent);
-    drop(held);
+    workloads::close_all(held).await?;
     Ok(())
 }
 

@@ -84,8 +84,7 @@ pub struct Report {
     cpu_latency: PerRoute<Option<Cpu>>,
     round_trips: usize,
     bulk: PerRoute<Option<(Stats, f64)>>,
-    idle_server: u64,
-    idle_agent: u64,
+    idle_rss: Option<(usize, u64, u64)>,
     held: PerRoute<Option<Held>>,
 }
 
@@ -103,10 +102,14 @@ impl Report {
         }
     }
 
-    /// RSS (KiB) of a freshly linked server and agent.
-    pub fn idle_rss(&mut self, server: u64, agent: u64) {
-        self.idle_server = server;
-        self.idle_agent = agent;
+    /// RSS (KiB) of a freshly linked server and agent, shown in `column`.
+    pub fn idle_rss(&mut self, column: usize, server: u64, agent: u64) {
+        self.idle_rss = Some((column, server, agent));
+    }
+
+    /// Whether [`Report::idle_rss`] was recorded.
+    pub fn has_idle_rss(&self) -> bool {
+        self.idle_rss.is_some()
     }
 
     /// RSS (KiB) with the idle connections held, and the server + agent total before.
@@ -425,17 +428,19 @@ impl Report {
             "",
         ));
         // Measured once, on the first pair started: the frontend makes no difference yet.
-        let linked = |kib: u64| move |c: usize| (c == UDS).then(|| mib(kib));
-        rows.push(tunnel_only(
-            "server RSS, linked, no connections".into(),
-            linked(self.idle_server),
-            "",
-        ));
-        rows.push(tunnel_only(
-            "agent RSS, linked, no connections".into(),
-            linked(self.idle_agent),
-            "≤ 10 MiB",
-        ));
+        if let Some((column, server, agent)) = self.idle_rss {
+            let linked = |kib: u64| move |c: usize| (c == column).then(|| mib(kib));
+            rows.push(tunnel_only(
+                "server RSS, linked, no connections".into(),
+                linked(server),
+                "",
+            ));
+            rows.push(tunnel_only(
+                "agent RSS, linked, no connections".into(),
+                linked(agent),
+                "≤ 10 MiB",
+            ));
+        }
     }
 }
 

@@ -480,6 +480,15 @@ pub async fn hold_idle(route: &Route, count: usize) -> anyhow::Result<Vec<Box<dy
     Ok(held)
 }
 
+/// Closes connections [`hold_idle`] held as a client should: a TLS client sends its
+/// close_notify, so that the server sees an orderly end rather than an aborted tunnel.
+pub async fn close_all(held: Vec<Box<dyn Io>>) -> anyhow::Result<()> {
+    for mut stream in held {
+        stream.shutdown().await?;
+    }
+    Ok(())
+}
+
 /// Dials, does one [`MESSAGE`]-byte round trip, and returns the open connection.
 async fn echo_once(route: &Route) -> anyhow::Result<Box<dyn Io>> {
     let request = [0x42u8; MESSAGE];
