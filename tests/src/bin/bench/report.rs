@@ -286,15 +286,16 @@ impl Report {
             let mut row = vec![name.to_owned()];
             for c in [DIRECT].into_iter().chain(TUNNELS) {
                 let busy = self.bulk[c].map_or(f64::NAN, |(s, _)| micros(q(&s)));
-                let idle = self.latency[c].map_or(f64::NAN, |s| micros(q(&s)));
-                let factor = format!("{:.1}× idle", busy / idle);
-                if busy.is_nan() {
-                    row.extend(["—".to_owned(), "—".to_owned()]);
-                } else if c == DIRECT {
-                    row.push(format!("{} ({factor})", us(busy)));
-                } else {
-                    row.push(us(busy));
-                    row.push(factor);
+                // Without the latency workload (`--only bulk`) there is no idle latency.
+                let factor = self.latency[c].map(|s| format!("{:.1}× idle", busy / micros(q(&s))));
+                match factor {
+                    _ if busy.is_nan() => row.extend(["—".to_owned(), "—".to_owned()]),
+                    Some(factor) if c == DIRECT => row.push(format!("{} ({factor})", us(busy))),
+                    None if c == DIRECT => row.push(us(busy)),
+                    factor => {
+                        row.push(us(busy));
+                        row.push(factor.unwrap_or_else(|| "—".to_owned()));
+                    }
                 }
             }
             row.push(target.to_owned());
