@@ -75,6 +75,13 @@ fn quick_benchmark_prints_a_complete_table() {
             assert!(cpu.is_finite() && cpu > 0.0, "{row:?}");
         }
     }
+    // A relay sleeps while nothing arrives and is woken when something does: a quiet round
+    // trip wakes each end at least once, so a figure of zero would mean the reading is broken.
+    let woken = find("wake-ups per 64 B round trip");
+    for column in [2, 4, 6, 8] {
+        let per_round_trip = number(woken[column]);
+        assert!(per_round_trip >= 1.0, "{woken:?}");
+    }
     // An idle tunneled connection holds buffers and bookkeeping, never a stream window of data
     // (256 KiB): a figure near that would mean idle connections pin their windows.
     let memory = find("memory per idle connection");
