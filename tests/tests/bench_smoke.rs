@@ -10,13 +10,14 @@ use cplink_e2e::harness;
 /// How long the quick run may take: about a minute, ten on a loaded machine.
 const DEADLINE: Duration = Duration::from_secs(600);
 
-#[test]
-fn quick_benchmark_prints_a_complete_table() {
+/// Runs `cplink-bench` with `args` to its end (or fails the test at [`DEADLINE`]) and returns
+/// its standard output.
+fn run_bench(args: &[&str]) -> String {
     // Output to files, read once the run is over: the deadline holds whatever the run does.
     let dir = tempfile::tempdir().expect("temporary directory");
     let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_cplink-bench"))
-        .args(["--quick", "--markdown"])
+        .args(args)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out).expect("stdout file"))
         .stderr(std::fs::File::create(&err).expect("stderr file"))
@@ -36,11 +37,22 @@ fn quick_benchmark_prints_a_complete_table() {
         status.success(),
         "cplink-bench failed: {status}\n{stdout}\n{stderr}"
     );
-    let rows: Vec<Vec<&str>> = stdout
+    stdout
+}
+
+/// The table's rows, each a list of its cells.
+fn rows(stdout: &str) -> Vec<Vec<&str>> {
+    stdout
         .lines()
         .filter(|l| l.starts_with('|') && !l.starts_with("|---"))
         .map(|l| l.trim_matches('|').split('|').map(str::trim).collect())
-        .collect();
+        .collect()
+}
+
+#[test]
+fn quick_benchmark_prints_a_complete_table() {
+    let stdout = run_bench(&["--quick", "--markdown"]);
+    let rows = rows(&stdout);
     assert_eq!(rows[0][0], "measurement", "{stdout}");
     for row in &rows {
         assert_eq!(row.len(), 11, "row {row:?} in\n{stdout}");
@@ -92,4 +104,27 @@ fn quick_benchmark_prints_a_complete_table() {
     }
     let agent = find("agent RSS, linked");
     assert!(number(agent[2]) > 0.0, "{agent:?}");
+}
+
+/// With two agents linked (`--agents 2`: the server spreads streams over their links, the
+/// least loaded first) the run completes, and every byte arrives: the benchmark checks each
+/// transfer.
+#[test]
+fn two_agents_carry_every_byte() {
+    let stdout = run_bench(&[
+        "--quick",
+        "--markdown",
+        "--agents",
+        "2",
+        "--only",
+        "parallel",
+        "--through",
+        "uds",
+    ]);
+    let rows = rows(&stdout);
+    let row = rows
+        .iter()
+        .find(|r| r[0].starts_with("64 MiB download, 8 streams"))
+        .unwrap_or_else(|| panic!("no 8-stream row in\n{stdout}"));
+    assert!(row[2].ends_with("MiB/s"), "{row:?}");
 }

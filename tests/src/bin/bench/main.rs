@@ -31,6 +31,8 @@ mod procs;
 mod report;
 mod workloads;
 
+use std::num::NonZeroUsize;
+
 use anyhow::Context as _;
 use clap::Parser;
 use cplink_e2e::client::TlsClient;
@@ -70,6 +72,13 @@ struct Cli {
     /// `--agent-flag=--worker-threads=1`.
     #[arg(long = "agent-flag", value_name = "FLAG", allow_hyphen_values = true)]
     agent_flags: Vec<String>,
+
+    /// Agents per server, each its own process with its own link: with more than one, the
+    /// server spreads the tunnels over their links (the least loaded first), which measures
+    /// what several links between one agent and one server would do. Their CPU, wake-ups and
+    /// RSS are added up as the agent's.
+    #[arg(long, value_name = "N", default_value = "1")]
+    agents: NonZeroUsize,
 }
 
 /// The paths measured beside direct TCP.
@@ -156,6 +165,7 @@ fn main() -> anyhow::Result<()> {
         extra: ExtraFlags {
             server: cli.server_flags,
             agent: cli.agent_flags,
+            agents: cli.agents,
         },
     };
     let report = tokio::runtime::Runtime::new()?.block_on(run(&plan))?;
@@ -216,7 +226,7 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
         let pair = Pair::start(&certs, extra).await?;
         if !report.has_idle_rss() {
             // A linked pair before any connection: what an agent costs on every node.
-            let (server, agent) = (pair.server.rss_kib()?, pair.agent.rss_kib()?);
+            let (server, agent) = (pair.server.rss_kib()?, pair.agents_rss_kib()?);
             report.idle_rss(frontend.column(), server, agent);
         }
         let route = tunnel.route(&pair, frontend).await?;

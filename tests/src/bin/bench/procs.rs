@@ -6,6 +6,7 @@
 //! reads the addresses from its "started" line and passes the rest of its log on.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,12 +22,14 @@ use tokio::process::{Child, Command};
 
 /// Flags added to the benchmark's own for every server and agent it starts, to measure a
 /// setting (e.g. `--worker-threads`) against the defaults.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ExtraFlags {
     /// For every `cplink-server`.
     pub server: Vec<String>,
     /// For every `cplink-agent`.
     pub agent: Vec<String>,
+    /// How many agents each server gets, each its own process with its own link.
+    pub agents: NonZeroUsize,
 }
 
 /// A cplink binary running as a child of the benchmark; killed when dropped.
@@ -148,12 +151,14 @@ fn path(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// One server and one agent linked to it, each in its own process.
+/// One server and its agents (one unless `--agents` says otherwise), each in its own process
+/// with its own link. With several, the server spreads the tunnels over their links, the
+/// least loaded first, as it would over several links of one agent.
 pub struct Pair {
     /// The server process.
     pub server: Process,
-    /// The agent process.
-    pub agent: Process,
+    /// The agent processes.
+    pub agents: Vec<Process>,
     /// The TLS CONNECT frontend.
     pub tls_addr: SocketAddr,
     /// The Unix socket CONNECT frontend.
@@ -163,7 +168,7 @@ pub struct Pair {
 }
 
 impl Pair {
-    /// Starts a server and an agent, and waits until both report ready.
+    /// Starts a server and its agents, and waits until all report ready.
     pub async fn start(certs: &Certificates, extra: &ExtraFlags) -> anyhow::Result<Self> {
         // Sockets of its own, so that no pair meets one left behind by an earlier pair.
         static STARTED: AtomicUsize = AtomicUsize::new(0);
@@ -199,55 +204,84 @@ impl Pair {
         let [agent_addr, tls_addr, server_admin] =
             ["agents", "frontend", "admin"].map(|field| address(&logged, field));
         let (agent_addr, tls_addr, server_admin) = (agent_addr?, tls_addr?, server_admin?);
-        let agent_args = [
-            "--agent-id",
-            "bench-agent",
-            "--node-name",
-            "bench-node",
-            "--server-address",
-            &agent_addr.to_string(),
-            "--server-name",
-            "localhost",
-            "--tls-cert",
-            &path(&certs.agent.cert),
-            "--tls-key",
-            &path(&certs.agent.key),
-            "--server-ca",
-            &path(certs.ca()),
-            "--allow",
-            "127.0.0.0/8",
-            "--admin-address",
-            "127.0.0.1:0",
-        ]
-        .map(str::to_owned);
-        let agent_args = [&agent_args[..], &extra.agent].concat();
-        // With the environment the operator gives agents.
-        let agent_env = [(malloc::GLIBC_TUNABLES, malloc::TUNABLES)];
-        let (agent, logged) = Process::spawn(
-            "cplink-agent",
-            &agent_args,
-            &agent_env,
-            "cplink-agent started",
-        )
-        .await?;
-        let agent_admin = address(&logged, "admin")?;
-        for admin in [server_admin, agent_admin] {
+        let mut agents = Vec::with_capacity(extra.agents.get());
+        let mut admins = vec![server_admin];
+        for i in 0..extra.agents.get() {
+            let (agent, admin) = start_agent(certs, extra, agent_addr, i).await?;
+            agents.push(agent);
+            admins.push(admin);
+        }
+        for admin in admins {
             wait_ready(admin).await?;
         }
         Ok(Pair {
             server,
-            agent,
+            agents,
             tls_addr,
             uds,
             grpc,
         })
     }
 
-    /// Stops both processes.
+    /// Stops every process.
     pub async fn stop(self) {
-        self.agent.stop().await;
+        for agent in self.agents {
+            agent.stop().await;
+        }
         self.server.stop().await;
     }
+
+    /// The RSS of the agents together, in KiB.
+    pub fn agents_rss_kib(&self) -> anyhow::Result<u64> {
+        self.agents.iter().map(Process::rss_kib).sum()
+    }
+}
+
+/// Starts agent number `i` (from 0), linked to the server at `server`, and returns it with its
+/// admin address.
+async fn start_agent(
+    certs: &Certificates,
+    extra: &ExtraFlags,
+    server: SocketAddr,
+    i: usize,
+) -> anyhow::Result<(Process, SocketAddr)> {
+    // The first keeps the names a single agent has always had.
+    let suffix = if i == 0 {
+        String::new()
+    } else {
+        format!("-{i}")
+    };
+    let agent_args = [
+        &*format!("--agent-id=bench-agent{suffix}"),
+        &*format!("--node-name=bench-node{suffix}"),
+        "--server-address",
+        &server.to_string(),
+        "--server-name",
+        "localhost",
+        "--tls-cert",
+        &path(&certs.agent.cert),
+        "--tls-key",
+        &path(&certs.agent.key),
+        "--server-ca",
+        &path(certs.ca()),
+        "--allow",
+        "127.0.0.0/8",
+        "--admin-address",
+        "127.0.0.1:0",
+    ]
+    .map(str::to_owned);
+    let agent_args = [&agent_args[..], &extra.agent].concat();
+    // With the environment the operator gives agents.
+    let agent_env = [(malloc::GLIBC_TUNABLES, malloc::TUNABLES)];
+    let (agent, logged) = Process::spawn(
+        "cplink-agent",
+        &agent_args,
+        &agent_env,
+        "cplink-agent started",
+    )
+    .await?;
+    let admin = address(&logged, "admin")?;
+    Ok((agent, admin))
 }
 
 /// The socket address in field `field` of a "started" log line.
@@ -291,16 +325,20 @@ async fn readyz(admin: SocketAddr) -> anyhow::Result<bool> {
 
 impl Ends for Pair {
     fn cpu(&self) -> anyhow::Result<Cpu> {
-        Ok(Cpu {
+        let mut cpu = Cpu {
             server: self.server.cpu()?,
-            agent: self.agent.cpu()?,
             server_wake_ups: self.server.wake_ups()?,
-            agent_wake_ups: self.agent.wake_ups()?,
-        })
+            ..Cpu::default()
+        };
+        for agent in &self.agents {
+            cpu.agent += agent.cpu()?;
+            cpu.agent_wake_ups += agent.wake_ups()?;
+        }
+        Ok(cpu)
     }
 
     fn rss_kib(&self) -> anyhow::Result<(u64, u64)> {
-        Ok((self.server.rss_kib()?, self.agent.rss_kib()?))
+        Ok((self.server.rss_kib()?, self.agents_rss_kib()?))
     }
 }
 
