@@ -28,6 +28,7 @@ use cplink_e2e::harness::{self, Steps};
 use cplink_e2e::prober::Prober;
 use cplink_e2e::stack::{Egress, LINK, NAMESPACE, STEP, Stack, StackOptions};
 use cplink_e2e::wait;
+use cplink_operator::resources::NODE_AGENT_GRACE_SECONDS;
 
 /// Lifetime of the link's certificates.
 const VALIDITY: &str = "10m";
@@ -42,10 +43,10 @@ const SERVERS: u32 = 2;
 /// Pause between two node proxy requests.
 const REQUEST_INTERVAL: Duration = Duration::from_millis(50);
 /// How long one node proxy request may take: a request for a node whose agent is being
-/// replaced waits for the new one (the servers' `--node-agent-grace`, 75 s as the operator
-/// runs them: the old agent's grace period and the new one's start), then has the dial
-/// timeout (10 s). A request that takes longer counts as failed.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(90);
+/// replaced waits for the new one (the servers' `--node-agent-grace`, as the operator runs
+/// them: the old agent's grace period and the new one's start), then has the dial timeout
+/// (10 s). A request that takes longer counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(NODE_AGENT_GRACE_SECONDS.unsigned_abs() + 15);
 /// How long a renewal's rollout may take once its Secrets changed: each agent drains for its
 /// 30 s (kube-apiserver keeps idle connections through it open) and its replacement starts
 /// once it has gone, about 40 s a node; the next renewal, 2 minutes on, rolls the servers and

@@ -385,7 +385,7 @@ mod tests {
                 "--authentication-audience=cplink.dev/tunnels/link",
                 "--shutdown-delay=5s",
                 "--drain-timeout=30s",
-                "--node-agent-grace=75s",
+                "--node-agent-grace=105s",
                 "--strategies=node,cidr,any",
                 "--log-level=info",
             ]

@@ -54,8 +54,9 @@ pub const DRAIN_TIMEOUT_SECONDS: i64 = 30;
 pub const NODE_AGENT_GRACE_SECONDS: i64 =
     AGENT_TERMINATION_GRACE_PERIOD_SECONDS + AGENT_START_SECONDS;
 /// How long a replaced agent pod may take, once the old one has gone, to be created, started
-/// and linked to the servers: about 6 s on an idle node, 15 s and more on a loaded one.
-pub const AGENT_START_SECONDS: i64 = 30;
+/// and linked to the servers: about 6 s on an idle node, and up to 48 s measured on a loaded
+/// 2-core one, where kubelet is slow to report the old pod gone.
+pub const AGENT_START_SECONDS: i64 = 60;
 /// How long a server keeps accepting after SIGTERM while already reporting not-ready
 /// (`--shutdown-delay`): a deleted pod leaves its Services' endpoints at once, and a pod that
 /// just turned unready within [`SERVER_READINESS_PERIOD_SECONDS`] ×
