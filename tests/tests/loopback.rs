@@ -488,11 +488,14 @@ async fn a_second_agent_claiming_a_linked_id_from_another_address_is_refused() -
         reason.contains("already linked from 127.0.0.1:"),
         "{reason}"
     );
-    let metrics = server.handle.metrics_text();
-    assert!(
-        metrics.contains("cplink_server_link_errors_total{reason=\"duplicate_id\"} 1"),
-        "{metrics}"
-    );
+    // Counted once the refused link's task ends, which may be after the refusal reached us.
+    let mut metrics = String::new();
+    wait::until("the refusal counted", Duration::from_secs(10), || {
+        metrics = server.handle.metrics_text();
+        metrics.contains("cplink_server_link_errors_total{reason=\"duplicate_id\"} 1")
+    })
+    .await
+    .map_err(|e| e.context(metrics.clone()))?;
     // Dials for the agent still reach the real one.
     let mut stream = client::tunnel_uds(&server.uds, &echo.authority()).await?;
     echo_round_trip(&mut stream, b"still mine").await?;

@@ -323,10 +323,16 @@ async fn scenario(steps: Steps) -> anyhow::Result<()> {
         .plane
         .kubectl_ok(&["delete", "pod", "-n", NAMESPACE, &agent_2, "--wait=false"])?;
     stack.wait_link_ready().await?;
-    wait::until("the agent linked again", STEP, || {
-        cplink_ok(&stack, &["status"]).is_ok_and(|s| !s.contains("not linked"))
+    // The old pod gone and its replacement linked: every agent row ready and linked to both
+    // servers (the old one still counts against the quota below while it terminates).
+    let mut relinked = String::new();
+    wait::until("the agent replaced and linked again", STEP, || {
+        relinked = cplink_ok(&stack, &["status"]).unwrap_or_default();
+        let agents = rows(&relinked, "AGENT");
+        agents.len() == 3 && agents.iter().all(|r| r[2] == "True" && r[3] == "2/2")
     })
-    .await?;
+    .await
+    .map_err(|e| e.context(relinked.clone()))?;
 
     // 4. A server missing: a third replica asked for, which the namespace's pod quota refuses.
     steps.enter("a server missing");
