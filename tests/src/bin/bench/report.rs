@@ -154,8 +154,8 @@ impl Report {
         cpu_slot[column] = cpu;
     }
 
-    /// Round-trip latency on an otherwise idle route.
-    /// Round-trip times, and the tunnel `cpu` of all `round_trips` (warm-up included).
+    /// Round-trip times on an otherwise idle route, and the tunnel `cpu` of all `round_trips`
+    /// (warm-up included).
     pub fn latency(&mut self, column: usize, stats: Stats, round_trips: usize, cpu: Option<Cpu>) {
         self.latency[column] = Some(stats);
         self.round_trips = round_trips;
@@ -288,14 +288,16 @@ impl Report {
                 let busy = self.bulk[c].map_or(f64::NAN, |(s, _)| micros(q(&s)));
                 // Without the latency workload (`--only bulk`) there is no idle latency.
                 let factor = self.latency[c].map(|s| format!("{:.1}× idle", busy / micros(q(&s))));
-                match factor {
-                    _ if busy.is_nan() => row.extend(["—".to_owned(), "—".to_owned()]),
-                    Some(factor) if c == DIRECT => row.push(format!("{} ({factor})", us(busy))),
-                    None if c == DIRECT => row.push(us(busy)),
-                    factor => {
-                        row.push(us(busy));
-                        row.push(factor.unwrap_or_else(|| "—".to_owned()));
-                    }
+                if busy.is_nan() {
+                    row.extend(["—".to_owned(), "—".to_owned()]);
+                } else if c == DIRECT {
+                    row.push(match factor {
+                        Some(factor) => format!("{} ({factor})", us(busy)),
+                        None => us(busy),
+                    });
+                } else {
+                    row.push(us(busy));
+                    row.push(factor.unwrap_or_else(|| "—".to_owned()));
                 }
             }
             row.push(target.to_owned());
